@@ -1,0 +1,34 @@
+# Fresh-machine set-up for `make test` and `make demo`: creates (or reuses) .venv and
+# reinstalls only when pyproject.toml changed. Quiet on the second run.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.any2seg-installed
+SAMPLE ?= data/deliver-sample
+
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+
+.PHONY: setup test demo lint clean-demo
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@echo "Installing any2seg-pipeline and its dependencies into $(VENV) (first time only; torch is large)..."
+	@$(PY) -m pip install --quiet --disable-pip-version-check --upgrade pip
+	@$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	@touch $(STAMP)
+
+test: $(STAMP)
+	@$(PY) -m pytest
+
+lint: $(STAMP)
+	@$(VENV)/bin/ruff check pipeline stages tests benchmarks
+
+demo: $(STAMP)
+	@$(VENV)/bin/pipeline make-sample --out $(SAMPLE)
+	@$(VENV)/bin/pipeline datasets info --dataset sample --root $(SAMPLE)
+
+clean-demo:
+	rm -rf $(SAMPLE)

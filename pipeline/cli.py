@@ -1,0 +1,264 @@
+"""The `pipeline` command: one entry point for every stage.
+
+User mistakes (bad paths, bad options, broken files) end in one line on stderr and a
+non-zero exit; `pipeline --debug ...` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from pipeline import __version__
+from pipeline.errors import PipelineError
+
+CONTEXT = {"show_default": True, "help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+
+class _OneLineFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return f"{record.levelname.lower()}: {record.getMessage()}"
+
+
+def _setup_logging(verbose: bool) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_OneLineFormatter())
+    root = logging.getLogger("pipeline")
+    root.handlers[:] = [handler]
+    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+    root.propagate = False
+
+
+@click.group(context_settings=CONTEXT)
+@click.version_option(__version__, prog_name="any2seg-pipeline")
+@click.option("--debug", is_flag=True, help="Show full tracebacks for errors.")
+@click.pass_context
+def cli(ctx: click.Context, debug: bool) -> None:
+    """any2seg-pipeline: cache frozen teachers once, then train and evaluate Any2Seg students.
+
+    Start with `pipeline make-sample` for the embedded DELIVER-format sample, then inspect
+    it with `pipeline datasets info --dataset sample`.
+    """
+    ctx.ensure_object(dict)
+    ctx.obj["debug"] = debug
+    _setup_logging(debug)
+
+
+# ---------------------------------------------------------------------------------------
+# make-sample
+# ---------------------------------------------------------------------------------------
+@cli.command("make-sample", context_settings=CONTEXT)
+@click.option("--out", type=click.Path(path_type=Path), default=Path("data/deliver-sample"),
+              help="Folder to write the sample to (DELIVER layout).")
+@click.option("--size", type=int, default=256, help="Image side in pixels (square, even).")
+@click.option("--train", "n_train", type=int, default=120, help="Training frames.")
+@click.option("--val", "n_val", type=int, default=40, help="Validation frames.")
+@click.option("--test", "n_test", type=int, default=40, help="Test frames.")
+@click.option("--frames-per-scene", type=int, default=4,
+              help="Consecutive frames per scene folder (events come from their motion).")
+@click.option("--seed", type=int, default=0, help="Seed; the same seed gives the same bytes.")
+@click.option("--workers", type=int, default=None,
+              help="Worker processes (default: one per CPU core).")
+@click.option("--overwrite", is_flag=True,
+              help="Replace a sample generated earlier with other settings.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+def make_sample_cmd(out: Path, size: int, n_train: int, n_val: int, n_test: int,
+                    frames_per_scene: int, seed: int, workers: int | None, overwrite: bool,
+                    as_json: bool) -> None:
+    """Generate the DELIVER-format sample: procedural street scenes with RGB, depth/HHA,
+    events, LiDAR and labels, in every weather and sensor-failure case.
+
+    Does nothing when an identical sample is already at --out.
+    """
+    from tqdm.auto import tqdm
+
+    from pipeline import datasets
+    from pipeline.datasets.sample import SampleSpec, make_sample
+
+    spec = SampleSpec(size=size, train=n_train, val=n_val, test=n_test,
+                      frames_per_scene=frames_per_scene, seed=seed)
+    bar = None
+
+    def progress(done: int, total: int) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = tqdm(total=total, desc="rendering scenes", unit="scene", leave=False,
+                       disable=None)
+        bar.update(done - bar.n)
+
+    try:
+        result = make_sample(out, spec, overwrite=overwrite, workers=workers, progress=progress)
+    finally:
+        if bar is not None:
+            bar.close()
+    summary = datasets.info("sample", out)
+    if as_json:
+        click.echo(json.dumps({"make_sample": result, "info": summary}, indent=2))
+        return
+    if result["status"] == "up-to-date":
+        click.echo(f"sample at {out} is up to date (seed {seed}, {size}px); nothing to do")
+    else:
+        click.echo(f"wrote {summary['total']} samples at {size}x{size} to {out} "
+                   f"in {result['seconds']:.1f} s")
+    click.echo(_format_info(summary))
+    fractions = result.get("class_pixel_fraction", {})
+    if fractions:
+        top = sorted(fractions.items(), key=lambda kv: -kv[1])
+        click.echo(f"classes present: {len(fractions)} of {summary['num_classes']} - " +
+                   ", ".join(f"{k} {100 * v:.1f}%" for k, v in top))
+
+
+# ---------------------------------------------------------------------------------------
+# datasets
+# ---------------------------------------------------------------------------------------
+@cli.group("datasets", context_settings=CONTEXT)
+def datasets_group() -> None:
+    """Inspect and check data sets (deliver, mcubes, sample, and registered ones)."""
+
+
+def _dataset_root(dataset: str, root: Path | None) -> Path:
+    from pipeline import datasets
+    from pipeline.config import preset
+
+    if root is not None:
+        return root
+    return Path(preset("datasets", dataset).get("root") or datasets.get(dataset).default_root)
+
+
+_DATASET = click.option("--dataset", required=True,
+                        help="Dataset name: deliver, mcubes, sample or a registered one.")
+_ROOT = click.option("--root", type=click.Path(path_type=Path), default=None,
+                     help="Dataset folder (default: the root in configs/datasets/NAME.yaml).")
+
+
+@datasets_group.command("list", context_settings=CONTEXT)
+def datasets_list() -> None:
+    """Registered dataset formats with their modalities and class counts."""
+    from pipeline import datasets
+
+    for name in datasets.available():
+        reader = datasets.get(name)
+        click.echo(f"{name:10s} {len(reader.classes):3d} classes  modalities "
+                   f"{','.join(reader.modalities):24s} default root {reader.default_root}")
+
+
+@datasets_group.command("info", context_settings=CONTEXT)
+@_DATASET
+@_ROOT
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+def datasets_info(dataset: str, root: Path | None, as_json: bool) -> None:
+    """Counts per split, weather condition and sensor-failure case, and the class list.
+
+    Only indexes files (no decoding), so it is fast on the full data set.
+    """
+    from pipeline import datasets
+
+    summary = datasets.info(dataset, _dataset_root(dataset, root))
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+    else:
+        click.echo(_format_info(summary))
+        click.echo("classes: " + ", ".join(f"{i} {c}" for i, c in enumerate(summary["classes"])))
+
+
+@datasets_group.command("check", context_settings=CONTEXT)
+@_DATASET
+@_ROOT
+@click.option("--split", default="train,val,test", help="Comma-separated splits to check.")
+def datasets_check(dataset: str, root: Path | None, split: str) -> None:
+    """Decode every sample of the splits and list missing, corrupt or mislabelled files.
+
+    Exits with status 1 when anything is wrong; readers' --skip-bad drops exactly these.
+    """
+    from pipeline import datasets
+    from pipeline.datasets.base import find_undecodable
+
+    reader = datasets.get(dataset)
+    root = _dataset_root(dataset, root)
+    records = reader.index(root, split)
+    problems: list[str] = []
+    complete = []
+    for r in records:
+        missing = [f"{k} file {p}" for k, p in r.files.items() if not p.is_file()]
+        if missing:
+            problems.append(f"{r.id}: missing {missing[0]}")
+        else:
+            complete.append(r)
+    problems += [f"{r.id}: {msg}" for r, msg in find_undecodable(complete, reader.decode,
+                                                                  dataset)]
+    for p in problems:
+        click.echo(p)
+    click.echo(f"checked {len(records)} samples of {dataset} ({split}) under {root}: "
+               f"{len(problems)} bad")
+    if problems:
+        raise SystemExit(1)
+
+
+def _format_info(summary: dict[str, Any]) -> str:
+    """A compact per-split table of counts by condition and case."""
+    lines = [f"dataset {summary['dataset']} at {summary['root']} "
+             f"({summary['format']} layout, {summary['num_classes']} classes, "
+             f"{summary['total']} samples)"]
+    splits = summary["splits"]
+    conditions = sorted({c for s in splits.values() for c in s.get("conditions", {})})
+    cases = list(next(iter(splits.values())).get("cases", {}).keys()) if splits else []
+    header = ["split", "samples", *conditions, *cases]
+    rows = [header]
+    for name, s in splits.items():
+        rows.append([name, str(s["samples"]),
+                     *(str(s["conditions"].get(c, 0)) for c in conditions),
+                     *(str(s["cases"].get(c, 0)) for c in cases)])
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    for r in rows:
+        lines.append("  ".join(cell.rjust(w) if i else cell.ljust(w)
+                               for i, (cell, w) in enumerate(zip(r, widths, strict=True))))
+    for name, s in splits.items():
+        if s.get("missing_files"):
+            missing = ", ".join(f"{k} {v}" for k, v in s["missing_files"].items())
+            lines.append(f"warning: {name} has missing files: {missing} "
+                         "(run `pipeline datasets check`)")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------
+# entry point
+# ---------------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry: run the click group and turn user errors into one line."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args
+    try:
+        code = cli.main(args=args, prog_name="pipeline", standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("error: aborted", err=True)
+        sys.exit(130)
+    except click.UsageError as exc:
+        hint = f" (see '{exc.ctx.command_path} --help')" if exc.ctx else ""
+        click.echo(f"error: {exc.format_message()}{hint}", err=True)
+        sys.exit(exc.exit_code)
+    except click.ClickException as exc:
+        click.echo(f"error: {exc.format_message()}", err=True)
+        sys.exit(exc.exit_code)
+    except PipelineError as exc:
+        if debug:
+            raise
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        click.echo("error: interrupted", err=True)
+        sys.exit(130)
+    except OSError as exc:
+        if debug:
+            raise
+        click.echo(f"error: {exc} (rerun with --debug for a traceback)", err=True)
+        sys.exit(1)
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+if __name__ == "__main__":
+    main()

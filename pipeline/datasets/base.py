@@ -1,0 +1,158 @@
+"""What every dataset reader returns: `Sample`, and a lazy sequence of them.
+
+Readers index the files once (cheap `stat` calls) and decode on access, so a
+7885-sample DELIVER split costs nothing until it is iterated; the sequence can be
+handed straight to a torch `DataLoader`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import overload
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from pipeline.errors import DatasetError
+
+log = logging.getLogger("pipeline.datasets")
+
+
+@dataclass
+class Sample:
+    """One multi-modal frame: images H x W x 3 uint8 keyed by modality, label H x W int64."""
+
+    id: str
+    modalities: dict[str, np.ndarray]
+    label: np.ndarray
+    condition: str | None = None
+    case: str | None = None
+    files: dict[str, Path] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Record:
+    """Where one sample lives on disk, before anything is decoded."""
+
+    id: str
+    split: str
+    files: dict[str, Path]
+    condition: str | None = None
+    case: str | None = None
+
+
+Decoder = Callable[[Record], Sample]
+
+
+class SampleSequence(Sequence[Sample]):
+    """A read-only, indexable list of samples decoded lazily from `records`."""
+
+    def __init__(self, name: str, records: list[Record], decode: Decoder,
+                 classes: Sequence[str], modalities: Sequence[str]) -> None:
+        self.name = name
+        self.records = records
+        self._decode = decode
+        self.classes = list(classes)
+        self.modalities = list(modalities)
+
+    @property
+    def ids(self) -> list[str]:
+        return [r.id for r in self.records]
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    @overload
+    def __getitem__(self, index: int) -> Sample: ...
+    @overload
+    def __getitem__(self, index: slice) -> SampleSequence: ...
+    def __getitem__(self, index: int | slice) -> Sample | SampleSequence:
+        if isinstance(index, slice):
+            return SampleSequence(self.name, self.records[index], self._decode,
+                                  self.classes, self.modalities)
+        return self._decode(self.records[index])
+
+    def __iter__(self) -> Iterator[Sample]:
+        for record in self.records:
+            yield self._decode(record)
+
+    def __repr__(self) -> str:
+        return (f"SampleSequence({self.name!r}, {len(self)} samples, "
+                f"modalities={self.modalities})")
+
+
+def check_files(records: list[Record], skip_bad: bool, dataset: str) -> list[Record]:
+    """Refuse (or with `skip_bad`, drop and log) records whose files are missing."""
+    good, problems = [], []
+    for record in records:
+        missing = [f"{kind} file {path}" for kind, path in record.files.items()
+                   if not path.is_file()]
+        if missing:
+            problems.append(f"sample {record.id} is missing {missing[0]}")
+        else:
+            good.append(record)
+    if problems and not skip_bad:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise DatasetError(f"{dataset}: {problems[0]}{more}; restore the files "
+                           "or pass --skip-bad to skip incomplete samples")
+    for problem in problems:
+        log.warning("skipping: %s", problem)
+    return good
+
+
+def find_undecodable(records: list[Record], decode: Decoder, dataset: str,
+                     workers: int | None = None) -> list[tuple[Record, str]]:
+    """Decode every record once (threaded, with progress) and return the failures."""
+    def attempt(record: Record) -> str | None:
+        try:
+            decode(record)
+        except DatasetError as exc:
+            return str(exc)
+        return None
+
+    workers = workers or min(8, os.cpu_count() or 1)
+    with ThreadPoolExecutor(workers) as pool:
+        results = list(tqdm(pool.map(attempt, records), total=len(records),
+                            desc=f"checking {dataset}", unit="sample",
+                            disable=len(records) < 50, leave=False))
+    return [(r, problem) for r, problem in zip(records, results, strict=True)
+            if problem is not None]
+
+
+def finish(name: str, records: list[Record], decode: Decoder, classes: Sequence[str],
+           modalities: Sequence[str], skip_bad: bool) -> SampleSequence:
+    """Common tail of every reader: existence check, optional full check, the sequence."""
+    records = check_files(records, skip_bad, name)
+    if skip_bad:
+        bad = find_undecodable(records, decode, name)
+        for record, problem in bad:
+            log.warning("skipping %s: %s", record.id, problem)
+        dropped = {r.id for r, _ in bad}
+        records = [r for r in records if r.id not in dropped]
+    if not records:
+        raise DatasetError(f"{name}: no samples left after filtering; check --split, "
+                           "--condition, --case and the root")
+    return SampleSequence(name, records, decode, classes, modalities)
+
+
+def as_list(value: str | Sequence[str] | None) -> list[str] | None:
+    """Accept 'a,b', ['a', 'b'] or None for the filter options."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return [v.strip() for v in value.split(",") if v.strip()]
+    return list(value)
+
+
+def check_label_range(raw: np.ndarray, valid: np.ndarray, path: Path, expected: str) -> None:
+    """Fail naming the file when a label holds values outside the class range."""
+    bad = np.unique(raw[~valid[raw]])
+    if bad.size:
+        shown = ", ".join(str(int(v)) for v in bad[:8])
+        raise DatasetError(f"label {path} has values outside {expected}: {shown}; "
+                           "the file is not a label of this dataset or is damaged")

@@ -1,0 +1,94 @@
+"""Decoding of dataset image files into arrays, with errors that name the file.
+
+Every reader goes through here so that a corrupt PNG, a truncated file or an
+unexpected channel count produces the same one-line `DatasetError`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from pipeline.errors import DatasetError
+
+
+def read_png(path: Path) -> np.ndarray:
+    """Decode an image file exactly as stored: H x W (grey) or H x W x C, uint8 or uint16."""
+    path = Path(path)
+    if not path.is_file():
+        raise DatasetError(f"missing file {path}")
+    try:
+        with Image.open(path) as img:
+            img.load()
+            if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+                arr = np.asarray(img)
+                if arr.dtype != np.uint16:
+                    if arr.min() < 0 or arr.max() > 65535:
+                        raise DatasetError(f"{path}: 32-bit image values out of 16-bit range")
+                    arr = arr.astype(np.uint16)
+                return arr
+            if img.mode == "P":
+                img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+            elif img.mode not in ("L", "LA", "RGB", "RGBA"):
+                img = img.convert("RGB")
+            return np.asarray(img)
+    except DatasetError:
+        raise
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise DatasetError(
+            f"cannot decode {path} ({exc}); the file is corrupt or truncated: "
+            "re-download or regenerate it, or pass --skip-bad to skip this sample"
+        ) from exc
+
+
+def read_npy(path: Path) -> np.ndarray:
+    """Load a `.npy` array with a file-naming error on failure."""
+    path = Path(path)
+    if not path.is_file():
+        raise DatasetError(f"missing file {path}")
+    try:
+        return np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as exc:
+        raise DatasetError(
+            f"cannot read {path} ({exc}); the file is corrupt or truncated: "
+            "re-download it, or pass --skip-bad to skip this sample"
+        ) from exc
+
+
+def to_uint8(arr: np.ndarray) -> np.ndarray:
+    """Bring 16-bit data to 8 bits by the full-range linear map (65535 -> 255)."""
+    if arr.dtype == np.uint8:
+        return arr
+    if arr.dtype == np.uint16:
+        return ((arr.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
+    raise TypeError(f"expected uint8 or uint16 image, got {arr.dtype}")
+
+
+def to_rgb3(arr: np.ndarray, path: Path) -> np.ndarray:
+    """H x W x 3 uint8 as the DELIVER loader does: 1 channel repeated, 4 cut to 3."""
+    arr = to_uint8(arr)
+    if arr.ndim == 2:
+        arr = arr[:, :, None]
+    channels = arr.shape[2]
+    if channels == 1:
+        arr = np.repeat(arr, 3, axis=2)
+    elif channels == 2:  # grey + alpha
+        arr = np.repeat(arr[:, :, :1], 3, axis=2)
+    elif channels >= 3:
+        arr = arr[:, :, :3]
+    return np.ascontiguousarray(arr)
+
+
+def resize_nearest(arr: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Nearest-neighbour resize with torch's `nearest` rule (src = floor(dst * in / out)).
+
+    This is what the official DELIVER loader applies to event images.
+    """
+    h_in, w_in = arr.shape[:2]
+    if (h_in, w_in) == (height, width):
+        return arr
+    rows = np.arange(height) * h_in // height
+    cols = np.arange(width) * w_in // width
+    return np.ascontiguousarray(arr[rows][:, cols])

@@ -1,0 +1,192 @@
+"""MCubeS reader, following CMNeXt's `semseg/datasets/mcubes.py`.
+
+Layout: root/{polL_color,polL_aolp_sin,polL_aolp_cos,polL_dolp,NIR_warped,GT,list_folder}.
+AoLP becomes [sin, cos, sin], DoLP and NIR are repeated to 3 channels, and columns
+from 192 on are kept (CMNeXt's crop of the 1224-wide frames). Float polarisation
+channels are quantised to uint8 so every modality has the same dtype:
+AoLP sin/cos in [-1, 1] -> (x + 1) * 127.5, DoLP in [0, 1] -> x * 255.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+
+from pipeline.datasets.base import Record, Sample, SampleSequence, as_list, check_label_range, finish
+from pipeline.datasets.decode import read_npy, read_png, to_rgb3
+from pipeline.errors import DatasetError
+from pipeline.datasets.registry import DatasetReader, register
+
+CLASSES = (
+    "asphalt", "concrete", "metal", "road_marking", "fabric", "glass", "plaster", "plastic",
+    "rubber", "sand", "gravel", "ceramic", "cobblestone", "brick", "grass", "wood", "leaf",
+    "water", "human", "sky",
+)
+PALETTE = (
+    (44, 160, 44), (31, 119, 180), (255, 127, 14), (214, 39, 40), (140, 86, 75),
+    (127, 127, 127), (188, 189, 34), (255, 152, 150), (23, 190, 207), (174, 199, 232),
+    (196, 156, 148), (197, 176, 213), (247, 182, 210), (199, 199, 199), (219, 219, 141),
+    (158, 218, 229), (57, 59, 121), (107, 110, 207), (156, 158, 222), (99, 121, 57),
+)
+MODALITIES = ("rgb", "aolp", "dolp", "nir")
+SPLITS = ("train", "val", "test")
+LEFT_CROP = 192
+
+_FILES = {
+    "rgb": [("rgb", "polL_color", ".png")],
+    "aolp": [("aolp_sin", "polL_aolp_sin", ".npy"), ("aolp_cos", "polL_aolp_cos", ".npy")],
+    "dolp": [("dolp", "polL_dolp", ".npy")],
+    "nir": [("nir", "NIR_warped", ".png")],
+}
+_LABEL_VALID = np.zeros(256, dtype=bool)
+_LABEL_VALID[: len(CLASSES)] = True
+_LABEL_VALID[255] = True
+
+
+def _quantise(x: np.ndarray, lo: float, hi: float, path: Path) -> np.ndarray:
+    if x.ndim != 2 or not np.issubdtype(x.dtype, np.number):
+        raise DatasetError(f"{path} holds a {x.dtype} array of shape {x.shape}; "
+                           "expected a 2-D numeric H x W map")
+    scaled = (np.clip(x.astype(np.float32), lo, hi) - lo) * (255.0 / (hi - lo))
+    return np.round(scaled).astype(np.uint8)
+
+
+class MCubesReader(DatasetReader):
+    name = "mcubes"
+    classes: ClassVar[tuple[str, ...]] = CLASSES
+    palette: ClassVar[tuple[tuple[int, int, int], ...]] = PALETTE
+    modalities: ClassVar[tuple[str, ...]] = MODALITIES
+    splits: ClassVar[tuple[str, ...]] = SPLITS
+    default_root = "data/MCubeS/multimodal_dataset"
+
+    def _check_root(self, root: Path) -> None:
+        if not root.is_dir():
+            raise DatasetError(f"mcubes root {root} does not exist; download MCubeS "
+                               "(kyotovision-public/multimodal-material-segmentation) and pass "
+                               "its multimodal_dataset folder as --root")
+        if not (root / "list_folder").is_dir():
+            nested = [p.parent for p in root.glob("*/list_folder")]
+            hint = f" (did you mean --root {nested[0]}?)" if nested else ""
+            raise DatasetError(f"{root} is not an MCubeS root: expected {root}/list_folder/"
+                               "{train,val,test}.txt beside polL_color/, polL_aolp_sin/, "
+                               f"polL_aolp_cos/, polL_dolp/, NIR_warped/, GT/{hint}")
+
+    def _list(self, root: Path, split: str, cmnext_val: bool) -> list[str]:
+        list_name = "test" if (split == "val" and cmnext_val) else split
+        path = root / "list_folder" / f"{list_name}.txt"
+        if not path.is_file():
+            raise DatasetError(f"missing split list {path}; MCubeS ships list_folder/"
+                               "{train,val,test}.txt")
+        names = []
+        for line in path.read_text().splitlines():
+            line = line.strip()
+            if line:
+                names.append(line.split()[0])
+        return names
+
+    def index(self, root: Path, split: str | Sequence[str] = "train", *,
+              modalities: Sequence[str] = MODALITIES, cmnext_val: bool = True) -> list[Record]:
+        root = Path(root)
+        self._check_root(root)
+        splits = as_list(split) or list(SPLITS)
+        for s in splits:
+            if s not in SPLITS:
+                raise DatasetError(f"unknown split {s!r}; MCubeS splits: {', '.join(SPLITS)}")
+        modalities = list(modalities)
+        for m in modalities:
+            if m not in MODALITIES:
+                raise DatasetError(f"unknown modality {m!r}; MCubeS modalities: "
+                                   f"{', '.join(MODALITIES)}")
+        if not modalities or len(set(modalities)) != len(modalities):
+            raise DatasetError(f"modalities must be a non-empty list without repeats, "
+                               f"got {modalities}")
+        records = []
+        for s in splits:
+            for name in self._list(root, s, cmnext_val):
+                files = {key: root / folder / f"{name}{ext}"
+                         for m in modalities for key, folder, ext in _FILES[m]}
+                files["label"] = root / "GT" / f"{name}.png"
+                records.append(Record(id=f"{s}/{name}", split=s, files=files))
+        return records
+
+    def decode(self, record: Record, crop_left: int = LEFT_CROP) -> Sample:
+        f = record.files
+        raw_label = read_png(f["label"])
+        if raw_label.ndim == 3:
+            raw_label = raw_label[:, :, 0]
+        if raw_label.dtype != np.uint8:
+            raise DatasetError(f"label {f['label']} is {raw_label.dtype}; expected 8-bit")
+        check_label_range(raw_label, _LABEL_VALID, f["label"], "0..19 and 255 (MCubeS)")
+        full_shape = raw_label.shape
+        images: dict[str, np.ndarray] = {}
+        if "rgb" in f:
+            images["rgb"] = to_rgb3(read_png(f["rgb"]), f["rgb"])
+        if "aolp_sin" in f:
+            sin = _quantise(read_npy(f["aolp_sin"]), -1.0, 1.0, f["aolp_sin"])
+            cos = _quantise(read_npy(f["aolp_cos"]), -1.0, 1.0, f["aolp_cos"])
+            if sin.shape != cos.shape:
+                raise DatasetError(f"{f['aolp_cos']} is {cos.shape} but {f['aolp_sin']} is "
+                                   f"{sin.shape}")
+            images["aolp"] = np.stack([sin, cos, sin], axis=2)
+        if "dolp" in f:
+            d = _quantise(read_npy(f["dolp"]), 0.0, 1.0, f["dolp"])
+            images["dolp"] = np.repeat(d[:, :, None], 3, axis=2)
+        if "nir" in f:
+            images["nir"] = to_rgb3(read_png(f["nir"]), f["nir"])
+        ordered = {}
+        for m in (k for k in MODALITIES if k in images):
+            if images[m].shape[:2] != full_shape:
+                raise DatasetError(f"{m} of {record.id} is {images[m].shape[:2]} but the label "
+                                   f"{f['label']} is {full_shape}; all must match")
+            ordered[m] = np.ascontiguousarray(images[m][:, crop_left:])
+        return Sample(id=record.id, modalities=ordered,
+                      label=raw_label[:, crop_left:].astype(np.int64), files=dict(f))
+
+    def load(self, root: Path | str | None = None, split: str | Sequence[str] = "train", *,
+             modalities: Sequence[str] = MODALITIES, cmnext_val: bool = True,
+             crop_left: int = LEFT_CROP, skip_bad: bool = False) -> SampleSequence:
+        """Samples of `split`. With `cmnext_val` (default) "val" reads `test.txt`, as CMNeXt
+        and the published MCubeS numbers do."""
+        root = Path(root or self.default_root)
+        modalities = list(modalities)
+        records = self.index(root, split, modalities=modalities, cmnext_val=cmnext_val)
+
+        def decode(record: Record) -> Sample:
+            sample = self.decode(record, crop_left)
+            sample.modalities = {m: sample.modalities[m] for m in modalities}
+            return sample
+
+        return finish(self.name, records, decode, CLASSES, modalities, skip_bad)
+
+    def info(self, root: Path | str | None = None) -> dict[str, Any]:
+        root = Path(root or self.default_root)
+        self._check_root(root)
+        splits = {}
+        for s in SPLITS:
+            list_name = s
+            path = root / "list_folder" / f"{list_name}.txt"
+            if not path.is_file():
+                splits[s] = {"samples": 0, "conditions": {}, "cases": {}, "missing_files": {}}
+                continue
+            records = self.index(root, s, cmnext_val=False)
+            missing: dict[str, int] = {}
+            for r in records:
+                for kind, p in r.files.items():
+                    if not p.is_file():
+                        missing[kind] = missing.get(kind, 0) + 1
+            splits[s] = {"samples": len(records), "conditions": {}, "cases": {},
+                         "missing_files": dict(sorted(missing.items()))}
+        return {
+            "dataset": self.name, "root": str(root), "format": "mcubes",
+            "total": sum(v["samples"] for v in splits.values()), "splits": splits,
+            "modalities": list(MODALITIES), "num_classes": len(CLASSES),
+            "classes": list(CLASSES), "ignore_index": 255,
+            "note": "load(split='val') reads list_folder/test.txt by default (cmnext_val=True), "
+                    "as CMNeXt and the published numbers do",
+        }
+
+
+MCUBES = register(MCubesReader())

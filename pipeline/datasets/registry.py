@@ -1,0 +1,63 @@
+"""Dataset registry: users add a reader with `@register` and every command can use it."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, ClassVar
+
+from pipeline.datasets.base import Record, Sample, SampleSequence
+from pipeline.errors import DatasetError
+
+
+class DatasetReader(ABC):
+    """A dataset format: its classes, modalities and how to index and decode a root."""
+
+    name: str = ""
+    classes: ClassVar[tuple[str, ...]] = ()
+    palette: ClassVar[tuple[tuple[int, int, int], ...]] = ()
+    modalities: ClassVar[tuple[str, ...]] = ()
+    splits: ClassVar[tuple[str, ...]] = ("train", "val", "test")
+    default_root: str = ""
+    ignore_index: ClassVar[int] = 255
+
+    @abstractmethod
+    def index(self, root: Path, split: str | Sequence[str], **options: Any) -> list[Record]:
+        """Where every sample of `split` lives, in a fixed order, without decoding."""
+
+    @abstractmethod
+    def decode(self, record: Record) -> Sample:
+        """Read one record's files into a `Sample`, raising `DatasetError` naming the file."""
+
+    @abstractmethod
+    def load(self, root: Path | str | None, split: str | Sequence[str],
+             **options: Any) -> SampleSequence:
+        """A lazy sequence of samples; `skip_bad=True` drops broken ones with a warning."""
+
+    @abstractmethod
+    def info(self, root: Path | str | None) -> dict[str, Any]:
+        """Class names and counts per split, condition and case."""
+
+
+_REGISTRY: dict[str, DatasetReader] = {}
+
+
+def register(reader: DatasetReader) -> DatasetReader:
+    """Add a reader instance under its `name` (later registrations replace earlier ones)."""
+    if not reader.name:
+        raise ValueError("a dataset reader needs a name")
+    _REGISTRY[reader.name] = reader
+    return reader
+
+
+def get(name: str) -> DatasetReader:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        known = ", ".join(sorted(_REGISTRY))
+        raise DatasetError(f"unknown dataset {name!r}; known datasets: {known}") from None
+
+
+def available() -> list[str]:
+    return sorted(_REGISTRY)
