@@ -17,7 +17,8 @@ import click
 from pipeline import __version__
 from pipeline.errors import PipelineError
 
-CONTEXT = {"show_default": True, "help_option_names": ["-h", "--help"], "max_content_width": 100}
+CONTEXT = {"show_default": True, "help_option_names": ["-h", "--help"], "max_content_width": 100,
+           "terminal_width": 100}
 
 
 class _OneLineFormatter(logging.Formatter):

@@ -15,7 +15,14 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from pipeline.datasets.base import Record, Sample, SampleSequence, as_list, check_label_range, finish
+from pipeline.datasets.base import (
+    Record,
+    Sample,
+    SampleSequence,
+    as_list,
+    check_label_range,
+    finish,
+)
 from pipeline.datasets.decode import read_png, resize_nearest, to_rgb3
 from pipeline.datasets.registry import DatasetReader, register
 from pipeline.errors import DatasetError

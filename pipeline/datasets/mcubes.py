@@ -15,10 +15,17 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from pipeline.datasets.base import Record, Sample, SampleSequence, as_list, check_label_range, finish
+from pipeline.datasets.base import (
+    Record,
+    Sample,
+    SampleSequence,
+    as_list,
+    check_label_range,
+    finish,
+)
 from pipeline.datasets.decode import read_npy, read_png, to_rgb3
-from pipeline.errors import DatasetError
 from pipeline.datasets.registry import DatasetReader, register
+from pipeline.errors import DatasetError
 
 CLASSES = (
     "asphalt", "concrete", "metal", "road_marking", "fabric", "glass", "plaster", "plastic",

@@ -572,14 +572,15 @@ def events(prev: np.ndarray, cur: np.ndarray, scene: Scene,
 
 
 def lidar(scene: Scene, z: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Sparse scan lines: 32 beams from -25 to +3 degrees, range coded 255 (near) .. 1 (100 m)."""
+    """Sparse scan lines: up to 32 beams from -25 to +3 degrees (fewer on small images, so
+    lines stay apart), range coded 255 (near) .. 1 (100 m), 0 where there is no return."""
     H, W = z.shape
     f = scene.focal * W
     yh = scene.horizon * H
-    elev = np.radians(np.linspace(-25.0, 3.0, 32))
+    elev = np.radians(np.linspace(-25.0, 3.0, min(32, H // 8)))
     rows = np.round(yh - f * np.tan(elev) - 0.5).astype(int)
     rows = np.unique(rows[(rows >= 0) & (rows < H)])
-    step = max(1, W // 128)
+    step = max(2, W // 128)
     cols = np.arange(step // 2, W, step)
     rr, cc = np.meshgrid(rows, cols, indexing="ij")
     rr, cc = rr.ravel(), cc.ravel()

@@ -1,0 +1,32 @@
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import pytest  # noqa: E402
+
+from tests.layouts import write_deliver, write_mcubes  # noqa: E402
+
+
+@pytest.fixture
+def deliver_root(tmp_path):
+    """A tiny DELIVER tree in the real layout; returns (root, what was written)."""
+    root = tmp_path / "DELIVER"
+    return root, write_deliver(root)
+
+
+@pytest.fixture
+def mcubes_root(tmp_path):
+    root = tmp_path / "multimodal_dataset"
+    return root, write_mcubes(root)
+
+
+@pytest.fixture(scope="session")
+def small_sample(tmp_path_factory):
+    """A small generated sample shared by the tests that only read it."""
+    from pipeline.datasets.sample import SampleSpec, make_sample
+
+    root = tmp_path_factory.mktemp("sample") / "deliver-sample"
+    spec = SampleSpec(size=64, train=24, val=12, test=12, frames_per_scene=2, seed=3)
+    make_sample(root, spec, workers=1)
+    return root, spec

@@ -1,0 +1,119 @@
+import numpy as np
+import pytest
+
+from pipeline import datasets
+from pipeline.datasets.deliver import CLASSES, decode_label
+from tests.layouts import FRAMES, H, W
+
+
+def expected_label(red: np.ndarray) -> np.ndarray:
+    out = np.full(red.shape, 255, dtype=np.int64)
+    valid = (red >= 1) & (red <= 25)
+    out[valid] = red[valid].astype(np.int64) - 1
+    return out
+
+
+def test_counts_per_split_condition_and_case(deliver_root):
+    root, _ = deliver_root
+    info = datasets.info("deliver", root)
+    assert info["num_classes"] == 25 and info["classes"] == list(CLASSES)
+    assert info["total"] == 12
+    train = info["splits"]["train"]
+    assert train["samples"] == 6
+    assert train["conditions"] == {"cloud": 4, "fog": 0, "night": 2, "rain": 0, "sun": 0}
+    assert train["cases"]["none"] == 2
+    assert train["cases"]["eventlowres"] == 2
+    assert train["cases"]["motionblur"] == 2
+    assert train["scenes"] == 3
+    val = info["splits"]["val"]
+    assert val["samples"] == 4 and val["cases"]["lidarjitter"] == 2 and val["cases"]["none"] == 2
+    assert info["splits"]["test"]["cases"]["overexposure"] == 2
+    assert info["depth_sources"] == ["hha", "raw"]
+    assert all(not s["missing_files"] for s in info["splits"].values())
+
+
+def test_samples_decode_like_the_official_loader(deliver_root):
+    root, written = deliver_root
+    ds = datasets.load("deliver", root, "train")
+    assert len(ds) == 6
+    assert ds.ids[0] == f"cloud/train/MAP_1_point1/{FRAMES[0]}"
+    for sample in ds:
+        src = written[sample.id]
+        assert list(sample.modalities) == ["rgb", "depth", "event", "lidar"]
+        for m in ("rgb", "depth", "event", "lidar"):
+            arr = sample.modalities[m]
+            assert arr.shape == (H, W, 3) and arr.dtype == np.uint8, m
+            np.testing.assert_array_equal(arr, src[m], err_msg=f"{sample.id} {m}")
+        assert sample.label.dtype == np.int64 and sample.label.shape == (H, W)
+        np.testing.assert_array_equal(sample.label, expected_label(src["label_red"]))
+        assert sample.condition == sample.id.split("/")[0]
+
+
+def test_label_decoding_ignores_0_and_255_and_shifts_classes():
+    red = np.array([[0, 1, 2, 25, 255]], dtype=np.uint8)
+    noisy = np.stack([red, np.full_like(red, 77), np.full_like(red, 200)], axis=2)
+    label = decode_label(noisy, "x.png")
+    assert label.tolist() == [[255, 0, 1, 24, 255]]
+
+
+def test_event_of_lowres_scene_is_resized_with_nearest(deliver_root):
+    root, written = deliver_root
+    ds = datasets.load("deliver", root, "train", case="eventlowres", modalities=["event"])
+    assert len(ds) == 2
+    for sample in ds:
+        assert sample.case == "eventlowres"
+        assert written[sample.id]["event_file"].shape[:2] == (H // 2, W // 2)
+        np.testing.assert_array_equal(sample.modalities["event"], written[sample.id]["event"])
+
+
+def test_filters_and_modality_order(deliver_root):
+    root, _ = deliver_root
+    ds = datasets.load("deliver", root, "train,val", condition="cloud",
+                       modalities=["lidar", "rgb"])
+    assert len(ds) == 4
+    assert all(s.startswith("cloud/train/") for s in ds.ids)
+    assert list(ds[0].modalities) == ["lidar", "rgb"]
+    clean = datasets.load("deliver", root, ["train", "val", "test"], case="none")
+    assert [s.split("/")[2] for s in clean.ids] == ["MAP_1_point1"] * 2 + ["MAP_4_point7"] * 2
+    assert all(datasets.load("deliver", root, "val", case="lidarjitter")[i].case == "lidarjitter"
+               for i in range(2))
+
+
+def test_ids_are_unique_and_ordered_by_path(deliver_root):
+    root, _ = deliver_root
+    ds = datasets.load("deliver", root, "train")
+    ids = ds.ids
+    assert len(set(ids)) == len(ids)
+    assert ids == sorted(ids)
+
+
+def test_depth_source_raw_reads_metric_depth(deliver_root):
+    root, written = deliver_root
+    ds = datasets.load("deliver", root, "val", modalities=["depth"], depth_source="raw")
+    sample = ds[0]
+    mm = written[sample.id]["depth_raw_mm"]
+    assert sample.files["depth"].parts[-5] == "depth"
+    expected = ((mm.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
+    np.testing.assert_array_equal(sample.modalities["depth"][:, :, 0], expected)
+    hha = datasets.load("deliver", root, "val", modalities=["depth"])[0]
+    assert hha.files["depth"].parts[-5] == "hha"
+    np.testing.assert_array_equal(hha.modalities["depth"], written[sample.id]["depth"])
+
+
+def test_slicing_keeps_a_lazy_sequence(deliver_root):
+    root, _ = deliver_root
+    ds = datasets.load("deliver", root, "train")
+    part = ds[1:3]
+    assert len(part) == 2 and part.ids == ds.ids[1:3]
+    assert part[0].id == ds[1].id
+
+
+@pytest.mark.parametrize("bad", [{"split": "training"}, {"modalities": ["thermal"]},
+                                 {"case": "snow"}, {"condition": "snow"},
+                                 {"depth_source": "lidar"}, {"modalities": []}])
+def test_invalid_options_are_refused(deliver_root, bad):
+    root, _ = deliver_root
+    options = {"split": "train", **bad}
+    split = options.pop("split")
+    with pytest.raises(datasets.registry.DatasetError):
+        datasets.load("deliver", root, split, **options)
