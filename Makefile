@@ -21,6 +21,7 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 test: $(STAMP)
+	@$(VENV)/bin/ruff check --quiet pipeline stages tests benchmarks
 	@$(PY) -m pytest
 
 lint: $(STAMP)
