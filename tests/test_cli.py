@@ -72,7 +72,7 @@ def test_make_sample_then_info_json(capsys, tmp_path):
     code, out, _ = run(capsys, "make-sample", "--out", str(out_dir), "--size", "64",
                        "--train", "6", "--val", "4", "--test", "2", "--frames-per-scene", "2")
     assert code == 0 and "up to date" in out
-    code, out, _ = run(capsys, "datasets", "info", "--dataset", "sample", "--root",
+    code, out, _ = run(capsys, "datasets", "info", "--dataset", "deliver", "--root",
                        str(out_dir), "--json")
     info = json.loads(out)
     assert {k: v["samples"] for k, v in info["splits"].items()} == {"train": 6, "val": 4,

@@ -117,3 +117,17 @@ def test_invalid_options_are_refused(deliver_root, bad):
     split = options.pop("split")
     with pytest.raises(datasets.registry.DatasetError):
         datasets.load("deliver", root, split, **options)
+
+
+def test_sequences_pickle_for_worker_processes(deliver_root, mcubes_root):
+    import pickle
+
+    for name, (root, _) in (("deliver", deliver_root), ("mcubes", mcubes_root)):
+        reversed_order = list(datasets.get(name).modalities)[::-1]
+        ds = datasets.load(name, root, "train", modalities=reversed_order)
+        copy = pickle.loads(pickle.dumps(ds))
+        assert copy.ids == ds.ids
+        a, b = ds[0], copy[0]
+        assert list(a.modalities) == list(b.modalities) == list(ds.modalities)
+        for m in a.modalities:
+            np.testing.assert_array_equal(a.modalities[m], b.modalities[m])

@@ -216,3 +216,11 @@ def test_invalid_spec(tmp_path, bad):
     with pytest.raises(PipelineError):
         make_sample(tmp_path / "x", SampleSpec(**{**TINY.__dict__, **bad}), workers=1)
     assert not (tmp_path / "x").exists()
+
+
+def test_leftovers_of_a_killed_run_are_cleaned(tmp_path):
+    stale = tmp_path / ".s.tmp-999999999"
+    (stale / "img").mkdir(parents=True)
+    make_sample(tmp_path / "s", TINY, workers=1)
+    assert not stale.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s"]

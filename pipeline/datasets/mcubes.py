@@ -10,6 +10,7 @@ AoLP sin/cos in [-1, 1] -> (x + 1) * 127.5, DoLP in [0, 1] -> x * 255.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -160,13 +161,15 @@ class MCubesReader(DatasetReader):
         root = Path(root or self.default_root)
         modalities = list(modalities)
         records = self.index(root, split, modalities=modalities, cmnext_val=cmnext_val)
-
-        def decode(record: Record) -> Sample:
-            sample = self.decode(record, crop_left)
-            sample.modalities = {m: sample.modalities[m] for m in modalities}
-            return sample
-
+        decode = partial(self._decode_ordered, modalities=tuple(modalities), crop_left=crop_left)
         return finish(self.name, records, decode, CLASSES, modalities, skip_bad)
+
+    def _decode_ordered(self, record: Record, modalities: tuple[str, ...],
+                        crop_left: int) -> Sample:
+        """`decode` with modalities in the requested order (a method, so it pickles)."""
+        sample = self.decode(record, crop_left)
+        sample.modalities = {m: sample.modalities[m] for m in modalities}
+        return sample
 
     def info(self, root: Path | str | None = None) -> dict[str, Any]:
         root = Path(root or self.default_root)

@@ -709,6 +709,18 @@ def read_manifest(root: Path) -> dict[str, Any] | None:
         return None
 
 
+def _remove_stale_tmp(out: Path) -> None:
+    """Drop temporary folders left by killed runs (their process no longer exists)."""
+    for tmp in out.parent.glob(f".{out.name}.tmp-*"):
+        try:
+            pid = int(tmp.name.rsplit("-", 1)[1])
+            os.kill(pid, 0)
+        except (ValueError, ProcessLookupError):
+            shutil.rmtree(tmp, ignore_errors=True)
+        except PermissionError:
+            pass  # another user's live process
+
+
 def make_sample(out: Path | str, spec: SampleSpec = SampleSpec(), *, overwrite: bool = False,
                 workers: int | None = None,
                 progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
@@ -734,6 +746,7 @@ def make_sample(out: Path | str, spec: SampleSpec = SampleSpec(), *, overwrite: 
                                 f"({existing.get('spec')}); pass --overwrite to replace it "
                                 "or choose another --out")
     start = time.perf_counter()
+    _remove_stale_tmp(out)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
