@@ -29,7 +29,6 @@ lint: $(STAMP)
 
 demo: $(STAMP)
 	@$(VENV)/bin/pipeline make-sample --out $(SAMPLE)
-	@$(VENV)/bin/pipeline datasets info --dataset sample --root $(SAMPLE)
 
 clean-demo:
 	rm -rf $(SAMPLE)
