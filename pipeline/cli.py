@@ -71,10 +71,11 @@ def cli(ctx: click.Context, debug: bool) -> None:
 def make_sample_cmd(out: Path, size: int, n_train: int, n_val: int, n_test: int,
                     frames_per_scene: int, seed: int, workers: int | None, overwrite: bool,
                     as_json: bool) -> None:
-    """Generate the DELIVER-format sample: procedural street scenes with RGB, depth/HHA,
-    events, LiDAR and labels, in every weather and sensor-failure case.
+    """Generate the DELIVER-format sample data set (the embedded default).
 
-    Does nothing when an identical sample is already at --out.
+    Procedural street scenes with RGB, depth/HHA, events, LiDAR and labels, in every
+    weather and sensor-failure case, in the exact DELIVER layout. Does nothing when an
+    identical sample is already at --out.
     """
     from tqdm.auto import tqdm
 
@@ -181,7 +182,7 @@ def datasets_check(dataset: str, root: Path | None, split: str) -> None:
 
     reader = datasets.get(dataset)
     root = _dataset_root(dataset, root)
-    records = reader.index(root, split)
+    records = reader.index(root, split, **reader.every_file_options)
     problems: list[str] = []
     complete = []
     for r in records:

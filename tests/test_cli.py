@@ -100,3 +100,11 @@ def test_datasets_check_reports_bad_files(capsys, deliver_root):
 def test_datasets_list(capsys):
     code, out, _ = run(capsys, "datasets", "list")
     assert code == 0 and all(n in out for n in ("deliver", "mcubes", "sample"))
+
+
+def test_datasets_check_covers_every_mcubes_list(capsys, mcubes_root):
+    root, _ = mcubes_root
+    code, out, _ = run(capsys, "datasets", "check", "--dataset", "mcubes", "--root", str(root))
+    assert code == 0 and "checked 5 samples" in out  # val.txt too, not test.txt twice
+    code, out, _ = run(capsys, "datasets", "info", "--dataset", "mcubes", "--root", str(root))
+    assert code == 0 and "20 classes, 5 samples" in out

@@ -145,7 +145,6 @@ class DeliverReader(DatasetReader):
         folders = {m: _FOLDERS[m] for m in modalities if m != "depth"}
         if "depth" in modalities:
             folders["depth"] = (_DEPTH_FOLDERS[depth_source], "depth")
-        ordered = [m for m in modalities]
         suffix = f"_rgb_{view}.png"
 
         records: list[Record] = []
@@ -169,15 +168,16 @@ class DeliverReader(DatasetReader):
                         frame = fname[: -len(suffix)]
                         rel = Path(cond) / s / scene
                         files = {}
-                        for m in ordered:
+                        for m in modalities:
                             top, kind = folders[m]
                             files[m] = root / top / rel / f"{frame}_{kind}_{view}.png"
                         files["label"] = root / "semantic" / rel / f"{frame}_semantic_{view}.png"
-                        split_records.append(Record(
+                        # the official loader's order: sorted RGB path strings
+                        key = f"img/{cond}/{s}/{scene}/{fname}"
+                        split_records.append((key, Record(
                             id=f"{cond}/{s}/{scene}/{frame}", split=s, files=files,
-                            condition=cond, case=scene_c))
-            records.extend(sorted(split_records, key=lambda r: r.files["rgb"] if "rgb" in
-                                  r.files else r.files["label"]))
+                            condition=cond, case=scene_c)))
+            records.extend(r for _, r in sorted(split_records, key=lambda kr: kr[0]))
         return records
 
     # -- decoding ---------------------------------------------------------------------

@@ -69,6 +69,7 @@ class MCubesReader(DatasetReader):
     modalities: ClassVar[tuple[str, ...]] = MODALITIES
     splits: ClassVar[tuple[str, ...]] = SPLITS
     default_root = "data/MCubeS/multimodal_dataset"
+    every_file_options: ClassVar[dict[str, Any]] = {"cmnext_val": False}
 
     def _check_root(self, root: Path) -> None:
         if not root.is_dir():

@@ -21,6 +21,8 @@ class DatasetReader(ABC):
     splits: ClassVar[tuple[str, ...]] = ("train", "val", "test")
     default_root: str = ""
     ignore_index: ClassVar[int] = 255
+    # `index` options under which each split names its own files (for `datasets check`)
+    every_file_options: ClassVar[dict[str, Any]] = {}
 
     @abstractmethod
     def index(self, root: Path, split: str | Sequence[str], **options: Any) -> list[Record]:
