@@ -74,8 +74,9 @@ def make_sample_cmd(out: Path, size: int, n_train: int, n_val: int, n_test: int,
     """Generate the DELIVER-format sample data set (the embedded default).
 
     Procedural street scenes with RGB, depth/HHA, events, LiDAR and labels, in every
-    weather and sensor-failure case, in the exact DELIVER layout. Does nothing when an
-    identical sample is already at --out.
+    weather and sensor-failure case, in the exact DELIVER layout, plus a small
+    LanguageBind-format teacher under OUT/teacher. Does nothing when an identical sample
+    is already at --out.
     """
     from tqdm.auto import tqdm
 
@@ -98,6 +99,9 @@ def make_sample_cmd(out: Path, size: int, n_train: int, n_val: int, n_test: int,
     finally:
         if bar is not None:
             bar.close()
+    from stages.teacher.default_teacher import write_default_teacher
+
+    result["teacher"] = write_default_teacher(out / "teacher", seed=seed)
     summary = datasets.info("sample", out)
     if as_json:
         click.echo(json.dumps({"make_sample": result, "info": summary}, indent=2))
@@ -107,6 +111,9 @@ def make_sample_cmd(out: Path, size: int, n_train: int, n_val: int, n_test: int,
     else:
         click.echo(f"wrote {summary['total']} samples at {size}x{size} to {out} "
                    f"in {result['seconds']:.1f} s")
+    if result["teacher"] == "written":
+        click.echo(f"wrote the small LanguageBind-format default teacher to {out / 'teacher'} "
+                   "(random weights: real distillation needs the real checkpoints)")
     click.echo(_format_info(summary))
     fractions = result.get("class_pixel_fraction", {})
     if fractions:
@@ -225,6 +232,146 @@ def _format_info(summary: dict[str, Any]) -> str:
             lines.append(f"warning: {name} has missing files: {missing} "
                          "(run `pipeline datasets check`)")
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------
+# stage one
+# ---------------------------------------------------------------------------------------
+def _pairs(values: tuple[str, ...], flag: str) -> dict[str, str]:
+    out = {}
+    for value in values:
+        key, sep, val = value.partition("=")
+        if not sep or not key or not val:
+            raise click.BadParameter(f"expected NAME=VALUE, got {value!r}", param_hint=flag)
+        out[key.strip()] = val.strip()
+    return out
+
+
+def _option_value(text: str) -> Any:
+    import yaml
+
+    return yaml.safe_load(text)
+
+
+@cli.command("cache-teacher", context_settings=CONTEXT)
+@click.option("--dataset", default=None, help="Dataset name.  [default: dataset.name in "
+              "params.yaml, else sample]")
+@_ROOT
+@click.option("--split", default=None, help="Comma-separated splits to cache.  "
+              "[default: train,val,test]")
+@click.option("--modalities", default=None,
+              help="Comma-separated modalities.  [default: all of the dataset's]")
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="The zarr store.  [default: cache/DATASET.zarr]")
+@click.option("--teacher-root", default=None, help="Folder with LanguageBind_Image/, "
+              "LanguageBind_Depth/ ... (hub folder names), or a hub namespace such as "
+              "LanguageBind.  [default: teacher.root in params.yaml]")
+@click.option("--captioner", default=None, help="Captioner name (template, ...).  "
+              "[default: template]")
+@click.option("--captioner-option", multiple=True, metavar="KEY=VALUE",
+              help="Option for the captioner (repeatable; values are YAML).")
+@click.option("--modality-branch", multiple=True, metavar="MODALITY=BRANCH",
+              help="LanguageBind branch for a modality (repeatable).  [default: rgb=image "
+              "depth=depth event=image lidar=image]")
+@click.option("--class-prompt", default=None,
+              help="Prompt for class names, {} is the name.  [default: {}]")
+@click.option("--batch-size", type=int, default=None, help="Samples per model batch.  "
+              "[default: 16]")
+@click.option("--rows-per-shard", type=int, default=None, help="Rows per zarr shard (the "
+              "unit of resume and of scale-out).  [default: 64]")
+@click.option("--device", default=None, help="auto, cpu or cuda[:N].  [default: auto]")
+@click.option("--dtype", type=click.Choice(["float16", "float32"]), default=None,
+              help="Stored embedding dtype.  [default: float16]")
+@click.option("--scheduler", default=None, help="local:N for N worker processes, or "
+              "tcp://HOST:PORT of a dask.distributed scheduler.  [default: single process]")
+@click.option("--decode-workers", type=int, default=None,
+              help="Threads decoding and preprocessing ahead of the model.  [default: 4]")
+@click.option("--skip-bad", is_flag=True, default=None,
+              help="Log and skip samples with missing or broken files.")
+@click.option("--overwrite", is_flag=True, default=None,
+              help="Rebuild a store made with another teacher or sample list.")
+@click.option("--params", "params_path", type=click.Path(path_type=Path), default=None,
+              help="Parameters file.  [default: ./params.yaml if present]")
+@click.option("--json", "as_json", is_flag=True, help="Print the run report as JSON.")
+def cache_teacher_cmd(dataset: str | None, root: Path | None, split: str | None,
+                      modalities: str | None, out: Path | None, teacher_root: str | None,
+                      captioner: str | None, captioner_option: tuple[str, ...],
+                      modality_branch: tuple[str, ...], class_prompt: str | None,
+                      batch_size: int | None, rows_per_shard: int | None, device: str | None,
+                      dtype: str | None, scheduler: str | None, decode_workers: int | None,
+                      skip_bad: bool | None, overwrite: bool | None, params_path: Path | None,
+                      as_json: bool) -> None:
+    """Stage one: caption every sample and encode it with LanguageBind into a zarr cache.
+
+    Resumable: a rerun computes only rows that are not done, and loads no model when the
+    store is complete. Settings come from params.yaml (dataset.*, teacher.*) and these flags.
+    """
+    from tqdm.auto import tqdm
+
+    from pipeline.config import load_params
+    from stages.teacher.run import TeacherConfig, cache_teacher
+
+    if params_path is not None and not params_path.is_file():
+        raise PipelineError(f"parameters file {params_path} does not exist")
+    params = load_params(params_path)
+    overrides: dict[str, Any] = {
+        "dataset": dataset, "root": str(root) if root else None,
+        "split": split.split(",") if split else None,
+        "modalities": modalities.split(",") if modalities else None,
+        "out": str(out) if out else None, "teacher_root": teacher_root,
+        "captioner": captioner, "class_prompt": class_prompt, "batch_size": batch_size,
+        "rows_per_shard": rows_per_shard, "device": device, "dtype": dtype,
+        "scheduler": scheduler, "decode_workers": decode_workers, "skip_bad": skip_bad,
+        "overwrite": overwrite,
+        "captioner_options": {k: _option_value(v) for k, v in
+                              _pairs(captioner_option, "--captioner-option").items()} or None,
+        "modality_branch": _pairs(modality_branch, "--modality-branch") or None,
+    }
+    cfg = TeacherConfig.from_params(params, overrides, str(params_path or "params.yaml"))
+    bar = None
+
+    def progress(done: int, total: int) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = tqdm(total=total, desc="caching teacher", unit="sample", disable=None)
+        bar.update(done - bar.n)
+
+    try:
+        report = cache_teacher(cfg, progress)
+    finally:
+        if bar is not None:
+            bar.close()
+    if as_json:
+        click.echo(json.dumps(report.as_dict(), indent=2))
+    elif report.status == "complete":
+        click.echo(f"{report.out} is complete ({report.rows} rows); nothing to do "
+                   f"({report.seconds:.2f} s)")
+    else:
+        click.echo(f"{report.out}: computed {report.computed_rows} of {report.rows} rows in "
+                   f"{report.seconds:.1f} s ({report.samples_per_s:.1f} samples/s)")
+
+
+@cli.command("cache-info", context_settings=CONTEXT)
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+def cache_info_cmd(path: Path, as_json: bool) -> None:
+    """What a teacher cache holds: rows, done fraction, dims, dtype, fingerprints, size."""
+    from pipeline.store import describe
+
+    info = describe(path)
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+        return
+    click.echo(f"{info['path']}: {info['done']}/{info['rows']} rows done "
+               f"({100 * info['done_fraction']:.1f}%), dim {info['dim']} {info['dtype']}, "
+               f"modalities {', '.join(info['modalities'])}, {info['classes']} classes")
+    click.echo(f"size {info['size_bytes'] / 1e6:.2f} MB in {info['files']} files, "
+               f"{info['rows_per_shard']} rows per shard, schema v{info['schema_version']}, "
+               f"updated {info['updated']}")
+    click.echo(f"dataset fingerprint {info['dataset_fingerprint']}")
+    click.echo("teacher fingerprint " + json.dumps(info["teacher_fingerprint"], sort_keys=True))
+    for sample_id, caption in info["captions"].items():
+        click.echo(f"  {sample_id}: {caption}")
 
 
 # ---------------------------------------------------------------------------------------

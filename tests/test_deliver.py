@@ -95,6 +95,7 @@ def test_depth_source_raw_reads_metric_depth(deliver_root):
     assert sample.files["depth"].parts[-5] == "depth"
     expected = ((mm.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
     np.testing.assert_array_equal(sample.modalities["depth"][:, :, 0], expected)
+    np.testing.assert_array_equal(sample.raw["depth"], mm)  # metric values kept as stored
     hha = datasets.load("deliver", root, "val", modalities=["depth"])[0]
     assert hha.files["depth"].parts[-5] == "hha"
     np.testing.assert_array_equal(hha.modalities["depth"], written[sample.id]["depth"])

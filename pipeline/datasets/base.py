@@ -25,7 +25,12 @@ log = logging.getLogger("pipeline.datasets")
 
 @dataclass
 class Sample:
-    """One multi-modal frame: images H x W x 3 uint8 keyed by modality, label H x W int64."""
+    """One multi-modal frame: images H x W x 3 uint8 keyed by modality, label H x W int64.
+
+    `raw` keeps, for modalities stored with more than 8 bits (metric depth in
+    millimetres), the array as stored, so a consumer that needs the metric values
+    (the LanguageBind depth branch) does not decode the file twice.
+    """
 
     id: str
     modalities: dict[str, np.ndarray]
@@ -33,6 +38,7 @@ class Sample:
     condition: str | None = None
     case: str | None = None
     files: dict[str, Path] = field(default_factory=dict)
+    raw: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -90,6 +90,7 @@ class DeliverReader(DatasetReader):
     palette: ClassVar[tuple[tuple[int, int, int], ...]] = PALETTE
     modalities: ClassVar[tuple[str, ...]] = MODALITIES
     splits: ClassVar[tuple[str, ...]] = SPLITS
+    depth_sources: ClassVar[tuple[str, ...]] = tuple(_DEPTH_FOLDERS)
 
     def __init__(self, name: str = "deliver", default_root: str = "data/DELIVER",
                  how_to_get: str = "download DELIVER (github.com/jamycheung/DELIVER) "
@@ -186,10 +187,14 @@ class DeliverReader(DatasetReader):
         label = decode_label(label_raw, record.files["label"])
         height, width = label.shape
         images: dict[str, np.ndarray] = {}
+        raw: dict[str, np.ndarray] = {}
         for m, path in record.files.items():
             if m == "label":
                 continue
-            img = to_rgb3(read_png(path), path)
+            stored = read_png(path)
+            if stored.dtype == np.uint16:
+                raw[m] = stored
+            img = to_rgb3(stored, path)
             if img.shape[:2] != (height, width):
                 if m == "event":
                     img = resize_nearest(img, height, width)
@@ -199,7 +204,8 @@ class DeliverReader(DatasetReader):
                         f"{width}x{height}; all modalities but event must match the label size")
             images[m] = img
         return Sample(id=record.id, modalities=images, label=label,
-                      condition=record.condition, case=record.case, files=dict(record.files))
+                      condition=record.condition, case=record.case, files=dict(record.files),
+                      raw=raw)
 
     def load(self, root: Path | str | None = None, split: str | Sequence[str] = "train", *,
              modalities: Sequence[str] = MODALITIES, condition: str | Sequence[str] | None = None,

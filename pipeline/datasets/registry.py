@@ -21,6 +21,8 @@ class DatasetReader(ABC):
     splits: ClassVar[tuple[str, ...]] = ("train", "val", "test")
     default_root: str = ""
     ignore_index: ClassVar[int] = 255
+    # values of the `depth_source` load option, for formats that store depth twice
+    depth_sources: ClassVar[tuple[str, ...]] = ()
     # `index` options under which each split names its own files (for `datasets check`)
     every_file_options: ClassVar[dict[str, Any]] = {}
 

@@ -1,0 +1,424 @@
+"""Stage one: run the frozen teachers once per sample into the zarr cache.
+
+For every shard of rows that is not `done`: decode the samples and preprocess them for
+their LanguageBind branch (in a thread pool, overlapping the model), caption them,
+encode each modality (E_m) and the caption (E_S), and write the whole shard. The class
+names (E_C) are encoded once when the store is created. Compute batches are fixed
+subdivisions of a shard, so a resumed or distributed run does exactly the same
+arithmetic as an uninterrupted single-process one and writes the same bytes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from pipeline import datasets
+from pipeline.config import build, preset
+from pipeline.datasets import Sample, SampleSequence
+from pipeline.errors import PipelineError
+from pipeline.store import CacheWriter, StoreSpec, writer_lock
+from stages.teacher import captioners
+from stages.teacher.checkpoints import BRANCH_FOLDERS, checkpoint_fingerprint, resolve_branch_dir
+
+if TYPE_CHECKING:
+    import torch
+
+log = logging.getLogger("pipeline.teacher")
+
+PREPROCESS_VERSION = "openai-mean-std bicubic-antialias short-side centre-crop; depth mm->m v1"
+DEFAULT_BRANCH = {"rgb": "image", "depth": "depth", "event": "image", "lidar": "image",
+                  "aolp": "image", "dolp": "image", "nir": "image", "thermal": "thermal"}
+
+
+@dataclass
+class TeacherConfig:
+    """Every tunable of stage one (the `teacher` group of params.yaml plus the dataset)."""
+
+    dataset: str = "sample"
+    root: str | None = None
+    split: list[str] = field(default_factory=lambda: ["train", "val", "test"])
+    modalities: list[str] | None = None
+    out: str | None = None
+    teacher_root: str = "data/deliver-sample/teacher"
+    captioner: str = "template"
+    captioner_options: dict[str, Any] = field(default_factory=dict)
+    modality_branch: dict[str, str] = field(default_factory=dict)
+    class_prompt: str = "{}"
+    batch_size: int = 16
+    rows_per_shard: int = 64
+    device: str = "auto"
+    dtype: str = "float16"
+    scheduler: str | None = None
+    decode_workers: int = 4
+    skip_bad: bool = False
+    overwrite: bool = False
+
+    @classmethod
+    def from_params(cls, params: dict[str, Any], overrides: dict[str, Any],
+                    source: str = "params.yaml") -> TeacherConfig:
+        """Defaults, then params.yaml (`dataset.name/root`, `teacher.*`), then CLI flags."""
+        data: dict[str, Any] = {}
+        ds = params.get("dataset") or {}
+        if "name" in ds:
+            data["dataset"] = ds["name"]
+        if "root" in ds:
+            data["root"] = ds["root"]
+        teacher = dict(params.get("teacher") or {})
+        if "root" in teacher:
+            teacher["teacher_root"] = teacher.pop("root")
+        data.update(teacher)
+        cfg = build(cls, data, f"{source} (teacher)")
+        if "dataset" in overrides and overrides["dataset"] != cfg.dataset and \
+                "root" not in overrides:
+            cfg.root = None  # params' root belongs to params' dataset
+        for key, value in overrides.items():
+            if value is not None:
+                setattr(cfg, key, value)
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        if self.batch_size < 1 or self.rows_per_shard < 1 or self.decode_workers < 1:
+            raise PipelineError("batch_size, rows_per_shard and decode_workers must be >= 1")
+        if self.dtype not in ("float16", "float32"):
+            raise PipelineError(f"dtype must be float16 or float32, got {self.dtype!r}")
+        if "{}" not in self.class_prompt:
+            raise PipelineError(f"class_prompt must contain '{{}}' for the class name, got "
+                                f"{self.class_prompt!r}")
+        if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
+            raise PipelineError(f"device must be auto, cpu or cuda[:N], got {self.device!r}")
+
+    def resolved_root(self) -> Path:
+        if self.root:
+            return Path(self.root)
+        return Path(preset("datasets", self.dataset).get("root")
+                    or datasets.get(self.dataset).default_root)
+
+    def resolved_out(self) -> Path:
+        return Path(self.out or f"cache/{self.dataset}.zarr")
+
+    def resolved_modalities(self) -> list[str]:
+        if self.modalities:
+            return list(self.modalities)
+        return list(preset("datasets", self.dataset).get("modalities")
+                    or datasets.get(self.dataset).modalities)
+
+    def branch_map(self) -> dict[str, str]:
+        """Modality -> LanguageBind branch for the modalities of this run."""
+        mapping = {}
+        for m in self.resolved_modalities():
+            branch = self.modality_branch.get(m, DEFAULT_BRANCH.get(m))
+            if branch is None:
+                raise PipelineError(f"no LanguageBind branch for modality {m!r}; map it with "
+                                    f"--modality-branch {m}=image")
+            if branch not in BRANCH_FOLDERS:
+                raise PipelineError(f"modality {m} maps to unknown branch {branch!r}; "
+                                    f"branches: {', '.join(BRANCH_FOLDERS)}")
+            mapping[m] = branch
+        unknown = sorted(set(self.modality_branch) - set(mapping))
+        if unknown:
+            raise PipelineError(f"--modality-branch names {unknown[0]!r}, which is not a "
+                                f"modality of this run ({', '.join(mapping)})")
+        return mapping
+
+    def resolved_device(self) -> str:
+        import torch
+
+        if self.device == "auto":
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise PipelineError("--device cuda was requested but no CUDA device is available")
+        return self.device
+
+
+def readable_class(name: str) -> str:
+    """'TrafficSign' -> 'traffic sign', 'road_marking' -> 'road marking' (for prompts)."""
+    spaced = re.sub(r"(?<=[a-z])(?=[A-Z])", " ", name).replace("_", " ")
+    return spaced.lower()
+
+
+# ---------------------------------------------------------------------------------------
+# the work on one shard (shared by the single-process and the dask paths)
+# ---------------------------------------------------------------------------------------
+@dataclass
+class Prepared:
+    """A decoded sample with its modalities already preprocessed for their branches."""
+
+    sample: Sample
+    pixels: dict[str, torch.Tensor]
+
+
+def model_input(sample: Sample, modality: str, branch: str) -> np.ndarray:
+    if branch == "depth":
+        depth = sample.raw.get(modality)
+        if depth is None or depth.ndim != 2:
+            source = sample.files.get(modality, "?")
+            raise PipelineError(
+                f"the depth branch needs single-channel 16-bit metric depth (mm) but {source} "
+                f"is not; map {modality} to the image branch with --modality-branch "
+                f"{modality}=image, or point the dataset at raw depth")
+        return depth
+    return sample.modalities[modality]
+
+
+class ShardWorker:
+    """Teacher, captioner and dataset for one process; computes whole shards."""
+
+    def __init__(self, cfg: TeacherConfig, samples: SampleSequence, device: str) -> None:
+        import torch
+
+        from stages.teacher.languagebind import LanguageBind
+
+        self.cfg = cfg
+        self.samples = samples
+        self.branch_of = cfg.branch_map()
+        compute_dtype = torch.float16 if device.startswith("cuda") else torch.float32
+        self.teacher = LanguageBind(cfg.teacher_root, sorted(set(self.branch_of.values())),
+                                    device=device, compute_dtype=compute_dtype)
+        self.captioner = captioners.create(cfg.captioner, samples.classes,
+                                           **cfg.captioner_options)
+        self.model_seconds = 0.0
+
+    def prepare(self, index: int) -> Prepared:
+        sample = self.samples[index]
+        pixels = {m: self.teacher.preprocess(b, model_input(sample, m, b))
+                  for m, b in self.branch_of.items()}
+        return Prepared(sample, pixels)
+
+    def compute(self, prepared: Sequence[Prepared]) -> tuple[list[str], np.ndarray,
+                                                              dict[str, np.ndarray]]:
+        """Captions, E_S and E_m for one shard, in fixed batches of `batch_size`."""
+        import torch
+
+        start = time.perf_counter()
+        captions: list[str] = []
+        scene, visual = [], {m: [] for m in self.branch_of}
+        bs = self.cfg.batch_size
+        for i in range(0, len(prepared), bs):
+            batch = prepared[i:i + bs]
+            texts = self.captioner.caption([p.sample for p in batch])
+            captions += texts
+            scene.append(self.teacher.encode_text(texts))
+            for m, b in self.branch_of.items():
+                visual[m].append(self.teacher.encode_pixels(
+                    b, torch.stack([p.pixels[m] for p in batch])))
+        self.model_seconds += time.perf_counter() - start
+        return (captions, torch.cat(scene).numpy(),
+                {m: torch.cat(v).numpy() for m, v in visual.items()})
+
+    def class_embeddings(self) -> np.ndarray:
+        prompts = [self.cfg.class_prompt.format(readable_class(c)) for c in self.samples.classes]
+        return self.teacher.encode_text(prompts).numpy()
+
+
+# ---------------------------------------------------------------------------------------
+# orchestration
+# ---------------------------------------------------------------------------------------
+def load_samples(cfg: TeacherConfig) -> SampleSequence:
+    branch_of = cfg.branch_map()
+    options: dict[str, Any] = {"modalities": list(branch_of), "skip_bad": cfg.skip_bad}
+    if "depth" in branch_of and "raw" in datasets.get(cfg.dataset).depth_sources:
+        # LanguageBind's depth branch reads metric depth; anything else reads HHA
+        options["depth_source"] = "raw" if branch_of["depth"] == "depth" else "hha"
+    return datasets.load(cfg.dataset, cfg.resolved_root(), cfg.split, **options)
+
+
+def teacher_fingerprint(cfg: TeacherConfig, class_names: Sequence[str]) -> dict[str, Any]:
+    """Everything that decides the cached numbers, without loading a model."""
+    branch_of = cfg.branch_map()
+    checkpoints = {b: checkpoint_fingerprint(resolve_branch_dir(cfg.teacher_root, b))
+                   for b in sorted(set(branch_of.values()))}
+    captioner = captioners.create(cfg.captioner, class_names, **cfg.captioner_options)
+    return {
+        "encoder": "languagebind",
+        "checkpoints": checkpoints,
+        "modality_branch": dict(sorted(branch_of.items())),
+        "preprocess": PREPROCESS_VERSION,
+        "class_prompt": cfg.class_prompt,
+        "captioner": captioner.fingerprint(),
+    }
+
+
+@dataclass
+class RunReport:
+    out: str
+    rows: int
+    computed_rows: int
+    shards: int
+    seconds: float
+    model_seconds: float
+    status: str
+    samples_per_s: float = 0.0
+    model_busy: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def cache_teacher(cfg: TeacherConfig,
+                  progress: Callable[[int, int], None] | None = None) -> RunReport:
+    """Fill (or finish) the store at `cfg.resolved_out()`; see the module docstring."""
+    start = time.perf_counter()
+    out = cfg.resolved_out()
+    samples = load_samples(cfg)
+    spec = StoreSpec(ids=samples.ids, modalities=list(cfg.branch_map()),
+                     teacher_fingerprint=teacher_fingerprint(cfg, samples.classes),
+                     dtype=cfg.dtype, rows_per_shard=cfg.rows_per_shard)
+    with writer_lock(out):
+        writer = CacheWriter.check(out, spec, overwrite=cfg.overwrite)
+        if writer is not None:
+            writer.remove_partials()
+            pending = writer.pending_shards()
+            if not pending:
+                return RunReport(str(out), writer.n, 0, 0, time.perf_counter() - start, 0.0,
+                                 "complete")
+            if writer.rows_per_shard != cfg.rows_per_shard:
+                log.info("resuming with the store's rows_per_shard=%d", writer.rows_per_shard)
+        device = cfg.resolved_device()
+        if cfg.scheduler:
+            report = _run_distributed(cfg, samples, spec, writer, out, device, progress)
+        else:
+            report = _run_local(cfg, samples, spec, writer, out, device, progress)
+    report.seconds = time.perf_counter() - start
+    report.samples_per_s = report.computed_rows / report.seconds if report.seconds else 0.0
+    return report
+
+
+def _create(worker: ShardWorker, out: Path, spec: StoreSpec) -> CacheWriter:
+    return CacheWriter.create(out, spec, worker.teacher.dim, worker.samples.classes,
+                              worker.class_embeddings())
+
+
+def _prefetch(worker: ShardWorker, writer: CacheWriter, shards: list[int],
+              pool: ThreadPoolExecutor, depth: int = 2) -> Iterator[tuple[int, list[Prepared]]]:
+    """Yield (shard, prepared samples) while the next `depth` shards decode in `pool`."""
+    queue: list[tuple[int, list[Future[Prepared]]]] = []
+    it = iter(shards)
+
+    def submit() -> None:
+        shard = next(it, None)
+        if shard is not None:
+            queue.append((shard, [pool.submit(worker.prepare, i)
+                                  for i in writer.shard_rows(shard)]))
+
+    for _ in range(depth):
+        submit()
+    while queue:
+        shard, futures = queue.pop(0)
+        submit()
+        yield shard, [f.result() for f in futures]
+
+
+def _run_local(cfg: TeacherConfig, samples: SampleSequence, spec: StoreSpec,
+               writer: CacheWriter | None, out: Path, device: str,
+               progress: Callable[[int, int], None] | None) -> RunReport:
+    worker = ShardWorker(cfg, samples, device)
+    if writer is None:
+        writer = _create(worker, out, spec)
+    shards = writer.pending_shards()
+    total = sum(len(writer.shard_rows(s)) for s in shards)
+    done_rows = 0
+    loop_start = time.perf_counter()
+    with ThreadPoolExecutor(cfg.decode_workers) as pool:
+        for shard, prepared in _prefetch(worker, writer, shards, pool):
+            captions, scene, visual = worker.compute(prepared)
+            writer.write_shard(shard, captions, scene, visual)
+            done_rows += len(prepared)
+            if progress:
+                progress(done_rows, total)
+    writer.touch()
+    loop = time.perf_counter() - loop_start
+    return RunReport(str(out), writer.n, done_rows, len(shards), 0.0, worker.model_seconds,
+                     "written", model_busy=worker.model_seconds / loop if loop else 0.0)
+
+
+# -- dask.distributed ---------------------------------------------------------------------
+_WORKER_STATE: dict[str, tuple[ShardWorker, CacheWriter]] = {}
+
+
+def _shard_task(cfg_dict: dict[str, Any], out: str, device: str, threads: int,
+                shard: int) -> tuple[int, int, float]:
+    """Runs on a dask worker: load the teacher once per process, compute one shard."""
+    key = repr((sorted(cfg_dict.items()), out, device))
+    if key not in _WORKER_STATE:
+        import torch
+
+        torch.set_num_threads(threads)
+        cfg = TeacherConfig(**cfg_dict)
+        worker = ShardWorker(cfg, load_samples(cfg), device)
+        import zarr
+
+        writer = CacheWriter(Path(out), zarr.open_group(out, mode="r+"))
+        _WORKER_STATE[key] = (worker, writer)
+    worker, writer = _WORKER_STATE[key]
+    before = worker.model_seconds
+    prepared = [worker.prepare(i) for i in writer.shard_rows(shard)]
+    captions, scene, visual = worker.compute(prepared)
+    writer.write_shard(shard, captions, scene, visual)
+    return shard, len(prepared), worker.model_seconds - before
+
+
+def _client(scheduler: str) -> tuple[Any, Any]:
+    from dask.distributed import Client, LocalCluster
+
+    if scheduler.startswith("local:"):
+        try:
+            n = int(scheduler.split(":", 1)[1])
+        except ValueError:
+            raise PipelineError(f"--scheduler local:N needs a number, got {scheduler!r}") from None
+        cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
+                               dashboard_address=None, silence_logs=logging.ERROR)
+        return Client(cluster), cluster
+    if scheduler.startswith("tcp://"):
+        try:
+            return Client(scheduler, timeout=30), None
+        except OSError as exc:
+            raise PipelineError(f"cannot reach the dask scheduler at {scheduler} ({exc})") from exc
+    raise PipelineError(f"--scheduler must be local:N or tcp://HOST:PORT, got {scheduler!r}")
+
+
+def _run_distributed(cfg: TeacherConfig, samples: SampleSequence, spec: StoreSpec,
+                     writer: CacheWriter | None, out: Path, device: str,
+                     progress: Callable[[int, int], None] | None) -> RunReport:
+    from dask.distributed import as_completed
+
+    if writer is None:
+        # the coordinator creates the store (and E_C) once; workers only fill shards
+        creator = ShardWorker(cfg, samples, device)
+        writer = _create(creator, out, spec)
+        del creator
+    shards = writer.pending_shards()
+    total = sum(len(writer.shard_rows(s)) for s in shards)
+    client, cluster = _client(cfg.scheduler or "")
+    try:
+        n_workers = max(1, len(client.scheduler_info()["workers"]))
+        threads = max(1, (os.cpu_count() or 1) // n_workers)
+        cfg_dict = {**asdict(cfg), "scheduler": None, "overwrite": False,
+                    "root": str(cfg.resolved_root()), "out": str(out)}
+        futures = [client.submit(_shard_task, cfg_dict, str(out), device, threads, s,
+                                 pure=False, key=f"teacher-shard-{s}") for s in shards]
+        done_rows, model_s = 0, 0.0
+        for fut in as_completed(futures):
+            _, rows, seconds = fut.result()
+            done_rows += rows
+            model_s += seconds
+            if progress:
+                progress(done_rows, total)
+    finally:
+        client.close()
+        if cluster is not None:
+            cluster.close()
+    writer.touch()
+    return RunReport(str(out), writer.n, done_rows, len(shards), 0.0, model_s, "written",
+                     extra={"workers": n_workers})
