@@ -70,7 +70,10 @@ def _diff(stored: Any, requested: Any, prefix: str = "") -> list[str]:
             out += _diff(stored.get(key), requested.get(key), f"{prefix}{key}.")
         return out
     if stored != requested:
-        return [f"{prefix[:-1]} ({json.dumps(stored)} in the store, {json.dumps(requested)} now)"]
+        def show(v: Any) -> str:
+            return "absent" if v is None else "set" if isinstance(v, dict) else json.dumps(v)
+
+        return [f"{prefix[:-1]} ({show(stored)} in the store, {show(requested)} now)"]
     return []
 
 

@@ -30,3 +30,13 @@ def small_sample(tmp_path_factory):
     spec = SampleSpec(size=64, train=24, val=12, test=12, frames_per_scene=2, seed=3)
     make_sample(root, spec, workers=1)
     return root, spec
+
+
+@pytest.fixture(scope="session")
+def teacher_sample(small_sample):
+    """The small sample with the embedded LanguageBind-format teacher beside it."""
+    from stages.teacher.default_teacher import write_default_teacher
+
+    root, spec = small_sample
+    write_default_teacher(root / "teacher")
+    return root, spec

@@ -1,0 +1,169 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+from transformers import CLIPConfig, CLIPModel
+
+from pipeline.errors import PipelineError
+from stages.teacher.checkpoints import resolve_branch_dir
+from stages.teacher.default_teacher import write_checkpoint
+from stages.teacher.languagebind import (
+    OPENAI_MEAN,
+    OPENAI_STD,
+    LanguageBind,
+    load_clip,
+    preprocess_depth,
+    preprocess_image,
+)
+
+
+def reference_model(folder, state):
+    """A CLIPModel built by hand from the config with the merged weights."""
+    cfg = json.loads((folder / "config.json").read_text())
+    model = CLIPModel(CLIPConfig(text_config=cfg["text_config"],
+                                 vision_config=cfg["vision_config"],
+                                 projection_dim=cfg["projection_dim"])).eval()
+    model.load_state_dict(state)
+    return model
+
+
+@pytest.mark.parametrize("layout,fmt", [("peft-old", "bin"), ("peft-base-layer", "bin"),
+                                        ("peft-base-layer", "safetensors"), ("plain", "bin")])
+def test_lora_merge_matches_merged_clip(tmp_path, layout, fmt):
+    folder = tmp_path / "LanguageBind_Depth"
+    merged = write_checkpoint(folder, "depth", seed=3, layout=layout, weights_format=fmt)
+    sd = (torch.load(folder / "pytorch_model.bin", weights_only=True) if fmt == "bin" else None)
+    if layout == "peft-old":
+        assert "vision_model.encoder.base_model.model.layers.0.self_attn.q_proj.weight" in sd
+        assert "vision_model.encoder.base_model.model.layers.0.self_attn.q_proj.lora_A" \
+               ".default.weight" in sd
+        assert not any(".base_layer." in k for k in sd)
+    elif layout == "peft-base-layer" and sd is not None:
+        assert "vision_model.encoder.base_model.model.layers.1.self_attn.v_proj.base_layer" \
+               ".weight" in sd
+    model, _ = load_clip(folder)
+    ref = reference_model(folder, merged)
+    pixels = torch.randn(2, 3, 224, 224)
+    ids = torch.tensor([[510, 3, 4, 5, 511, 511], [510, 7, 511, 511, 511, 511]])
+    with torch.no_grad():
+        ours = model.visual_projection(model.vision_model(pixel_values=pixels).pooler_output)
+        theirs = ref.visual_projection(ref.vision_model(pixel_values=pixels).pooler_output)
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+        t1 = model.text_projection(model.text_model(input_ids=ids).pooler_output)
+        t2 = ref.text_projection(ref.text_model(input_ids=ids).pooler_output)
+        torch.testing.assert_close(t1, t2)
+    if layout != "plain":  # the LoRA really contributes: stored base weights differ
+        if fmt == "bin":
+            raw = torch.load(folder / "pytorch_model.bin", weights_only=True)
+        else:
+            from safetensors.torch import load_file
+
+            raw = load_file(str(folder / "model.safetensors"))
+        key = next(k for k in raw if "base_model.model." in k and
+                   (k.endswith("q_proj.weight") or k.endswith("q_proj.base_layer.weight")))
+        target = "vision_model.encoder." + key.split("base_model.model.")[1].replace(
+            ".base_layer", "")
+        assert not torch.allclose(raw[key], merged[target])
+
+
+def _rewrite(folder, edit):
+    path = folder / "pytorch_model.bin"
+    sd = torch.load(path, weights_only=True)
+    edit(sd)
+    torch.save(sd, path)
+
+
+@pytest.mark.parametrize("edit,match", [
+    (lambda sd: sd.__setitem__("vision_model.temporal_embedding", torch.zeros(1)), "unexpected"),
+    (lambda sd: sd.pop("visual_projection.weight"), "missing"),
+    (lambda sd: sd.pop("vision_model.encoder.base_model.model.layers.0.self_attn.k_proj"
+                       ".lora_B.default.weight"), "lacks lora_B"),
+    (lambda sd: sd.__setitem__(
+        "vision_model.encoder.base_model.model.layers.0.self_attn.k_proj.lora_A.default.weight",
+        torch.zeros(3, 64)), "LoRA shapes"),
+])
+def test_bad_key_sets_are_refused(tmp_path, edit, match):
+    folder = tmp_path / "LanguageBind_Image"
+    write_checkpoint(folder, "image", seed=1)
+    _rewrite(folder, edit)
+    with pytest.raises(PipelineError, match=match):
+        load_clip(folder)
+
+
+def test_config_that_does_not_match_the_weights(tmp_path):
+    folder = tmp_path / "LanguageBind_Image"
+    write_checkpoint(folder, "image", seed=1)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["vision_config"]["lora_r"] = 0
+    (folder / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(PipelineError, match="lora_r=0"):
+        load_clip(folder)
+    cfg["vision_config"]["add_time_attn"] = True
+    (folder / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(PipelineError, match="video"):
+        load_clip(folder)
+
+
+def test_corrupt_weights_are_named(tmp_path):
+    folder = tmp_path / "LanguageBind_Image"
+    write_checkpoint(folder, "image", seed=1)
+    data = (folder / "pytorch_model.bin").read_bytes()
+    (folder / "pytorch_model.bin").write_bytes(data[: len(data) // 3])
+    with pytest.raises(PipelineError, match="pytorch_model.bin.*corrupt"):
+        load_clip(folder)
+
+
+def test_missing_branch_and_offline_hub_id(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    with pytest.raises(PipelineError, match="huggingface-cli download LanguageBind/"
+                                            "LanguageBind_Depth"):
+        resolve_branch_dir(tmp_path, "depth")
+    with pytest.raises(PipelineError, match="not in the local Hugging Face cache.*"
+                                            "huggingface-cli download"):
+        resolve_branch_dir("LanguageBind", "depth")
+
+
+def test_depth_preprocessing_on_known_values():
+    mm = np.array([[0, 5, 2000, 10000, 30000]] * 5, dtype=np.uint16)
+    x = preprocess_depth(mm, max_depth=10.0, size=5)
+    expected = np.array([0.01, 0.01, 2.0, 10.0, 10.0]) / 10.0  # m, clip [0.01, 10], / 10
+    for c in range(3):
+        got = x[c, 0].numpy() * OPENAI_STD[c] + OPENAI_MEAN[c]
+        np.testing.assert_allclose(got, expected, atol=1e-6)
+    unbounded = preprocess_depth(mm, max_depth=0, size=5)  # / max when max_depth is 0
+    np.testing.assert_allclose(unbounded[0, 0, -1].item() * OPENAI_STD[0] + OPENAI_MEAN[0], 1.0,
+                               atol=1e-6)
+
+
+def test_image_preprocessing_resizes_short_side_and_centre_crops():
+    img = np.zeros((100, 300, 3), np.uint8)
+    img[:, 100:200] = 255  # the middle third is white
+    x = preprocess_image(img, size=64)
+    assert x.shape == (3, 64, 64)
+    white = (1.0 - OPENAI_MEAN[0]) / OPENAI_STD[0]
+    np.testing.assert_allclose(x[0, :, 4:60].numpy(), white, atol=1e-3)
+    flat = preprocess_image(np.full((40, 30, 3), 128, np.uint8), size=224)
+    np.testing.assert_allclose(flat[1].numpy(), (128 / 255 - OPENAI_MEAN[1]) / OPENAI_STD[1],
+                               atol=1e-4)
+
+
+def test_teacher_embeddings_are_unit_vectors_and_text_is_shared(tmp_path):
+    for i, branch in enumerate(("image", "depth")):
+        write_checkpoint(tmp_path / f"LanguageBind_{branch.capitalize()}", branch,
+                         seed=10 + i, text_seed=5)
+    lb = LanguageBind(tmp_path, ["depth", "image"])
+    assert lb.text_branch.name == "image" and lb.dim == 64
+    text = lb.encode_text(["a foggy street with road and sky", "cars"])
+    torch.testing.assert_close(text.norm(dim=-1), torch.ones(2))
+    depth_text = lb.branches["depth"].model.text_projection(
+        lb.branches["depth"].model.text_model(
+            **{k: v for k, v in lb.tokenizer(["cars"], padding="max_length", max_length=77,
+                                              return_tensors="pt").items()}).pooler_output)
+    torch.testing.assert_close(torch.nn.functional.normalize(depth_text, dim=-1)[0], text[1])
+    img = lb.encode_pixels("image", lb.preprocess("image", np.zeros((50, 60, 3), np.uint8))[None])
+    depth = np.full((50, 60), 3000, np.uint16)
+    dep = lb.encode_pixels("depth", lb.preprocess("depth", depth)[None])
+    assert img.shape == dep.shape == (1, 64)
+    assert not torch.allclose(img, dep)
