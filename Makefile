@@ -29,6 +29,8 @@ lint: $(STAMP)
 
 demo: $(STAMP)
 	@$(VENV)/bin/pipeline make-sample --out $(SAMPLE)
+	@$(VENV)/bin/pipeline cache-teacher --dataset sample --root $(SAMPLE) --teacher-root $(SAMPLE)/teacher
+	@$(VENV)/bin/pipeline cache-info cache/sample.zarr
 
 clean-demo:
 	rm -rf $(SAMPLE)

@@ -285,7 +285,8 @@ def _option_value(text: str) -> Any:
 @click.option("--scheduler", default=None, help="local:N for N worker processes, or "
               "tcp://HOST:PORT of a dask.distributed scheduler.  [default: single process]")
 @click.option("--decode-workers", type=int, default=None,
-              help="Threads decoding and preprocessing ahead of the model.  [default: 4]")
+              help="Threads decoding and preprocessing ahead of the model; 0 = max(4, CPU "
+              "cores).  [default: 0]")
 @click.option("--skip-bad", is_flag=True, default=None,
               help="Log and skip samples with missing or broken files.")
 @click.option("--overwrite", is_flag=True, default=None,

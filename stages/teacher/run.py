@@ -59,7 +59,7 @@ class TeacherConfig:
     device: str = "auto"
     dtype: str = "float16"
     scheduler: str | None = None
-    decode_workers: int = 4
+    decode_workers: int = 0  # 0: max(4, CPU cores)
     skip_bad: bool = False
     overwrite: bool = False
 
@@ -88,8 +88,9 @@ class TeacherConfig:
         return cfg
 
     def validate(self) -> None:
-        if self.batch_size < 1 or self.rows_per_shard < 1 or self.decode_workers < 1:
-            raise PipelineError("batch_size, rows_per_shard and decode_workers must be >= 1")
+        if self.batch_size < 1 or self.rows_per_shard < 1 or self.decode_workers < 0:
+            raise PipelineError("batch_size and rows_per_shard must be >= 1, decode_workers "
+                                ">= 0 (0 = automatic)")
         if self.dtype not in ("float16", "float32"):
             raise PipelineError(f"dtype must be float16 or float32, got {self.dtype!r}")
         if "{}" not in self.class_prompt:
@@ -330,7 +331,8 @@ def _run_local(cfg: TeacherConfig, samples: SampleSequence, spec: StoreSpec,
     total = sum(len(writer.shard_rows(s)) for s in shards)
     done_rows = 0
     loop_start = time.perf_counter()
-    with ThreadPoolExecutor(cfg.decode_workers) as pool:
+    threads = cfg.decode_workers or max(4, os.cpu_count() or 1)
+    with ThreadPoolExecutor(threads) as pool:
         for shard, prepared in _prefetch(worker, writer, shards, pool):
             captions, scene, visual = worker.compute(prepared)
             writer.write_shard(shard, captions, scene, visual)
