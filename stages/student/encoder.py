@@ -1,0 +1,138 @@
+"""Backbones for the student: anything that maps (N, 3, H, W) to four feature maps.
+
+The student shares one encoder across modalities, so it only needs `forward(x) ->
+[f1, f2, f3, f4]` at strides 4, 8, 16, 32 and `channels`. Two kinds ship: SegFormer MiT
+B0-B5 from transformers (`mit_b2`) and any timm `features_only` model
+(`timm:resnet50`); `register` adds more.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from pipeline.errors import PipelineError
+
+# SegFormer MiT variants (hidden sizes, depths), as in the SegFormer paper / nvidia/mit-bN
+MIT = {
+    "b0": ([32, 64, 160, 256], [2, 2, 2, 2]),
+    "b1": ([64, 128, 320, 512], [2, 2, 2, 2]),
+    "b2": ([64, 128, 320, 512], [3, 4, 6, 3]),
+    "b3": ([64, 128, 320, 512], [3, 4, 18, 3]),
+    "b4": ([64, 128, 320, 512], [3, 8, 27, 3]),
+    "b5": ([64, 128, 320, 512], [3, 6, 40, 3]),
+}
+
+
+class Encoder(nn.Module, ABC):
+    """Interface: four feature maps at strides 4..32 with `channels` channels."""
+
+    channels: list[int]
+
+    @abstractmethod
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """(N, 3, H, W) -> [(N, C1, H/4, W/4), ..., (N, C4, H/32, W/32)]."""
+
+
+class SegformerEncoder(Encoder):
+    """transformers' `SegformerModel` (MiT), random or from a local pretrained folder."""
+
+    def __init__(self, variant: str = "b0", pretrained: str | Path | None = None,
+                 drop_path_rate: float = 0.1) -> None:
+        super().__init__()
+        from transformers import SegformerConfig, SegformerModel
+
+        if variant not in MIT:
+            raise PipelineError(f"unknown MiT variant {variant!r}; variants: {', '.join(MIT)}")
+        if pretrained:
+            folder = Path(pretrained)
+            if not (folder / "config.json").is_file():
+                raise PipelineError(
+                    f"no SegFormer/MiT weights at {folder}; download them with "
+                    f"`huggingface-cli download nvidia/mit-{variant} --local-dir {folder}`")
+            try:
+                self.model = SegformerModel.from_pretrained(str(folder), local_files_only=True,
+                                                            drop_path_rate=drop_path_rate)
+            except (OSError, ValueError) as exc:
+                raise PipelineError(f"cannot load MiT weights from {folder} ({exc})") from exc
+            hidden = list(self.model.config.hidden_sizes)
+            depths = list(self.model.config.depths)
+            if (hidden, depths) != (MIT[variant][0], MIT[variant][1]):
+                raise PipelineError(f"{folder} holds a MiT with hidden sizes {hidden} and depths "
+                                    f"{depths}, not mit_{variant}; pass the matching --variant")
+        else:
+            hidden, depths = MIT[variant]
+            config = SegformerConfig(hidden_sizes=hidden, depths=depths,
+                                     num_attention_heads=[1, 2, 5, 8],
+                                     drop_path_rate=drop_path_rate)
+            self.model = SegformerModel(config)
+        self.channels = list(hidden)
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return list(self.model(pixel_values=x, output_hidden_states=True).hidden_states)
+
+
+class TimmEncoder(Encoder):
+    """Any timm model with `features_only=True`; the last four feature levels are used."""
+
+    def __init__(self, name: str, pretrained: str | Path | None = None) -> None:
+        super().__init__()
+        import timm
+
+        try:
+            probe = timm.create_model(name, features_only=True, pretrained=False)
+        except RuntimeError as exc:
+            raise PipelineError(f"timm cannot build {name!r} with features_only ({exc})") from exc
+        n = len(probe.feature_info)
+        indices = tuple(range(max(0, n - 4), n))
+        self.model = timm.create_model(name, features_only=True, pretrained=False,
+                                       out_indices=indices)
+        if pretrained:
+            path = Path(pretrained)
+            if not path.is_file():
+                raise PipelineError(f"timm weights file {path} does not exist")
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            missing, _ = self.model.load_state_dict(state, strict=False)
+            if missing:
+                raise PipelineError(f"{path} misses {len(missing)} keys of {name} "
+                                    f"(e.g. {missing[0]})")
+        self.channels = list(self.model.feature_info.channels())
+        if len(self.channels) != 4:
+            raise PipelineError(f"timm:{name} gives {len(self.channels)} feature levels; the "
+                                "student needs 4")
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return list(self.model(x))
+
+
+_BACKBONES: dict[str, Callable[..., Encoder]] = {}
+
+
+def register(prefix: str) -> Callable[[Callable[..., Encoder]], Callable[..., Encoder]]:
+    """Register a factory `f(name, pretrained) -> Encoder` for names starting with `prefix`."""
+    def wrap(factory: Callable[..., Encoder]) -> Callable[..., Encoder]:
+        _BACKBONES[prefix] = factory
+        return factory
+    return wrap
+
+
+@register("mit_")
+def _mit(name: str, pretrained: str | None = None) -> Encoder:
+    return SegformerEncoder(name.removeprefix("mit_"), pretrained)
+
+
+@register("timm:")
+def _timm(name: str, pretrained: str | None = None) -> Encoder:
+    return TimmEncoder(name.removeprefix("timm:"), pretrained)
+
+
+def build_encoder(name: str, pretrained: str | None = None) -> Encoder:
+    """`mit_b0`..`mit_b5`, `timm:<model>`, or a registered prefix."""
+    for prefix, factory in _BACKBONES.items():
+        if name.startswith(prefix):
+            return factory(name, pretrained)
+    raise PipelineError(f"unknown backbone {name!r}; use mit_b0..mit_b5 or timm:<model>")

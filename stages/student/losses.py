@@ -1,0 +1,105 @@
+"""LSCD losses (Any2Seg section 3.2) and the supervised term.
+
+L = w_sup * CE + w_cr * L_cr + w_se * L_se, with the teacher side read from the cache:
+- L_cr (inter-modal correlation): for the present modalities m, the student's
+  M^f_m = cos(GAP(f_m), GAP(f_ma)) on the last stage and the teacher's
+  M^e_m = cos(E_m, E_S); KL(softmax(M^f / tau) || softmax(M^e / tau)).
+- L_se (semantic structure): class prototypes e_k = masked average of the fused
+  features over the pixels of class k (classes present in the batch); the row-softmaxed
+  cosine self-similarity of the prototypes is matched to that of E_C by KL.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+IGNORE = 255
+
+
+@dataclass
+class LossConfig:
+    w_sup: float = 1.0
+    w_cr: float = 1.0
+    w_se: float = 1.0
+    tau_cr: float = 0.1
+    tau_se: float = 0.1
+    ohem: bool = False
+    ohem_thresh: float = 0.7
+    ohem_min_fraction: float = 1 / 16
+
+
+def supervised(logits: torch.Tensor, label: torch.Tensor, cfg: LossConfig) -> torch.Tensor:
+    """Cross-entropy at label resolution (ignore 255); OHEM as CMNeXt when enabled: keep the
+    pixels whose true-class probability is below `ohem_thresh`, at least
+    `ohem_min_fraction` of the valid pixels."""
+    if logits.shape[-2:] != label.shape[-2:]:
+        logits = F.interpolate(logits, size=label.shape[-2:], mode="bilinear",
+                               align_corners=False)
+    if not cfg.ohem:
+        return F.cross_entropy(logits, label, ignore_index=IGNORE)
+    pixel = F.cross_entropy(logits, label, ignore_index=IGNORE, reduction="none").flatten()
+    valid = (label.flatten() != IGNORE)
+    losses = pixel[valid]
+    if losses.numel() == 0:
+        return logits.sum() * 0.0
+    n_min = max(1, int(losses.numel() * cfg.ohem_min_fraction))
+    thresh = -torch.log(torch.tensor(cfg.ohem_thresh, device=losses.device))
+    hard = losses[losses > thresh]
+    if hard.numel() < n_min:
+        hard = losses.topk(n_min).values
+    return hard.mean()
+
+
+def correlation(student_feats: torch.Tensor, student_fused: torch.Tensor,
+                present: torch.Tensor, teacher_visual: torch.Tensor,
+                teacher_scene: torch.Tensor, tau: float = 0.1) -> torch.Tensor:
+    """L_cr. student_feats (B, M, C, h, w); student_fused (B, C, h, w); present (B, M);
+    teacher_visual (B, M, D); teacher_scene (B, D). Samples with one present modality
+    carry no correlation and are skipped."""
+    gap_m = student_feats.mean(dim=(-2, -1))  # (B, M, C)
+    gap_a = student_fused.mean(dim=(-2, -1))  # (B, C)
+    m_f = F.cosine_similarity(gap_m, gap_a[:, None], dim=-1)  # (B, M)
+    m_e = F.cosine_similarity(teacher_visual, teacher_scene[:, None], dim=-1)
+    rows = present.sum(1) > 1
+    if not bool(rows.any()):
+        return student_fused.sum() * 0.0
+    neg = torch.finfo(m_f.dtype).min
+    log_p = F.log_softmax((m_f / tau).masked_fill(~present, neg), dim=1)[rows]
+    log_q = F.log_softmax((m_e / tau).masked_fill(~present, neg), dim=1)[rows]
+    p = log_p.exp() * present[rows]
+    return (p * (log_p - log_q)).masked_fill(~present[rows], 0.0).sum(1).mean()
+
+
+def prototypes(fused: torch.Tensor, label: torch.Tensor,
+               num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Masked average pooling: (K', C) prototypes of the classes present in `label` and
+    their class indices. `fused` is upsampled to the label size."""
+    if fused.shape[-2:] != label.shape[-2:]:
+        fused = F.interpolate(fused, size=label.shape[-2:], mode="bilinear",
+                              align_corners=False)
+    b, c = fused.shape[:2]
+    flat = fused.permute(0, 2, 3, 1).reshape(-1, c)
+    lab = label.reshape(-1)
+    valid = lab != IGNORE
+    flat, lab = flat[valid], lab[valid]
+    sums = flat.new_zeros(num_classes, c).index_add_(0, lab, flat)
+    counts = torch.bincount(lab, minlength=num_classes)
+    classes = counts.nonzero().squeeze(1)
+    return sums[classes] / counts[classes, None].to(flat.dtype), classes
+
+
+def semantic(fused: torch.Tensor, label: torch.Tensor, class_embeddings: torch.Tensor,
+             tau: float = 0.1) -> torch.Tensor:
+    """L_se over the classes present in the batch (needs at least two)."""
+    protos, classes = prototypes(fused, label, class_embeddings.shape[0])
+    if classes.numel() < 2:
+        return fused.sum() * 0.0
+    s_f = F.cosine_similarity(protos[:, None], protos[None], dim=-1)
+    e = class_embeddings[classes].to(protos.dtype)
+    s_e = F.cosine_similarity(e[:, None], e[None], dim=-1)
+    log_p = F.log_softmax(s_f / tau, dim=1)
+    log_q = F.log_softmax(s_e / tau, dim=1)
+    return (log_p.exp() * (log_p - log_q)).sum(1).mean()
