@@ -376,6 +376,120 @@ def cache_info_cmd(path: Path, as_json: bool) -> None:
 
 
 # ---------------------------------------------------------------------------------------
+# stage two
+# ---------------------------------------------------------------------------------------
+@cli.command("train", context_settings=CONTEXT)
+@click.option("--dataset", default=None, help="Dataset name.  [default: dataset.name in "
+              "params.yaml, else sample]")
+@_ROOT
+@click.option("--cache", default=None, help="Teacher cache.  [default: cache/DATASET.zarr]")
+@click.option("--out", default=None, help="Run folder (checkpoints, dvclive).  "
+              "[default: runs/DATASET]")
+@click.option("--variant", default=None, help="Backbone: mit_b0..mit_b5 or timm:NAME.  "
+              "[default: student.backbone, mit_b0]")
+@click.option("--pretrained", default=None, help="Local folder of pretrained MiT weights "
+              "(e.g. a downloaded nvidia/mit-b2).  [default: random init]")
+@click.option("--steps", type=int, default=None, help="Optimiser steps.  [default: train.steps]")
+@click.option("--epochs", type=float, default=None, help="Epochs (instead of --steps).")
+@click.option("--batch-size", type=int, default=None, help="Samples per step.  [default: 8]")
+@click.option("--crop", type=int, default=None, help="Training crop size.  [default: 512]")
+@click.option("--lr", type=float, default=None, help="Peak learning rate.  [default: 6e-5]")
+@click.option("--workers", type=int, default=None, help="Data loader workers.  [default: 2]")
+@click.option("--device", default=None, help="auto, cpu or cuda[:N].  [default: auto]")
+@click.option("--seed", type=int, default=None, help="Seed.  [default: 3407]")
+@click.option("--resume", is_flag=True, help="Continue from OUT/last.pt.")
+@click.option("--params", "params_path", type=click.Path(path_type=Path), default=None,
+              help="Parameters file.  [default: ./params.yaml if present]")
+@click.option("--json", "as_json", is_flag=True, help="Print the run summary as JSON.")
+def train_cmd(dataset: str | None, root: Path | None, cache: str | None, out: str | None,
+              variant: str | None, pretrained: str | None, steps: int | None,
+              epochs: float | None, batch_size: int | None, crop: int | None, lr: float | None,
+              workers: int | None, device: str | None, seed: int | None, resume: bool,
+              params_path: Path | None, as_json: bool) -> None:
+    """Stage two: train the Any2Seg student (shared encoder, MFF, LSCD losses) from the cache.
+
+    Every tunable is in params.yaml under `student` and `train`; flags override them.
+    """
+    from pipeline.config import load_params
+    from stages.student.train import TrainConfig, train
+
+    if params_path is not None and not params_path.is_file():
+        raise PipelineError(f"parameters file {params_path} does not exist")
+    overrides = {"dataset": dataset, "root": str(root) if root else None, "cache": cache,
+                 "out": out, "backbone": variant, "pretrained": pretrained, "steps": steps,
+                 "epochs": epochs, "batch_size": batch_size, "crop": crop, "lr": lr,
+                 "workers": workers, "device": device, "seed": seed}
+    if steps is not None:
+        overrides["epochs"] = None
+    student, cfg = TrainConfig.from_params(load_params(params_path), overrides,
+                                           str(params_path or "params.yaml"))
+    if steps is not None:
+        cfg.epochs = None
+    if epochs is not None and steps is None:
+        cfg.steps = None
+    summary = train(student, cfg, progress=True, resume=resume)
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+    else:
+        click.echo(f"trained {summary['steps']} steps into {summary['out']} in "
+                   f"{summary['seconds']} s: loss {summary['first_loss']:.3f} -> "
+                   f"{summary['last_loss']:.3f}, val mIoU {summary['val_mIoU']}")
+
+
+@cli.command("evaluate", context_settings=CONTEXT)
+@click.option("--checkpoint", type=click.Path(path_type=Path), required=True,
+              help="A student checkpoint, e.g. runs/sample/best.pt.")
+@click.option("--dataset", default=None, help="Dataset name.  [default: the checkpoint's]")
+@_ROOT
+@click.option("--split", default="val", help="Split to evaluate.")
+@click.option("--setting", type=click.Choice(["mss", "miss", "sensor", "all"]), default="all",
+              help="MSS (all modalities), MISS (every modality subset), sensor (per weather "
+              "and failure case), or all.")
+@click.option("--mode", type=click.Choice(["whole", "slide"]), default="whole",
+              help="Whole-image or sliding-window inference.")
+@click.option("--crop", type=int, default=1024, help="Sliding-window size.")
+@click.option("--stride", type=int, default=683, help="Sliding-window stride.")
+@click.option("--missing", type=click.Choice(["exclude", "zero-fill"]), default=None,
+              help="How absent modalities are treated.  [default: the checkpoint's]")
+@click.option("--limit", type=int, default=None, help="Evaluate only the first N samples.")
+@click.option("--examples", type=int, default=4, help="Samples drawn in predictions.png.")
+@click.option("--device", default="auto", help="auto, cpu or cuda[:N].")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("metrics"),
+              help="Folder for metrics/*.json and plots/.")
+def evaluate_cmd(checkpoint: Path, dataset: str | None, root: Path | None, split: str,
+                 setting: str, mode: str, crop: int, stride: int, missing: str | None,
+                 limit: int | None, examples: int, device: str, out: Path) -> None:
+    """Evaluate a student: mIoU, mAcc, F1 and pixel accuracy per setting, with charts."""
+    from pipeline import datasets
+    from stages.student.evaluate import (
+        SETTINGS,
+        evaluate,
+        flat_metrics,
+        load_checkpoint,
+        markdown,
+        write_outputs,
+    )
+    from stages.student.train import resolve_device
+
+    dev = resolve_device(device)
+    model, meta = load_checkpoint(checkpoint, dev)
+    if missing:
+        model.missing = missing
+    name = dataset or meta["dataset"]
+    samples = datasets.load(name, _dataset_root(name, root), split, modalities=meta["modalities"])
+    if limit:
+        samples = samples[:limit]
+    if list(samples.classes) != list(meta["classes"]):
+        raise PipelineError(f"{checkpoint} was trained on other classes than {name}'s")
+    settings = SETTINGS if setting == "all" else (setting,)
+    result = evaluate(model, samples, settings, mode, crop, stride, device=dev,
+                      examples=examples, progress=True)
+    written = write_outputs(result, out, [tuple(c) for c in meta["palette"]])
+    click.echo(markdown(flat_metrics(result)))
+    click.echo("wrote " + ", ".join(str(p) for p in written))
+
+
+# ---------------------------------------------------------------------------------------
 # entry point
 # ---------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> None:

@@ -180,7 +180,7 @@ class CacheWriter:
 
     @classmethod
     def create(cls, path: Path, spec: StoreSpec, dim: int, class_names: Sequence[str],
-               classes: np.ndarray) -> CacheWriter:
+               classes: np.ndarray, extra_attrs: dict[str, Any] | None = None) -> CacheWriter:
         """A new store with ids, classes and empty rows (replacing an old one of ours)."""
         if spec.dtype not in DTYPES:
             raise PipelineError(f"dtype must be one of {', '.join(DTYPES)}, got {spec.dtype}")
@@ -196,7 +196,7 @@ class CacheWriter:
             "teacher_fingerprint": spec.teacher_fingerprint,
             "dataset_fingerprint": spec.dataset_fingerprint, "dim": int(dim),
             "dtype": spec.dtype, "modalities": list(spec.modalities), "rows_per_shard": r,
-            "created": _now(), "updated": _now(),
+            "created": _now(), "updated": _now(), **(extra_attrs or {}),
         }
         group = zarr.create_group(str(path), attributes=attrs)
         rows = (max(1, min(r, n)),)

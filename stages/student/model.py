@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
 
+from pipeline.errors import PipelineError
 from stages.student.encoder import Encoder
 from stages.student.head import AllMLPHead
 from stages.student.mff import MFF, MFFConfig, MFFOutput
@@ -43,6 +45,15 @@ class Any2Seg(nn.Module):
         self.mff = MFF(mff)
         self.head = AllMLPHead(encoder.channels, num_classes, embed_dim, dropout)
 
+    def encode_all(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """Every modality through the shared encoder: per stage (B, M, C, h, w)."""
+        b, m = images.shape[:2]
+        return [f.view(b, m, *f.shape[1:]) for f in self.encoder(images.flatten(0, 1))]
+
+    def decode(self, feats: list[torch.Tensor], present: torch.Tensor) -> torch.Tensor:
+        """Fuse per-stage features under `present` and classify: (B, K, H/4, W/4)."""
+        return self.head([self.mff(f, present).fused for f in feats])
+
     def forward(self, images: torch.Tensor, present: torch.Tensor | None = None) -> StudentOutput:
         """images (B, M, 3, H, W) normalised; present (B, M) bool (default: all)."""
         b, m = images.shape[:2]
@@ -64,3 +75,31 @@ class Any2Seg(nn.Module):
         fused = [self.mff(f, present) for f in feats]
         logits = self.head([o.fused for o in fused])
         return StudentOutput(logits, feats, fused, present)
+
+
+@dataclass
+class StudentConfig:
+    """The `student` group of params.yaml."""
+
+    backbone: str = "mit_b0"
+    pretrained: str | None = None
+    embed_dim: int = 256
+    dropout: float = 0.1
+    mff: dict[str, Any] = field(default_factory=dict)  # MFFConfig fields
+    missing: str = "exclude"
+
+    def mff_config(self) -> MFFConfig:
+        unknown = set(self.mff) - set(MFFConfig.__dataclass_fields__)
+        if unknown:
+            raise PipelineError(f"student.mff: unknown key {sorted(unknown)[0]!r}; known: "
+                                f"{', '.join(MFFConfig.__dataclass_fields__)}")
+        return MFFConfig(**self.mff)
+
+
+def build_student(cfg: StudentConfig, modalities: list[str], num_classes: int) -> Any2Seg:
+    from stages.student.encoder import build_encoder
+
+    if cfg.missing not in MISSING_MODES:
+        raise PipelineError(f"student.missing must be one of {', '.join(MISSING_MODES)}")
+    return Any2Seg(build_encoder(cfg.backbone, cfg.pretrained), modalities, num_classes,
+                   cfg.mff_config(), cfg.embed_dim, cfg.dropout, cfg.missing)

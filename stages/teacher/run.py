@@ -297,8 +297,10 @@ def cache_teacher(cfg: TeacherConfig,
 
 
 def _create(worker: ShardWorker, out: Path, spec: StoreSpec) -> CacheWriter:
+    # dataset and splits let stage two re-derive the sample list and check the fingerprint
     return CacheWriter.create(out, spec, worker.teacher.dim, worker.samples.classes,
-                              worker.class_embeddings())
+                              worker.class_embeddings(),
+                              {"dataset": worker.cfg.dataset, "splits": list(worker.cfg.split)})
 
 
 def _prefetch(worker: ShardWorker, writer: CacheWriter, shards: list[int],

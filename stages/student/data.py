@@ -1,0 +1,166 @@
+"""Samples + cached teacher targets -> tensors for the student.
+
+Augmentation draws from `numpy.random.default_rng([seed, epoch, index])`, so a batch
+depends only on its position in the schedule, not on worker count or on whether the
+run was resumed; that is what makes `--resume` end at the same weights.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from pipeline.datasets import Sample, SampleSequence
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+IGNORE = 255
+
+
+@dataclass
+class AugmentConfig:
+    scale: list[float] = field(default_factory=lambda: [0.5, 2.0])
+    flip: bool = True
+    jitter: float = 0.2  # probability of colour jitter on RGB
+    blur: float = 0.2  # probability of Gaussian blur on RGB
+
+
+def normalise(name: str, img: torch.Tensor) -> torch.Tensor:
+    """(3, H, W) uint8-range float -> RGB: ImageNet mean/std; others: /255 (as CMNeXt)."""
+    img = img / 255.0
+    if name == "rgb":
+        mean = torch.tensor(IMAGENET_MEAN)[:, None, None]
+        std = torch.tensor(IMAGENET_STD)[:, None, None]
+        img = (img - mean) / std
+    return img
+
+
+def _gaussian_blur(img: torch.Tensor, sigma: float) -> torch.Tensor:
+    radius = max(1, int(round(2 * sigma)))
+    x = torch.arange(-radius, radius + 1, dtype=torch.float32)
+    k = torch.exp(-(x ** 2) / (2 * sigma ** 2))
+    k = k / k.sum()
+    c = img.shape[0]
+    img = F.conv2d(F.pad(img[None], (radius, radius, 0, 0), mode="replicate"),
+                   k.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
+    img = F.conv2d(F.pad(img, (0, 0, radius, radius), mode="replicate"),
+                   k.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
+    return img[0]
+
+
+def augment(images: dict[str, torch.Tensor], label: torch.Tensor, crop: int,
+            cfg: AugmentConfig, rng: np.random.Generator) -> tuple[dict[str, torch.Tensor],
+                                                                  torch.Tensor]:
+    """Random resize (short side = crop * U(scale)), crop with padding (label 255), flip,
+    for every modality and the label; colour jitter and blur on RGB only."""
+    h, w = label.shape
+    s = rng.uniform(*cfg.scale) * crop / min(h, w)
+    nh, nw = max(1, int(round(h * s))), max(1, int(round(w * s)))
+    images = {m: F.interpolate(x[None], size=(nh, nw), mode="bilinear",
+                               align_corners=False)[0] for m, x in images.items()}
+    label = F.interpolate(label[None, None].float(), size=(nh, nw), mode="nearest")[0, 0].long()
+    ph, pw = max(0, crop - nh), max(0, crop - nw)
+    if ph or pw:
+        images = {m: F.pad(x, (0, pw, 0, ph)) for m, x in images.items()}
+        label = F.pad(label, (0, pw, 0, ph), value=IGNORE)
+    top = int(rng.integers(0, label.shape[0] - crop + 1))
+    left = int(rng.integers(0, label.shape[1] - crop + 1))
+    images = {m: x[:, top:top + crop, left:left + crop] for m, x in images.items()}
+    label = label[top:top + crop, left:left + crop]
+    if cfg.flip and rng.random() < 0.5:
+        images = {m: x.flip(-1) for m, x in images.items()}
+        label = label.flip(-1)
+    if "rgb" in images:
+        rgb = images["rgb"]
+        if rng.random() < cfg.jitter:
+            b, c, sat = rng.uniform(0.8, 1.2, size=3)
+            grey = rgb.mean(0, keepdim=True)
+            rgb = (rgb - grey) * sat + grey
+            rgb = (rgb - rgb.mean()) * c + rgb.mean()
+            rgb = (rgb * b).clamp(0, 255)
+        if rng.random() < cfg.blur:
+            rgb = _gaussian_blur(rgb, float(rng.uniform(0.1, 2.0)))
+        images["rgb"] = rgb
+    return images, label
+
+
+@dataclass
+class Targets:
+    """Cached teacher targets held in memory, row-aligned with a sample list."""
+
+    visual: np.ndarray  # (N, M, D) float32
+    scene: np.ndarray  # (N, D)
+    classes: np.ndarray  # (K, D)
+
+
+class StudentData(torch.utils.data.Dataset):
+    """Item key (epoch, index) -> one sample's tensors; epoch -1 means no augmentation."""
+
+    def __init__(self, samples: SampleSequence, modalities: Sequence[str],
+                 targets: Targets | None, crop: int | None, augment_cfg: AugmentConfig,
+                 seed: int, modality_dropout: float = 0.0) -> None:
+        self.samples = samples
+        self.modalities = list(modalities)
+        self.targets = targets
+        self.crop = crop
+        self.augment_cfg = augment_cfg
+        self.seed = seed
+        self.modality_dropout = modality_dropout
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, key: tuple[int, int]) -> dict[str, torch.Tensor]:
+        epoch, index = key
+        sample: Sample = self.samples[index]
+        images = {m: torch.tensor(sample.modalities[m]).permute(2, 0, 1).float()
+                  for m in self.modalities}
+        label = torch.from_numpy(sample.label)
+        present = torch.ones(len(self.modalities), dtype=torch.bool)
+        if epoch >= 0 and self.crop:
+            rng = np.random.default_rng([self.seed, epoch, index])
+            images, label = augment(images, label, self.crop, self.augment_cfg, rng)
+            if self.modality_dropout and rng.random() < self.modality_dropout:
+                k = int(rng.integers(1, len(self.modalities) + 1))
+                keep = rng.choice(len(self.modalities), size=k, replace=False)
+                present = torch.zeros_like(present)
+                present[torch.from_numpy(keep)] = True
+        item = {
+            "images": torch.stack([normalise(m, images[m]) for m in self.modalities]),
+            "label": label.long(), "present": present, "index": torch.tensor(index),
+        }
+        if self.targets is not None:
+            item["visual"] = torch.from_numpy(self.targets.visual[index])
+            item["scene"] = torch.from_numpy(self.targets.scene[index])
+        return item
+
+
+class ScheduleSampler(torch.utils.data.Sampler):
+    """Batches of (epoch, index) keys for steps `start`..`steps`-1: epoch e is the
+    permutation `default_rng([seed, e])` of the samples, cut into full batches."""
+
+    def __init__(self, n: int, batch_size: int, steps: int, seed: int, start: int = 0) -> None:
+        self.n, self.batch_size, self.steps, self.seed, self.start = n, batch_size, steps, \
+            seed, start
+        self.per_epoch = max(1, n // batch_size)
+
+    def __len__(self) -> int:
+        return max(0, self.steps - self.start)
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        order: np.ndarray | None = None
+        epoch_of_order = -1
+        for step in range(self.start, self.steps):
+            epoch, pos = divmod(step, self.per_epoch)
+            if epoch != epoch_of_order:
+                order = np.random.default_rng([self.seed, epoch]).permutation(self.n)
+                epoch_of_order = epoch
+            assert order is not None
+            chunk = order[pos * self.batch_size:(pos + 1) * self.batch_size]
+            if len(chunk) < self.batch_size:  # fewer samples than one batch: wrap
+                chunk = np.resize(order, self.batch_size)
+            yield [(epoch, int(i)) for i in chunk]

@@ -1,0 +1,219 @@
+"""MSS, system-level MISS and sensor-level MISS evaluation of a trained student.
+
+One pass over the split: every modality is encoded once per image (window), then fused
+and decoded under every modality subset, so all 15 subsets of {R, D, E, L} cost one
+encoder pass. Each setting accumulates one confusion matrix per subset / group.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from pipeline import datasets
+from pipeline.errors import PipelineError
+from pipeline.metrics import Confusion
+from stages.student.data import AugmentConfig, StudentData
+from stages.student.model import Any2Seg, StudentConfig, build_student
+
+SHORT = {"rgb": "R", "depth": "D", "event": "E", "lidar": "L", "aolp": "A", "dolp": "P",
+         "nir": "N", "thermal": "T"}
+SETTINGS = ("mss", "miss", "sensor")
+SENSOR_GROUPS = ("cloud", "fog", "night", "rain", "sun", "motionblur", "overexposure",
+                 "underexposure", "lidarjitter", "eventlowres")
+
+
+def subset_name(modalities: list[str], subset: tuple[int, ...]) -> str:
+    return "+".join(SHORT.get(modalities[i], modalities[i]) for i in subset)
+
+
+def subsets(n: int) -> list[tuple[int, ...]]:
+    """All non-empty subsets of n modalities, smallest first (15 for four)."""
+    return [c for k in range(1, n + 1) for c in itertools.combinations(range(n), k)]
+
+
+def load_checkpoint(path: Path | str, device: str = "cpu") -> tuple[Any2Seg, dict[str, Any]]:
+    path = Path(path)
+    if not path.is_file():
+        raise PipelineError(f"checkpoint {path} does not exist; train with `pipeline train`")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        meta = ckpt["meta"]
+        model = build_student(StudentConfig(**meta["student"]), meta["modalities"],
+                              len(meta["classes"]))
+        model.load_state_dict(ckpt["model"])
+    except PipelineError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - corrupt or foreign files
+        raise PipelineError(f"{path} is not a student checkpoint of this pipeline ({exc})") \
+            from exc
+    return model.to(device).eval(), {**meta, "step": ckpt.get("step")}
+
+
+@torch.no_grad()
+def infer(model: Any2Seg, images: torch.Tensor, masks: torch.Tensor, mode: str = "whole",
+          crop: int = 512, stride: int = 341) -> torch.Tensor:
+    """Logits at input size for every presence mask: (S, B, K, H, W) for masks (S, M)."""
+    b, m, _, h, w = images.shape
+    s = masks.shape[0]
+    windows = [(0, 0, h, w)]
+    if mode == "slide" and (h > crop or w > crop):
+        ys = list(range(0, max(h - crop, 0) + 1, stride))
+        xs = list(range(0, max(w - crop, 0) + 1, stride))
+        if ys[-1] + crop < h:
+            ys.append(h - crop)
+        if xs[-1] + crop < w:
+            xs.append(w - crop)
+        windows = [(y, x, min(crop, h), min(crop, w)) for y in ys for x in xs]
+    elif mode not in ("whole", "slide"):
+        raise PipelineError(f"inference mode must be whole or slide, got {mode!r}")
+    out = images.new_zeros((s, b, model.num_classes, h, w))
+    count = images.new_zeros((1, 1, 1, h, w))
+    zero_feats = None
+    for y, x, ch, cw in windows:
+        win = images[..., y:y + ch, x:x + cw]
+        feats = model.encode_all(win)
+        if model.missing == "zero-fill":
+            zero_feats = model.encode_all(torch.zeros_like(win[:1]))
+        for i in range(s):
+            mask = masks[i][None].expand(b, -1)
+            if zero_feats is not None:
+                fill = mask[:, :, None, None, None]
+                f = [torch.where(fill, a, z.expand_as(a)) for a, z in zip(feats, zero_feats,
+                                                                        strict=True)]
+                logits = model.decode(f, torch.ones_like(mask))
+            else:
+                logits = model.decode(feats, mask)
+            out[i, :, :, y:y + ch, x:x + cw] += F.interpolate(
+                logits, size=(ch, cw), mode="bilinear", align_corners=False)
+        count[..., y:y + ch, x:x + cw] += 1
+    return out / count
+
+
+@dataclass
+class EvalResult:
+    modalities: list[str]
+    classes: list[str]
+    mss: dict[str, Any] | None = None
+    miss: dict[str, dict[str, Any]] = field(default_factory=dict)
+    sensor: dict[str, dict[str, Any]] = field(default_factory=dict)
+    examples: list[dict[str, np.ndarray]] = field(default_factory=list)
+
+
+def evaluate(model: Any2Seg, samples: datasets.SampleSequence, settings: tuple[str, ...],
+             mode: str = "whole", crop: int = 512, stride: int = 341, batch_size: int = 1,
+             workers: int = 0, device: str = "cpu", examples: int = 0,
+             progress: bool = False) -> EvalResult:
+    """Run the requested settings over `samples`; `examples` keeps a few predictions."""
+    mods = model.modalities
+    k = model.num_classes
+    all_mask = tuple(range(len(mods)))
+    masks = [all_mask]
+    if "miss" in settings:
+        masks = subsets(len(mods))
+    index_all = masks.index(all_mask)
+    mask_tensor = torch.zeros(len(masks), len(mods), dtype=torch.bool)
+    for i, sub in enumerate(masks):
+        mask_tensor[i, list(sub)] = True
+    mask_tensor = mask_tensor.to(device)
+    data = StudentData(samples, mods, None, None, AugmentConfig(), 0)
+    loader = torch.utils.data.DataLoader(data, batch_size=batch_size, num_workers=workers,
+                                         sampler=[(-1, i) for i in range(len(samples))])
+    confusions = [Confusion(k) for _ in masks]
+    groups: dict[str, Confusion] = {}
+    result = EvalResult(mods, list(samples.classes))
+    from tqdm.auto import tqdm
+
+    for batch in tqdm(loader, desc="evaluating", unit="batch", disable=not progress,
+                      leave=False):
+        images = batch["images"].to(device)
+        label = batch["label"].to(device)
+        logits = infer(model, images, mask_tensor, mode, crop, stride)
+        preds = logits.argmax(2)
+        for i in range(len(masks)):
+            confusions[i].update(preds[i], label)
+        if "sensor" in settings:
+            for j, idx in enumerate(batch["index"].tolist()):
+                record = samples.records[idx]
+                for g in (record.condition, record.case):
+                    if g:
+                        groups.setdefault(g, Confusion(k)).update(preds[index_all, j], label[j])
+        for j, idx in enumerate(batch["index"].tolist()):
+            if len(result.examples) < examples:
+                sample = samples[idx]
+                result.examples.append({"id": sample.id, **sample.modalities,
+                                        "label": sample.label,
+                                        "pred": preds[index_all, j].cpu().numpy()})
+    names = result.classes
+    if "mss" in settings:
+        result.mss = confusions[index_all].scores(names)
+    if "miss" in settings:
+        result.miss = {subset_name(mods, sub): c.scores(names)
+                       for sub, c in zip(masks, confusions, strict=True)}
+    if "sensor" in settings:
+        result.sensor = {g: groups[g].scores(names) for g in SENSOR_GROUPS if g in groups}
+    return result
+
+
+def _clean(x: float) -> float | None:
+    return None if isinstance(x, float) and math.isnan(x) else x
+
+
+def flat_metrics(result: EvalResult) -> dict[str, dict[str, float | None]]:
+    """Flat {file stem: {key: value}} as DVC shows metrics."""
+    out: dict[str, dict[str, float | None]] = {}
+    if result.mss is not None:
+        out["mss"] = {key: _clean(result.mss[key]) for key in ("mIoU", "mAcc", "mF1", "aAcc")}
+        out["mss"].update({f"IoU_{c}": _clean(v) for c, v in result.mss["IoU"].items()})
+    if result.miss:
+        values = {name: s["mIoU"] for name, s in result.miss.items()}
+        out["miss"] = {"mean_mIoU": _clean(round(float(np.nanmean(list(values.values()))), 2)),
+                       **{name: _clean(v) for name, v in values.items()}}
+    if result.sensor:
+        values = {g: s["mIoU"] for g, s in result.sensor.items()}
+        out["sensor"] = {"mean_mIoU": _clean(round(float(np.nanmean(list(values.values()))), 2)),
+                         **{g: _clean(v) for g, v in values.items()}}
+    return out
+
+
+def markdown(flat: dict[str, dict[str, float | None]]) -> str:
+    lines = []
+    for setting, values in flat.items():
+        keys = [k for k in values if not k.startswith("IoU_")]
+        lines.append(f"| {setting} | " + " | ".join(keys) + " |")
+        lines.append("|---|" + "---:|" * len(keys))
+        lines.append("| mIoU (%) | " + " | ".join(
+            "n/a" if values[k] is None else f"{values[k]:.2f}" for k in keys) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def write_outputs(result: EvalResult, out: Path, palette: list[tuple[int, int, int]]) -> list[Path]:
+    """metrics/*.json, the MISS bar chart, the per-class IoU chart and prediction pictures."""
+    from stages.student.report import per_class_chart, predictions_grid, subset_chart
+
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for stem, values in flat_metrics(result).items():
+        path = out / f"{stem}.json"
+        path.write_text(json.dumps(values, indent=2) + "\n")
+        written.append(path)
+    plots = out / "plots"
+    plots.mkdir(exist_ok=True)
+    if result.miss:
+        written.append(subset_chart({k: v["mIoU"] for k, v in result.miss.items()},
+                                    plots / "miss.png"))
+    if result.mss is not None:
+        written.append(per_class_chart(result.mss["IoU"], plots / "per_class_iou.png"))
+    if result.examples:
+        written.append(predictions_grid(result.examples, result.modalities, palette,
+                                        plots / "predictions.png"))
+    return written
