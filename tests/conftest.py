@@ -40,3 +40,15 @@ def teacher_sample(small_sample):
     root, spec = small_sample
     write_default_teacher(root / "teacher")
     return root, spec
+
+
+@pytest.fixture(scope="session")
+def sample_cache(teacher_sample, tmp_path_factory):
+    """The small sample's teacher cache (all splits)."""
+    from stages.teacher.run import TeacherConfig, cache_teacher
+
+    root, spec = teacher_sample
+    out = tmp_path_factory.mktemp("cache") / "sample.zarr"
+    cache_teacher(TeacherConfig(dataset="sample", root=str(root), out=str(out),
+                                teacher_root=str(root / "teacher"), rows_per_shard=16))
+    return root, out

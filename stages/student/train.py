@@ -90,6 +90,8 @@ class TrainConfig:
         for name in ("batch_size", "crop", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise PipelineError(f"train.{name} must be >= 1")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise PipelineError(f"train.lr must be a positive number, got {self.lr}")
         if not 0 <= self.modality_dropout <= 1 or not 0 <= self.warmup < 1:
             raise PipelineError("train.modality_dropout must be in [0, 1], warmup in [0, 1)")
         self.loss_config()

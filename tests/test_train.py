@@ -1,0 +1,200 @@
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.errors import PipelineError
+from pipeline.metrics import Confusion, scores
+from stages.student.evaluate import load_checkpoint, subsets
+from stages.student.model import StudentConfig
+from stages.student.train import TrainConfig, train
+
+TINY_STUDENT = StudentConfig(backbone="mit_b0", embed_dim=32)
+
+
+def tiny(root, cache, out, **kw):
+    base = dict(dataset="sample", root=str(root), cache=str(cache), out=str(out), steps=8,
+                batch_size=2, crop=64, lr=2e-3, workers=0, checkpoint_every=4, val_limit=2,
+                seed=7)
+    return TrainConfig(**{**base, **kw})
+
+
+def test_a_few_steps_lower_the_loss(sample_cache, tmp_path):
+    root, cache = sample_cache
+    cfg = tiny(root, cache, tmp_path / "run", steps=30, augment={"scale": [1.0, 1.0],
+                                                                 "jitter": 0.0, "blur": 0.0})
+    summary = train(TINY_STUDENT, cfg, progress=False)
+    assert summary["last_loss"] < 0.8 * summary["first_loss"]
+    for name in ("last.pt", "best.pt"):
+        assert (tmp_path / "run" / name).is_file()
+    logged = json.loads((tmp_path / "run" / "dvclive" / "metrics.json").read_text())
+    assert "train" in logged and "val" in logged
+    model, meta = load_checkpoint(tmp_path / "run" / "best.pt")
+    assert meta["modalities"] == ["rgb", "depth", "event", "lidar"] and len(meta["classes"]) == 25
+
+
+def test_resume_after_kill_ends_at_the_same_weights(sample_cache, tmp_path):
+    root, cache = sample_cache
+    params = tmp_path / "params.yaml"
+    params.write_text(json.dumps({
+        "dataset": {"name": "sample", "root": str(root)},
+        "student": {"backbone": "mit_b0", "embed_dim": 32},
+        "train": {"cache": str(cache), "out": str(tmp_path / "killed"), "steps": 40,
+                  "batch_size": 2, "crop": 64, "lr": 2e-3, "workers": 0,
+                  "checkpoint_every": 2, "val_every": 10, "val_limit": 2, "seed": 7,
+                  "modality_dropout": 0.5}}))
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "train", "--params",
+                             str(params)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    last = tmp_path / "killed" / "last.pt"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and not last.exists():
+        time.sleep(0.01)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = torch.load(last, weights_only=False)["step"]
+    assert 0 < killed_at < 40, "the kill must land mid-run"
+    student = StudentConfig(backbone="mit_b0", embed_dim=32)
+    kw = dict(steps=40, checkpoint_every=2, val_every=10, modality_dropout=0.5)
+    resumed = train(student, tiny(root, cache, tmp_path / "killed", **kw), progress=False,
+                    resume=True)
+    assert resumed["start"] == killed_at
+    train(student, tiny(root, cache, tmp_path / "straight", **kw), progress=False)
+    a = torch.load(tmp_path / "killed" / "last.pt", weights_only=False)["model"]
+    b = torch.load(tmp_path / "straight" / "last.pt", weights_only=False)["model"]
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_refusals(sample_cache, tmp_path):
+    root, cache = sample_cache
+    with pytest.raises(PipelineError, match="does not exist; build it"):
+        train(TINY_STUDENT, tiny(root, tmp_path / "none.zarr", tmp_path / "r"), progress=False)
+    # a cache of the val split only misses the training rows
+    from stages.teacher.run import TeacherConfig, cache_teacher
+
+    val_only = tmp_path / "val.zarr"
+    cache_teacher(TeacherConfig(dataset="sample", root=str(root), out=str(val_only),
+                                teacher_root=str(root / "teacher"), split=["val"]))
+    with pytest.raises(PipelineError, match="no rows for 24 samples"):
+        train(TINY_STUDENT, tiny(root, val_only, tmp_path / "r"), progress=False)
+    # rows that are not done
+    import zarr
+
+    partial = tmp_path / "partial.zarr"
+    import shutil
+
+    shutil.copytree(cache, partial)
+    group = zarr.open_group(str(partial), mode="r+")
+    done = group["done"][:]
+    done[3] = False
+    group["done"][:] = done
+    with pytest.raises(PipelineError, match="not computed yet"):
+        train(TINY_STUDENT, tiny(root, partial, tmp_path / "r"), progress=False)
+    # the data changed after caching: another sample list
+    group["done"][:] = np.ones_like(done)
+    group.attrs["dataset_fingerprint"] = "0123456789abcdef"
+    with pytest.raises(PipelineError, match="another sample list"):
+        train(TINY_STUDENT, tiny(root, partial, tmp_path / "r"), progress=False)
+    with pytest.raises(PipelineError, match="no teacher embeddings for thermal|unknown modality"):
+        train(TINY_STUDENT, tiny(root, cache, tmp_path / "r", modalities=["rgb", "thermal"]),
+              progress=False)
+    with pytest.raises(PipelineError, match="nothing to resume"):
+        train(TINY_STUDENT, tiny(root, cache, tmp_path / "fresh"), progress=False, resume=True)
+    with pytest.raises(PipelineError, match="train.steps or train.epochs"):
+        TrainConfig.from_params({}, {})
+    with pytest.raises(PipelineError, match="train.loss: unknown key 'w_xx'"):
+        TrainConfig.from_params({"train": {"steps": 1, "loss": {"w_xx": 1}}}, {})
+
+
+def test_non_finite_loss_names_step_and_term(sample_cache, tmp_path):
+    import shutil
+
+    import zarr
+
+    root, cache = sample_cache
+    broken = tmp_path / "nan.zarr"
+    shutil.copytree(cache, broken)
+    group = zarr.open_group(str(broken), mode="r+")
+    scene = group["scene"][:]
+    scene[:] = np.nan  # a damaged cache: the teacher's E_S is NaN
+    group["scene"][:] = scene
+    with pytest.raises(PipelineError, match="non-finite loss at step 0: L_cr = nan"):
+        train(TINY_STUDENT, tiny(root, broken, tmp_path / "r", steps=3), progress=False)
+    with pytest.raises(PipelineError, match="train.lr must be a positive number"):
+        TrainConfig.from_params({"train": {"steps": 1, "lr": -1.0}}, {})
+
+
+def test_metrics_match_a_hand_computed_confusion_matrix():
+    label = np.array([[0, 0, 1, 1], [2, 2, 255, 1]])
+    pred = np.array([[0, 1, 1, 1], [2, 0, 0, 2]])
+    conf = Confusion(4)
+    conf.update(pred, label)
+    expected = np.array([[1, 1, 0, 0], [0, 2, 1, 0], [1, 0, 1, 0], [0, 0, 0, 0]])
+    np.testing.assert_array_equal(conf.matrix, expected)
+    s = scores(conf.matrix, ["a", "b", "c", "d"])
+    # IoU: a 1/(2+2-1)=1/3, b 2/(3+3-2)=1/2, c 1/(2+2-1)=1/3, d absent (NaN)
+    assert s["IoU"]["a"] == pytest.approx(33.33) and s["IoU"]["b"] == 50.0
+    assert np.isnan(s["IoU"]["d"])
+    assert s["mIoU"] == pytest.approx(100 * (1 / 3 + 1 / 2 + 1 / 3) / 3, abs=0.01)
+    assert s["mAcc"] == pytest.approx(100 * (1 / 2 + 2 / 3 + 1 / 2) / 3, abs=0.01)
+    assert s["aAcc"] == pytest.approx(100 * 4 / 7, abs=0.01)
+    assert s["F1"]["b"] == pytest.approx(100 * 2 * 2 / 6, abs=0.01)
+
+
+def test_miss_enumerates_fifteen_subsets():
+    subs = subsets(4)
+    assert len(subs) == 15 and len(set(subs)) == 15
+    assert subs[0] == (0,) and subs[-1] == (0, 1, 2, 3)
+    assert len(subsets(2)) == 3
+
+
+def test_evaluate_writes_metrics_and_pictures(sample_cache, tmp_path, capsys):
+    from pipeline.cli import main
+
+    root, cache = sample_cache
+    train(TINY_STUDENT, tiny(root, cache, tmp_path / "run", steps=2), progress=False)
+    out = tmp_path / "metrics"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["evaluate", "--checkpoint", str(tmp_path / "run" / "best.pt"), "--root", str(root),
+              "--setting", "all", "--limit", "6", "--examples", "2", "--out", str(out)])
+    assert exit_info.value.code == 0
+    printed = capsys.readouterr().out
+    assert "| miss | mean_mIoU | R | D | E | L | R+D |" in printed
+    mss = json.loads((out / "mss.json").read_text())
+    assert {"mIoU", "mAcc", "mF1", "aAcc", "IoU_Road"} <= set(mss)
+    miss = json.loads((out / "miss.json").read_text())
+    assert len(miss) == 16 and "R+D+E+L" in miss and "mean_mIoU" in miss
+    assert miss["R+D+E+L"] == mss["mIoU"]
+    sensor = json.loads((out / "sensor.json").read_text())
+    assert "mean_mIoU" in sensor and "cloud" in sensor
+    for name in ("miss.png", "per_class_iou.png", "predictions.png"):
+        assert (out / "plots" / name).stat().st_size > 1000
+    from PIL import Image
+
+    grid = Image.open(out / "plots" / "predictions.png")
+    assert grid.size == (64 * 6, 64 * 2)  # 4 inputs + truth + prediction, 2 samples
+    with pytest.raises(SystemExit) as exit_info:
+        main(["evaluate", "--checkpoint", str(tmp_path / "nope.pt"), "--root", str(root)])
+    assert exit_info.value.code == 1
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_sliding_window_equals_whole_image_when_the_window_covers_it(sample_cache, tmp_path):
+    from stages.student.evaluate import infer
+
+    root, cache = sample_cache
+    train(TINY_STUDENT, tiny(root, cache, tmp_path / "run", steps=1), progress=False)
+    model, _ = load_checkpoint(tmp_path / "run" / "last.pt")
+    images = torch.randn(1, 4, 3, 64, 64)
+    masks = torch.ones(1, 4, dtype=torch.bool)
+    whole = infer(model, images, masks, "whole")
+    slide = infer(model, images, masks, "slide", crop=64, stride=32)
+    torch.testing.assert_close(whole, slide)
+    tiles = infer(model, images, masks, "slide", crop=32, stride=16)
+    assert tiles.shape == whole.shape and not torch.allclose(tiles, whole)
