@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 
 from stages.student.encoder import build_encoder
-from stages.student.losses import LossConfig, correlation, semantic, supervised
+from stages.student.losses import LossConfig, correlation, prototypes, semantic, supervised
 from stages.student.mff import MFF, MFFConfig
 from stages.student.model import Any2Seg
 
@@ -137,3 +137,19 @@ def test_supervised_ignores_255_and_ohem_keeps_hard_pixels():
     ohem = supervised(logits, label, LossConfig(ohem=True, ohem_min_fraction=1 / 16))
     hard = F.cross_entropy(logits[:, :, 0, 0], torch.tensor([2]))
     torch.testing.assert_close(ohem, hard)
+
+
+def test_prototypes_equal_masked_average_of_upsampled_features():
+    torch.manual_seed(0)
+    fused = torch.randn(2, 8, 5, 7, requires_grad=True)
+    label = torch.randint(0, 4, (2, 40, 56))
+    label[:, :3] = 255
+    protos, classes = prototypes(fused, label, 6)
+    up = F.interpolate(fused, size=(40, 56), mode="bilinear", align_corners=False)
+    flat = up.permute(0, 2, 3, 1).reshape(-1, 8)
+    lab = label.reshape(-1)
+    naive = torch.stack([flat[lab == c].mean(0) for c in classes.tolist()])
+    assert classes.tolist() == [0, 1, 2, 3]
+    torch.testing.assert_close(protos, naive, rtol=1e-5, atol=1e-5)
+    protos.sum().backward()
+    assert fused.grad is not None and fused.grad.abs().sum() > 0

@@ -75,20 +75,29 @@ def correlation(student_feats: torch.Tensor, student_fused: torch.Tensor,
 
 def prototypes(fused: torch.Tensor, label: torch.Tensor,
                num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Masked average pooling: (K', C) prototypes of the classes present in `label` and
-    their class indices. `fused` is upsampled to the label size."""
-    if fused.shape[-2:] != label.shape[-2:]:
-        fused = F.interpolate(fused, size=label.shape[-2:], mode="bilinear",
-                              align_corners=False)
-    b, c = fused.shape[:2]
-    flat = fused.permute(0, 2, 3, 1).reshape(-1, c)
-    lab = label.reshape(-1)
-    valid = lab != IGNORE
-    flat, lab = flat[valid], lab[valid]
-    sums = flat.new_zeros(num_classes, c).index_add_(0, lab, flat)
-    counts = torch.bincount(lab, minlength=num_classes)
+    """Masked average pooling of the bilinearly upsampled features: (K', C) prototypes of
+    the classes present in `label`, and their class indices.
+
+    Upsampling is linear (U f = f A), so the average of U f over class k's pixels is
+    f (A^T 1_k) / n_k: the class masks are pulled back to feature resolution through the
+    adjoint of the upsampling instead of pushing C channels up to label resolution.
+    """
+    b, c, h, w = fused.shape
+    valid = label != IGNORE
+    counts = torch.bincount(label[valid], minlength=num_classes)
     classes = counts.nonzero().squeeze(1)
-    return sums[classes] / counts[classes, None].to(flat.dtype), classes
+    onehot = (label[:, None] == classes[None, :, None, None]).to(fused.dtype)  # (B, K', H, W)
+    if (h, w) != tuple(label.shape[-2:]):
+        with torch.enable_grad():
+            probe = torch.zeros(b, classes.numel(), h, w, dtype=fused.dtype,
+                                device=fused.device, requires_grad=True)
+            up = F.interpolate(probe, size=label.shape[-2:], mode="bilinear",
+                               align_corners=False)
+            (weights,) = torch.autograd.grad(up, probe, grad_outputs=onehot)
+    else:
+        weights = onehot
+    sums = torch.einsum("bkhw,bchw->kc", weights.detach(), fused)
+    return sums / counts[classes, None].to(fused.dtype), classes
 
 
 def semantic(fused: torch.Tensor, label: torch.Tensor, class_embeddings: torch.Tensor,
