@@ -1,4 +1,5 @@
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -109,11 +110,14 @@ def test_resume_after_sigkill_gives_identical_arrays(teacher_sample, tmp_path):
 def test_local_dask_cluster_equals_single_process(teacher_sample, tmp_path):
     root, _ = teacher_sample
     single, dist = tmp_path / "single.zarr", tmp_path / "dist.zarr"
+    before = dict(os.environ)
     cache_teacher(config(root, single, split=["val"], rows_per_shard=4))
     report = cache_teacher(config(root, dist, split=["val"], rows_per_shard=4,
                                   scheduler="local:2"))
     assert report.extra["workers"] == 2 and report.computed_rows == 12
     assert_same_store(single, dist)
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):  # the parent's environment is restored
+        assert os.environ.get(var) == before.get(var)
 
 
 def test_captioner_registry_is_drop_in(teacher_sample, tmp_path):

@@ -1,4 +1,5 @@
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -48,8 +49,11 @@ def test_resume_after_kill_ends_at_the_same_weights(sample_cache, tmp_path):
                   "batch_size": 2, "crop": 64, "lr": 2e-3, "workers": 0,
                   "checkpoint_every": 2, "val_every": 10, "val_limit": 2, "seed": 7,
                   "modality_dropout": 0.5}}))
+    # the same thread count as this process: CPU float results depend on it
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
     proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "train", "--params",
-                             str(params)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                             str(params)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            env=env)
     last = tmp_path / "killed" / "last.pt"
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None and not last.exists():

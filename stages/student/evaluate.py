@@ -128,6 +128,9 @@ def evaluate(model: Any2Seg, samples: datasets.SampleSequence, settings: tuple[s
     loader = torch.utils.data.DataLoader(data, batch_size=batch_size, num_workers=workers,
                                          sampler=[(-1, i) for i in range(len(samples))])
     confusions = [Confusion(k) for _ in masks]
+    # examples spread over the split, so that several conditions are drawn
+    picks = set(np.linspace(0, len(samples) - 1, examples).round().astype(int).tolist()) \
+        if examples else set()
     groups: dict[str, Confusion] = {}
     result = EvalResult(mods, list(samples.classes))
     from tqdm.auto import tqdm
@@ -147,7 +150,7 @@ def evaluate(model: Any2Seg, samples: datasets.SampleSequence, settings: tuple[s
                     if g:
                         groups.setdefault(g, Confusion(k)).update(preds[index_all, j], label[j])
         for j, idx in enumerate(batch["index"].tolist()):
-            if len(result.examples) < examples:
+            if idx in picks:
                 sample = samples[idx]
                 result.examples.append({"id": sample.id, **sample.modalities,
                                         "label": sample.label,

@@ -22,7 +22,7 @@ import torch
 from pipeline import datasets
 from pipeline.config import build, preset
 from pipeline.errors import PipelineError
-from pipeline.store import dataset_fingerprint, open_cache
+from pipeline.store import TeacherCache, dataset_fingerprint, open_cache
 from stages.student.data import AugmentConfig, ScheduleSampler, StudentData, Targets
 from stages.student.evaluate import evaluate
 from stages.student.losses import LossConfig, correlation, semantic, supervised
@@ -122,13 +122,17 @@ def resolve_device(name: str) -> str:
     return name
 
 
-def load_targets(cache_path: Path, samples: datasets.SampleSequence, modalities: list[str],
-                 cfg: TrainConfig) -> Targets:
-    """Teacher targets for `samples`, refusing a cache that does not belong to them."""
+def open_targets(cache_path: Path, cfg: TrainConfig) -> TeacherCache:
     if not cache_path.exists():
         raise PipelineError(f"teacher cache {cache_path} does not exist; build it with "
                             f"`pipeline cache-teacher --dataset {cfg.dataset}`")
-    cache = open_cache(cache_path)
+    return open_cache(cache_path)
+
+
+def load_targets(cache: TeacherCache, samples: datasets.SampleSequence, modalities: list[str],
+                 cfg: TrainConfig) -> Targets:
+    """Teacher targets for `samples`, refusing a cache that does not belong to them."""
+    cache_path = cache.path
     missing_mods = [m for m in modalities if m not in cache.modalities]
     if missing_mods:
         raise PipelineError(f"{cache_path} has no teacher embeddings for {missing_mods[0]}; "
@@ -170,15 +174,15 @@ def train(student: StudentConfig, cfg: TrainConfig, progress: bool = True,
     out = cfg.resolved_out()
     root = cfg.resolved_root()
     cache_path = cfg.resolved_cache()
-    cache_mods = open_cache(cache_path).modalities if cache_path.exists() else None
-    modalities = list(cfg.modalities or cache_mods or datasets.get(cfg.dataset).modalities)
+    cache = open_targets(cache_path, cfg)
+    modalities = list(cfg.modalities or cache.modalities)
     train_set = datasets.load(cfg.dataset, root, "train", modalities=modalities,
                               skip_bad=cfg.skip_bad)
     val_set = datasets.load(cfg.dataset, root, "val", modalities=modalities,
                             skip_bad=cfg.skip_bad)
     if cfg.val_limit:
         val_set = val_set[: cfg.val_limit]
-    targets = load_targets(cache_path, train_set, modalities, cfg)
+    targets = load_targets(cache, train_set, modalities, cfg)
     steps = cfg.steps or math.ceil(cfg.epochs * max(1, len(train_set) // cfg.batch_size))
     loss_cfg = cfg.loss_config()
     meta = {"student": asdict(student), "train": asdict(cfg), "modalities": modalities,

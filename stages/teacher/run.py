@@ -404,6 +404,7 @@ def _run_distributed(cfg: TeacherConfig, samples: SampleSequence, spec: StoreSpe
         del creator
     shards = writer.pending_shards()
     total = sum(len(writer.shard_rows(s)) for s in shards)
+    environ = dict(os.environ)  # dask sets OMP/MKL_NUM_THREADS=1 here for its workers
     client, cluster = _client(cfg.scheduler or "")
     try:
         n_workers = max(1, len(client.scheduler_info()["workers"]))
@@ -423,6 +424,8 @@ def _run_distributed(cfg: TeacherConfig, samples: SampleSequence, spec: StoreSpe
         client.close()
         if cluster is not None:
             cluster.close()
+        os.environ.clear()
+        os.environ.update(environ)
     writer.touch()
     return RunReport(str(out), writer.n, done_rows, len(shards), 0.0, model_s, "written",
                      extra={"workers": n_workers})
