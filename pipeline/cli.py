@@ -441,28 +441,33 @@ def train_cmd(dataset: str | None, root: Path | None, cache: str | None, out: st
               help="A student checkpoint, e.g. runs/sample/best.pt.")
 @click.option("--dataset", default=None, help="Dataset name.  [default: the checkpoint's]")
 @_ROOT
-@click.option("--split", default="val", help="Split to evaluate.")
-@click.option("--setting", type=click.Choice(["mss", "miss", "sensor", "all"]), default="all",
+@click.option("--split", default=None, help="Split to evaluate.  [default: val]")
+@click.option("--setting", type=click.Choice(["mss", "miss", "sensor", "all"]), default=None,
               help="MSS (all modalities), MISS (every modality subset), sensor (per weather "
-              "and failure case), or all.")
-@click.option("--mode", type=click.Choice(["whole", "slide"]), default="whole",
-              help="Whole-image or sliding-window inference.")
-@click.option("--crop", type=int, default=1024, help="Sliding-window size.")
-@click.option("--stride", type=int, default=683, help="Sliding-window stride.")
+              "and failure case), or all.  [default: all]")
+@click.option("--mode", type=click.Choice(["whole", "slide"]), default=None,
+              help="Whole-image or sliding-window inference.  [default: whole]")
+@click.option("--crop", type=int, default=None, help="Sliding-window size.  [default: 1024]")
+@click.option("--stride", type=int, default=None, help="Sliding-window stride.  [default: 683]")
 @click.option("--missing", type=click.Choice(["exclude", "zero-fill"]), default=None,
               help="How absent modalities are treated.  [default: the checkpoint's]")
 @click.option("--limit", type=int, default=None, help="Evaluate only the first N samples.")
-@click.option("--examples", type=int, default=4, help="Samples drawn in predictions.png.")
+@click.option("--examples", type=int, default=None,
+              help="Samples drawn in predictions.png.  [default: 4]")
 @click.option("--device", default="auto", help="auto, cpu or cuda[:N].")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("metrics"),
-              help="Folder for metrics/*.json and plots/.")
-def evaluate_cmd(checkpoint: Path, dataset: str | None, root: Path | None, split: str,
-                 setting: str, mode: str, crop: int, stride: int, missing: str | None,
-                 limit: int | None, examples: int, device: str, out: Path) -> None:
+              help="Folder for report.md, *.json and plots/.")
+@click.option("--params", "params_path", type=click.Path(path_type=Path), default=None,
+              help="Parameters file (its `eval` group).  [default: ./params.yaml if present]")
+def evaluate_cmd(checkpoint: Path, dataset: str | None, root: Path | None, split: str | None,
+                 setting: str | None, mode: str | None, crop: int | None, stride: int | None,
+                 missing: str | None, limit: int | None, examples: int | None, device: str,
+                 out: Path, params_path: Path | None) -> None:
     """Evaluate a student: mIoU, mAcc, F1 and pixel accuracy per setting, with charts."""
     from pipeline import datasets
+    from pipeline.config import build, load_params
     from stages.student.evaluate import (
-        SETTINGS,
+        EvalConfig,
         evaluate,
         flat_metrics,
         load_checkpoint,
@@ -471,19 +476,29 @@ def evaluate_cmd(checkpoint: Path, dataset: str | None, root: Path | None, split
     )
     from stages.student.train import resolve_device
 
+    if params_path is not None and not params_path.is_file():
+        raise PipelineError(f"parameters file {params_path} does not exist")
+    cfg = build(EvalConfig, dict(load_params(params_path).get("eval") or {}),
+                f"{params_path or 'params.yaml'} (eval)")
+    for key, value in {"split": split, "setting": setting, "mode": mode, "crop": crop,
+                       "stride": stride, "missing": missing, "limit": limit,
+                       "examples": examples}.items():
+        if value is not None:
+            setattr(cfg, key, value)
+    cfg.validate()
     dev = resolve_device(device)
     model, meta = load_checkpoint(checkpoint, dev)
-    if missing:
-        model.missing = missing
+    if cfg.missing:
+        model.missing = cfg.missing
     name = dataset or meta["dataset"]
-    samples = datasets.load(name, _dataset_root(name, root), split, modalities=meta["modalities"])
-    if limit:
-        samples = samples[:limit]
+    samples = datasets.load(name, _dataset_root(name, root), cfg.split,
+                            modalities=meta["modalities"])
+    if cfg.limit:
+        samples = samples[: cfg.limit]
     if list(samples.classes) != list(meta["classes"]):
         raise PipelineError(f"{checkpoint} was trained on other classes than {name}'s")
-    settings = SETTINGS if setting == "all" else (setting,)
-    result = evaluate(model, samples, settings, mode, crop, stride, device=dev,
-                      examples=examples, progress=True)
+    result = evaluate(model, samples, cfg.settings, cfg.mode, cfg.crop, cfg.stride, device=dev,
+                      examples=cfg.examples, progress=True)
     written = write_outputs(result, out, [tuple(c) for c in meta["palette"]])
     click.echo(markdown(flat_metrics(result)))
     click.echo("wrote " + ", ".join(str(p) for p in written))

@@ -99,6 +99,34 @@ def infer(model: Any2Seg, images: torch.Tensor, masks: torch.Tensor, mode: str =
 
 
 @dataclass
+class EvalConfig:
+    """The `eval` group of params.yaml."""
+
+    split: str = "val"
+    setting: str = "all"
+    mode: str = "whole"
+    crop: int = 1024
+    stride: int = 683
+    missing: str | None = None
+    limit: int | None = None
+    examples: int = 4
+
+    def validate(self) -> None:
+        if self.setting not in (*SETTINGS, "all"):
+            raise PipelineError(f"eval.setting must be mss, miss, sensor or all, got "
+                                f"{self.setting!r}")
+        if self.mode not in ("whole", "slide"):
+            raise PipelineError(f"eval.mode must be whole or slide, got {self.mode!r}")
+        if self.missing not in (None, "exclude", "zero-fill"):
+            raise PipelineError(f"eval.missing must be exclude or zero-fill, got "
+                                f"{self.missing!r}")
+
+    @property
+    def settings(self) -> tuple[str, ...]:
+        return SETTINGS if self.setting == "all" else (self.setting,)
+
+
+@dataclass
 class EvalResult:
     modalities: list[str]
     classes: list[str]
@@ -204,8 +232,10 @@ def write_outputs(result: EvalResult, out: Path, palette: list[tuple[int, int, i
     from stages.student.report import per_class_chart, predictions_grid, subset_chart
 
     out.mkdir(parents=True, exist_ok=True)
-    written = []
-    for stem, values in flat_metrics(result).items():
+    flat = flat_metrics(result)
+    (out / "report.md").write_text(markdown(flat) + "\n")
+    written = [out / "report.md"]
+    for stem, values in flat.items():
         path = out / f"{stem}.json"
         path.write_text(json.dumps(values, indent=2) + "\n")
         written.append(path)
