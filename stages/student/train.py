@@ -152,12 +152,14 @@ def load_targets(cache: TeacherCache, samples: datasets.SampleSequence, modaliti
                    scene=got["scene"], classes=cache.classes)
 
 
-def save_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+def save_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
                     step: int, best: float, meta: dict[str, Any]) -> None:
-    """Atomic write (temporary file + rename), with every RNG state needed to resume."""
+    """Atomic write (temporary file + rename). With the optimizer and every RNG state for
+    `last.pt` (resume); weights and metadata only for `best.pt`."""
     state = {
         "version": CHECKPOINT_VERSION, "step": step, "best": best, "meta": meta,
-        "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict() if optimizer is not None else None,
         "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
                 "python": random.getstate(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
@@ -287,14 +289,14 @@ def train(student: StudentConfig, cfg: TrainConfig, progress: bool = True,
             live.log_metric("val/mIoU", val_miou)
             if not math.isnan(val_miou) and val_miou > best:
                 best = val_miou
-                save_checkpoint(best_path, model, optimizer, done, best, meta)
+                save_checkpoint(best_path, model, None, done, best, meta)
         if done % cfg.checkpoint_every == 0 or done == steps:
             save_checkpoint(last, model, optimizer, done, best, meta)
         live.next_step()
     bar.close()
     live.end()
     if not best_path.exists() and last.exists():  # no finite val score: keep the last weights
-        save_checkpoint(best_path, model, optimizer, steps, best, meta)
+        save_checkpoint(best_path, model, None, steps, best, meta)
     return {"out": str(out), "steps": steps, "start": start, "val_mIoU": val_miou,
             "best_val_mIoU": best, "seconds": round(time.perf_counter() - t0, 1),
             "first_loss": history[0] if history else None,
