@@ -57,4 +57,5 @@ def create(name: str, class_names: Sequence[str], **options: Any) -> Captioner:
         raise PipelineError(f"captioner {name!r}: {exc}") from exc
 
 
-from stages.teacher.captioners import template  # noqa: E402,F401  (registers "template")
+# the shipped captioners register themselves (heavy imports happen on first use)
+from stages.teacher.captioners import hf, llama_adapter, template  # noqa: E402,F401
