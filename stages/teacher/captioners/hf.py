@@ -11,6 +11,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from pipeline.datasets import Sample
 from pipeline.errors import PipelineError
 from stages.teacher.captioners import Captioner, register
@@ -76,7 +78,7 @@ class HFCaptioner(Captioner):
 
         if self._model is None:
             self._load()
-        images = [s.modalities["rgb"] for s in samples]
+        images = [np.array(s.modalities["rgb"]) for s in samples]  # writable copies
         prompt = self.options["prompt"]
         kwargs: dict[str, Any] = {"images": images, "return_tensors": "pt", "padding": True}
         if prompt:
