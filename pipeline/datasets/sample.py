@@ -34,6 +34,7 @@ from PIL import Image
 from pipeline.datasets.deliver import CASES, CLASSES, CONDITIONS, DeliverReader
 from pipeline.datasets.registry import register
 from pipeline.errors import PipelineError
+from pipeline.publish import publish
 
 GENERATOR = "any2seg-pipeline deliver-sample v1"
 MANIFEST = "sample.json"
@@ -771,20 +772,8 @@ def make_sample(out: Path | str, spec: SampleSpec = SampleSpec(), *, overwrite: 
                     progress(i + 1, len(jobs))
         manifest = _manifest(spec, hist)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-        if out.exists():
-            # only what we generated is removed; `existing` proved it is our sample
-            for name in (*_FOLDERS, MANIFEST):
-                target = out / name
-                if target.is_dir():
-                    shutil.rmtree(target)
-                elif target.exists():
-                    target.unlink()
-            for item in tmp.iterdir():
-                item.rename(out / item.name)
-            tmp.rmdir()
-        else:
-            out.parent.mkdir(parents=True, exist_ok=True)
-            tmp.rename(out)
+        # only what we generate is replaced; `existing` proved `out` holds our sample
+        publish(tmp, out, (*_FOLDERS, MANIFEST))
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from transformers import CLIPConfig, CLIPModel
 
+from pipeline.publish import publish
 from stages.teacher.checkpoints import BRANCH_FOLDERS
 
 GENERATOR = "any2seg-pipeline default LanguageBind teacher v1"
@@ -220,17 +221,5 @@ def write_default_teacher(root: Path | str, seed: int = 0) -> str:
         write_checkpoint(tmp / BRANCH_FOLDERS[branch], branch, seed=seed * 1000 + i + 1,
                          text_seed=seed * 1000, lora_r=4 if branch == "image" else 2)
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-    if root.exists():
-        for name in (*(BRANCH_FOLDERS[b] for b in ("image", "depth")), MANIFEST):
-            target = root / name
-            if target.is_dir():
-                shutil.rmtree(target)
-            elif target.exists():
-                target.unlink()
-        for item in tmp.iterdir():
-            item.rename(root / item.name)
-        tmp.rmdir()
-    else:
-        root.parent.mkdir(parents=True, exist_ok=True)
-        tmp.rename(root)
+    publish(tmp, root, (*(BRANCH_FOLDERS[b] for b in ("image", "depth")), MANIFEST))
     return "written"
