@@ -153,3 +153,24 @@ def test_prototypes_equal_masked_average_of_upsampled_features():
     torch.testing.assert_close(protos, naive, rtol=1e-5, atol=1e-5)
     protos.sum().backward()
     assert fused.grad is not None and fused.grad.abs().sum() > 0
+
+
+def test_zero_fill_evaluation_matches_feeding_zeros():
+    from stages.student.evaluate import infer
+
+    torch.manual_seed(0)
+    model = Any2Seg(build_encoder("mit_b0"), ["rgb", "depth", "event"], 5, embed_dim=16,
+                    missing="zero-fill").eval()
+    images = torch.randn(2, 3, 3, 64, 64)
+    masks = torch.tensor([[True, False, True], [False, True, False]])
+    cache = {}
+    got = infer(model, images, masks, zero_cache=cache)
+    assert len(cache) == 1  # the all-zero input was encoded once for both masks
+    again = infer(model, images, masks, zero_cache=cache)
+    torch.testing.assert_close(again, got)
+    for i, mask in enumerate(masks):
+        zeroed = images * mask[None, :, None, None, None]
+        with torch.no_grad():
+            ref = model(zeroed, torch.ones(2, 3, dtype=torch.bool)).logits
+        ref = F.interpolate(ref, size=(64, 64), mode="bilinear", align_corners=False)
+        torch.testing.assert_close(got[i], ref, rtol=1e-4, atol=1e-4)

@@ -84,13 +84,9 @@ class TimmEncoder(Encoder):
         import timm
 
         try:
-            probe = timm.create_model(name, features_only=True, pretrained=False)
+            self.model = timm.create_model(name, features_only=True, pretrained=False)
         except RuntimeError as exc:
             raise PipelineError(f"timm cannot build {name!r} with features_only ({exc})") from exc
-        n = len(probe.feature_info)
-        indices = tuple(range(max(0, n - 4), n))
-        self.model = timm.create_model(name, features_only=True, pretrained=False,
-                                       out_indices=indices)
         if pretrained:
             path = Path(pretrained)
             if not path.is_file():
@@ -100,13 +96,14 @@ class TimmEncoder(Encoder):
             if missing:
                 raise PipelineError(f"{path} misses {len(missing)} keys of {name} "
                                     f"(e.g. {missing[0]})")
-        self.channels = list(self.model.feature_info.channels())
-        if len(self.channels) != 4:
-            raise PipelineError(f"timm:{name} gives {len(self.channels)} feature levels; the "
+        channels = list(self.model.feature_info.channels())
+        if len(channels) < 4:
+            raise PipelineError(f"timm:{name} gives {len(channels)} feature levels; the "
                                 "student needs 4")
+        self.channels = channels[-4:]  # the last four levels (strides 4..32 for most models)
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        return list(self.model(x))
+        return list(self.model(x))[-4:]
 
 
 _BACKBONES: dict[str, Callable[..., Encoder]] = {}

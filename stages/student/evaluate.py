@@ -60,8 +60,13 @@ def load_checkpoint(path: Path | str, device: str = "cpu") -> tuple[Any2Seg, dic
 
 @torch.no_grad()
 def infer(model: Any2Seg, images: torch.Tensor, masks: torch.Tensor, mode: str = "whole",
-          crop: int = 512, stride: int = 341) -> torch.Tensor:
-    """Logits at input size for every presence mask: (S, B, K, H, W) for masks (S, M)."""
+          crop: int = 512, stride: int = 341,
+          zero_cache: dict[tuple[int, ...], list[torch.Tensor]] | None = None) -> torch.Tensor:
+    """Logits at input size for every presence mask: (S, B, K, H, W) for masks (S, M).
+
+    In zero-fill mode the features of an all-zero input depend only on the window shape;
+    `zero_cache` keeps them across calls so they are encoded once per evaluation."""
+    zero_cache = {} if zero_cache is None else zero_cache
     b, m, _, h, w = images.shape
     s = masks.shape[0]
     windows = [(0, 0, h, w)]
@@ -82,7 +87,10 @@ def infer(model: Any2Seg, images: torch.Tensor, masks: torch.Tensor, mode: str =
         win = images[..., y:y + ch, x:x + cw]
         feats = model.encode_all(win)
         if model.missing == "zero-fill":
-            zero_feats = model.encode_all(torch.zeros_like(win[:1]))
+            key = tuple(win.shape[1:])
+            if key not in zero_cache:
+                zero_cache[key] = model.encode_all(torch.zeros_like(win[:1]))
+            zero_feats = zero_cache[key]
         for i in range(s):
             mask = masks[i][None].expand(b, -1)
             if zero_feats is not None:
@@ -156,6 +164,7 @@ def evaluate(model: Any2Seg, samples: datasets.SampleSequence, settings: tuple[s
     loader = torch.utils.data.DataLoader(data, batch_size=batch_size, num_workers=workers,
                                          sampler=[(-1, i) for i in range(len(samples))])
     confusions = [Confusion(k) for _ in masks]
+    zero_cache: dict[tuple[int, ...], list[torch.Tensor]] = {}
     # examples spread over the split, so that several conditions are drawn
     picks = set(np.linspace(0, len(samples) - 1, examples).round().astype(int).tolist()) \
         if examples else set()
@@ -167,7 +176,7 @@ def evaluate(model: Any2Seg, samples: datasets.SampleSequence, settings: tuple[s
                       leave=False):
         images = batch["images"].to(device)
         label = batch["label"].to(device)
-        logits = infer(model, images, mask_tensor, mode, crop, stride)
+        logits = infer(model, images, mask_tensor, mode, crop, stride, zero_cache)
         preds = logits.argmax(2)
         for i in range(len(masks)):
             confusions[i].update(preds[i], label)
