@@ -1,28 +1,47 @@
 # Fresh-machine set-up for `make test` and `make demo`: creates (or reuses) .venv and
-# reinstalls only when pyproject.toml changed. Quiet on the second run.
+# installs exactly requirements.lock (then the project itself, without dependencies);
+# reinstalls only when the lock or pyproject.toml changed. Quiet on the second run.
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
+LOCK   := requirements.lock
 STAMP  := $(VENV)/.any2seg-installed
 SAMPLE ?= data/deliver-sample
+# pip's own constraint file where a machine has one (these machines cap torch at what lies
+# on disk); `make lock` honours it, as pip-compile does not read it from pip's config
+PIP_CONSTRAINT_FILE := $(shell $(PYTHON) -m pip config get global.constraint 2>/dev/null)
 
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: setup test demo lint clean-demo
+.PHONY: setup test demo lint lock lock-upgrade clean-demo
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): $(LOCK) pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	@echo "Installing any2seg-pipeline and its dependencies into $(VENV) (first time only; torch is large)..."
-	@$(PY) -m pip install --quiet --disable-pip-version-check --upgrade pip
-	@$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	@echo "Installing $(LOCK) into $(VENV) (first time only; torch is large)..."
+	@$(PY) -m pip install --quiet --quiet --disable-pip-version-check -r $(LOCK)
+	@$(PY) -m pip install --quiet --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
 	@touch $(STAMP)
 
 test: $(STAMP)
+	@$(PY) tests/check_lock.py
 	@$(VENV)/bin/ruff check --quiet pipeline stages tests benchmarks
 	@$(PY) -m pytest
+
+# regenerate requirements.lock from pyproject.toml, keeping every pin that still fits;
+# lock-upgrade moves every package to the newest release the ranges allow
+LOCK_FLAGS = --quiet --extra dev --allow-unsafe --strip-extras --no-emit-index-url \
+	--no-emit-find-links \
+	$(if $(PIP_CONSTRAINT_FILE),--constraint $(PIP_CONSTRAINT_FILE))
+lock: $(STAMP)
+	@CUSTOM_COMPILE_COMMAND="make lock" $(VENV)/bin/pip-compile $(LOCK_FLAGS) --output-file $(LOCK) pyproject.toml
+	@echo "$(LOCK) written; 'make setup' installs it"
+
+lock-upgrade: $(STAMP)
+	@CUSTOM_COMPILE_COMMAND="make lock" $(VENV)/bin/pip-compile $(LOCK_FLAGS) --upgrade --output-file $(LOCK) pyproject.toml
+	@echo "$(LOCK) upgraded; run 'make test' before committing it"
 
 lint: $(STAMP)
 	@$(VENV)/bin/ruff check pipeline stages tests benchmarks

@@ -45,9 +45,12 @@ def cli(ctx: click.Context, debug: bool) -> None:
     Start with `pipeline make-sample` for the embedded DELIVER-format sample, then inspect
     it with `pipeline datasets info --dataset sample`.
     """
+    from pipeline.progress import quiet_library_bars
+
     ctx.ensure_object(dict)
     ctx.obj["debug"] = debug
     _setup_logging(debug)
+    quiet_library_bars()
 
 
 # ---------------------------------------------------------------------------------------
@@ -78,10 +81,9 @@ def make_sample_cmd(out: Path, size: int, n_train: int, n_val: int, n_test: int,
     LanguageBind-format teacher under OUT/teacher. Does nothing when an identical sample
     is already at --out.
     """
-    from tqdm.auto import tqdm
-
     from pipeline import datasets
     from pipeline.datasets.sample import SampleSpec, make_sample
+    from pipeline.progress import progress as progress_bar
 
     spec = SampleSpec(size=size, train=n_train, val=n_val, test=n_test,
                       frames_per_scene=frames_per_scene, seed=seed)
@@ -90,8 +92,7 @@ def make_sample_cmd(out: Path, size: int, n_train: int, n_val: int, n_test: int,
     def progress(done: int, total: int) -> None:
         nonlocal bar
         if bar is None:
-            bar = tqdm(total=total, desc="rendering scenes", unit="scene", leave=False,
-                       disable=None)
+            bar = progress_bar(total=total, desc="rendering scenes", unit="scene", leave=False)
         bar.update(done - bar.n)
 
     try:
@@ -307,9 +308,8 @@ def cache_teacher_cmd(dataset: str | None, root: Path | None, split: str | None,
     Resumable: a rerun computes only rows that are not done, and loads no model when the
     store is complete. Settings come from params.yaml (dataset.*, teacher.*) and these flags.
     """
-    from tqdm.auto import tqdm
-
     from pipeline.config import load_params
+    from pipeline.progress import progress as progress_bar
     from stages.teacher.run import TeacherConfig, cache_teacher
 
     if params_path is not None and not params_path.is_file():
@@ -334,7 +334,7 @@ def cache_teacher_cmd(dataset: str | None, root: Path | None, split: str | None,
     def progress(done: int, total: int) -> None:
         nonlocal bar
         if bar is None:
-            bar = tqdm(total=total, desc="caching teacher", unit="sample", disable=None)
+            bar = progress_bar(total=total, desc="caching teacher", unit="sample")
         bar.update(done - bar.n)
 
     try:

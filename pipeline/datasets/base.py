@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import overload
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from pipeline.errors import DatasetError
+from pipeline.progress import progress
 
 log = logging.getLogger("pipeline.datasets")
 
@@ -123,9 +123,9 @@ def find_undecodable(records: list[Record], decode: Decoder, dataset: str,
 
     workers = workers or min(8, os.cpu_count() or 1)
     with ThreadPoolExecutor(workers) as pool:
-        results = list(tqdm(pool.map(attempt, records), total=len(records),
-                            desc=f"checking {dataset}", unit="sample",
-                            disable=len(records) < 50, leave=False))
+        results = list(progress(pool.map(attempt, records), total=len(records),
+                                desc=f"checking {dataset}", unit="sample",
+                                enabled=len(records) >= 50, leave=False))
     return [(r, problem) for r, problem in zip(records, results, strict=True)
             if problem is not None]
 

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from pipeline import datasets
 from pipeline.errors import PipelineError
 from pipeline.metrics import Confusion
+from pipeline.progress import progress as progress_bar
 from stages.student.data import AugmentConfig, StudentData
 from stages.student.model import Any2Seg, StudentConfig, build_student
 
@@ -170,10 +171,8 @@ def evaluate(model: Any2Seg, samples: datasets.SampleSequence, settings: tuple[s
         if examples else set()
     groups: dict[str, Confusion] = {}
     result = EvalResult(mods, list(samples.classes))
-    from tqdm.auto import tqdm
-
-    for batch in tqdm(loader, desc="evaluating", unit="batch", disable=not progress,
-                      leave=False):
+    for batch in progress_bar(loader, desc="evaluating", unit="batch", enabled=progress,
+                              leave=False):
         images = batch["images"].to(device)
         label = batch["label"].to(device)
         logits = infer(model, images, mask_tensor, mode, crop, stride, zero_cache)

@@ -22,6 +22,8 @@ import torch
 from pipeline import datasets
 from pipeline.config import build, preset
 from pipeline.errors import PipelineError
+from pipeline.precision import upcast
+from pipeline.progress import progress as progress_bar
 from pipeline.store import TeacherCache, dataset_fingerprint, open_cache
 from stages.student.data import AugmentConfig, ScheduleSampler, StudentData, Targets
 from stages.student.evaluate import evaluate
@@ -235,11 +237,10 @@ def train(student: StudentConfig, cfg: TrainConfig, progress: bool = True,
         persistent_workers=False)
 
     from dvclive import Live
-    from tqdm.auto import tqdm
 
     live = Live(dir=str(out / "dvclive"), resume=resume and start > 0, dvcyaml=False,
                 save_dvc_exp=False, report=None)
-    bar = tqdm(total=steps, initial=start, desc="training", unit="step", disable=not progress)
+    bar = progress_bar(total=steps, initial=start, desc="training", unit="step", enabled=progress)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.startswith("cuda"))
     history: list[float] = []
     val_miou = float("nan")
@@ -254,10 +255,10 @@ def train(student: StudentConfig, cfg: TrainConfig, progress: bool = True,
         present = batch["present"].to(device)
         with autocast:
             output = model(images, present)
-            fused = output.fused[-1].fused.float()
-            terms = {"L_sup": supervised(output.logits.float(), label, loss_cfg)}
+            fused = upcast(output.fused[-1].fused)
+            terms = {"L_sup": supervised(upcast(output.logits), label, loss_cfg)}
             if loss_cfg.w_cr:
-                terms["L_cr"] = correlation(output.feats[-1].float(), fused, output.present,
+                terms["L_cr"] = correlation(upcast(output.feats[-1]), fused, output.present,
                                             batch["visual"].to(device), batch["scene"].to(device),
                                             loss_cfg.tau_cr)
             if loss_cfg.w_se:

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
 
 from pipeline.errors import PipelineError
+from pipeline.precision import stable_dtype, upcast
 from stages.teacher.checkpoints import (
     WEIGHT_FILES,
     checkpoint_fingerprint,
@@ -120,14 +121,15 @@ def map_state_dict(sd: dict[str, torch.Tensor], lora_alpha: float, lora_r: int,
         target = f"{module}.weight"
         if target not in out:
             raise PipelineError(f"{source}: LoRA for {module} but no base weight {target}")
-        a, b = ab["A"].float(), ab["B"].float()
         base = out[target]
+        merge = stable_dtype(torch.promote_types(base.dtype, ab["A"].dtype))
+        a, b = ab["A"].to(merge), ab["B"].to(merge)
         if a.shape[0] != lora_r or b.shape[1] != lora_r or (b.shape[0], a.shape[1]) != \
                 tuple(base.shape):
             raise PipelineError(
                 f"{source}: LoRA shapes for {module} (A {tuple(a.shape)}, B {tuple(b.shape)}) "
                 f"do not fit the weight {tuple(base.shape)} with lora_r={lora_r}")
-        out[target] = (base.float() + (b @ a) * scale).to(base.dtype)
+        out[target] = (base.to(merge) + (b @ a) * scale).to(base.dtype)
     missing = sorted(expected - set(out))
     unexpected = sorted(set(out) - expected)
     if missing or unexpected:
@@ -257,21 +259,21 @@ class LanguageBind:
 
     @torch.inference_mode()
     def encode_pixels(self, branch: str, pixels: torch.Tensor) -> torch.Tensor:
-        """(B, 3, S, S) preprocessed -> (B, D) float32, L2-normalised."""
+        """(B, 3, S, S) preprocessed -> (B, D) L2-normalised, float32 or wider."""
         model = self.branches[branch].model
         pixels = pixels.to(self.device, self.compute_dtype)
         pooled = model.vision_model(pixel_values=pixels).pooler_output
-        return F.normalize(model.visual_projection(pooled).float(), dim=-1).cpu()
+        return F.normalize(upcast(model.visual_projection(pooled)), dim=-1).cpu()
 
     @torch.inference_mode()
     def encode_text(self, texts: list[str]) -> torch.Tensor:
-        """Captions or prompts -> (B, D) float32, L2-normalised."""
+        """Captions or prompts -> (B, D) L2-normalised, float32 or wider."""
         model = self.text_branch.model
         enc = self.tokenizer(texts, padding="max_length", max_length=self.context_length,
                              truncation=True, return_tensors="pt")
         out = model.text_model(input_ids=enc["input_ids"].to(self.device),
                                attention_mask=enc["attention_mask"].to(self.device))
-        return F.normalize(model.text_projection(out.pooler_output).float(), dim=-1).cpu()
+        return F.normalize(upcast(model.text_projection(out.pooler_output)), dim=-1).cpu()
 
     def fingerprint(self) -> dict[str, Any]:
         return {name: checkpoint_fingerprint(b.folder) for name, b in self.branches.items()}

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.errors import PipelineError
+from pipeline.precision import stable_dtype, upcast
 
 ALPACA = ("Below is an instruction that describes a task. Write a response that "
           "appropriately completes the request.\n\n### Instruction:\n{instruction}\n\n"
@@ -60,8 +61,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) \
+        xs = upcast(x)
+        return (xs * torch.rsqrt(xs.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) \
             * self.weight
 
 
@@ -69,10 +70,11 @@ def rope(x: torch.Tensor, positions: torch.Tensor, theta: float = 10000.0) -> to
     """Rotary embedding on consecutive pairs (as LLaMA's complex form), per-sample positions.
     x (B, T, H, D); positions (B, T)."""
     d = x.shape[-1]
-    freqs = 1.0 / (theta ** (torch.arange(0, d, 2, device=x.device).float() / d))
-    angles = positions.float()[..., None] * freqs  # (B, T, D/2)
+    dtype = stable_dtype(x.dtype)
+    freqs = 1.0 / (theta ** (torch.arange(0, d, 2, device=x.device, dtype=dtype) / d))
+    angles = positions.to(dtype)[..., None] * freqs  # (B, T, D/2)
     cos, sin = angles.cos()[:, :, None], angles.sin()[:, :, None]
-    xf = x.float()
+    xf = upcast(x)
     a, b = xf[..., 0::2], xf[..., 1::2]
     out = torch.stack([a * cos - b * sin, a * sin + b * cos], dim=-1).flatten(-2)
     return out.type_as(x)
@@ -128,10 +130,10 @@ class Attention(nn.Module):
             k, v = cache[0][:, :start + t], cache[1][:, :start + t]
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         scores = q @ k.transpose(2, 3) / math.sqrt(self.head_dim) + mask
-        out = F.softmax(scores.float(), dim=-1).type_as(q) @ v
+        out = F.softmax(upcast(scores), dim=-1).type_as(q) @ v
         if adapter is not None:
             ak, av = adapter
-            a_scores = F.softmax((q @ ak.transpose(2, 3) / math.sqrt(self.head_dim)).float(),
+            a_scores = F.softmax(upcast(q @ ak.transpose(2, 3) / math.sqrt(self.head_dim)),
                                  dim=-1).type_as(q)
             a_scores = self.gate.tanh() * a_scores
             if self.w_new_gate:
@@ -220,8 +222,7 @@ class LlamaAdapter(nn.Module):
         return self.clip.visual_projection(vision.post_layernorm(hidden))
 
     def visual(self, clip_tokens: torch.Tensor) -> torch.Tensor:
-        feats = self.clip_proj_norm(self.clip_proj(clip_tokens.float().to(
-            self.clip_proj.weight.dtype)))
+        feats = self.clip_proj_norm(self.clip_proj(clip_tokens.to(self.clip_proj.weight.dtype)))
         query = self.visual_query.weight[None].expand(len(feats), -1, -1)
         x = torch.cat([query, feats], dim=1)
         for block in self.visual_blocks:
@@ -259,7 +260,7 @@ class LlamaAdapter(nn.Module):
             kv = adapter[i - first_adapted] if adapter is not None and i >= first_adapted else None
             cache = caches[i] if caches is not None else None
             h = layer(h, positions, mask, cache, start, kv)
-        return self.llama.output(self.llama.norm(h)).float()
+        return upcast(self.llama.output(self.llama.norm(h)))
 
 
 # ---------------------------------------------------------------------------------------
@@ -271,7 +272,7 @@ def sample_top_p(probs: torch.Tensor, top_p: float,
     cumulative = sorted_probs.cumsum(-1)
     sorted_probs[cumulative - sorted_probs > top_p] = 0.0
     sorted_probs = sorted_probs / sorted_probs.sum(-1, keepdim=True)
-    choice = torch.multinomial(sorted_probs.float().cpu(), 1, generator=generator)
+    choice = torch.multinomial(upcast(sorted_probs).cpu(), 1, generator=generator)
     return index.gather(-1, choice.to(index.device)).squeeze(-1)
 
 

@@ -1,0 +1,125 @@
+"""Progress bars that read well in a terminal and in a log.
+
+On a terminal: tqdm, redrawn in place. Anywhere else (DVC, CI, `> log 2>&1`) tqdm would
+write hundreds of carriage-return updates into the file, so a plain line is printed
+instead at each further 10 % of the work, or after 10 s without one, and once at the end.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections.abc import Iterable, Iterator
+from typing import IO, Any
+
+LINE_EVERY_S = 10.0
+LINE_EVERY_FRACTION = 0.1
+
+
+def interactive(stream: IO[str] | None = None) -> bool:
+    """Whether progress goes to a terminal (bars redrawn in place)."""
+    stream = stream or sys.stderr
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):
+        return False
+
+
+def quiet_library_bars(stream: IO[str] | None = None) -> None:
+    """Silence the weight-loading bars of transformers / huggingface_hub off a terminal."""
+    if interactive(stream):
+        return
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+
+
+class LineProgress:
+    """The part of tqdm's interface the pipeline uses, printing whole lines."""
+
+    def __init__(self, iterable: Iterable[Any] | None = None, *, total: int | None = None,
+                 desc: str = "", unit: str = "it", initial: int = 0,
+                 stream: IO[str] | None = None, clock: Any = time.monotonic) -> None:
+        self.iterable = iterable
+        if total is None and iterable is not None and hasattr(iterable, "__len__"):
+            total = len(iterable)  # type: ignore[arg-type]
+        self.total, self.desc, self.unit = total, desc, unit
+        self.n = self.start_n = initial
+        self.stream = stream or sys.stderr
+        self.clock = clock
+        self.t0 = self.last_t = clock()
+        self.last_step = self._step(initial)
+        self.postfix = ""
+        self.closed = False
+        self.lines = 0
+
+    def _step(self, n: int) -> int:
+        if not self.total:
+            return 0
+        return int(n / self.total / LINE_EVERY_FRACTION + 1e-9)
+
+    def _line(self) -> str:
+        elapsed = self.clock() - self.t0
+        done = self.n - self.start_n
+        rate = f", {done / elapsed:.2f} {self.unit}/s" if elapsed > 0 and done else ""
+        count = f"{self.n}/{self.total}" if self.total else f"{self.n}"
+        pct = f" ({100 * self.n / self.total:.0f}%)" if self.total else ""
+        post = f" {self.postfix}" if self.postfix else ""
+        return f"{self.desc}: {count} {self.unit}{pct} in {elapsed:.0f} s{rate}{post}"
+
+    def _emit(self) -> None:
+        print(self._line(), file=self.stream, flush=True)
+        self.lines += 1
+        self.last_t = self.clock()
+        self.last_step = self._step(self.n)
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        if self.total and self.n >= self.total:
+            return  # the final line comes from close()
+        if self._step(self.n) > self.last_step or self.clock() - self.last_t >= LINE_EVERY_S:
+            self._emit()
+
+    def set_postfix(self, **values: Any) -> None:
+        self.postfix = " ".join(f"{k}={v}" for k, v in values.items())
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            if self.n > self.start_n or not self.total:
+                self._emit()
+
+    def __iter__(self) -> Iterator[Any]:
+        try:
+            for item in self.iterable or ():
+                yield item
+                self.update(1)
+        finally:
+            self.close()
+
+    def __enter__(self) -> LineProgress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def progress(iterable: Iterable[Any] | None = None, *, total: int | None = None,
+             desc: str = "", unit: str = "it", initial: int = 0, leave: bool = True,
+             enabled: bool = True, stream: IO[str] | None = None) -> Any:
+    """A tqdm bar on a terminal, a `LineProgress` elsewhere, a silent pass-through when
+    not `enabled`."""
+    if not enabled:
+        from tqdm.auto import tqdm
+
+        return tqdm(iterable, total=total, initial=initial, disable=True)
+    if interactive(stream):
+        from tqdm.auto import tqdm
+
+        return tqdm(iterable, total=total, desc=desc, unit=unit, initial=initial, leave=leave,
+                    file=stream)
+    return LineProgress(iterable, total=total, desc=desc, unit=unit, initial=initial,
+                        stream=stream)

@@ -1,0 +1,74 @@
+"""Progress off a terminal: whole lines, at most one per 10 % or per 10 s, one at the end."""
+
+import io
+
+from pipeline.progress import LineProgress, progress
+
+
+class Clock:
+    def __init__(self):
+        self.t = 0.0
+
+    def __call__(self):
+        return self.t
+
+
+class FakeTTY(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_fast_work_prints_one_line_per_tenth_and_a_final_line():
+    out = io.StringIO()
+    bar = LineProgress(total=700, desc="training", unit="step", stream=out, clock=Clock())
+    for _ in range(700):
+        bar.update(1)
+    bar.close()
+    lines = out.getvalue().splitlines()
+    assert "\r" not in out.getvalue()
+    assert len(lines) == 10  # 10 %, 20 %, ..., 90 % and the final 700/700
+    assert lines[0].startswith("training: 70/700 step (10%)")
+    assert lines[-1].startswith("training: 700/700 step (100%)")
+
+
+def test_slow_work_prints_a_heartbeat_every_ten_seconds():
+    out, clock = io.StringIO(), Clock()
+    bar = LineProgress(total=10_000, desc="caching", unit="sample", stream=out, clock=clock)
+    for _ in range(60):  # 60 s, 0.6 % of the work
+        clock.t += 1.0
+        bar.update(1)
+    bar.close()
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 7  # at 10, 20, ..., 60 s and the final line
+    assert "60/10000" in lines[-1] and "1.00 sample/s" in lines[-1]
+
+
+def test_iteration_postfix_resume_and_unknown_total():
+    out = io.StringIO()
+    items = list(progress(range(5), desc="evaluating", unit="batch", stream=out))
+    assert items == [0, 1, 2, 3, 4]
+    assert out.getvalue().splitlines()[-1].startswith("evaluating: 5/5 batch (100%)")
+    out = io.StringIO()
+    bar = LineProgress(total=100, initial=90, desc="training", stream=out, clock=Clock())
+    bar.set_postfix(loss="0.500")
+    bar.update(10)
+    bar.close()
+    assert out.getvalue() == "training: 100/100 it (100%) in 0 s loss=0.500\n"
+    out = io.StringIO()
+    with LineProgress(desc="reading", stream=out, clock=Clock()) as bar:
+        bar.update(3)
+    assert out.getvalue() == "reading: 3 it in 0 s\n"
+
+
+def test_terminal_gets_tqdm_and_disabled_bars_print_nothing():
+    tty = FakeTTY()
+    bar = progress(total=3, desc="x", stream=tty)
+    from tqdm import tqdm
+
+    assert isinstance(bar, tqdm)
+    bar.update(3)
+    bar.close()
+    assert "\r" in tty.getvalue()  # redrawn in place
+    quiet = io.StringIO()
+    assert list(progress(range(3), enabled=False, stream=quiet)) == [0, 1, 2]
+    assert quiet.getvalue() == ""
