@@ -46,10 +46,10 @@ lock-upgrade: $(STAMP)
 lint: $(STAMP)
 	@$(VENV)/bin/ruff check pipeline stages tests benchmarks
 
-# the embedded default end to end: sample -> cache_teacher -> train -> evaluate (dvc.yaml)
+# the embedded default end to end: sample -> teacher -> cache_teacher -> train -> evaluate
 demo: $(STAMP)
 	@PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/dvc repro
 	@cat metrics/report.md
 
 clean-demo:
-	rm -rf $(SAMPLE) cache/sample.zarr runs/sample metrics
+	rm -rf $(SAMPLE) data/sample-teacher cache/sample.zarr runs/sample metrics

@@ -60,19 +60,24 @@ def repo(tmp_path_factory):
                 dataset__sample__frames_per_scene=2, train__steps=3, train__batch_size=2,
                 train__crop=64, train__workers=0, train__val_limit=2,
                 train__checkpoint_every=3, train__val_every=0, student__embed_dim=16,
-                eval__limit=2, eval__examples=1, teacher__rows_per_shard=8)
+                eval__limit=2, eval__examples=1, teacher__rows_per_shard=8,
+                teacher__fit__hidden=16, teacher__fit__layers=1, teacher__fit__projection=16,
+                teacher__fit__image_size=32, teacher__fit__image_epochs=1,
+                teacher__fit__branch_epochs=1)
     run(repo, "git", "init", "-q")
     run(repo, "git", "add", "-A")
     run(repo, "git", "commit", "-qm", "tiny pipeline")
     out = run(repo, "dvc", "repro")
-    assert ran(out) == {"sample", "cache_teacher", "train", "evaluate"}
+    assert ran(out) == {"sample", "teacher", "cache_teacher", "train", "evaluate"}
     run(repo, "git", "add", "-A")
     run(repo, "git", "commit", "-qm", "lock")
     return repo
 
 
 def test_repro_produces_every_declared_output(repo):
-    for path in ("data/deliver-sample/teacher/LanguageBind_Depth/pytorch_model.bin",
+    for path in ("data/sample-teacher/LanguageBind_Depth/pytorch_model.bin",
+                 "data/sample-teacher/LanguageBind_Lidar/pytorch_model.bin",
+                 "data/sample-teacher/teacher.json",
                  "cache/sample.zarr/zarr.json", "runs/sample/best.pt",
                  "runs/sample/dvclive/metrics.json", "metrics/mss.json", "metrics/miss.json",
                  "metrics/sensor.json", "metrics/report.md", "metrics/plots/miss.png"):
@@ -89,7 +94,7 @@ def test_student_change_reruns_train_and_evaluate_only(repo):
     edit_params(repo, train__seed=11)
     out = run(repo, "dvc", "repro")
     assert ran(out) == {"train", "evaluate"}
-    assert {"sample", "cache_teacher"} <= skipped(out)
+    assert {"sample", "teacher", "cache_teacher"} <= skipped(out)
     assert store.stat().st_mtime_ns == before  # stage one never ran
     edit_params(repo, student__mff__select=False)
     assert ran(run(repo, "dvc", "repro")) == {"train", "evaluate"}
@@ -108,13 +113,25 @@ def test_eval_change_reruns_evaluate_only(repo):
 
 
 def test_teacher_change_reruns_from_cache_teacher(repo):
-    edit_params(repo, teacher__class_prompt="a photo of a {}.")
+    edit_params(repo, teacher__dtype="float32")
     status = json.loads(run(repo, "dvc", "status", "--json"))
     assert set(status) == {"cache_teacher"}
     out = run(repo, "dvc", "repro")
     assert ran(out) == {"cache_teacher", "train", "evaluate"}
     run(repo, "git", "checkout", "-q", "HEAD", "--", "params.yaml", "dvc.lock")
     run(repo, "dvc", "repro")  # back to the committed teacher (the store is persisted)
+
+
+def test_fit_change_refits_the_default_teacher(repo):
+    # the class prompt is read by the fit (prompts vs class regions) and by stage one
+    edit_params(repo, teacher__class_prompt="a photo of a {}.")
+    status = json.loads(run(repo, "dvc", "status", "--json"))
+    assert set(status) == {"teacher", "cache_teacher"}
+    out = run(repo, "dvc", "repro")
+    assert ran(out) == {"teacher", "cache_teacher", "train", "evaluate"}
+    assert "zero-shot weather" in out  # the fit prints its quality figures
+    run(repo, "git", "checkout", "-q", "HEAD", "--", "params.yaml", "dvc.lock")
+    run(repo, "dvc", "repro")
 
 
 def test_experiment_records_different_metrics(repo):

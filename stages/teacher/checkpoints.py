@@ -15,7 +15,11 @@ from typing import Any
 from pipeline.errors import PipelineError
 
 BRANCH_FOLDERS = {"image": "LanguageBind_Image", "depth": "LanguageBind_Depth",
-                  "thermal": "LanguageBind_Thermal"}
+                  "thermal": "LanguageBind_Thermal",
+                  # no published LanguageBind tower exists for these two: the embedded
+                  # default teacher fits them (stages/teacher/fit.py) in the same format
+                  "event": "LanguageBind_Event", "lidar": "LanguageBind_Lidar"}
+PUBLISHED = ("image", "depth", "thermal")
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json",
                    "special_tokens_map.json", "tokenizer.json")
@@ -35,6 +39,12 @@ def resolve_branch_dir(teacher_root: str | Path, branch: str) -> Path:
     local = Path(teacher_root) / folder
     if local.is_dir():
         return local
+    if branch not in PUBLISHED:
+        raise PipelineError(
+            f"no {folder}/ under teacher root {teacher_root}: LanguageBind publishes no "
+            f"{branch} tower; map the modality to the image branch (--modality-branch "
+            f"{branch}=image, or teacher.modality_branch in params.yaml), or use the fitted "
+            "default teacher (`pipeline fit-teacher`), which has one")
     root_str = str(teacher_root)
     looks_like_hub = (not Path(teacher_root).exists() and root_str.count("/") == 0
                       and re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", root_str) is not None)

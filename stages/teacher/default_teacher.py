@@ -1,12 +1,12 @@
-"""A small LanguageBind teacher written in the real on-disk format (the embedded default).
+"""Small LanguageBind teachers written in the real on-disk format.
 
-Real LanguageBind weights (1.7 GB per branch) cannot be downloaded offline, so
-`pipeline make-sample` writes `LanguageBind_Image/` and `LanguageBind_Depth/` with a
-LanguageBind `config.json`, a `pytorch_model.bin` whose vision encoder is in the old
-peft LoRA layout, and CLIP BPE tokenizer files, with random weights from a fixed seed
-and small dimensions. The stage-one loader reads them exactly as it reads the real
-folders, so `make demo` exercises the real loading path. The embeddings it produces
-are meaningless for distillation: real runs need the real checkpoints.
+Real LanguageBind weights (1.7 GB per branch) cannot be downloaded offline, so the
+embedded default writes `LanguageBind_<Branch>/` folders with a LanguageBind
+`config.json`, a `pytorch_model.bin` whose vision encoder is in the old peft LoRA layout,
+and CLIP BPE tokenizer files, at small dimensions. The stage-one loader reads them
+exactly as it reads the real folders. `write_default_teacher` writes random weights
+(fast; tests and benchmarks of the loading path); the embedded default of `make demo`
+is fitted on the sample by `stages.teacher.fit` and saved with `save_branch`.
 """
 
 from __future__ import annotations
@@ -33,7 +33,8 @@ WORDS = (
     "fence", "wall", "traffic", "sign", "signs", "light", "lights", "terrain", "ground",
     "bridge", "static", "dynamic", "water", "rail", "track", "line", "lines", "other",
     "two", "wheeler", "wheelers", "cloudy", "foggy", "rainy", "sunny", "night", "at",
-    "on", "in", "day", "time", "objects",
+    "on", "in", "day", "time", "objects", "fences", "walls", "guard", "rails", "tracks",
+    "side", "walk",
 )
 
 
@@ -51,8 +52,8 @@ def bytes_to_unicode() -> list[str]:
     return [chr(c) for c in cs]
 
 
-def write_tokenizer(folder: Path, words: tuple[str, ...] = WORDS) -> int:
-    """CLIP tokenizer files (vocab.json, merges.txt, configs); returns the vocabulary size.
+def clip_vocabulary(words: tuple[str, ...] = WORDS) -> tuple[list[str], list[tuple[str, str]]]:
+    """CLIP-style BPE vocabulary and merges covering `words`.
 
     Layout as CLIP's: 256 byte symbols, the same with `</w>`, then merges, then the
     start/end tokens last (so end-of-text has the largest id, as in CLIP).
@@ -71,7 +72,12 @@ def write_tokenizer(folder: Path, words: tuple[str, ...] = WORDS) -> int:
                 vocab.append(merged)
                 known.add(merged)
             parts = [merged] + parts[2:]
-    vocab += list(SPECIALS)
+    return vocab + list(SPECIALS), merges
+
+
+def write_tokenizer(folder: Path, words: tuple[str, ...] = WORDS) -> int:
+    """CLIP tokenizer files (vocab.json, merges.txt, configs); returns the vocabulary size."""
+    vocab, merges = clip_vocabulary(words)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)},
                                                   ensure_ascii=False))
@@ -88,7 +94,8 @@ def write_tokenizer(folder: Path, words: tuple[str, ...] = WORDS) -> int:
 
 def languagebind_config(branch: str, vocab_size: int, hidden: int = 64, layers: int = 2,
                         heads: int = 2, projection: int = 64, patch: int = 32,
-                        lora_r: int = 2, lora_alpha: int = 16) -> dict[str, Any]:
+                        lora_r: int = 2, lora_alpha: int = 16, image_size: int = 224,
+                        max_depth: float = 10) -> dict[str, Any]:
     """A config.json as LanguageBind writes it (model_type, text/vision configs with the
     LanguageBind extras), at small dimensions."""
     name = "LanguageBind" + branch.capitalize()
@@ -112,12 +119,12 @@ def languagebind_config(branch: str, vocab_size: int, hidden: int = 64, layers: 
         "vision_config": {
             "model_type": "clip_vision_model", "hidden_size": hidden,
             "intermediate_size": 4 * hidden, "num_hidden_layers": layers,
-            "num_attention_heads": heads, "image_size": 224, "patch_size": patch,
+            "num_attention_heads": heads, "image_size": image_size, "patch_size": patch,
             "num_channels": 3, "hidden_act": "gelu", "layer_norm_eps": 1e-5,
             "projection_dim": projection, "add_time_attn": False, "num_frames": 1,
             "force_patch_dropout": 0.0, "lora_r": lora_r, "lora_alpha": lora_alpha,
             "lora_dropout": 0.0, "num_mel_bins": 0.0, "target_length": 0.0,
-            "max_depth": 10, "video_decode_backend": "decord",
+            "max_depth": max_depth, "video_decode_backend": "decord",
         },
     }
 
@@ -132,11 +139,16 @@ def random_clip_state(config: dict[str, Any], seed: int) -> dict[str, torch.Tens
 
 
 def to_languagebind_layout(state: dict[str, torch.Tensor], config: dict[str, Any], seed: int,
-                           layout: str = "peft-old") -> dict[str, torch.Tensor]:
-    """Split merged CLIP weights into a LanguageBind checkpoint: base + LoRA A/B.
+                           layout: str = "peft-old",
+                           lora: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+                           ) -> dict[str, torch.Tensor]:
+    """A LanguageBind checkpoint from CLIP weights: base + LoRA A/B in the peft layout.
 
-    `state` holds the weights the loader must reproduce after merging. Layouts:
-    `peft-old` (`...q_proj.weight` + `lora_A.default.weight`), `peft-base-layer`
+    Without `lora`, `state` holds the merged weights the loader must reproduce and is
+    split into base = W - B @ A * alpha / r with random A, B from `seed`. With `lora`
+    (`"layers.{i}.self_attn.q_proj" -> (A, B)`, trained factors), `state` holds the base
+    weights and they are written unchanged beside A and B. Layouts: `peft-old`
+    (`...q_proj.weight` + `lora_A.default.weight`), `peft-base-layer`
     (`...q_proj.base_layer.weight`), `plain` (no LoRA, lora_r must be 0).
     """
     vc = config["vision_config"]
@@ -160,9 +172,13 @@ def to_languagebind_layout(state: dict[str, torch.Tensor], config: dict[str, Any
         if leaf == "bias":
             out[base_key] = value
             continue
-        a = torch.randn(r, value.shape[1], generator=gen) * 0.05
-        b = torch.randn(value.shape[0], r, generator=gen) * 0.05
-        out[base_key] = value - (b @ a) * (alpha / r)
+        if lora is not None:
+            a, b = (t.detach().clone() for t in lora[module])
+            out[base_key] = value
+        else:
+            a = torch.randn(r, value.shape[1], generator=gen) * 0.05
+            b = torch.randn(value.shape[0], r, generator=gen) * 0.05
+            out[base_key] = value - (b @ a) * (alpha / r)
         out[f"{new_prefix}{module}.lora_A.default.weight"] = a
         out[f"{new_prefix}{module}.lora_B.default.weight"] = b
     # old transformers saved these buffers; real LanguageBind files carry them
@@ -173,39 +189,48 @@ def to_languagebind_layout(state: dict[str, torch.Tensor], config: dict[str, Any
     return out
 
 
-def write_checkpoint(folder: Path, branch: str, *, seed: int = 0, layout: str = "peft-old",
-                     weights_format: str = "bin", text_seed: int | None = None,
-                     **dims: Any) -> dict[str, torch.Tensor]:
-    """Write one LanguageBind branch folder; returns the merged CLIP state dict it encodes.
-
-    The text tower comes from `text_seed` (default `seed`), so branches written with one
-    `text_seed` share their text tower, as real LanguageBind checkpoints do.
-    """
+def save_branch(folder: Path, config: dict[str, Any], state: dict[str, torch.Tensor], *,
+                seed: int = 0, layout: str = "peft-old", weights_format: str = "bin",
+                lora: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None) -> None:
+    """Write one LanguageBind branch folder (tokenizer, config.json, weights) for `state`
+    (see `to_languagebind_layout` for `lora`)."""
     folder.mkdir(parents=True, exist_ok=True)
-    vocab_size = write_tokenizer(folder)
-    if layout == "plain":
-        dims.setdefault("lora_r", 0)
-    config = languagebind_config(branch, vocab_size, **dims)
-    state = random_clip_state(config, seed)
-    if text_seed is not None:
-        text = random_clip_state(config, text_seed)
-        for k in state:
-            if k.startswith(("text_model.", "text_projection.")):
-                state[k] = text[k]
+    write_tokenizer(folder)
     (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    ckpt = to_languagebind_layout(state, config, seed, layout)
+    ckpt = to_languagebind_layout(state, config, seed, layout, lora)
     if weights_format == "safetensors":
         from safetensors.torch import save_file
 
         save_file({k: v.contiguous() for k, v in ckpt.items()}, str(folder / "model.safetensors"))
     else:
         torch.save(ckpt, folder / "pytorch_model.bin")
+
+
+def write_checkpoint(folder: Path, branch: str, *, seed: int = 0, layout: str = "peft-old",
+                     weights_format: str = "bin", text_seed: int | None = None,
+                     **dims: Any) -> dict[str, torch.Tensor]:
+    """Write one LanguageBind branch folder with random weights; returns the merged CLIP
+    state dict it encodes.
+
+    The text tower comes from `text_seed` (default `seed`), so branches written with one
+    `text_seed` share their text tower, as real LanguageBind checkpoints do.
+    """
+    if layout == "plain":
+        dims.setdefault("lora_r", 0)
+    config = languagebind_config(branch, len(clip_vocabulary()[0]), **dims)
+    state = random_clip_state(config, seed)
+    if text_seed is not None:
+        text = random_clip_state(config, text_seed)
+        for k in state:
+            if k.startswith(("text_model.", "text_projection.")):
+                state[k] = text[k]
+    save_branch(folder, config, state, seed=seed, layout=layout, weights_format=weights_format)
     return state
 
 
 def write_default_teacher(root: Path | str, seed: int = 0) -> str:
-    """`<root>/LanguageBind_Image` and `<root>/LanguageBind_Depth`; "up-to-date" when an
-    identical teacher is already there, else "written"."""
+    """`<root>/LanguageBind_Image` and `<root>/LanguageBind_Depth` with random weights;
+    "up-to-date" when an identical teacher is already there, else "written"."""
     root = Path(root)
     manifest = {"generator": GENERATOR, "seed": seed, "branches": ["image", "depth"]}
     path = root / MANIFEST

@@ -74,6 +74,7 @@ class TeacherConfig:
         if "root" in ds:
             data["root"] = ds["root"]
         teacher = dict(params.get("teacher") or {})
+        teacher.pop("fit", None)  # the default teacher's fitting (`pipeline fit-teacher`)
         if "root" in teacher:
             teacher["teacher_root"] = teacher.pop("root")
         data.update(teacher)

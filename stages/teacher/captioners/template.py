@@ -40,6 +40,11 @@ def join(words: Sequence[str]) -> str:
     return ", ".join(words[:-1]) + " and " + words[-1]
 
 
+def compose(opening: str, names: Sequence[str]) -> str:
+    """'a foggy street' + ['road', 'cars'] -> 'a foggy street with road and cars'."""
+    return f"{opening} with {join(names)}" if names else opening
+
+
 @register
 class TemplateCaptioner(Captioner):
     name = "template"
@@ -50,16 +55,19 @@ class TemplateCaptioner(Captioner):
         self.max_classes = max_classes
         self.min_fraction = min_fraction
 
-    def describe(self, label: np.ndarray, condition: str | None) -> str:
+    def parts(self, label: np.ndarray, condition: str | None) -> tuple[str, list[str]]:
+        """The opening ("a foggy street") and the class names, largest first."""
         valid = label[label != 255]
         opening = OPENINGS.get(condition or "", "a scene")
         if valid.size == 0:
-            return opening
+            return opening, []
         counts = np.bincount(valid.ravel(), minlength=len(self.class_names))
         order = [c for c in np.argsort(-counts, kind="stable")
                  if counts[c] >= self.min_fraction * valid.size][: self.max_classes]
-        names = [natural_name(self.class_names[c]) for c in order]
-        return f"{opening} with {join(names)}" if names else opening
+        return opening, [natural_name(self.class_names[c]) for c in order]
+
+    def describe(self, label: np.ndarray, condition: str | None) -> str:
+        return compose(*self.parts(label, condition))
 
     def caption(self, samples: Sequence[Sample]) -> list[str]:
         return [self.describe(s.label, s.condition) for s in samples]
