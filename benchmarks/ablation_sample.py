@@ -104,6 +104,9 @@ def main() -> None:
     parser.add_argument("--crop", type=int, default=128)
     parser.add_argument("--root", type=Path, default=None,
                         help="an existing sample (default: generate one in a temp folder)")
+    parser.add_argument("--work", type=Path, default=None,
+                        help="keep the fitted teacher and the cache here and reuse them on "
+                        "the next run (default: a temp folder)")
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--jobs", type=int, default=1, help="trainings at once")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per training")
@@ -127,16 +130,18 @@ def main() -> None:
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
-        root = args.root or tmp / "deliver-sample"
+        work = args.work or tmp
+        root = args.root or work / "deliver-sample"
         make_sample(root, SampleSpec())
         teacher_cfg = TeacherConfig.from_params(params, {"dataset": "sample", "root": str(root)})
         fit = build(FitConfig, dict((params.get("teacher") or {}).get("fit") or {}), "teacher.fit")
-        fitted = fit_default_teacher(root, tmp / "teacher", fit, teacher_cfg.branch_map(),
+        fitted = fit_default_teacher(root, work / "teacher", fit, teacher_cfg.branch_map(),
                                      teacher_cfg.class_prompt, progress=False)
         quality = fitted.manifest["quality"]
         print(format_quality(quality, fitted.manifest["random_init_quality"]), flush=True)
-        cache = tmp / "sample.zarr"
-        teacher_cfg.out, teacher_cfg.teacher_root = str(cache), str(tmp / "teacher")
+        cache = work / "sample.zarr"
+        teacher_cfg.out, teacher_cfg.teacher_root = str(cache), str(work / "teacher")
+        teacher_cfg.overwrite = True  # a cache of an earlier teacher in --work is rebuilt
         cache_teacher(teacher_cfg)
         train_params = params.get("train") or {}
         jobs = [{"variant": v, "seed": 3407 + s, "root": str(root), "cache": str(cache),
