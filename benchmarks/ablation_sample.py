@@ -23,6 +23,7 @@ import platform
 import statistics
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
@@ -151,11 +152,11 @@ def main() -> None:
                  "mff": dict((params.get("student") or {}).get("mff") or {})}
                 for s in range(args.seeds) for v in variants]
         rows = []
-        if args.jobs > 1:
-            with mp.get_context("spawn").Pool(args.jobs) as pool:
-                for row in pool.imap_unordered(run_one, jobs):
-                    rows.append(row)
-                    print(row, flush=True)
+        if args.jobs > 1:  # worker processes may start their own data-loader workers
+            with ProcessPoolExecutor(args.jobs, mp.get_context("spawn")) as pool:
+                for future in as_completed([pool.submit(run_one, job) for job in jobs]):
+                    rows.append(future.result())
+                    print(rows[-1], flush=True)
         else:
             for job in jobs:
                 rows.append(run_one(job))
