@@ -1,9 +1,12 @@
 """LSCD losses (Any2Seg section 3.2) and the supervised term.
 
 L = w_sup * CE + w_cr * L_cr + w_se * L_se, with the teacher side read from the cache:
-- L_cr (inter-modal correlation): for the present modalities m, the student's
-  M^f_m = cos(GAP(f_m), GAP(f_ma)) on the last stage and the teacher's
-  M^e_m = cos(E_m, E_S); KL(softmax(M^f / tau) || softmax(M^e / tau)).
+- L_cr (inter-modal correlation): for the present modalities m, the student's M^f_m and
+  the teacher's M^e_m = cos(E_m, E_S); KL(softmax(M^f / tau) || softmax(M^e / tau)).
+  M^f_m is cos(GAP(f_m), GAP(f_ma)) on the last stage (`gap_correlation`), or under
+  `student.mff.variant: author` the correlations that drive MFF's re-weighting (the
+  flattened class-score maps vs the anchor, `MFFOutput.correlation`), as the authors'
+  code returns them for the loss.
 - L_se (semantic structure): class prototypes e_k = masked average of the fused
   features over the pixels of class k (classes present in the batch); the row-softmaxed
   cosine self-similarity of the prototypes is matched to that of E_C by KL.
@@ -53,24 +56,35 @@ def supervised(logits: torch.Tensor, label: torch.Tensor, cfg: LossConfig) -> to
     return hard.mean()
 
 
-def correlation(student_feats: torch.Tensor, student_fused: torch.Tensor,
-                present: torch.Tensor, teacher_visual: torch.Tensor,
-                teacher_scene: torch.Tensor, tau: float = 0.1) -> torch.Tensor:
-    """L_cr. student_feats (B, M, C, h, w); student_fused (B, C, h, w); present (B, M);
-    teacher_visual (B, M, D); teacher_scene (B, D). Samples with one present modality
-    carry no correlation and are skipped."""
+def gap_correlation(student_feats: torch.Tensor, student_fused: torch.Tensor) -> torch.Tensor:
+    """M^f = cos(GAP(f_m), GAP(f_ma)): feats (B, M, C, h, w), fused (B, C, h, w) -> (B, M)."""
     gap_m = student_feats.mean(dim=(-2, -1))  # (B, M, C)
     gap_a = student_fused.mean(dim=(-2, -1))  # (B, C)
-    m_f = F.cosine_similarity(gap_m, gap_a[:, None], dim=-1)  # (B, M)
+    return F.cosine_similarity(gap_m, gap_a[:, None], dim=-1)
+
+
+def correlation_kl(m_f: torch.Tensor, present: torch.Tensor, teacher_visual: torch.Tensor,
+                   teacher_scene: torch.Tensor, tau: float = 0.1) -> torch.Tensor:
+    """L_cr from the student's correlations m_f (B, M); present (B, M); teacher_visual
+    (B, M, D); teacher_scene (B, D). Samples with one present modality carry no
+    correlation and are skipped."""
     m_e = F.cosine_similarity(teacher_visual, teacher_scene[:, None], dim=-1)
     rows = present.sum(1) > 1
     if not bool(rows.any()):
-        return student_fused.sum() * 0.0
+        return m_f.sum() * 0.0
     neg = torch.finfo(m_f.dtype).min
     log_p = F.log_softmax((m_f / tau).masked_fill(~present, neg), dim=1)[rows]
-    log_q = F.log_softmax((m_e / tau).masked_fill(~present, neg), dim=1)[rows]
+    log_q = F.log_softmax((m_e.to(m_f.dtype) / tau).masked_fill(~present, neg), dim=1)[rows]
     p = log_p.exp() * present[rows]
     return (p * (log_p - log_q)).masked_fill(~present[rows], 0.0).sum(1).mean()
+
+
+def correlation(student_feats: torch.Tensor, student_fused: torch.Tensor,
+                present: torch.Tensor, teacher_visual: torch.Tensor,
+                teacher_scene: torch.Tensor, tau: float = 0.1) -> torch.Tensor:
+    """L_cr with M^f = `gap_correlation` (the `pixel` and `paper` variants)."""
+    return correlation_kl(gap_correlation(student_feats, student_fused), present,
+                          teacher_visual, teacher_scene, tau)
 
 
 def prototypes(fused: torch.Tensor, label: torch.Tensor,

@@ -1,4 +1,10 @@
-"""The Any2Seg student: one shared encoder, MFF at every stage, an all-MLP head."""
+"""The Any2Seg student: one shared encoder, MFF, an all-MLP head.
+
+Where MFF sits depends on `student.mff.variant`: `pixel` and `paper` fuse the encoder
+features at every stage and the head decodes the fused features (the paper's text);
+`author` decodes every modality with the shared head and fuses the per-modality
+class-score maps once (the authors' code, see stages/student/mff.py).
+"""
 
 from __future__ import annotations
 
@@ -20,7 +26,7 @@ MISSING_MODES = ("exclude", "zero-fill")
 class StudentOutput:
     logits: torch.Tensor  # (B, K, H/4, W/4)
     feats: list[torch.Tensor]  # per stage (B, M, C, h, w), zeros for absent modalities
-    fused: list[MFFOutput]  # per stage
+    fused: list[MFFOutput]  # per stage; `author`: one, on the class-score maps
     present: torch.Tensor  # (B, M) the mask MFF used
 
 
@@ -52,7 +58,27 @@ class Any2Seg(nn.Module):
 
     def decode(self, feats: list[torch.Tensor], present: torch.Tensor) -> torch.Tensor:
         """Fuse per-stage features under `present` and classify: (B, K, H/4, W/4)."""
-        return self.head([self.mff(f, present).fused for f in feats])
+        return self.fuse(feats, present)[0]
+
+    def fuse(self, feats: list[torch.Tensor],
+             present: torch.Tensor) -> tuple[torch.Tensor, list[MFFOutput]]:
+        """Logits and the MFF outputs, with MFF where the variant puts it."""
+        if self.mff.config.variant == "author":
+            fused = self.mff(self.modality_logits(feats, present), present)
+            return fused.fused, [fused]
+        outputs = [self.mff(f, present) for f in feats]
+        return self.head([o.fused for o in outputs]), outputs
+
+    def modality_logits(self, feats: list[torch.Tensor],
+                        present: torch.Tensor) -> torch.Tensor:
+        """The shared head on every present modality alone: (B, M, K, H/4, W/4), zeros
+        for absent ones."""
+        b, m = present.shape
+        keep = present.flatten().nonzero().squeeze(1)
+        out = self.head([f.flatten(0, 1)[keep] for f in feats])
+        full = out.new_zeros((b * m, *out.shape[1:]))
+        full[keep] = out
+        return full.view(b, m, *out.shape[1:])
 
     def forward(self, images: torch.Tensor, present: torch.Tensor | None = None) -> StudentOutput:
         """images (B, M, 3, H, W) normalised; present (B, M) bool (default: all)."""
@@ -72,8 +98,7 @@ class Any2Seg(nn.Module):
             full = f.new_zeros((b * m, *f.shape[1:]))
             full[keep] = f
             feats.append(full.view(b, m, *f.shape[1:]))
-        fused = [self.mff(f, present) for f in feats]
-        logits = self.head([o.fused for o in fused])
+        logits, fused = self.fuse(feats, present)
         return StudentOutput(logits, feats, fused, present)
 
 
@@ -93,7 +118,12 @@ class StudentConfig:
         if unknown:
             raise PipelineError(f"student.mff: unknown key {sorted(unknown)[0]!r}; known: "
                                 f"{', '.join(MFFConfig.__dataclass_fields__)}")
-        return MFFConfig(**self.mff)
+        cfg = MFFConfig(**self.mff)
+        try:
+            cfg.validate()
+        except ValueError as exc:
+            raise PipelineError(str(exc)) from exc
+        return cfg
 
 
 def build_student(cfg: StudentConfig, modalities: list[str], num_classes: int) -> Any2Seg:

@@ -27,7 +27,13 @@ from pipeline.progress import progress as progress_bar
 from pipeline.store import TeacherCache, dataset_fingerprint, open_cache
 from stages.student.data import AugmentConfig, ScheduleSampler, StudentData, Targets
 from stages.student.evaluate import evaluate
-from stages.student.losses import LossConfig, correlation, semantic, supervised
+from stages.student.losses import (
+    LossConfig,
+    correlation_kl,
+    gap_correlation,
+    semantic,
+    supervised,
+)
 from stages.student.model import StudentConfig, build_student
 
 CHECKPOINT_VERSION = 1
@@ -154,6 +160,17 @@ def load_targets(cache: TeacherCache, samples: datasets.SampleSequence, modaliti
                    scene=got["scene"], classes=cache.classes)
 
 
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups as DELIVER's `get_optimizer` (semseg/optimizers.py): weight decay on
+    matrices and kernels, none on 1-D parameters (norm weights and biases)."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0}]
+
+
 def save_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
                     step: int, best: float, meta: dict[str, Any]) -> None:
     """Atomic write (temporary file + rename). With the optimizer and every RNG state for
@@ -189,6 +206,7 @@ def train(student: StudentConfig, cfg: TrainConfig, progress: bool = True,
     targets = load_targets(cache, train_set, modalities, cfg)
     steps = cfg.steps or math.ceil(cfg.epochs * max(1, len(train_set) // cfg.batch_size))
     loss_cfg = cfg.loss_config()
+    fuse_classes = student.mff_config().variant == "author"
     meta = {"student": asdict(student), "train": asdict(cfg), "modalities": modalities,
             "classes": list(train_set.classes), "dataset": cfg.dataset, "steps": steps,
             "palette": [list(c) for c in datasets.get(cfg.dataset).palette]}
@@ -200,7 +218,7 @@ def train(student: StudentConfig, cfg: TrainConfig, progress: bool = True,
     model = build_student(student, modalities, len(train_set.classes)).to(device)
     if device.startswith("cuda"):
         model = model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr)
     from timm.scheduler import PolyLRScheduler
 
     scheduler = PolyLRScheduler(optimizer, t_initial=steps, power=cfg.power,
@@ -258,9 +276,12 @@ def train(student: StudentConfig, cfg: TrainConfig, progress: bool = True,
             fused = upcast(output.fused[-1].fused)
             terms = {"L_sup": supervised(upcast(output.logits), label, loss_cfg)}
             if loss_cfg.w_cr:
-                terms["L_cr"] = correlation(upcast(output.feats[-1]), fused, output.present,
-                                            batch["visual"].to(device), batch["scene"].to(device),
-                                            loss_cfg.tau_cr)
+                # the student side: MFF's re-weighting correlations under `author`
+                m_f = (output.fused[-1].correlation if fuse_classes
+                       else gap_correlation(upcast(output.feats[-1]), fused))
+                terms["L_cr"] = correlation_kl(upcast(m_f), output.present,
+                                               batch["visual"].to(device),
+                                               batch["scene"].to(device), loss_cfg.tau_cr)
             if loss_cfg.w_se:
                 terms["L_se"] = semantic(fused, label, classes, loss_cfg.tau_se)
         weights = {"L_sup": loss_cfg.w_sup, "L_cr": loss_cfg.w_cr, "L_se": loss_cfg.w_se}
