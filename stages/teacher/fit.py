@@ -497,6 +497,8 @@ def fit_default_teacher(sample_root: Path | str, out: Path | str, cfg: FitConfig
     if existing is not None and existing.get("manifest") == manifest and not overwrite:
         return FitResult("up-to-date", existing)
     # a fitted teacher made with other settings is ours to replace; anything else is not
+    if out.exists() and not out.is_dir():
+        raise PipelineError(f"{out} exists and is not a directory; choose another --out")
     if out.exists() and any(out.iterdir()) and existing is None:
         raise PipelineError(f"{out} exists and holds no fitted default teacher; refusing to "
                             "write into it: choose another --out or remove it yourself")
@@ -507,83 +509,85 @@ def fit_default_teacher(sample_root: Path | str, out: Path | str, cfg: FitConfig
     torch.use_deterministic_algorithms(True)
     tmp = out.parent / f".{out.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        tmp.mkdir(parents=True)
-        torch.manual_seed(cfg.seed)
-        generator = torch.Generator().manual_seed(cfg.seed)
-        train = load_split(sample_root, "train", branch_of, len(CLASSES), cfg)
-        val = load_split(sample_root, "val", branch_of, len(CLASSES), cfg)
-        write_tokenizer(tmp / "tokenizer")
-        tokenizer = CLIPTokenizer.from_pretrained(str(tmp / "tokenizer"))
-        class_prompts = [class_prompt.format(readable_class(c)) for c in CLASSES]
-        prompts = _tokenize(tokenizer, class_prompts)
-        vocab = len(clip_vocabulary()[0])
-        dims = {"hidden": cfg.hidden, "layers": cfg.layers, "heads": cfg.heads,
-                "projection": cfg.projection, "patch": cfg.patch, "image_size": cfg.image_size,
-                "max_depth": cfg.max_depth, "lora_alpha": cfg.lora_alpha}
-        configs = {b: languagebind_config(b, vocab, lora_r=cfg.image_lora_r if b == "image"
-                                          else cfg.lora_r, **dims) for b in branches}
-        image_cfg = configs["image"]
-        model = CLIPModel(CLIPConfig(text_config=image_cfg["text_config"],
-                                     vision_config=image_cfg["vision_config"],
-                                     projection_dim=image_cfg["projection_dim"]))
-        model.load_state_dict(random_clip_state(image_cfg, cfg.seed))
-
-        # -- quality at random initialisation, through the same loader ----------------------
-        initial_root = tmp / "initial"
-        for b in branches:
-            save_branch(initial_root / BRANCH_FOLDERS[b], configs[b], model.state_dict(),
-                        seed=cfg.seed)
-        initial = quality(initial_root, val, branch_of, class_prompts)
-        shutil.rmtree(initial_root)
-
-        n = train.regions.shape[0]
-        inputs = {b: [train.pixels[m] for m, mb in branch_of.items() if mb == b]
-                  for b in branches}
-        steps = sum(math.ceil(n * len(inputs[b]) / cfg.batch_size) *
-                    (cfg.image_epochs if b == "image" else cfg.branch_epochs) for b in branches)
-        bar = progress_bar(total=steps, desc="fitting the default teacher", unit="step",
-                           enabled=progress)
-
-        def tick(name: str, loss: float) -> None:
-            bar.update(1)
-            bar.set_postfix(branch=name, loss=f"{loss:.3f}")
-
-        phases = [Phase("image", model, list(model.parameters()), inputs["image"],
-                        cfg.image_epochs, cfg.lr, train_text=True)]
+    # the caller's global RNG is left as it was
+    with torch.random.fork_rng(devices=[]):
         try:
-            _run_phase(phases[0], train, tokenizer, prompts, cfg, generator, tick)
-            for b in branches[1:]:
-                phases.append(_lora_phase(b, model, inputs[b], cfg, generator))
-                _run_phase(phases[-1], train, tokenizer, prompts, cfg, generator, tick)
-        finally:
-            bar.close()
+            tmp.mkdir(parents=True)
+            torch.manual_seed(cfg.seed)
+            generator = torch.Generator().manual_seed(cfg.seed)
+            train = load_split(sample_root, "train", branch_of, len(CLASSES), cfg)
+            val = load_split(sample_root, "val", branch_of, len(CLASSES), cfg)
+            write_tokenizer(tmp / "tokenizer")
+            tokenizer = CLIPTokenizer.from_pretrained(str(tmp / "tokenizer"))
+            class_prompts = [class_prompt.format(readable_class(c)) for c in CLASSES]
+            prompts = _tokenize(tokenizer, class_prompts)
+            vocab = len(clip_vocabulary()[0])
+            dims = {"hidden": cfg.hidden, "layers": cfg.layers, "heads": cfg.heads,
+                    "projection": cfg.projection, "patch": cfg.patch, "image_size": cfg.image_size,
+                    "max_depth": cfg.max_depth, "lora_alpha": cfg.lora_alpha}
+            configs = {b: languagebind_config(b, vocab, lora_r=cfg.image_lora_r if b == "image"
+                                              else cfg.lora_r, **dims) for b in branches}
+            image_cfg = configs["image"]
+            model = CLIPModel(CLIPConfig(text_config=image_cfg["text_config"],
+                                         vision_config=image_cfg["vision_config"],
+                                         projection_dim=image_cfg["projection_dim"]))
+            model.load_state_dict(random_clip_state(image_cfg, cfg.seed))
 
-        # -- write every branch in the real format ------------------------------------------
-        text_state = {k: v for k, v in model.state_dict().items()
-                      if k.startswith(("text_model.", "text_projection."))}
-        models: dict[str, nn.Module] = {}
-        for phase in phases:
-            b = phase.name
-            state = {**base_state(phase.model), **text_state}
-            lora = lora_factors(phase.model.vision_model) if b != "image" else None
-            save_branch(tmp / BRANCH_FOLDERS[b], configs[b], state, seed=cfg.seed + 1,
-                        lora=lora)
-            models[b] = phase.model.eval()
-        shutil.rmtree(tmp / "tokenizer")
-        fitted = quality(tmp, val, branch_of, class_prompts)
-        record = {"manifest": manifest, "quality": fitted, "random_init_quality": initial,
-                  "final_loss": {p.name: round(float(np.mean(p.losses[-5:])), 4)
-                                 if p.losses else None for p in phases}}
-        (tmp / MANIFEST).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
-        owned = (*BRANCH_FOLDERS.values(), MANIFEST)
-        publish(tmp, out, owned)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    finally:
-        torch.set_num_threads(threads)
-        torch.use_deterministic_algorithms(deterministic)
+            # -- quality at random initialisation, through the same loader ----------------------
+            initial_root = tmp / "initial"
+            for b in branches:
+                save_branch(initial_root / BRANCH_FOLDERS[b], configs[b], model.state_dict(),
+                            seed=cfg.seed)
+            initial = quality(initial_root, val, branch_of, class_prompts)
+            shutil.rmtree(initial_root)
+
+            n = train.regions.shape[0]
+            inputs = {b: [train.pixels[m] for m, mb in branch_of.items() if mb == b]
+                      for b in branches}
+            steps = sum(math.ceil(n * len(inputs[b]) / cfg.batch_size) *
+                        (cfg.image_epochs if b == "image" else cfg.branch_epochs) for b in branches)
+            bar = progress_bar(total=steps, desc="fitting the default teacher", unit="step",
+                               enabled=progress)
+
+            def tick(name: str, loss: float) -> None:
+                bar.update(1)
+                bar.set_postfix(branch=name, loss=f"{loss:.3f}")
+
+            phases = [Phase("image", model, list(model.parameters()), inputs["image"],
+                            cfg.image_epochs, cfg.lr, train_text=True)]
+            try:
+                _run_phase(phases[0], train, tokenizer, prompts, cfg, generator, tick)
+                for b in branches[1:]:
+                    phases.append(_lora_phase(b, model, inputs[b], cfg, generator))
+                    _run_phase(phases[-1], train, tokenizer, prompts, cfg, generator, tick)
+            finally:
+                bar.close()
+
+            # -- write every branch in the real format ------------------------------------------
+            text_state = {k: v for k, v in model.state_dict().items()
+                          if k.startswith(("text_model.", "text_projection."))}
+            models: dict[str, nn.Module] = {}
+            for phase in phases:
+                b = phase.name
+                state = {**base_state(phase.model), **text_state}
+                lora = lora_factors(phase.model.vision_model) if b != "image" else None
+                save_branch(tmp / BRANCH_FOLDERS[b], configs[b], state, seed=cfg.seed + 1,
+                            lora=lora)
+                models[b] = phase.model.eval()
+            shutil.rmtree(tmp / "tokenizer")
+            fitted = quality(tmp, val, branch_of, class_prompts)
+            record = {"manifest": manifest, "quality": fitted, "random_init_quality": initial,
+                      "final_loss": {p.name: round(float(np.mean(p.losses[-5:])), 4)
+                                     if p.losses else None for p in phases}}
+            (tmp / MANIFEST).write_text(json.dumps(record, indent=2) + "\n")  # modalities in order
+            owned = (*BRANCH_FOLDERS.values(), MANIFEST)
+            publish(tmp, out, owned)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        finally:
+            torch.set_num_threads(threads)
+            torch.use_deterministic_algorithms(deterministic)
     return FitResult("written", record, round(time.perf_counter() - start, 1), models)
 
 
