@@ -35,7 +35,12 @@ VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any], dict[str, Any]]] = {
     "no L_se": ({}, {"w_se": 0.0}, {}),
     "mean fusion (no MFF)": ({"reweight": False, "select": False}, {}, {}),
     "MFF without selection": ({"select": False}, {}, {}),
+    "MFF author": ({"variant": "author"}, {}, {}),
+    "MFF paper": ({"variant": "paper"}, {}, {}),
+    "MFF pixel": ({"variant": "pixel"}, {}, {}),
 }
+DEFAULT_ROWS = ("full model", "CE only", "no L_cr", "no L_se", "mean fusion (no MFF)",
+                "MFF without selection", "MFF author", "MFF paper", "MFF pixel")
 BASELINE = "CE only"
 
 
@@ -108,7 +113,13 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=None,
                         help="keep the fitted teacher and the cache here and reuse them on "
                         "the next run (default: a temp folder)")
-    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--variants", default=",".join(DEFAULT_ROWS),
+                        help="rows, comma-separated (a row equal to the default is skipped "
+                        "and reported as `full model`)")
+    parser.add_argument("--mff", action="append", default=[], metavar="KEY=VALUE",
+                        help="student.mff setting for every row (default: params.yaml)")
+    parser.add_argument("--loss", action="append", default=[], metavar="KEY=VALUE",
+                        help="train.loss setting for every row (default: params.yaml)")
     parser.add_argument("--jobs", type=int, default=1, help="trainings at once")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per training")
     parser.add_argument("--workers", type=int, default=1, help="data workers per training")
@@ -121,6 +132,10 @@ def main() -> None:
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         parser.error(f"unknown variant {unknown[0]!r}; known: {', '.join(VARIANTS)}")
+    import yaml
+
+    def pairs(items: list[str]) -> dict[str, Any]:
+        return {k: yaml.safe_load(v) for k, _, v in (i.partition("=") for i in items)}
 
     from pipeline.config import build, load_params
     from pipeline.datasets.sample import SampleSpec, make_sample
@@ -144,12 +159,16 @@ def main() -> None:
         teacher_cfg.out, teacher_cfg.teacher_root = str(cache), str(work / "teacher")
         teacher_cfg.overwrite = True  # a cache of an earlier teacher in --work is rebuilt
         cache_teacher(teacher_cfg)
-        train_params = params.get("train") or {}
+        base_mff = {**((params.get("student") or {}).get("mff") or {}), **pairs(args.mff)}
+        base_loss = {**((params.get("train") or {}).get("loss") or {}), **pairs(args.loss)}
+        default_variant = base_mff.get("variant", "pixel")
+        # the row naming the default variant is the full model itself
+        variants = [v for v in variants if not (v == f"MFF {default_variant}"
+                                                and "full model" in variants)]
         jobs = [{"variant": v, "seed": 3407 + s, "root": str(root), "cache": str(cache),
                  "out": str(tmp / f"{v.replace(' ', '_')}-{s}"), "steps": args.steps,
                  "crop": args.crop, "threads": args.threads, "workers": args.workers,
-                 "loss": dict(train_params.get("loss") or {}),
-                 "mff": dict((params.get("student") or {}).get("mff") or {})}
+                 "loss": base_loss, "mff": base_mff}
                 for s in range(args.seeds) for v in variants]
         rows = []
         if args.jobs > 1:  # worker processes may start their own data-loader workers
@@ -164,8 +183,9 @@ def main() -> None:
     total = (time.perf_counter() - start) / 60
     table = summarise(rows, variants)
     print(f"\n{args.seeds} seeds x {len(variants)} variants, {args.steps} steps each, mit_b0, "
-          f"batch 4 x 4 modalities, crop {args.crop}, {args.jobs} job(s) x {args.threads} "
-          f"thread(s), {os.cpu_count()} cores, {total:.1f} min in all")
+          f"batch 4 x 4 modalities, crop {args.crop}, MFF {default_variant} unless named, "
+          f"{args.jobs} job(s) x {args.threads} thread(s), {os.cpu_count()} cores, "
+          f"{total:.1f} min in all")
     print("| variant | MSS mIoU | MISS mean mIoU | MISS gap to CE only |")
     print("|---|---:|---:|---:|")
     for t in table:
@@ -177,7 +197,8 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({
         "benchmark": "ablation_sample", "seeds": args.seeds, "steps": args.steps,
-        "crop": args.crop, "jobs": args.jobs, "threads": args.threads,
+        "crop": args.crop, "jobs": args.jobs, "threads": args.threads, "mff": base_mff,
+        "loss": base_loss,
         "cpu_count": os.cpu_count(), "machine": platform.machine(),
         "total_minutes": round(total, 2), "teacher_quality": quality,
         "table": table, "rows": rows}, indent=2) + "\n")
