@@ -141,9 +141,12 @@ def test_author_model_fuses_per_modality_class_maps_once():
 
 def test_paper_and_pixel_models_fuse_encoder_features_at_every_stage():
     model = build_student(StudentConfig(mff={"variant": "paper"}, embed_dim=16),
-                          ["rgb", "depth"], 5)
+                          ["rgb", "depth"], 5).eval()
     out = model(torch.randn(1, 2, 3, 64, 64))
     assert len(out.fused) == 4 and out.fused[0].weights.shape == (1, 2)
+    # the head's stride-4 features of the fused input (what L_se may read instead)
+    assert out.decoded.shape == (1, 16, 16, 16)
+    torch.testing.assert_close(model.head.classify(out.decoded), out.logits)
 
 
 def test_unknown_variant_is_refused():

@@ -20,8 +20,12 @@ class AllMLPHead(nn.Module):
         self.dropout = nn.Dropout2d(dropout)
         self.classify = nn.Conv2d(embed_dim, num_classes, 1)
 
-    def forward(self, feats: list[torch.Tensor]) -> torch.Tensor:
+    def decode(self, feats: list[torch.Tensor]) -> torch.Tensor:
+        """The fused stride-4 features before dropout and the classifier: (B, E, H/4, W/4)."""
         size = feats[0].shape[-2:]
         up = [F.interpolate(p(f), size=size, mode="bilinear", align_corners=False)
               for p, f in zip(self.project, feats, strict=True)]
-        return self.classify(self.dropout(self.fuse(torch.cat(up[::-1], dim=1))))
+        return self.fuse(torch.cat(up[::-1], dim=1))
+
+    def forward(self, feats: list[torch.Tensor]) -> torch.Tensor:
+        return self.classify(self.dropout(self.decode(feats)))

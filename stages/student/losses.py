@@ -29,6 +29,7 @@ class LossConfig:
     w_se: float = 1.0
     tau_cr: float = 0.1
     tau_se: float = 0.1
+    se_features: str = "fused"  # fused: f_ma; decoder: the head's stride-4 features
     ohem: bool = False
     ohem_thresh: float = 0.7
     ohem_min_fraction: float = 1 / 16

@@ -28,6 +28,7 @@ class StudentOutput:
     feats: list[torch.Tensor]  # per stage (B, M, C, h, w), zeros for absent modalities
     fused: list[MFFOutput]  # per stage; `author`: one, on the class-score maps
     present: torch.Tensor  # (B, M) the mask MFF used
+    decoded: torch.Tensor | None = None  # the head's stride-4 features (not under `author`)
 
 
 class Any2Seg(nn.Module):
@@ -60,14 +61,16 @@ class Any2Seg(nn.Module):
         """Fuse per-stage features under `present` and classify: (B, K, H/4, W/4)."""
         return self.fuse(feats, present)[0]
 
-    def fuse(self, feats: list[torch.Tensor],
-             present: torch.Tensor) -> tuple[torch.Tensor, list[MFFOutput]]:
-        """Logits and the MFF outputs, with MFF where the variant puts it."""
+    def fuse(self, feats: list[torch.Tensor], present: torch.Tensor
+             ) -> tuple[torch.Tensor, list[MFFOutput], torch.Tensor | None]:
+        """Logits, the MFF outputs and the head's stride-4 features of the fused input,
+        with MFF where the variant puts it."""
         if self.mff.config.variant == "author":
             fused = self.mff(self.modality_logits(feats, present), present)
-            return fused.fused, [fused]
+            return fused.fused, [fused], None
         outputs = [self.mff(f, present) for f in feats]
-        return self.head([o.fused for o in outputs]), outputs
+        decoded = self.head.decode([o.fused for o in outputs])
+        return self.head.classify(self.head.dropout(decoded)), outputs, decoded
 
     def modality_logits(self, feats: list[torch.Tensor],
                         present: torch.Tensor) -> torch.Tensor:
@@ -98,8 +101,8 @@ class Any2Seg(nn.Module):
             full = f.new_zeros((b * m, *f.shape[1:]))
             full[keep] = f
             feats.append(full.view(b, m, *f.shape[1:]))
-        logits, fused = self.fuse(feats, present)
-        return StudentOutput(logits, feats, fused, present)
+        logits, fused, decoded = self.fuse(feats, present)
+        return StudentOutput(logits, feats, fused, present, decoded)
 
 
 @dataclass

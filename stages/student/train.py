@@ -102,7 +102,8 @@ class TrainConfig:
             raise PipelineError(f"train.lr must be a positive number, got {self.lr}")
         if not 0 <= self.modality_dropout <= 1 or not 0 <= self.warmup < 1:
             raise PipelineError("train.modality_dropout must be in [0, 1], warmup in [0, 1)")
-        self.loss_config()
+        if self.loss_config().se_features not in ("fused", "decoder"):
+            raise PipelineError("train.loss.se_features must be fused or decoder")
         self.augment_config()
 
     def loss_config(self) -> LossConfig:
@@ -207,6 +208,10 @@ def train(student: StudentConfig, cfg: TrainConfig, progress: bool = True,
     steps = cfg.steps or math.ceil(cfg.epochs * max(1, len(train_set) // cfg.batch_size))
     loss_cfg = cfg.loss_config()
     fuse_classes = student.mff_config().variant == "author"
+    if fuse_classes and loss_cfg.se_features == "decoder":
+        raise PipelineError("train.loss.se_features: decoder needs MFF before the head; under "
+                            "student.mff.variant author f_ma is the fused class-score map: "
+                            "use fused")
     meta = {"student": asdict(student), "train": asdict(cfg), "modalities": modalities,
             "classes": list(train_set.classes), "dataset": cfg.dataset, "steps": steps,
             "palette": [list(c) for c in datasets.get(cfg.dataset).palette]}
@@ -283,7 +288,8 @@ def train(student: StudentConfig, cfg: TrainConfig, progress: bool = True,
                                                batch["visual"].to(device),
                                                batch["scene"].to(device), loss_cfg.tau_cr)
             if loss_cfg.w_se:
-                terms["L_se"] = semantic(fused, label, classes, loss_cfg.tau_se)
+                se_input = upcast(output.decoded) if loss_cfg.se_features == "decoder" else fused
+                terms["L_se"] = semantic(se_input, label, classes, loss_cfg.tau_se)
         weights = {"L_sup": loss_cfg.w_sup, "L_cr": loss_cfg.w_cr, "L_se": loss_cfg.w_se}
         for name, value in terms.items():
             if not torch.isfinite(value):
