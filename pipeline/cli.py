@@ -449,8 +449,14 @@ def train_cmd(dataset: str | None, root: Path | None, cache: str | None, out: st
               help="Whole-image or sliding-window inference.  [default: whole]")
 @click.option("--crop", type=int, default=None, help="Sliding-window size.  [default: 1024]")
 @click.option("--stride", type=int, default=None, help="Sliding-window stride.  [default: 683]")
-@click.option("--missing", type=click.Choice(["exclude", "zero-fill"]), default=None,
-              help="How absent modalities are treated.  [default: the checkpoint's]")
+@click.option("--protocol", type=click.Choice(["official", "native"]), default=None,
+              help="official: resize and score as the dataset's official evaluation code "
+              "(DELIVER: 1024 short side); native: as stored.  [default: official for "
+              "deliver and mcubes, native for sample]")
+@click.option("--missing", type=click.Choice(["exclude", "zero-fill", "black"]), default=None,
+              help="Absent modalities: black frames (MISS), zeros after normalisation, or "
+              "left out of the fusion.  [default: black under --protocol official, else the "
+              "checkpoint's]")
 @click.option("--limit", type=int, default=None, help="Evaluate only the first N samples.")
 @click.option("--examples", type=int, default=None,
               help="Samples drawn in predictions.png.  [default: 4]")
@@ -460,14 +466,16 @@ def train_cmd(dataset: str | None, root: Path | None, cache: str | None, out: st
 @click.option("--params", "params_path", type=click.Path(path_type=Path), default=None,
               help="Parameters file (its `eval` group).  [default: ./params.yaml if present]")
 def evaluate_cmd(checkpoint: Path, dataset: str | None, root: Path | None, split: str | None,
-                 setting: str | None, mode: str | None, crop: int | None, stride: int | None,
-                 missing: str | None, limit: int | None, examples: int | None, device: str,
-                 out: Path, params_path: Path | None) -> None:
+                 setting: str | None, protocol: str | None, mode: str | None,
+                 crop: int | None, stride: int | None, missing: str | None, limit: int | None,
+                 examples: int | None, device: str, out: Path,
+                 params_path: Path | None) -> None:
     """Evaluate a student: mIoU, mAcc, F1 and pixel accuracy per setting, with charts."""
     from pipeline import datasets
     from pipeline.config import build, load_params
     from stages.student.evaluate import (
         EvalConfig,
+        describe,
         evaluate,
         flat_metrics,
         load_checkpoint,
@@ -480,17 +488,16 @@ def evaluate_cmd(checkpoint: Path, dataset: str | None, root: Path | None, split
         raise PipelineError(f"parameters file {params_path} does not exist")
     cfg = build(EvalConfig, dict(load_params(params_path).get("eval") or {}),
                 f"{params_path or 'params.yaml'} (eval)")
-    for key, value in {"split": split, "setting": setting, "mode": mode, "crop": crop,
-                       "stride": stride, "missing": missing, "limit": limit,
+    for key, value in {"split": split, "setting": setting, "protocol": protocol, "mode": mode,
+                       "crop": crop, "stride": stride, "missing": missing, "limit": limit,
                        "examples": examples}.items():
         if value is not None:
             setattr(cfg, key, value)
     cfg.validate()
     dev = resolve_device(device)
     model, meta = load_checkpoint(checkpoint, dev)
-    if cfg.missing:
-        model.missing = cfg.missing
     name = dataset or meta["dataset"]
+    model.missing = cfg.resolved_missing(name, model.missing)
     samples = datasets.load(name, _dataset_root(name, root), cfg.split,
                             modalities=meta["modalities"])
     if cfg.limit:
@@ -498,8 +505,10 @@ def evaluate_cmd(checkpoint: Path, dataset: str | None, root: Path | None, split
     if list(samples.classes) != list(meta["classes"]):
         raise PipelineError(f"{checkpoint} was trained on other classes than {name}'s")
     result = evaluate(model, samples, cfg.settings, cfg.mode, cfg.crop, cfg.stride, device=dev,
-                      examples=cfg.examples, progress=True)
+                      examples=cfg.examples, progress=True,
+                      protocol=cfg.resolved_protocol(name))
     written = write_outputs(result, out, [tuple(c) for c in meta["palette"]])
+    click.echo(describe(result) + "\n")
     click.echo(markdown(flat_metrics(result)))
     click.echo("wrote " + ", ".join(str(p) for p in written))
 

@@ -158,7 +158,8 @@ def test_evaluate_writes_metrics_and_pictures(sample_cache, tmp_path, capsys):
     assert len(miss) == 16 and "R+D+E+L" in miss and "mean_mIoU" in miss
     assert miss["R+D+E+L"] == mss["mIoU"]
     sensor = json.loads((out / "sensor.json").read_text())
-    assert "mean_mIoU" in sensor and "cloud" in sensor
+    assert {"mean_of_groups_mIoU", "whole_split_mIoU", "cloud"} <= set(sensor)
+    assert sensor["whole_split_mIoU"] == mss["mIoU"]
     for name in ("miss.png", "per_class_iou.png", "predictions.png"):
         assert (out / "plots" / name).stat().st_size > 1000
     from PIL import Image

@@ -25,6 +25,10 @@ class DatasetReader(ABC):
     depth_sources: ClassVar[tuple[str, ...]] = ()
     # `index` options under which each split names its own files (for `datasets check`)
     every_file_options: ClassVar[dict[str, Any]] = {}
+    # evaluation protocol used when none is asked for ("official" or "native"), and the
+    # short side the official evaluation resizes images and labels to (None: no resize)
+    eval_protocol: str = "native"
+    official_eval_size: ClassVar[int | None] = None
 
     @abstractmethod
     def index(self, root: Path, split: str | Sequence[str], **options: Any) -> list[Record]:
