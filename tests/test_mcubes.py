@@ -112,3 +112,23 @@ def test_modality_subset_in_requested_order(mcubes_root):
     root, _ = mcubes_root
     sample = datasets.load("mcubes", root, "test", modalities=["nir", "rgb"], frame=None)[0]
     assert list(sample.modalities) == ["nir", "rgb"]
+
+
+def test_student_inputs_equal_the_official_tensors(mcubes_root):
+    """What the official val pipeline hands the model (mcubes.py:88-99, Normalize 162-182,
+    ToTensor 200-213): RGB (x / 255 - mean) / std, AoLP and DoLP raw, NIR x / 255."""
+    from stages.student.data import AugmentConfig, StudentData
+
+    root, written = mcubes_root
+    ds = datasets.load("mcubes", root, "train", frame=None)
+    item = StudentData(ds, ["rgb", "aolp", "dolp", "nir"], None, None, AugmentConfig(), 0)[
+        (-1, 0)]
+    src = written[MCUBES_LISTS["train"][0]]
+    x = item["images"].numpy()
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    rgb = src["rgb"][:, 192:].astype(np.float32) / 255
+    for c in range(3):
+        np.testing.assert_allclose(x[0, c], (rgb[..., c] - mean[c]) / std[c], atol=1e-6)
+    np.testing.assert_array_equal(x[1], np.stack([src["sin"], src["cos"], src["sin"]])[:, :, 192:])
+    np.testing.assert_array_equal(x[2, 0], src["dolp"][:, 192:])
+    np.testing.assert_array_equal(x[3, 1], src["nir"][:, 192:].astype(np.float32) / 255)

@@ -23,6 +23,10 @@ def test_official_resize_size_follows_val_mm():
     arrays, label = official_resize({"rgb": np.zeros((10, 14, 3), np.uint8)},
                                     np.zeros((10, 14), np.int64), 8)
     assert arrays["rgb"].shape == (32, 32, 3) and label.shape == (32, 32)
+    # round(151 * 64 / 100) = round(96.64) = 97 -> 128 (truncating would give 96)
+    arrays, label = official_resize({"rgb": np.zeros((100, 151, 3), np.uint8)},
+                                    np.zeros((100, 151), np.int64), 64)
+    assert arrays["rgb"].shape == (64, 128, 3) and label.shape == (64, 128)
 
 
 def test_half_size_bilinear_rounds_like_torchvision_on_uint8():
