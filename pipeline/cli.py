@@ -291,7 +291,13 @@ def _option_value(text: str) -> Any:
 @click.option("--skip-bad", is_flag=True, default=None,
               help="Log and skip samples with missing or broken files.")
 @click.option("--overwrite", is_flag=True, default=None,
-              help="Rebuild a store made with another teacher or sample list.")
+              help="Rebuild the whole store, recomputing every row.")
+@click.option("--repair", is_flag=True, default=None,
+              help="Recompute the rows in damaged chunks (see `pipeline cache-verify`); "
+              "every other row stays byte-identical.")
+@click.option("--on-mismatch", type=click.Choice(["refuse", "rebuild"]), default=None,
+              help="A store built with another teacher, sample list, modalities or dtype: "
+              "refuse it, or rebuild it (what dvc.yaml runs).  [default: refuse]")
 @click.option("--params", "params_path", type=click.Path(path_type=Path), default=None,
               help="Parameters file.  [default: ./params.yaml if present]")
 @click.option("--json", "as_json", is_flag=True, help="Print the run report as JSON.")
@@ -301,12 +307,15 @@ def cache_teacher_cmd(dataset: str | None, root: Path | None, split: str | None,
                       modality_branch: tuple[str, ...], class_prompt: str | None,
                       batch_size: int | None, rows_per_shard: int | None, device: str | None,
                       dtype: str | None, scheduler: str | None, decode_workers: int | None,
-                      skip_bad: bool | None, overwrite: bool | None, params_path: Path | None,
+                      skip_bad: bool | None, overwrite: bool | None, repair: bool | None,
+                      on_mismatch: str | None, params_path: Path | None,
                       as_json: bool) -> None:
     """Stage one: caption every sample and encode it with LanguageBind into a zarr cache.
 
-    Resumable: a rerun computes only rows that are not done, and loads no model when the
-    store is complete. Settings come from params.yaml (dataset.*, teacher.*) and these flags.
+    Resumable and content-aware: a rerun computes only rows that are not done or whose
+    input files changed since (hashed, remembered by size and mtime), and loads no model
+    when nothing is left. Every chunk is checksummed; a damaged store is refused until
+    --repair. Settings come from params.yaml (dataset.*, teacher.*) and these flags.
     """
     from pipeline.config import load_params
     from pipeline.progress import progress as progress_bar
@@ -323,7 +332,7 @@ def cache_teacher_cmd(dataset: str | None, root: Path | None, split: str | None,
         "captioner": captioner, "class_prompt": class_prompt, "batch_size": batch_size,
         "rows_per_shard": rows_per_shard, "device": device, "dtype": dtype,
         "scheduler": scheduler, "decode_workers": decode_workers, "skip_bad": skip_bad,
-        "overwrite": overwrite,
+        "overwrite": overwrite, "repair": repair, "on_mismatch": on_mismatch,
         "captioner_options": {k: _option_value(v) for k, v in
                               _pairs(captioner_option, "--captioner-option").items()} or None,
         "modality_branch": _pairs(modality_branch, "--modality-branch") or None,
@@ -345,11 +354,15 @@ def cache_teacher_cmd(dataset: str | None, root: Path | None, split: str | None,
     if as_json:
         click.echo(json.dumps(report.as_dict(), indent=2))
     elif report.status == "complete":
-        click.echo(f"{report.out} is complete ({report.rows} rows); nothing to do "
-                   f"({report.seconds:.2f} s)")
+        click.echo(f"{report.out} is complete ({report.rows} rows, inputs unchanged); "
+                   f"nothing to do ({report.seconds:.2f} s)")
     else:
-        click.echo(f"{report.out}: computed {report.computed_rows} of {report.rows} rows in "
-                   f"{report.seconds:.1f} s ({report.samples_per_s:.1f} samples/s)")
+        why = [f"{n} {what}" for n, what in ((report.new_rows, "new"),
+                                              (report.changed_rows, "whose inputs changed"),
+                                              (report.repaired_rows, "repaired")) if n]
+        click.echo(f"{report.out}: computed {report.computed_rows} of {report.rows} rows "
+                   f"({', '.join(why) or 'none'}) in {report.seconds:.1f} s "
+                   f"({report.samples_per_s:.1f} samples/s)")
 
 
 @cli.command("cache-info", context_settings=CONTEXT)
@@ -369,10 +382,53 @@ def cache_info_cmd(path: Path, as_json: bool) -> None:
     click.echo(f"size {info['size_bytes'] / 1e6:.2f} MB in {info['files']} files, "
                f"{info['rows_per_shard']} rows per shard, schema v{info['schema_version']}, "
                f"updated {info['updated']}")
-    click.echo(f"dataset fingerprint {info['dataset_fingerprint']}")
+    skipped = f", {info['skipped']} samples skipped as bad" if info["skipped"] else ""
+    click.echo(f"dataset fingerprint {info['dataset_fingerprint']} (sample list "
+               f"{info['sample_list_fingerprint']}{skipped}); every chunk checksum verified")
     click.echo("teacher fingerprint " + json.dumps(info["teacher_fingerprint"], sort_keys=True))
     for sample_id, caption in info["captions"].items():
         click.echo(f"  {sample_id}: {caption}")
+
+
+@cli.command("cache-verify", context_settings=CONTEXT)
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+def cache_verify_cmd(path: Path, as_json: bool) -> None:
+    """Read every chunk of a teacher cache and check its CRC32C; list damaged rows by id.
+
+    A chunk that fails its checksum, or a missing or empty chunk file where a computed
+    row needs it, is damage. Exits with status 1 when anything is damaged; repair with
+    `pipeline cache-teacher ... --repair`, which recomputes only those rows.
+    """
+    from pipeline.progress import interactive
+    from pipeline.store import damaged_rows, open_cache
+
+    cache = open_cache(path)
+    done, damages = cache.scan(show=not as_json or interactive())
+    rows = damaged_rows(damages)
+    try:
+        ids = cache.ids
+    except PipelineError:  # the ids themselves are damaged: name rows by number
+        ids = [f"row {i}" for i in range(len(cache))]
+    if as_json:
+        click.echo(json.dumps({
+            "path": str(path), "rows": len(cache), "done": int(done.sum()),
+            "damaged_rows": len(rows), "repair": cache.repair_command() if damages else None,
+            "damage": [{"array": d.array, "rows": [d.rows.start, d.rows.stop - 1],
+                        "problem": d.problem, "ids": [ids[i] for i in d.rows]}
+                       for d in damages]}, indent=2))
+    else:
+        for d in damages:
+            click.echo(f"damaged: {d.where()}: {', '.join(ids[i] for i in d.rows)}")
+        if damages:
+            click.echo(f"{path}: {len(rows)} of {len(cache)} rows damaged in "
+                       f"{len({d.array for d in damages})} arrays; recompute them with "
+                       f"`{cache.repair_command()}`")
+        else:
+            click.echo(f"{path}: every chunk intact ({len(cache)} rows, {int(done.sum())} "
+                       f"done, {len(cache.array_names)} arrays, CRC32C checked)")
+    if damages:
+        raise SystemExit(1)
 
 
 # ---------------------------------------------------------------------------------------
@@ -430,6 +486,10 @@ def train_cmd(dataset: str | None, root: Path | None, cache: str | None, out: st
     summary = train(student, cfg, progress=True, resume=resume)
     if as_json:
         click.echo(json.dumps(summary, indent=2))
+    elif summary["status"] == "finished":
+        click.echo(f"{summary['out']} has finished: its last.pt is at step {summary['start']} "
+                   f"of {summary['steps']}; nothing to resume (evaluate "
+                   f"{summary['out']}/best.pt, or train more steps into a new --out)")
     else:
         click.echo(f"trained {summary['steps']} steps into {summary['out']} in "
                    f"{summary['seconds']} s: loss {summary['first_loss']:.3f} -> "

@@ -8,6 +8,9 @@ its targets come from `pipeline.store.open_cache` (this module never imports
 
 from __future__ import annotations
 
+import csv
+import json
+import logging
 import math
 import os
 import random
@@ -24,13 +27,20 @@ from pipeline.config import build, preset
 from pipeline.errors import PipelineError
 from pipeline.precision import upcast
 from pipeline.progress import progress as progress_bar
-from pipeline.store import TeacherCache, dataset_fingerprint, open_cache
+from pipeline.store import (
+    TeacherCache,
+    fingerprint_diff,
+    open_cache,
+    sample_list_fingerprint,
+)
 from stages.student.data import AugmentConfig, ScheduleSampler, StudentData, Targets
 from stages.student.evaluate import evaluate
 from stages.student.losses import LossConfig, correlation, semantic, supervised
 from stages.student.model import StudentConfig, build_student
 
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2  # 2: meta["cache"] holds the teacher cache's fingerprints
+
+log = logging.getLogger("pipeline.train")
 
 
 @dataclass
@@ -141,17 +151,84 @@ def load_targets(cache: TeacherCache, samples: datasets.SampleSequence, modaliti
                             f"it holds {', '.join(cache.modalities)}")
     splits = cache.attrs.get("splits")
     if splits:  # the cache's own sample list, re-indexed now, must still match
+        skipped = set(cache.skipped)  # dropped as broken by `cache-teacher --skip-bad`
         records = datasets.get(cfg.dataset).index(cfg.resolved_root(), splits)
-        now = dataset_fingerprint([r.id for r in records])
-        if now != cache.dataset_fingerprint:
+        now = sample_list_fingerprint([r.id for r in records if r.id not in skipped])
+        if now != cache.sample_list_fingerprint:
             raise PipelineError(
-                f"{cache_path} was built from another sample list (dataset fingerprint "
-                f"{cache.dataset_fingerprint}, the data at {cfg.resolved_root()} gives {now}); "
-                "rebuild it with `pipeline cache-teacher --overwrite`")
+                f"{cache_path} was built from another sample list (fingerprint "
+                f"{cache.sample_list_fingerprint}, the data at {cfg.resolved_root()} gives "
+                f"{now}); rebuild it with `pipeline cache-teacher --overwrite`")
     cache.require(samples.ids)
     got = cache.get(samples.ids, modalities)
     return Targets(visual=np.stack([got["visual"][m] for m in modalities], axis=1),
                    scene=got["scene"], classes=cache.classes)
+
+
+def without_skipped(samples: datasets.SampleSequence, skipped: set[str],
+                    dataset: str) -> tuple[datasets.SampleSequence, int]:
+    """`samples` less those the teacher cache skipped as broken, and how many that was."""
+    kept = [r for r in samples.records if r.id not in skipped]
+    dropped = len(samples.records) - len(kept)
+    if not dropped:
+        return samples, 0
+    return datasets.SampleSequence(samples.name, kept, datasets.get(dataset).decode,
+                                   samples.classes, samples.modalities), dropped
+
+
+def cache_fingerprints(cache: TeacherCache) -> dict[str, Any]:
+    """What a checkpoint records of the store it trained on, to refuse a changed one."""
+    return {"path": str(cache.path), "teacher_fingerprint": cache.teacher_fingerprint,
+            "dataset_fingerprint": cache.dataset_fingerprint}
+
+
+def check_same_cache(last: Path, recorded: dict[str, Any] | None, now: dict[str, Any]) -> None:
+    """Refuse to resume on targets other than those the run started with."""
+    if recorded is None:
+        raise PipelineError(f"{last} records no teacher cache fingerprints (written by an older "
+                            "version), so resuming cannot prove the targets are the same; "
+                            "start a new --out")
+    changed = [f"teacher {d}" for d in fingerprint_diff(recorded["teacher_fingerprint"],
+                                                         now["teacher_fingerprint"])]
+    if recorded["dataset_fingerprint"] != now["dataset_fingerprint"]:
+        changed.append(f"dataset fingerprint ({recorded['dataset_fingerprint']} at the "
+                       f"checkpoint, {now['dataset_fingerprint']} now: rows were recomputed "
+                       "from changed files, or the store was rebuilt for other samples)")
+    if changed:
+        shown = "; ".join(changed[:4]).replace(" in the store, ", " at the checkpoint, ")
+        raise PipelineError(f"{now['path']} changed since {last} was written: {shown}; "
+                            "resuming would mix targets of two caches: start a new --out, or "
+                            "restore the cache the run started with")
+
+
+def rewind_live(live_dir: Path, step: int) -> None:
+    """Make dvclive's files say what a run stopped at `step` would have logged: drop the
+    rows of steps >= `step` (logged after the checkpoint by a killed run) and restore the
+    summary from the rows kept, so a resumed run logs each step exactly once."""
+    if not live_dir.is_dir():
+        return
+    summary: dict[str, Any] = {}
+    for tsv in sorted((live_dir / "plots" / "metrics").rglob("*.tsv")):
+        with open(tsv, newline="") as f:
+            reader = csv.DictReader(f, delimiter="\t")
+            fields, rows = reader.fieldnames or [], list(reader)
+        kept = [r for r in rows if int(r["step"]) < step]
+        tmp = tsv.with_suffix(".tmp")
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fields, delimiter="\t", lineterminator=os.linesep)
+            writer.writeheader()
+            writer.writerows(kept)
+        os.replace(tmp, tsv)
+        if kept:
+            *groups, name = tsv.relative_to(live_dir / "plots" / "metrics").with_suffix("").parts
+            node = summary
+            for g in groups:
+                node = node.setdefault(g, {})
+            value = float(kept[-1][name])
+            node[name] = value if math.isfinite(value) else str(value)
+    if step > 0:
+        summary["step"] = step - 1
+    (live_dir / "metrics.json").write_text(json.dumps(summary, indent=4))
 
 
 def save_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
@@ -180,10 +257,18 @@ def train(student: StudentConfig, cfg: TrainConfig, progress: bool = True,
     cache_path = cfg.resolved_cache()
     cache = open_targets(cache_path, cfg)
     modalities = list(cfg.modalities or cache.modalities)
+    # samples the cache skipped as broken (`cache-teacher --skip-bad`) are skipped here too
+    skipped = set(cache.skipped)
     train_set = datasets.load(cfg.dataset, root, "train", modalities=modalities,
-                              skip_bad=cfg.skip_bad)
+                              skip_bad=cfg.skip_bad or bool(skipped))
     val_set = datasets.load(cfg.dataset, root, "val", modalities=modalities,
-                            skip_bad=cfg.skip_bad)
+                            skip_bad=cfg.skip_bad or bool(skipped))
+    train_set, dropped = without_skipped(train_set, skipped, cfg.dataset)
+    val_set, val_dropped = without_skipped(val_set, skipped, cfg.dataset)
+    if skipped:
+        log.info("%s skipped %d broken samples when it was built (--skip-bad); training "
+                 "without them: %d train and %d val samples left out", cache_path,
+                 len(skipped), dropped, val_dropped)
     if cfg.val_limit:
         val_set = val_set[: cfg.val_limit]
     targets = load_targets(cache, train_set, modalities, cfg)
@@ -191,7 +276,8 @@ def train(student: StudentConfig, cfg: TrainConfig, progress: bool = True,
     loss_cfg = cfg.loss_config()
     meta = {"student": asdict(student), "train": asdict(cfg), "modalities": modalities,
             "classes": list(train_set.classes), "dataset": cfg.dataset, "steps": steps,
-            "palette": [list(c) for c in datasets.get(cfg.dataset).palette]}
+            "palette": [list(c) for c in datasets.get(cfg.dataset).palette],
+            "cache": cache_fingerprints(cache)}
 
     # -- model, optimiser, schedule --------------------------------------------------------
     torch.manual_seed(cfg.seed)
@@ -217,6 +303,10 @@ def train(student: StudentConfig, cfg: TrainConfig, progress: bool = True,
         if ckpt["meta"]["student"] != meta["student"] or ckpt["meta"]["train"] != meta["train"]:
             raise PipelineError(f"{last} was written with other settings; resume with the "
                                 "same parameters or start a new --out")
+        if int(ckpt["step"]) >= steps:
+            return {"out": str(out), "steps": steps, "start": int(ckpt["step"]),
+                    "status": "finished", "best_val_mIoU": float(ckpt["best"])}
+        check_same_cache(last, ckpt["meta"].get("cache"), meta["cache"])
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         start, best = int(ckpt["step"]), float(ckpt["best"])
@@ -238,8 +328,11 @@ def train(student: StudentConfig, cfg: TrainConfig, progress: bool = True,
 
     from dvclive import Live
 
-    live = Live(dir=str(out / "dvclive"), resume=resume and start > 0, dvcyaml=False,
+    if start > 0:  # steps logged after the checkpoint by a killed run are logged again
+        rewind_live(out / "dvclive", start)
+    live = Live(dir=str(out / "dvclive"), resume=start > 0, dvcyaml=False,
                 save_dvc_exp=False, report=None)
+    live.step = start  # dvclive's own resume guesses from metrics.json; the checkpoint knows
     bar = progress_bar(total=steps, initial=start, desc="training", unit="step", enabled=progress)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.startswith("cuda"))
     history: list[float] = []
@@ -298,7 +391,8 @@ def train(student: StudentConfig, cfg: TrainConfig, progress: bool = True,
     live.end()
     if not best_path.exists() and last.exists():  # no finite val score: keep the last weights
         save_checkpoint(best_path, model, None, steps, best, meta)
-    return {"out": str(out), "steps": steps, "start": start, "val_mIoU": val_miou,
+    return {"out": str(out), "steps": steps, "start": start, "status": "trained",
+            "val_mIoU": val_miou,
             "best_val_mIoU": best, "seconds": round(time.perf_counter() - t0, 1),
             "first_loss": history[0] if history else None,
             "last_loss": history[-1] if history else None}

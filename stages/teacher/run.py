@@ -1,11 +1,16 @@
 """Stage one: run the frozen teachers once per sample into the zarr cache.
 
-For every shard of rows that is not `done`: decode the samples and preprocess them for
-their LanguageBind branch (in a thread pool, overlapping the model), caption them,
-encode each modality (E_m) and the caption (E_S), and write the whole shard. The class
-names (E_C) are encoded once when the store is created. Compute batches are fixed
-subdivisions of a shard, so a resumed or distributed run does exactly the same
-arithmetic as an uninterrupted single-process one and writes the same bytes.
+Every run first hashes the files each sample is computed from (`pipeline.content`,
+remembered by size and mtime) and reads the store once, checking every chunk. The rows
+to compute are those not `done`, those whose input hash changed since they were written,
+and, with `--repair`, those in damaged shards. For each shard holding such rows: decode
+the samples and preprocess them for their LanguageBind branch (in a thread pool,
+overlapping the model), caption them, encode each modality (E_m) and the caption (E_S),
+and write the rows. The class names (E_C) are encoded once when the store is created.
+Compute batches are fixed subdivisions of a shard (of the store's batch size), and a
+changed row is recomputed within its whole batch, so a resumed, updated, repaired or
+distributed run does exactly the same arithmetic as a clean single-process build and
+writes the same bytes.
 """
 
 from __future__ import annotations
@@ -24,9 +29,20 @@ import numpy as np
 
 from pipeline import datasets
 from pipeline.config import build, preset
+from pipeline.content import FileHashes
 from pipeline.datasets import Sample, SampleSequence
 from pipeline.errors import PipelineError
-from pipeline.store import CacheWriter, StoreSpec, writer_lock
+from pipeline.store import (
+    HASHES_NAME,
+    CacheWriter,
+    Plan,
+    StoreSpec,
+    TeacherCache,
+    check_out_path,
+    mismatches,
+    plan,
+    writer_lock,
+)
 from stages.teacher import captioners
 from stages.teacher.checkpoints import BRANCH_FOLDERS, checkpoint_fingerprint, resolve_branch_dir
 
@@ -62,7 +78,9 @@ class TeacherConfig:
     scheduler: str | None = None
     decode_workers: int = 0  # 0: max(4, CPU cores)
     skip_bad: bool = False
-    overwrite: bool = False
+    overwrite: bool = False  # rebuild the whole store
+    repair: bool = False  # recompute rows in damaged shards
+    on_mismatch: str = "refuse"  # or "rebuild": a store built differently is rebuilt
 
     @classmethod
     def from_params(cls, params: dict[str, Any], overrides: dict[str, Any],
@@ -99,6 +117,9 @@ class TeacherConfig:
                                 f"{self.class_prompt!r}")
         if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
             raise PipelineError(f"device must be auto, cpu or cuda[:N], got {self.device!r}")
+        if self.on_mismatch not in ("refuse", "rebuild"):
+            raise PipelineError(f"on_mismatch must be refuse or rebuild, got "
+                                f"{self.on_mismatch!r}")
 
     def resolved_root(self) -> Path:
         if self.root:
@@ -177,7 +198,7 @@ def model_input(sample: Sample, modality: str, branch: str) -> np.ndarray:
 
 
 class ShardWorker:
-    """Teacher, captioner and dataset for one process; computes whole shards."""
+    """Teacher, captioner and dataset for one process; computes the rows of shards."""
 
     def __init__(self, cfg: TeacherConfig, samples: SampleSequence, device: str) -> None:
         import torch
@@ -200,15 +221,16 @@ class ShardWorker:
                   for m, b in self.branch_of.items()}
         return Prepared(sample, pixels)
 
-    def compute(self, prepared: Sequence[Prepared]) -> tuple[list[str], np.ndarray,
-                                                              dict[str, np.ndarray]]:
-        """Captions, E_S and E_m for one shard, in fixed batches of `batch_size`."""
+    def compute(self, prepared: Sequence[Prepared], batch_size: int) -> tuple[
+            list[str], np.ndarray, dict[str, np.ndarray]]:
+        """Captions, E_S and E_m for whole compute batches of a shard, `batch_size` at a
+        time (`prepared` is a run of whole batches, only the shard's last one short)."""
         import torch
 
         start = time.perf_counter()
         captions: list[str] = []
         scene, visual = [], {m: [] for m in self.branch_of}
-        bs = self.cfg.batch_size
+        bs = batch_size
         for i in range(0, len(prepared), bs):
             batch = prepared[i:i + bs]
             texts = self.captioner.caption([p.sample for p in batch])
@@ -238,6 +260,16 @@ def load_samples(cfg: TeacherConfig) -> SampleSequence:
     return datasets.load(cfg.dataset, cfg.resolved_root(), cfg.split, **options)
 
 
+def skipped_ids(cfg: TeacherConfig, samples: SampleSequence) -> list[str]:
+    """Samples of the requested splits that `--skip-bad` dropped (recorded in the store, so
+    stage two skips them too instead of calling the store another sample list)."""
+    if not cfg.skip_bad:
+        return []
+    kept = set(samples.ids)
+    indexed = datasets.get(cfg.dataset).index(cfg.resolved_root(), cfg.split)
+    return [r.id for r in indexed if r.id not in kept]
+
+
 def teacher_fingerprint(cfg: TeacherConfig, class_names: Sequence[str]) -> dict[str, Any]:
     """Everything that decides the cached numbers, without loading a model."""
     branch_of = cfg.branch_map()
@@ -265,89 +297,191 @@ class RunReport:
     status: str
     samples_per_s: float = 0.0
     model_busy: float = 0.0
+    new_rows: int = 0  # never computed before (or interrupted)
+    changed_rows: int = 0  # recomputed because their files changed
+    repaired_rows: int = 0  # recomputed because their chunks were damaged
+    hashed_files: int = 0  # input files read to hash them (0 when none changed)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
+@dataclass
+class ShardJob:
+    """Rows of one shard to write, and the whole compute batches that produce them."""
+
+    shard: int
+    compute: list[int]
+    write: list[int]
+    hashes: list[str]  # input hashes of the `write` rows
+
+
+def shard_jobs(writer: CacheWriter, rows: Sequence[int], input_hashes: Sequence[str],
+               batch_size: int) -> list[ShardJob]:
+    """Group rows by shard; recompute each row inside its whole compute batch, so its
+    bytes equal a clean build's, and write exactly the rows asked for."""
+    by_shard: dict[int, list[int]] = {}
+    for r in rows:
+        by_shard.setdefault(r // writer.rows_per_shard, []).append(r)
+    jobs = []
+    for shard, todo in sorted(by_shard.items()):
+        span = writer.shard_rows(shard)
+        batches = sorted({(r - span.start) // batch_size for r in todo})
+        compute = [r for b in batches
+                   for r in range(span.start + b * batch_size,
+                                  min(span.start + (b + 1) * batch_size, span.stop))]
+        todo = sorted(todo)
+        jobs.append(ShardJob(shard, compute, todo, [input_hashes[r] for r in todo]))
+    return jobs
+
+
+def run_job(worker: ShardWorker, writer: CacheWriter, job: ShardJob,
+            prepared: Sequence[Prepared]) -> None:
+    captions, scene, visual = worker.compute(prepared, writer.batch_size)
+    pick = [job.compute.index(r) for r in job.write]
+    writer.write_rows(job.write, [captions[i] for i in pick], scene[pick],
+                      {m: v[pick] for m, v in visual.items()}, job.hashes)
+
+
 def cache_teacher(cfg: TeacherConfig,
                   progress: Callable[[int, int], None] | None = None) -> RunReport:
-    """Fill (or finish) the store at `cfg.resolved_out()`; see the module docstring."""
+    """Build, finish, update or repair the store at `cfg.resolved_out()` (module docstring).
+
+    A store with nothing to do is only read: no lock, no model, nothing written into it
+    (a read-only complete store is fine)."""
     start = time.perf_counter()
     out = cfg.resolved_out()
+    check_out_path(out)
     samples = load_samples(cfg)
+    hashes = FileHashes(out / HASHES_NAME)
+    input_hashes = hashes.sample_digests([r.files for r in samples.records])
     spec = StoreSpec(ids=samples.ids, modalities=list(cfg.branch_map()),
                      teacher_fingerprint=teacher_fingerprint(cfg, samples.classes),
-                     dtype=cfg.dtype, rows_per_shard=cfg.rows_per_shard)
+                     dtype=cfg.dtype, rows_per_shard=cfg.rows_per_shard,
+                     batch_size=cfg.batch_size, skipped=skipped_ids(cfg, samples))
+    if not cfg.overwrite:
+        existing, todo = _inspect(cfg, out, spec, input_hashes)
+        if existing is not None and todo.empty:
+            if out.is_dir():
+                hashes.save()
+            return RunReport(str(out), existing.n, 0, 0, time.perf_counter() - start, 0.0,
+                             "complete", hashed_files=hashes.hashed)
     with writer_lock(out):
-        writer = CacheWriter.check(out, spec, overwrite=cfg.overwrite)
-        if writer is not None:
+        existing, todo = (None, Plan()) if cfg.overwrite else \
+            _inspect(cfg, out, spec, input_hashes)
+        if existing is not None and todo.empty:  # another run finished it meanwhile
+            return RunReport(str(out), existing.n, 0, 0, time.perf_counter() - start, 0.0,
+                             "complete", hashed_files=hashes.hashed)
+        writer = None
+        if existing is not None:
+            writer = CacheWriter(out)
             writer.remove_partials()
-            pending = writer.pending_shards()
-            if not pending:
-                return RunReport(str(out), writer.n, 0, 0, time.perf_counter() - start, 0.0,
-                                 "complete")
+            writer.discard(todo.damages)
             if writer.rows_per_shard != cfg.rows_per_shard:
-                log.info("resuming with the store's rows_per_shard=%d", writer.rows_per_shard)
+                log.info("updating with the store's rows_per_shard=%d", writer.rows_per_shard)
+            if writer.batch_size != cfg.batch_size:
+                log.info("updating with the store's batch_size=%d (the batches it was built "
+                         "with, so recomputed rows equal a clean build)", writer.batch_size)
         device = cfg.resolved_device()
         if cfg.scheduler:
-            report = _run_distributed(cfg, samples, spec, writer, out, device, progress)
+            report = _run_distributed(cfg, samples, spec, writer, todo, input_hashes, out,
+                                      device, progress)
         else:
-            report = _run_local(cfg, samples, spec, writer, out, device, progress)
+            report = _run_local(cfg, samples, spec, writer, todo, input_hashes, out, device,
+                                progress)
+        hashes.save()
+    if writer is not None:
+        report.new_rows, report.changed_rows = len(todo.new), len(todo.changed)
+        report.repaired_rows = len(todo.damaged)
+    else:
+        report.new_rows = report.computed_rows
+    report.hashed_files = hashes.hashed
     report.seconds = time.perf_counter() - start
     report.samples_per_s = report.computed_rows / report.seconds if report.seconds else 0.0
     return report
 
 
+def _inspect(cfg: TeacherConfig, out: Path, spec: StoreSpec,
+             input_hashes: Sequence[str]) -> tuple[TeacherCache | None, Plan]:
+    """The existing store and what it needs (None: create a new one). Reads only."""
+    cache, problems = mismatches(out, spec)
+    if problems and cfg.on_mismatch != "rebuild":
+        raise PipelineError(f"{out} was built differently: {' | '.join(problems)}; pass "
+                            "--overwrite to rebuild it, or choose another --out")
+    if cache is None or problems:
+        return None, Plan()
+    big = cache.num_shards >= 32  # a progress bar only where the scan takes a while
+    return cache, plan(cache, input_hashes, cfg.repair, show=big)
+
+
 def _create(worker: ShardWorker, out: Path, spec: StoreSpec) -> CacheWriter:
-    # dataset and splits let stage two re-derive the sample list and check the fingerprint
+    # dataset and splits let stage two re-derive the sample list and check the fingerprint;
+    # root and teacher_root let a damage message print a working --repair command
+    cfg = worker.cfg
     return CacheWriter.create(out, spec, worker.teacher.dim, worker.samples.classes,
                               worker.class_embeddings(),
-                              {"dataset": worker.cfg.dataset, "splits": list(worker.cfg.split)})
+                              {"dataset": cfg.dataset, "splits": list(cfg.split),
+                               "root": str(cfg.resolved_root()),
+                               "teacher_root": str(cfg.teacher_root)})
 
 
-def _prefetch(worker: ShardWorker, writer: CacheWriter, shards: list[int],
-              pool: ThreadPoolExecutor, depth: int = 2) -> Iterator[tuple[int, list[Prepared]]]:
-    """Yield (shard, prepared samples) while the next `depth` shards decode in `pool`."""
-    queue: list[tuple[int, list[Future[Prepared]]]] = []
-    it = iter(shards)
+def _repair_static(worker: ShardWorker | None, writer: CacheWriter, spec: StoreSpec,
+                   todo: Plan, samples: SampleSequence, cfg: TeacherConfig,
+                   device: str) -> None:
+    """Rewrite damaged arrays fixed at creation (E_C needs the text encoder)."""
+    if not todo.static:
+        return
+    classes = np.zeros((0, 0), np.float32)
+    if "classes" in todo.static:
+        classes = (worker or ShardWorker(cfg, samples, device)).class_embeddings()
+    writer.write_static(spec, samples.classes, classes, todo.static)
+    log.info("rewrote the damaged %s of %s", ", ".join(todo.static), writer.path)
+
+
+def _prefetch(worker: ShardWorker, jobs: list[ShardJob], pool: ThreadPoolExecutor,
+              depth: int = 2) -> Iterator[tuple[ShardJob, list[Prepared]]]:
+    """Yield (job, prepared samples) while the next `depth` jobs decode in `pool`."""
+    queue: list[tuple[ShardJob, list[Future[Prepared]]]] = []
+    it = iter(jobs)
 
     def submit() -> None:
-        shard = next(it, None)
-        if shard is not None:
-            queue.append((shard, [pool.submit(worker.prepare, i)
-                                  for i in writer.shard_rows(shard)]))
+        job = next(it, None)
+        if job is not None:
+            queue.append((job, [pool.submit(worker.prepare, i) for i in job.compute]))
 
     for _ in range(depth):
         submit()
     while queue:
-        shard, futures = queue.pop(0)
+        job, futures = queue.pop(0)
         submit()
-        yield shard, [f.result() for f in futures]
+        yield job, [f.result() for f in futures]
 
 
 def _run_local(cfg: TeacherConfig, samples: SampleSequence, spec: StoreSpec,
-               writer: CacheWriter | None, out: Path, device: str,
-               progress: Callable[[int, int], None] | None) -> RunReport:
+               writer: CacheWriter | None, todo: Plan, input_hashes: Sequence[str], out: Path,
+               device: str, progress: Callable[[int, int], None] | None) -> RunReport:
     worker = ShardWorker(cfg, samples, device)
     if writer is None:
         writer = _create(worker, out, spec)
-    shards = writer.pending_shards()
-    total = sum(len(writer.shard_rows(s)) for s in shards)
+        rows: list[int] = list(range(writer.n))
+    else:
+        _repair_static(worker, writer, spec, todo, samples, cfg, device)
+        rows = todo.rows
+    jobs = shard_jobs(writer, rows, input_hashes, writer.batch_size)
+    total = sum(len(j.write) for j in jobs)
     done_rows = 0
     loop_start = time.perf_counter()
     threads = cfg.decode_workers or max(4, os.cpu_count() or 1)
     with ThreadPoolExecutor(threads) as pool:
-        for shard, prepared in _prefetch(worker, writer, shards, pool):
-            captions, scene, visual = worker.compute(prepared)
-            writer.write_shard(shard, captions, scene, visual)
-            done_rows += len(prepared)
+        for job, prepared in _prefetch(worker, jobs, pool):
+            run_job(worker, writer, job, prepared)
+            done_rows += len(job.write)
             if progress:
                 progress(done_rows, total)
     writer.touch()
     loop = time.perf_counter() - loop_start
-    return RunReport(str(out), writer.n, done_rows, len(shards), 0.0, worker.model_seconds,
+    return RunReport(str(out), writer.n, done_rows, len(jobs), 0.0, worker.model_seconds,
                      "written", model_busy=worker.model_seconds / loop if loop else 0.0)
 
 
@@ -356,8 +490,8 @@ _WORKER_STATE: dict[str, tuple[ShardWorker, CacheWriter]] = {}
 
 
 def _shard_task(cfg_dict: dict[str, Any], out: str, device: str, threads: int,
-                shard: int) -> tuple[int, int, float]:
-    """Runs on a dask worker: load the teacher once per process, compute one shard."""
+                job: ShardJob) -> tuple[int, int, float]:
+    """Runs on a dask worker: load the teacher once per process, compute one shard's rows."""
     key = repr((sorted(cfg_dict.items()), out, device))
     if key not in _WORKER_STATE:
         import torch
@@ -365,16 +499,12 @@ def _shard_task(cfg_dict: dict[str, Any], out: str, device: str, threads: int,
         torch.set_num_threads(threads)
         cfg = TeacherConfig(**cfg_dict)
         worker = ShardWorker(cfg, load_samples(cfg), device)
-        import zarr
-
-        writer = CacheWriter(Path(out), zarr.open_group(out, mode="r+"))
-        _WORKER_STATE[key] = (worker, writer)
+        _WORKER_STATE[key] = (worker, CacheWriter(Path(out)))
     worker, writer = _WORKER_STATE[key]
     before = worker.model_seconds
-    prepared = [worker.prepare(i) for i in writer.shard_rows(shard)]
-    captions, scene, visual = worker.compute(prepared)
-    writer.write_shard(shard, captions, scene, visual)
-    return shard, len(prepared), worker.model_seconds - before
+    prepared = [worker.prepare(i) for i in job.compute]
+    run_job(worker, writer, job, prepared)
+    return job.shard, len(job.write), worker.model_seconds - before
 
 
 def _client(scheduler: str) -> tuple[Any, Any]:
@@ -397,7 +527,8 @@ def _client(scheduler: str) -> tuple[Any, Any]:
 
 
 def _run_distributed(cfg: TeacherConfig, samples: SampleSequence, spec: StoreSpec,
-                     writer: CacheWriter | None, out: Path, device: str,
+                     writer: CacheWriter | None, todo: Plan, input_hashes: Sequence[str],
+                     out: Path, device: str,
                      progress: Callable[[int, int], None] | None) -> RunReport:
     from dask.distributed import as_completed
 
@@ -406,21 +537,25 @@ def _run_distributed(cfg: TeacherConfig, samples: SampleSequence, spec: StoreSpe
         creator = ShardWorker(cfg, samples, device)
         writer = _create(creator, out, spec)
         del creator
-    shards = writer.pending_shards()
-    total = sum(len(writer.shard_rows(s)) for s in shards)
+        rows: list[int] = list(range(writer.n))
+    else:
+        _repair_static(None, writer, spec, todo, samples, cfg, device)
+        rows = todo.rows
+    jobs = shard_jobs(writer, rows, input_hashes, writer.batch_size)
+    total = sum(len(j.write) for j in jobs)
     environ = dict(os.environ)  # dask sets OMP/MKL_NUM_THREADS=1 here for its workers
     client, cluster = _client(cfg.scheduler or "")
     try:
         n_workers = max(1, len(client.scheduler_info()["workers"]))
         threads = max(1, (os.cpu_count() or 1) // n_workers)
-        cfg_dict = {**asdict(cfg), "scheduler": None, "overwrite": False,
+        cfg_dict = {**asdict(cfg), "scheduler": None, "overwrite": False, "repair": False,
                     "root": str(cfg.resolved_root()), "out": str(out)}
-        futures = [client.submit(_shard_task, cfg_dict, str(out), device, threads, s,
-                                 pure=False, key=f"teacher-shard-{s}") for s in shards]
+        futures = [client.submit(_shard_task, cfg_dict, str(out), device, threads, job,
+                                 pure=False, key=f"teacher-shard-{job.shard}") for job in jobs]
         done_rows, model_s = 0, 0.0
         for fut in as_completed(futures):
-            _, rows, seconds = fut.result()
-            done_rows += rows
+            _, n_rows, seconds = fut.result()
+            done_rows += n_rows
             model_s += seconds
             if progress:
                 progress(done_rows, total)
@@ -431,5 +566,5 @@ def _run_distributed(cfg: TeacherConfig, samples: SampleSequence, spec: StoreSpe
         os.environ.clear()
         os.environ.update(environ)
     writer.touch()
-    return RunReport(str(out), writer.n, done_rows, len(shards), 0.0, model_s, "written",
+    return RunReport(str(out), writer.n, done_rows, len(jobs), 0.0, model_s, "written",
                      extra={"workers": n_workers})
