@@ -415,11 +415,13 @@ def cache_verify_cmd(path: Path, as_json: bool) -> None:
             "path": str(path), "rows": len(cache), "done": int(done.sum()),
             "damaged_rows": len(rows), "repair": cache.repair_command() if damages else None,
             "damage": [{"array": d.array, "rows": [d.rows.start, d.rows.stop - 1],
-                        "problem": d.problem, "ids": [ids[i] for i in d.rows]}
+                        "problem": d.problem,
+                        "ids": [ids[i] for i in d.rows] if d.sample_rows else []}
                        for d in damages]}, indent=2))
     else:
         for d in damages:
-            click.echo(f"damaged: {d.where()}: {', '.join(ids[i] for i in d.rows)}")
+            which = ", ".join(ids[i] for i in d.rows) if d.sample_rows else "E_C of every class"
+            click.echo(f"damaged: {d.where()}: {which}")
         if damages:
             click.echo(f"{path}: {len(rows)} of {len(cache)} rows damaged in "
                        f"{len({d.array for d in damages})} arrays; recompute them with "

@@ -153,7 +153,14 @@ class Damage:
     problem: str
     shard: int = 0
 
+    @property
+    def sample_rows(self) -> bool:
+        """Whether `rows` are sample rows (False for the class table)."""
+        return self.array not in ("classes", "class_names")
+
     def where(self) -> str:
+        if not self.sample_rows:
+            return f"{self.array}, all {len(self.rows)} classes ({self.problem})"
         span = (f"row {self.rows.start}" if len(self.rows) == 1 else
                 f"rows {self.rows.start}-{self.rows.stop - 1}")
         return f"{self.array} {span} ({self.problem})"
@@ -171,7 +178,8 @@ class StoreDamage(PipelineError):
 
 
 def damaged_rows(damages: Sequence[Damage]) -> list[int]:
-    return sorted({r for d in damages for r in d.rows})
+    """Sample rows held by damaged chunks."""
+    return sorted({r for d in damages if d.sample_rows for r in d.rows})
 
 
 def _blocks(shards: Sequence[int]) -> list[list[int]]:

@@ -102,7 +102,8 @@ def test_refuses_other_teacher_dataset_dtype(tmp_path):
     cache, problems = mismatches(path, spec())
     assert cache is not None and problems == []
     other = {**FP, "class_prompt": "a photo of a {}"}
-    assert "another teacher: class_prompt" in mismatches(path, spec(teacher_fingerprint=other))[1][0]
+    problems = mismatches(path, spec(teacher_fingerprint=other))[1]
+    assert "another teacher: class_prompt" in problems[0]
     assert "another sample list" in mismatches(path, spec(ids=IDS[:9]))[1][0]
     assert "dtype float16" in mismatches(path, spec(dtype="float32"))[1][0]
     assert "modalities" in mismatches(path, spec(modalities=["rgb"]))[1][0]
