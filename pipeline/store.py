@@ -227,24 +227,25 @@ class TeacherCache:
         if a.get("state") != "ready":
             raise PipelineError(f"{self.path} was not fully created; rerun "
                                 "`pipeline cache-teacher`")
+        self.arrays: dict[str, Any] = {}
         for name in self.array_names:
             try:
-                self.group[name]
+                self.arrays[name] = self.group[name]  # opened once: zarr reads metadata
             except KeyError:
                 raise PipelineError(f"{self.path} lacks the array {name}; the store is "
                                     "damaged: rebuild it with `pipeline cache-teacher "
                                     "--overwrite`") from None
-        n, d = self.group["sample_id"].shape[0], int(a["dim"])
+        n, d = self.arrays["sample_id"].shape[0], int(a["dim"])
         for name in self.row_arrays:
-            if self.group[name].shape[0] != n:
-                raise PipelineError(f"{self.path}: {name} has {self.group[name].shape[0]} rows, "
+            if self.arrays[name].shape[0] != n:
+                raise PipelineError(f"{self.path}: {name} has {self.arrays[name].shape[0]} rows, "
                                     f"expected {n}")
         for name in ("scene", *(f"visual/{m}" for m in a["modalities"])):
-            if self.group[name].shape != (n, d):
-                raise PipelineError(f"{self.path}: {name} has shape {self.group[name].shape}, "
+            if self.arrays[name].shape != (n, d):
+                raise PipelineError(f"{self.path}: {name} has shape {self.arrays[name].shape}, "
                                     f"expected {(n, d)}")
-        if self.group["classes"].shape[1] != d:
-            raise PipelineError(f"{self.path}: classes has dim {self.group['classes'].shape[1]}, "
+        if self.arrays["classes"].shape[1] != d:
+            raise PipelineError(f"{self.path}: classes has dim {self.arrays['classes'].shape[1]}, "
                                 f"expected {d}")
 
     # -- metadata -----------------------------------------------------------------------
@@ -311,7 +312,7 @@ class TeacherCache:
 
     def shard_file(self, name: str, shard: int) -> Path:
         """The file holding shard `shard` of array `name`."""
-        arr = self.group[name]
+        arr = self.arrays[name]
         coords = (shard,) + (0,) * (arr.ndim - 1)
         return self.path / name / arr.metadata.encode_chunk_key(coords)
 
@@ -328,7 +329,7 @@ class TeacherCache:
         """Rows of `shards` (a contiguous run) of array `name`, into `out` (whole-array
         shaped) or a new block. A shard that fails its checksum, or whose file is absent or
         empty where `need(shard)`, is added to `damages` (and left as zeros)."""
-        arr = self.group[name]
+        arr = self.arrays[name]
         rows_of = self._rows_of(name)
         start, stop = rows_of(shards[0]).start, rows_of(shards[-1]).stop
         offset = 0
@@ -361,13 +362,13 @@ class TeacherCache:
 
     def _rows_of(self, name: str) -> Callable[[int], range]:
         if name in ("classes", "class_names"):
-            k = int(self.group[name].shape[0])
+            k = int(self.arrays[name].shape[0])
             return lambda s: range(0, k)
         return self.shard_rows
 
     def _shards_of(self, name: str) -> list[int]:
         if name in ("classes", "class_names"):
-            return [0] if self.group[name].shape[0] else []
+            return [0] if self.arrays[name].shape[0] else []
         return list(range(self.num_shards))
 
     def _done_shards(self, shards: Sequence[int], damages: list[Damage]) -> set[int]:
@@ -385,18 +386,31 @@ class TeacherCache:
     def read(self, name: str, rows: Sequence[int] | None = None) -> np.ndarray:
         """Checked read of array `name` (whole, or the shards holding `rows`, the rest left
         empty); damage in what is read raises one `StoreDamage` line."""
+        return self._read_checked([name], rows)[name]
+
+    def _read_checked(self, names: Sequence[str],
+                      rows: Sequence[int] | None = None) -> dict[str, np.ndarray]:
         damages: list[Damage] = []
-        shards = self._shards_of(name)
-        if rows is not None and name not in ("classes", "class_names"):
-            shards = sorted({int(r) // self.rows_per_shard for r in rows})
-        arr = self.group[name]
-        out = np.zeros(arr.shape, dtype=arr.dtype)
-        need: Callable[[int], bool] = lambda _s: name != "done"  # noqa: E731  (absent: not done)
-        if name in self.row_arrays:
-            needed = self._done_shards(shards, damages)
-            need = needed.__contains__
-        for block in _blocks(shards):
-            self._read_shards(name, block, need, damages, out)
+        all_shards = list(range(self.num_shards))
+        shards = all_shards if rows is None else \
+            sorted({int(r) // self.rows_per_shard for r in rows})
+        needed: set[int] | None = None
+        out = {}
+        for name in names:
+            arr = self.arrays[name]
+            out[name] = np.zeros(arr.shape, dtype=arr.dtype)
+            if name in ("classes", "class_names"):
+                need: Callable[[int], bool] = lambda _s: True  # noqa: E731
+                name_shards = self._shards_of(name)
+            elif name in ("sample_id", "done"):
+                need = lambda _s, _n=name: _n != "done"  # noqa: E731  (absent: not done)
+                name_shards = shards
+            else:
+                if needed is None:  # shards holding a done row need every row array
+                    needed = self._done_shards(shards, damages)
+                need, name_shards = needed.__contains__, shards
+            for block in _blocks(name_shards):
+                self._read_shards(name, block, need, damages, out[name])
         if damages:
             raise StoreDamage(self.path, damages, self.repair_command())
         return out
@@ -507,22 +521,17 @@ class TeacherCache:
             if m not in self.modalities:
                 raise PipelineError(f"{self.path} has no modality {m!r}; it holds "
                                     f"{', '.join(self.modalities)}")
-        damages: list[Damage] = []
-        got: dict[str, np.ndarray] = {}
-        for name in ("scene", *(f"visual/{m}" for m in mods)):
-            try:
-                got[name] = np.asarray(self.read(name, rows)[rows], np.float32)
-            except StoreDamage as exc:
-                damages += [d for d in exc.damages if d not in damages]
-        if damages:
-            raise StoreDamage(self.path, damages, self.repair_command())
-        return {"scene": got["scene"], "visual": {m: got[f"visual/{m}"] for m in mods}}
+        got = self._read_checked(["scene", *(f"visual/{m}" for m in mods)], rows)
+        every = rows.size == self.n and bool((rows == np.arange(self.n)).all())
+        vec = {name: np.asarray(values if every else values[rows], np.float32)
+               for name, values in got.items()}
+        return {"scene": vec["scene"], "visual": {m: vec[f"visual/{m}"] for m in mods}}
 
     # -- lazy arrays (unchecked: for tools that stream large stores themselves) ----------------
     def _dask(self, name: str) -> Any:
         import dask.array as da
 
-        return da.from_zarr(self.group[name])
+        return da.from_zarr(self.arrays[name])
 
     @property
     def scene(self) -> Any:
@@ -693,7 +702,10 @@ class CacheWriter(TeacherCache):
     """Creates and fills a store. Used by stage one only, under `writer_lock`."""
 
     def __init__(self, path: Path) -> None:
-        super().__init__(path, mode="r+")
+        # arrays keep the config they are opened with: every chunk is written, even one
+        # holding only fill values (empty captions), so a missing file always means damage
+        with _zarr().config.set({"array.write_empty_chunks": True}):
+            super().__init__(path, mode="r+")
         self.batch_size = int(self.attrs.get("batch_size", 16))
 
     @classmethod
@@ -764,17 +776,16 @@ class CacheWriter(TeacherCache):
 
         def put(name: str, values: np.ndarray) -> None:
             if whole:
-                self.group[name][sel] = values
+                self.arrays[name][sel] = values
             else:
-                self.group[name].oindex[sel] = values
+                self.arrays[name].oindex[sel] = values
 
-        with _zarr().config.set({"array.write_empty_chunks": True}):
-            put("caption", np.asarray(list(captions), dtype=str))
-            put("scene", scene.astype(dtype))
-            for m in self.modalities:
-                put(f"visual/{m}", visual[m].astype(dtype))
-            put("input_hash", np.asarray(list(input_hashes), dtype=str))
-            put("done", np.ones(n, dtype=bool))
+        put("caption", np.asarray(list(captions), dtype=str))
+        put("scene", scene.astype(dtype))
+        for m in self.modalities:
+            put(f"visual/{m}", visual[m].astype(dtype))
+        put("input_hash", np.asarray(list(input_hashes), dtype=str))
+        put("done", np.ones(n, dtype=bool))
 
     def discard(self, damages: Sequence[Damage]) -> None:
         """Delete damaged shard files before their rows are rewritten: zarr reads a shard

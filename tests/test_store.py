@@ -255,8 +255,22 @@ def test_damaged_ids_and_classes_are_found(tmp_path):
     (path / "sample_id" / "c" / "0").unlink()
     found = {(d.array, d.problem.split(" ")[0]) for d in open_cache(path).verify()}
     assert found == {("classes", "checksum"), ("sample_id", "missing")}
-    with pytest.raises(StoreDamage, match="classes rows 0-2"):
+    with pytest.raises(StoreDamage, match="classes, all 3 classes"):
         _ = open_cache(path).classes
+
+
+def test_chunks_of_fill_values_are_written(tmp_path):
+    """zarr skips chunks equal to the fill value by default; a store must not, or an empty
+    caption or a zero vector would be indistinguishable from a missing file."""
+    path = tmp_path / "c.zarr"
+    w = make(path)
+    rows = list(w.shard_rows(0))
+    zeros = np.zeros((4, 8))
+    w.write_rows(rows, [""] * 4, zeros, {m: zeros for m in w.modalities}, ["h"] * 4)
+    cache = open_cache(path)
+    assert cache.verify() == []
+    assert cache.captions(IDS[:4]) == [""] * 4
+    assert not cache.get(IDS[:4])["scene"].any()
 
 
 def test_plan_names_new_changed_and_damaged_rows(tmp_path):

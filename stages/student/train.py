@@ -166,14 +166,14 @@ def load_targets(cache: TeacherCache, samples: datasets.SampleSequence, modaliti
 
 
 def without_skipped(samples: datasets.SampleSequence, skipped: set[str],
-                    dataset: str) -> tuple[datasets.SampleSequence, int]:
-    """`samples` less those the teacher cache skipped as broken, and how many that was."""
+                    dataset: str) -> datasets.SampleSequence:
+    """`samples` less those the teacher cache skipped as broken (even if repaired since:
+    the cache has no rows for them)."""
     kept = [r for r in samples.records if r.id not in skipped]
-    dropped = len(samples.records) - len(kept)
-    if not dropped:
-        return samples, 0
+    if len(kept) == len(samples.records):
+        return samples
     return datasets.SampleSequence(samples.name, kept, datasets.get(dataset).decode,
-                                   samples.classes, samples.modalities), dropped
+                                   samples.classes, samples.modalities)
 
 
 def cache_fingerprints(cache: TeacherCache) -> dict[str, Any]:
@@ -263,12 +263,15 @@ def train(student: StudentConfig, cfg: TrainConfig, progress: bool = True,
                               skip_bad=cfg.skip_bad or bool(skipped))
     val_set = datasets.load(cfg.dataset, root, "val", modalities=modalities,
                             skip_bad=cfg.skip_bad or bool(skipped))
-    train_set, dropped = without_skipped(train_set, skipped, cfg.dataset)
-    val_set, val_dropped = without_skipped(val_set, skipped, cfg.dataset)
+    train_set = without_skipped(train_set, skipped, cfg.dataset)
+    val_set = without_skipped(val_set, skipped, cfg.dataset)
     if skipped:
+        reader = datasets.get(cfg.dataset)
+        left_out = [sum(r.id in skipped for r in reader.index(root, split))
+                    for split in ("train", "val")]
         log.info("%s skipped %d broken samples when it was built (--skip-bad); training "
                  "without them: %d train and %d val samples left out", cache_path,
-                 len(skipped), dropped, val_dropped)
+                 len(skipped), *left_out)
     if cfg.val_limit:
         val_set = val_set[: cfg.val_limit]
     targets = load_targets(cache, train_set, modalities, cfg)
