@@ -91,6 +91,8 @@ class DeliverReader(DatasetReader):
     modalities: ClassVar[tuple[str, ...]] = MODALITIES
     splits: ClassVar[tuple[str, ...]] = SPLITS
     depth_sources: ClassVar[tuple[str, ...]] = tuple(_DEPTH_FOLDERS)
+    layout: ClassVar[str] = ("img/<condition>/<split>/<scene>/<frame>_rgb_front.png with the "
+                             "same paths under hha/, event/, lidar/ and semantic/")
 
     def __init__(self, name: str = "deliver", default_root: str = "data/DELIVER",
                  how_to_get: str = "download DELIVER (github.com/jamycheung/DELIVER) "

@@ -70,6 +70,8 @@ class MCubesReader(DatasetReader):
     splits: ClassVar[tuple[str, ...]] = SPLITS
     default_root = "data/MCubeS/multimodal_dataset"
     every_file_options: ClassVar[dict[str, Any]] = {"cmnext_val": False}
+    layout: ClassVar[str] = ("list_folder/<split>.txt naming images that lie in polL_color/, "
+                             "polL_aolp_sin/, polL_aolp_cos/, polL_dolp/, NIR_warped/ and GT/")
 
     def _check_root(self, root: Path) -> None:
         if not root.is_dir():

@@ -25,6 +25,8 @@ class DatasetReader(ABC):
     depth_sources: ClassVar[tuple[str, ...]] = ()
     # `index` options under which each split names its own files (for `datasets check`)
     every_file_options: ClassVar[dict[str, Any]] = {}
+    # the files a root holds, relative to it (for errors about a root without samples)
+    layout: ClassVar[str] = ""
 
     @abstractmethod
     def index(self, root: Path, split: str | Sequence[str], **options: Any) -> list[Record]:

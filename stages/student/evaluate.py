@@ -19,15 +19,17 @@ import torch
 import torch.nn.functional as F
 
 from pipeline import datasets
+from pipeline.config import Where
 from pipeline.errors import PipelineError
 from pipeline.metrics import Confusion
 from pipeline.progress import progress as progress_bar
 from stages.student.data import AugmentConfig, StudentData
-from stages.student.model import Any2Seg, StudentConfig, build_student
+from stages.student.model import MISSING_MODES, Any2Seg, StudentConfig, build_student
 
 SHORT = {"rgb": "R", "depth": "D", "event": "E", "lidar": "L", "aolp": "A", "dolp": "P",
          "nir": "N", "thermal": "T"}
 SETTINGS = ("mss", "miss", "sensor")
+INFERENCE_MODES = ("whole", "slide")
 SENSOR_GROUPS = ("cloud", "fog", "night", "rain", "sun", "motionblur", "overexposure",
                  "underexposure", "lidarjitter", "eventlowres")
 
@@ -79,7 +81,7 @@ def infer(model: Any2Seg, images: torch.Tensor, masks: torch.Tensor, mode: str =
         if xs[-1] + crop < w:
             xs.append(w - crop)
         windows = [(y, x, min(crop, h), min(crop, w)) for y in ys for x in xs]
-    elif mode not in ("whole", "slide"):
+    elif mode not in INFERENCE_MODES:
         raise PipelineError(f"inference mode must be whole or slide, got {mode!r}")
     out = images.new_zeros((s, b, model.num_classes, h, w))
     count = images.new_zeros((1, 1, 1, h, w))
@@ -120,15 +122,20 @@ class EvalConfig:
     limit: int | None = None
     examples: int = 4
 
-    def validate(self) -> None:
-        if self.setting not in (*SETTINGS, "all"):
-            raise PipelineError(f"eval.setting must be mss, miss, sensor or all, got "
-                                f"{self.setting!r}")
-        if self.mode not in ("whole", "slide"):
-            raise PipelineError(f"eval.mode must be whole or slide, got {self.mode!r}")
-        if self.missing not in (None, "exclude", "zero-fill"):
-            raise PipelineError(f"eval.missing must be exclude or zero-fill, got "
-                                f"{self.missing!r}")
+    def validate(self, where: Where | None = None) -> None:
+        w = where or Where("eval", None)
+        if not self.split:
+            w.fail("split", "a split name such as val", self.split)
+        w.one_of("setting", self.setting, (*SETTINGS, "all"))
+        w.one_of("mode", self.mode, INFERENCE_MODES)
+        w.integer("crop", self.crop, 1, why="the sliding window's side")
+        w.integer("stride", self.stride, 1, self.crop,
+                  why="larger than eval.crop would leave pixels between windows unseen")
+        if self.missing is not None:
+            w.one_of("missing", self.missing, MISSING_MODES)
+        if self.limit is not None:
+            w.integer("limit", self.limit, 1, why="or null for the whole split")
+        w.integer("examples", self.examples, 0, why="samples drawn in predictions.png")
 
     @property
     def settings(self) -> tuple[str, ...]:
