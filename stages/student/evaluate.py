@@ -134,7 +134,7 @@ class EvalConfig:
         if self.missing is not None:
             w.one_of("missing", self.missing, MISSING_MODES)
         if self.limit is not None:
-            w.integer("limit", self.limit, 1, why="or null for the whole split")
+            w.integer("limit", self.limit, 1, why="leave it unset (null) for the whole split")
         w.integer("examples", self.examples, 0, why="samples drawn in predictions.png")
 
     @property
@@ -195,7 +195,8 @@ def evaluate(model: Any2Seg, samples: datasets.SampleSequence, settings: tuple[s
         for j, idx in enumerate(batch["index"].tolist()):
             if idx in picks:
                 sample = samples[idx]
-                result.examples.append({"id": sample.id, **sample.modalities,
+                result.examples.append({"id": sample.id, "condition": sample.condition,
+                                        "case": sample.case, **sample.modalities,
                                         "label": sample.label,
                                         "pred": preds[index_all, j].cpu().numpy()})
     names = result.classes
@@ -263,5 +264,5 @@ def write_outputs(result: EvalResult, out: Path, palette: list[tuple[int, int, i
         written.append(per_class_chart(result.mss["IoU"], plots / "per_class_iou.png"))
     if result.examples:
         written.append(predictions_grid(result.examples, result.modalities, palette,
-                                        plots / "predictions.png"))
+                                        result.classes, plots / "predictions.png"))
     return written

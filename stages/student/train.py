@@ -121,7 +121,8 @@ class TrainConfig:
         w.number("modality_dropout", self.modality_dropout, 0, 1, why="a probability")
         w.integer("val_every", self.val_every, 0, why="0 validates only after the last step")
         if self.val_limit is not None:
-            w.integer("val_limit", self.val_limit, 1, why="or null for the whole val split")
+            w.integer("val_limit", self.val_limit, 1,
+                      why="leave it unset (null) for the whole val split")
         w.integer("checkpoint_every", self.checkpoint_every, 1)
         if not is_device(self.device):
             w.fail("device", "one of " + ", ".join(DEVICE_FORMS), self.device)
