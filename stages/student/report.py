@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -54,14 +55,12 @@ def colourise(label: np.ndarray, palette: list[tuple[int, int, int]]) -> np.ndar
 
 
 def _wrap_id(sample_id: str, width: int = 18) -> str:
-    """Break a long sample id at its slashes so that it fits beside a tile."""
+    """Break a long sample id after its slashes so that it fits beside a tile."""
     lines = [""]
-    for part in sample_id.split("/"):
-        piece = part if not lines[-1] else "/" + part
+    for piece in re.split(r"(?<=/)", sample_id):  # "a/b/c" -> "a/", "b/", "c"
         if lines[-1] and len(lines[-1]) + len(piece) > width:
-            lines.append(part)
-        else:
-            lines[-1] += piece
+            lines.append("")
+        lines[-1] += piece
     return "\n".join(lines)
 
 

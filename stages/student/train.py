@@ -129,9 +129,11 @@ class TrainConfig:
         if self.modalities is not None:
             known = datasets.get(self.dataset).modalities
             unknown = [m for m in self.modalities if m not in known]
-            if unknown or not self.modalities or len(set(self.modalities)) < len(self.modalities):
-                w.fail("modalities", f"distinct modalities of {self.dataset} "
-                       f"({', '.join(known)})", self.modalities)
+            if unknown:
+                raise PipelineError(f"{w.key('modalities')} names unknown modality "
+                                    f"{unknown[0]!r}; {self.dataset} has {', '.join(known)}")
+            if not self.modalities or len(set(self.modalities)) < len(self.modalities):
+                w.fail("modalities", "distinct modality names", self.modalities)
         self.loss_config(w.sub("loss"))
         self.augment_config(w.sub("augment"))
 
