@@ -249,7 +249,11 @@ CASES = [
     ("cache-teacher", {"teacher.modality_branch": {"lidr": "image"}}, [],
      ["teacher.modality_branch", "lidr"]),
     ("cache-teacher", {"teacher.modality_branch": {"lidar": "lidar"}}, [],
-     ["teacher.modality_branch", "image, depth, thermal"]),
+     ["teacher.modality_branch", "branch 'lidar'", "image, depth, thermal"]),
+    ("cache-teacher", {"teacher.modality_branch": {"lidar": "lidar"}},
+     ["--modality-branch", "rgb=image"], ["teacher.modality_branch", "branch 'lidar'"]),
+    ("cache-teacher", {}, ["--modality-branch", "lidar=lidar"], ["--modality-branch",
+                                                                 "branch 'lidar'"]),
     ("cache-teacher", {"teacher.batch_size": 0}, [], ["teacher.batch_size", ">= 1"]),
     ("cache-teacher", {"teacher.dtype": "bfloat16"}, [], ["teacher.dtype", "float16"]),
     ("cache-teacher", {"teacher.class_prompt": "a photo"}, [], ["teacher.class_prompt", "{}"]),
@@ -310,6 +314,8 @@ def test_unreachable_cluster_fails_in_its_timeout_and_releases_the_lock(teacher_
     args = ["cache-teacher", "--root", root, "--teacher-root", root / "teacher", "--out", out,
             "--params", params_with(tmp_path, {}), "--scheduler", f"tcp://127.0.0.1:{port}"]
     start = time.perf_counter()
+    import distributed  # noqa: F401  (its config must outlive the block below)
+
     with dask.config.set({"distributed.comm.timeouts.connect": "1s"}):
         code, _, err = run_cli(capsys, args)
     assert time.perf_counter() - start < 30
@@ -518,3 +524,34 @@ def test_failed_train_in_a_git_repo_prints_no_dulwich_tracebacks(sample_cache, t
     assert result.returncode != 0
     assert "a bug inside the training loop" in result.stderr  # the real error is shown
     assert "Exception ignored" not in result.stderr, result.stderr[-2000:]
+
+
+def test_non_finite_loss_causes_are_told_apart():
+    """The message says what made the term non-finite, judged from what went into it."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from stages.student.data import Targets
+    from stages.student.train import TrainConfig, _likely_cause
+
+    targets = Targets(visual=np.zeros((2, 1, 4), np.float32),
+                      scene=np.zeros((2, 4), np.float32), classes=np.ones((3, 4), np.float32))
+    cfg = TrainConfig(steps=1, lr=0.5, cache="c.zarr")
+    ids = ["a", "b"]
+    batch = {"index": torch.tensor([1, 0]), "label": torch.zeros(2, 2, 2, dtype=torch.long)}
+    finite = SimpleNamespace(feats=[torch.zeros(2, 1, 4)], logits=torch.zeros(2, 3, 2, 2))
+    diverged = SimpleNamespace(feats=[torch.full((2, 1, 4), float("inf"))],
+                               logits=torch.zeros(2, 3, 2, 2))
+    assert "training diverged (lower train.lr, now 0.5)" in \
+        _likely_cause("L_sup", batch, diverged, targets, cfg, ids)
+    blank = {**batch, "label": torch.full((2, 2, 2), 255)}
+    assert "no labelled pixel" in _likely_cause("L_sup", blank, finite, targets, cfg, ids)
+    assert "overflowed; lower train.lr" in _likely_cause("L_sup", batch, finite, targets, cfg,
+                                                         ids)
+    targets.scene[0, 1] = np.nan
+    assert "holds non-finite E_m/E_S for a" in _likely_cause("L_cr", batch, finite, targets,
+                                                             cfg, ids)
+    targets.classes[2, 0] = np.inf
+    assert "non-finite class embeddings E_C" in _likely_cause("L_se", batch, finite, targets,
+                                                              cfg, ids)

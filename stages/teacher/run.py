@@ -96,7 +96,8 @@ class TeacherConfig:
         for key, value in overrides.items():
             if value is None:
                 continue
-            if key == "modality_branch":
+            if key == "modality_branch":  # each side named as the user set it
+                _check_branches(Where("teacher", source), cfg.modality_branch)
                 cfg._check_modalities(where, "modality_branch", list(value))
                 value = {**cfg.modality_branch, **value}
             setattr(cfg, key, value)
@@ -116,21 +117,16 @@ class TeacherConfig:
             w.fail("device", "one of " + ", ".join(DEVICE_FORMS), self.device)
         if self.scheduler is not None:
             parse_scheduler(self.scheduler, w)
-        w.one_of("captioner", self.captioner, captioners.available())
+        if self.captioner not in captioners.available():
+            raise PipelineError(f"{w.key('captioner')}: unknown captioner {self.captioner!r}; "
+                                f"available: {', '.join(captioners.available())}")
         if not self.split:
             w.fail("split", "one or more split names", self.split)
         if self.modalities is not None:
             self._check_modalities(w, "modalities", self.modalities)
             if not self.modalities or len(set(self.modalities)) < len(self.modalities):
                 w.fail("modalities", "distinct modality names", self.modalities)
-        every = {m for name in datasets.available() for m in datasets.get(name).modalities}
-        for modality, branch in self.modality_branch.items():
-            if modality not in every:  # a typo: no registered dataset has it
-                w.fail("modality_branch", "a map from modality names ("
-                       f"{', '.join(sorted(every))}) to branches", {modality: branch})
-            if branch not in BRANCH_FOLDERS:
-                w.fail("modality_branch", f"a map to LanguageBind branches "
-                       f"({', '.join(BRANCH_FOLDERS)})", {modality: branch})
+        _check_branches(w, self.modality_branch)
 
     def _check_modalities(self, where: Where, name: str, modalities: list[str]) -> None:
         """Name the first modality the dataset does not have."""
@@ -173,6 +169,20 @@ class TeacherConfig:
 
     def resolved_device(self) -> str:
         return resolve_device(self.device)
+
+
+def _check_branches(where: Where, modality_branch: dict[str, str]) -> None:
+    """Known branches, for modalities that some registered dataset has: an entry for another
+    dataset's modality is fine (params.yaml serves several), a typo is not."""
+    every = {m for name in datasets.available() for m in datasets.get(name).modalities}
+    key = where.key("modality_branch")
+    for modality, branch in modality_branch.items():
+        if modality not in every:
+            raise PipelineError(f"{key} names {modality!r}, which no registered dataset has "
+                                f"(modalities: {', '.join(sorted(every))})")
+        if branch not in BRANCH_FOLDERS:
+            raise PipelineError(f"{key} maps {modality} to unknown branch {branch!r}; "
+                                f"branches: {', '.join(BRANCH_FOLDERS)}")
 
 
 def readable_class(name: str) -> str:
