@@ -103,6 +103,12 @@ def _modes() -> list[str]:
     return list(INFERENCE_MODES)
 
 
+def _protocols() -> list[str]:
+    from stages.student.protocol import PROTOCOLS
+
+    return list(PROTOCOLS)
+
+
 def _missing_modes() -> list[str]:
     from stages.student.model import MISSING_MODES
 
@@ -547,8 +553,14 @@ def train_cmd(dataset: str | None, root: Path | None, cache: str | None, out: st
               help="Whole-image or sliding-window inference.  [default: whole]")
 @click.option("--crop", type=int, default=None, help="Sliding-window size.  [default: 1024]")
 @click.option("--stride", type=int, default=None, help="Sliding-window stride.  [default: 683]")
+@click.option("--protocol", type=Registered(_protocols), default=None,
+              help="official: resize and score as the dataset's official evaluation code "
+              "(DELIVER: 1024 short side); native: as stored.  [default: official for "
+              "deliver and mcubes, native for sample]")
 @click.option("--missing", type=Registered(_missing_modes), default=None,
-              help="How absent modalities are treated.  [default: the checkpoint's]")
+              help="Absent modalities: black frames (MISS), zeros after normalisation, or "
+              "left out of the fusion.  [default: black under --protocol official, else the "
+              "checkpoint's]")
 @click.option("--limit", type=int, default=None, help="Evaluate only the first N (>= 1) "
               "samples.  [default: eval.limit, all]")
 @click.option("--examples", type=int, default=None,
@@ -559,9 +571,10 @@ def train_cmd(dataset: str | None, root: Path | None, cache: str | None, out: st
 @click.option("--params", "params_path", type=click.Path(path_type=Path), default=None,
               help="Parameters file (its `eval` group).  [default: ./params.yaml if present]")
 def evaluate_cmd(checkpoint: Path, dataset: str | None, root: Path | None, split: str | None,
-                 setting: str | None, mode: str | None, crop: int | None, stride: int | None,
-                 missing: str | None, limit: int | None, examples: int | None, device: str,
-                 out: Path, params_path: Path | None) -> None:
+                 setting: str | None, protocol: str | None, mode: str | None,
+                 crop: int | None, stride: int | None, missing: str | None, limit: int | None,
+                 examples: int | None, device: str, out: Path,
+                 params_path: Path | None) -> None:
     """Evaluate a student: mIoU, mAcc, F1 and pixel accuracy per setting, with charts."""
     from pipeline import datasets
     from pipeline.config import Where, build, load_params
@@ -569,6 +582,7 @@ def evaluate_cmd(checkpoint: Path, dataset: str | None, root: Path | None, split
     from stages.student.encoder import min_input_size
     from stages.student.evaluate import (
         EvalConfig,
+        describe,
         evaluate,
         flat_metrics,
         load_checkpoint,
@@ -581,8 +595,9 @@ def evaluate_cmd(checkpoint: Path, dataset: str | None, root: Path | None, split
     source = str(params_path or "params.yaml")
     cfg = build(EvalConfig, dict(load_params(params_path).get("eval") or {}),
                 Where("eval", source))
-    overrides = {"split": split, "setting": setting, "mode": mode, "crop": crop,
-                 "stride": stride, "missing": missing, "limit": limit, "examples": examples}
+    overrides = {"split": split, "setting": setting, "protocol": protocol, "mode": mode,
+                 "crop": crop, "stride": stride, "missing": missing, "limit": limit,
+                 "examples": examples}
     for key, value in overrides.items():
         if value is not None:
             setattr(cfg, key, value)
@@ -594,9 +609,8 @@ def evaluate_cmd(checkpoint: Path, dataset: str | None, root: Path | None, split
     smallest = min_input_size(backbone)
     if cfg.mode == "slide" and smallest:
         where.integer("crop", cfg.crop, smallest, why=f"the smallest input {backbone} accepts")
-    if cfg.missing:
-        model.missing = cfg.missing
     name = dataset or meta["dataset"]
+    model.missing = cfg.resolved_missing(name, model.missing)
     samples = datasets.load(name, _dataset_root(name, root), cfg.split,
                             modalities=meta["modalities"])
     if cfg.limit is not None:
@@ -604,8 +618,10 @@ def evaluate_cmd(checkpoint: Path, dataset: str | None, root: Path | None, split
     if list(samples.classes) != list(meta["classes"]):
         raise PipelineError(f"{checkpoint} was trained on other classes than {name}'s")
     result = evaluate(model, samples, cfg.settings, cfg.mode, cfg.crop, cfg.stride, device=dev,
-                      examples=cfg.examples, progress=True)
+                      examples=cfg.examples, progress=True,
+                      protocol=cfg.resolved_protocol(name))
     written = write_outputs(result, out, [tuple(c) for c in meta["palette"]])
+    click.echo(describe(result) + "\n")
     click.echo(markdown(flat_metrics(result)))
     click.echo("wrote " + ", ".join(str(p) for p in written))
 

@@ -66,9 +66,11 @@ def to_uint8(arr: np.ndarray) -> np.ndarray:
     raise TypeError(f"expected uint8 or uint16 image, got {arr.dtype}")
 
 
-def to_rgb3(arr: np.ndarray, path: Path) -> np.ndarray:
-    """H x W x 3 uint8 as the DELIVER loader does: 1 channel repeated, 4 cut to 3."""
-    arr = to_uint8(arr)
+def to_rgb3(arr: np.ndarray, path: Path, keep_16bit: bool = False) -> np.ndarray:
+    """H x W x 3 as the DELIVER loader does: 1 channel repeated, 4 cut to 3; uint8, or
+    with `keep_16bit` 16-bit files stay uint16 (as `torchvision.io.read_image` keeps them)."""
+    if not (keep_16bit and arr.dtype == np.uint16):
+        arr = to_uint8(arr)
     if arr.ndim == 2:
         arr = arr[:, :, None]
     channels = arr.shape[2]

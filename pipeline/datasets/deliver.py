@@ -93,13 +93,17 @@ class DeliverReader(DatasetReader):
     depth_sources: ClassVar[tuple[str, ...]] = tuple(_DEPTH_FOLDERS)
     layout: ClassVar[str] = ("img/<condition>/<split>/<scene>/<frame>_rgb_front.png with the "
                              "same paths under hha/, event/, lidar/ and semantic/")
+    # official tools/val_mm.py: Resize(EVAL.IMAGE_SIZE=[1024, 1024]) before inference
+    official_eval_size: ClassVar[int | None] = 1024
 
     def __init__(self, name: str = "deliver", default_root: str = "data/DELIVER",
                  how_to_get: str = "download DELIVER (github.com/jamycheung/DELIVER) "
-                                   "and pass its folder as --root") -> None:
+                                   "and pass its folder as --root",
+                 eval_protocol: str = "official") -> None:
         self.name = name
         self.default_root = default_root
         self.how_to_get = how_to_get
+        self.eval_protocol = eval_protocol
 
     # -- indexing ---------------------------------------------------------------------
     def _check_root(self, root: Path) -> None:
@@ -196,7 +200,7 @@ class DeliverReader(DatasetReader):
             stored = read_png(path)
             if stored.dtype == np.uint16:
                 raw[m] = stored
-            img = to_rgb3(stored, path)
+            img = to_rgb3(stored, path, keep_16bit=True)  # MISS: read_image keeps uint16
             if img.shape[:2] != (height, width):
                 if m == "event":
                     img = resize_nearest(img, height, width)
@@ -215,9 +219,10 @@ class DeliverReader(DatasetReader):
              view: str = "front", skip_bad: bool = False) -> SampleSequence:
         """Samples of `split` (one or several, comma-separated) with the given filters.
 
-        `depth_source="hha"` reads `hha/` like the official loader; `"raw"` reads the
-        metric `depth/` PNGs instead (16-bit files are mapped linearly to 8 bits here;
-        `Sample.files["depth"]` points at the raw file for metric use).
+        `depth_source="hha"` reads `hha/` like the official DELIVER loader; `"raw"` reads the
+        metric `depth/` PNGs instead, as MISS does: 16-bit files stay uint16, so the student
+        sees value / 255 exactly like MISS's `io.read_image(...).float() / 255` (up to 257),
+        and `Sample.raw["depth"]` holds the 2-D stored array for metric use.
         """
         root = Path(root or self.default_root)
         records = self.index(root, split, modalities=modalities, condition=condition,

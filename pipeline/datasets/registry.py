@@ -27,6 +27,10 @@ class DatasetReader(ABC):
     every_file_options: ClassVar[dict[str, Any]] = {}
     # the files a root holds, relative to it (for errors about a root without samples)
     layout: ClassVar[str] = ""
+    # evaluation protocol used when none is asked for ("official" or "native"), and the
+    # short side the official evaluation resizes images and labels to (None: no resize)
+    eval_protocol: str = "native"
+    official_eval_size: ClassVar[int | None] = None
 
     @abstractmethod
     def index(self, root: Path, split: str | Sequence[str], **options: Any) -> list[Record]:

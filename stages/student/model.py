@@ -9,11 +9,12 @@ import torch
 from torch import nn
 
 from pipeline.config import Where, build
+from stages.student.data import black
 from stages.student.encoder import Encoder, backbone_names, is_backbone
 from stages.student.head import AllMLPHead
 from stages.student.mff import MFF, MFFConfig, MFFOutput
 
-MISSING_MODES = ("exclude", "zero-fill")
+MISSING_MODES = ("exclude", "zero-fill", "black")
 
 
 @dataclass
@@ -28,8 +29,11 @@ class Any2Seg(nn.Module):
     """Modalities are stacked on the batch axis and encoded in one pass by the shared
     encoder (absent ones are not encoded at all), fused per stage by MFF and decoded.
 
-    `missing="exclude"` leaves absent modalities out of the fusion; `"zero-fill"` feeds
-    them as all-zero tensors and fuses them like the others (the paper's MISS protocol).
+    Absent modalities: `missing="exclude"` leaves them out of the fusion (this project's
+    choice); `"black"` feeds a black frame through the normal preprocessing and fuses it
+    like the others (MISS's protocol, which the paper's MISS tables follow: RGB becomes
+    -mean/std after ImageNet normalisation, the others 0); `"zero-fill"` feeds zeros in
+    normalised space (ImageNet-mean grey for RGB), as some robustness benchmarks do.
     """
 
     def __init__(self, encoder: Encoder, modalities: list[str], num_classes: int,
@@ -44,6 +48,14 @@ class Any2Seg(nn.Module):
         self.missing = missing
         self.mff = MFF(mff)
         self.head = AllMLPHead(encoder.channels, num_classes, embed_dim, dropout)
+
+    def filler(self, like: torch.Tensor) -> torch.Tensor:
+        """(1, M, 3, 1, 1) normalised value fed for an absent modality (black / zero-fill)."""
+        if self.missing == "black":
+            values = torch.stack([black(m) for m in self.modalities])
+        else:
+            values = torch.zeros(len(self.modalities), 3)
+        return values.to(like)[None, :, :, None, None]
 
     def encode_all(self, images: torch.Tensor) -> list[torch.Tensor]:
         """Every modality through the shared encoder: per stage (B, M, C, h, w)."""
@@ -61,8 +73,8 @@ class Any2Seg(nn.Module):
             raise ValueError(f"expected {len(self.modalities)} modalities, got {m}")
         if present is None:
             present = torch.ones(b, m, dtype=torch.bool, device=images.device)
-        if self.missing == "zero-fill":
-            images = images * present[:, :, None, None, None].to(images.dtype)
+        if self.missing != "exclude":
+            images = torch.where(present[:, :, None, None, None], images, self.filler(images))
             present = torch.ones_like(present)
         flat = images.flatten(0, 1)
         keep = present.flatten().nonzero().squeeze(1)

@@ -36,7 +36,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("pipeline.teacher")
 
-PREPROCESS_VERSION = "openai-mean-std bicubic-antialias short-side centre-crop; depth mm->m v1"
+PREPROCESS_VERSION = ("openai-mean-std bicubic-antialias short-side centre-crop; depth mm->m; "
+                      "non-8-bit images over their value range; text ftfy+html+space clean v2")
 DEFAULT_BRANCH = {"rgb": "image", "depth": "depth", "event": "image", "lidar": "image",
                   "aolp": "image", "dolp": "image", "nir": "image", "thermal": "thermal"}
 STORE_DTYPES = ("float16", "float32")
@@ -212,7 +213,10 @@ def model_input(sample: Sample, modality: str, branch: str) -> np.ndarray:
                 f"is not; map {modality} to the image branch with --modality-branch "
                 f"{modality}=image, or point the dataset at raw depth")
         return depth
-    return sample.modalities[modality]
+    image = sample.modalities[modality]
+    # 8-bit images go in as stored (the official ToTensor divides by 255); 16-bit and float
+    # ones (raw depth, MCubeS AoLP / DoLP / NIR) as [0, 1] images over their value range
+    return image if image.dtype == np.uint8 else sample.unit_image(modality)
 
 
 class ShardWorker:

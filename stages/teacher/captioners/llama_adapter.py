@@ -97,6 +97,7 @@ class LlamaAdapterCaptioner(Captioner):
         images = []
         for s in samples:
             rgb = s.modalities["rgb"]
+            rgb = rgb if rgb.dtype == np.uint8 else s.unit_image("rgb")  # 16-bit / float RGB
             images.append(preprocess_image(rgb[:, :, ::-1].copy() if self.options["bgr"] else rgb))
         param = model.llama.output.weight
         pixels = torch.stack(images).to(param.device, param.dtype)
