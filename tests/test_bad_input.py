@@ -235,7 +235,8 @@ CASES = [
     ("evaluate", {"eval.crop": 0}, [], ["eval.crop", ">= 1"]),
     ("evaluate", {"eval.examples": -1}, [], ["eval.examples", ">= 0"]),
     ("evaluate", {"eval.setting": "mis"}, [], ["eval.setting", "miss"]),
-    ("evaluate", {"eval.missing": "drop"}, [], ["eval.missing", "zero-fill"]),
+    ("evaluate", {"eval.missing": "drop"}, [], ["eval.missing", "zero-fill", "black"]),
+    ("evaluate", {"eval.protocol": "paper"}, [], ["eval.protocol", "official, native"]),
     ("evaluate", {}, ["--setting", "mis"], ["--setting", "mss, miss, sensor, all"]),
     # cache-teacher: checked before a model is loaded or a store is created
     ("cache-teacher", {}, ["--scheduler", "local:0"], ["--scheduler", "N >= 1"]),
@@ -415,6 +416,7 @@ def _registered():
     from stages.student.encoder import backbone_names
     from stages.student.evaluate import INFERENCE_MODES, SETTINGS
     from stages.student.model import MISSING_MODES
+    from stages.student.protocol import PROTOCOLS
     from stages.teacher import captioners
     from stages.teacher.run import STORE_DTYPES
 
@@ -431,6 +433,7 @@ def _registered():
         (["evaluate"], "--dataset", datasets.available()),
         (["evaluate"], "--setting", [*SETTINGS, "all"]),
         (["evaluate"], "--mode", list(INFERENCE_MODES)),
+        (["evaluate"], "--protocol", list(PROTOCOLS)),
         (["evaluate"], "--missing", list(MISSING_MODES)),
         (["evaluate"], "--device", ["auto", "cpu", "cuda", "cuda:N"]),
     ]
