@@ -265,8 +265,8 @@ def write_llama_adapter(root: Path, w_lora: bool = False, seed: int = 0,
     return {"checkpoint": ckpt, "llama_dir": llama_dir, "clip": clip_path}
 
 
-# layer 0 of the reference checkpoints lacks what the official strict=False load tolerates
-NO_NEW_GATE = "llama.layers.0.attention.new_gate"
+# what the reference checkpoints lack that the official strict=False load tolerates
+NO_NEW_GATE = "llama.layers.2.attention.new_gate"  # an adapted layer
 NO_BIAS = tuple(f"llama.layers.0.{w}.bias" for w in
                 ("attention.wq", "attention.wo", "feed_forward.w1", "feed_forward.w2",
                  "feed_forward.w3"))
@@ -275,7 +275,7 @@ NO_BIAS = tuple(f"llama.layers.0.{w}.bias" for w in
 def write_reference_model(root: Path, seed: int = 0) -> dict[str, Path]:
     """The model the reference outputs were recorded on: one LLaMA, one OpenAI-format CLIP
     and three adapters of one trained state: `BIAS-7B.pth`, `LORA-BIAS-7B.pth` (lacking
-    layer 0's new_gate) and `checkpoint-0.pth` (a training checkpoint: no config, every
+    layer 2's new_gate) and `checkpoint-0.pth` (a training checkpoint: no config, every
     weight including CLIP's and LLaMA's, lacking layer 0's biases)."""
     llama_dir = root / "llama"
     (llama_dir / "7B").mkdir(parents=True, exist_ok=True)
@@ -283,7 +283,7 @@ def write_reference_model(root: Path, seed: int = 0) -> dict[str, Path]:
     (llama_dir / "7B" / "params.json").write_text(json.dumps(PARAMS))
     clip_model = write_openai_clip(root / "clip" / "ViT-L-14.pt", seed)
     state = _adapter_model(vocab, True, seed)
-    state["llama.output.weight"][2] *= 2  # EOS likelier: some greedy captions end early
+    state["llama.output.weight"][2] *= 1.9  # EOS likelier: some greedy captions end early
     bias_keys = expected_adapter_keys(PARAMS["n_layers"], VISUAL, True, False)
     lora_keys = expected_adapter_keys(PARAMS["n_layers"], VISUAL, True, True)
     _write_llama(llama_dir, state, lora_keys)
