@@ -64,7 +64,7 @@ class LineProgress:
     def _line(self) -> str:
         elapsed = self.clock() - self.t0
         done = self.n - self.start_n
-        rate = f", {done / elapsed:.2f} {self.unit}/s" if elapsed > 0 and done else ""
+        rate = f", {done / elapsed:.2f} {self.unit}/s" if elapsed >= 1 and done else ""
         count = f"{self.n}/{self.total}" if self.total else f"{self.n}"
         pct = f" ({100 * self.n / self.total:.0f}%)" if self.total else ""
         post = f" {self.postfix}" if self.postfix else ""
