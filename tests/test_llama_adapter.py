@@ -159,6 +159,12 @@ def test_openai_clip_file_as_the_clip(tmp_path):
     assert visual.shape == (2, VISUAL.query_len, 32) and visual.dtype == torch.float64
     out = la.generate(model, visual, [[1, 5, 6], [1, 7]], 5, tok.eos_id())
     assert len(out) == 2
+    ckpt = torch.load(paths["checkpoint"], weights_only=True)
+    ckpt["model"]["clip.visual.transformer.resblocks.7.ln_1.weight"] = torch.ones(128)
+    other = tmp_path / "other-clip.pth"
+    torch.save(ckpt, other)
+    with pytest.raises(PipelineError, match="holds a CLIP other than"):
+        la.load(other, paths["llama_dir"], paths["clip"], v_num_heads=2)
 
 
 def _visual(model, n, seed=0):

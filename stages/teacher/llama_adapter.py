@@ -568,6 +568,9 @@ def load(checkpoint: str | Path, llama_dir: str | Path, clip: str | Path,
         provided.add(key)
     tower_state = {k: v for k, v in model.state_dict().items() if k.startswith("clip.")}
     for key, value in clip_weights.items():
+        if f"clip.{key}" not in tower_state:
+            raise PipelineError(f"{ckpt_path} holds a CLIP other than {clip} (its {key} has "
+                                "no counterpart); give the CLIP it was trained with")
         put(f"clip.{key}", value, ckpt_path, tower_state)
     missing = set(own) - provided
     random = sorted(k for k in missing if not _keeps_official_value(k, missing))
