@@ -365,7 +365,9 @@ def _option_value(text: str) -> Any:
 @click.option("--captioner", type=Registered(_captioners), default=None,
               help="A registered captioner.  [default: template]")
 @click.option("--captioner-option", multiple=True, metavar="KEY=VALUE",
-              help="Option for the captioner (repeatable; values are YAML).")
+              help="Option for the captioner (repeatable; values are YAML). llama-adapter "
+              "feeds BGR by default, as upstream (Image.fromarray(cv2.imread(...))); "
+              "bgr=false feeds RGB.")
 @click.option("--modality-branch", multiple=True, metavar="MODALITY=BRANCH",
               help="LanguageBind branch for a modality (repeatable).  [default: rgb=image "
               "depth=depth event=image lidar=image]")
