@@ -291,3 +291,35 @@ def test_teacher_store_is_the_same_from_folder_and_pack(sample_cache, tmp_path):
     for name in ("scene", "classes", *(f"visual/{m}" for m in a.modalities)):
         np.testing.assert_array_equal(b.group[name][:], a.group[name][:])
     assert list(b.group["caption"][:]) == list(a.group["caption"][:])
+
+
+@pytest.mark.slow
+def test_train_and_evaluate_read_the_pack_like_the_folder(sample_cache, tmp_path, capsys):
+    """Training steps read by two loader workers give the same weights from the pack as
+    from the folder, and `pipeline evaluate --root PACK` the same metrics."""
+    import json
+
+    from stages.student.model import StudentConfig
+    from stages.student.train import TrainConfig, train
+
+    root, cache = sample_cache
+    packed = tmp_path / "sample.h5"
+    pack("sample", root, packed)
+    weights = {}
+    for name, source in (("folder", root), ("pack", packed)):
+        cfg = TrainConfig(dataset="sample", root=str(source), cache=str(cache),
+                          out=str(tmp_path / name), steps=2, batch_size=2, crop=64,
+                          workers=2, val_limit=2, seed=7)
+        train(StudentConfig(backbone="mit_b0", embed_dim=32), cfg, progress=False)
+        weights[name] = torch.load(tmp_path / name / "last.pt", weights_only=False)["model"]
+    for key, value in weights["folder"].items():
+        torch.testing.assert_close(weights["pack"][key], value, rtol=0, atol=0)
+    metrics = {}
+    for name, source in (("folder", root), ("pack", packed)):
+        code, _, err = run_cli(capsys, "evaluate", "--checkpoint",
+                               str(tmp_path / "pack" / "best.pt"), "--root", str(source),
+                               "--setting", "mss", "--limit", "2", "--examples", "1",
+                               "--out", str(tmp_path / f"metrics-{name}"))
+        assert code == 0, err
+        metrics[name] = json.loads((tmp_path / f"metrics-{name}" / "mss.json").read_text())
+    assert metrics["pack"] == metrics["folder"]
