@@ -123,6 +123,7 @@ class Pack:
         self.path = Path(path)
         self.identity = identity  # (inode, size, mtime_ns) when first opened
         self._bases = dict(bases or {})
+        self._all_bases = bases is not None
         self._files: dict[str, Location] | None = None
         self._digests: dict[str, str] = {}
         self._dirs: dict[str, dict[str, bool]] | None = None
@@ -130,10 +131,12 @@ class Pack:
 
     # pickled into DataLoader / dask workers without any handle: a worker opens its own
     # descriptor, checks it is the same file, and reads with `pread` alone (no HDF5 call)
+    # (a Sample read in a worker carries its paths back, so this runs per sample: cheap)
     def __getstate__(self) -> dict[str, Any]:
-        self._state()
-        for group in self.groups():
-            self.base(group)
+        if self.identity is None or not self._all_bases:
+            for group in self.groups():
+                self.base(group)
+            self._all_bases = True
         return {"path": str(self.path), "identity": self.identity, "bases": self._bases}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
