@@ -32,6 +32,7 @@ from __future__ import annotations
 import fnmatch
 import io
 import os
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -48,6 +49,8 @@ SUFFIXES = (".h5", ".hdf5")
 Location = tuple[str, int, int]
 
 _PACKS: dict[tuple[str, int, int, int], Pack] = {}
+_OPENING = threading.Lock()  # taken to open a pack in a process, never to read one
+os.register_at_fork(after_in_child=lambda: globals().update(_OPENING=threading.Lock()))
 
 
 def is_pack(path: Path | str) -> bool:
@@ -151,15 +154,20 @@ class Pack:
 
     def _state(self) -> _Open:
         """This process's open file (opened on first use, and again after a fork; what a
-        parent opened is never used in the child)."""
-        if self._open is None or self._open.pid != os.getpid():
-            self._open = _Open(self.path)
-            if self.identity is None:
-                self.identity = self._open.identity
-            elif self._open.identity != self.identity:
-                raise DatasetError(f"{self.path} was replaced while it was being read (packed "
-                                   "again?); run the command again")
-        return self._open
+        parent opened is never used in the child). Only opening takes a lock."""
+        state = self._open
+        if state is not None and state.pid == os.getpid():
+            return state
+        with _OPENING:
+            if self._open is None or self._open.pid != os.getpid():
+                state = _Open(self.path)
+                if self.identity is None:
+                    self.identity = state.identity
+                elif state.identity != self.identity:
+                    raise DatasetError(f"{self.path} was replaced while it was being read "
+                                       "(packed again?); run the command again")
+                self._open = state
+            return self._open
 
     def handle(self) -> Any:
         """This process's read-only h5py file, for metadata."""
