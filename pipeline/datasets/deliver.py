@@ -84,6 +84,8 @@ class DeliverReader(DatasetReader):
     modalities: ClassVar[tuple[str, ...]] = MODALITIES
     splits: ClassVar[tuple[str, ...]] = SPLITS
     depth_sources: ClassVar[tuple[str, ...]] = tuple(_DEPTH_FOLDERS)
+    layout: ClassVar[str] = ("img/<condition>/<split>/<scene>/<frame>_rgb_front.png with the "
+                             "same paths under hha/, event/, lidar/ and semantic/")
     # official tools/val_mm.py: Resize(EVAL.IMAGE_SIZE=[1024, 1024]) before inference
     official_eval_size: ClassVar[int | None] = 1024
 

@@ -109,6 +109,8 @@ class MCubesReader(DatasetReader):
     # the reader already delivers the official evaluation frame: no resize at evaluation
     eval_protocol = "official"
     every_file_options: ClassVar[dict[str, Any]] = {"cmnext_val": False}
+    layout: ClassVar[str] = ("list_folder/<split>.txt naming images that lie in polL_color/, "
+                             "polL_aolp_sin/, polL_aolp_cos/, polL_dolp/, NIR_warped/ and GT/")
 
     def _check_root(self, root: Path | PackedPath) -> None:
         if not root.is_dir():

@@ -25,6 +25,8 @@ class DatasetReader(ABC):
     depth_sources: ClassVar[tuple[str, ...]] = ()
     # `index` options under which each split names its own files (for `datasets check`)
     every_file_options: ClassVar[dict[str, Any]] = {}
+    # the files a root holds, relative to it (for errors about a root without samples)
+    layout: ClassVar[str] = ""
     # evaluation protocol used when none is asked for ("official" or "native"), and the
     # short side the official evaluation resizes images and labels to (None: no resize)
     eval_protocol: str = "native"
