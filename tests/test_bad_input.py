@@ -423,6 +423,7 @@ def _registered():
     return [
         (["datasets", "info"], "--dataset", datasets.available()),
         (["datasets", "check"], "--dataset", datasets.available()),
+        (["pack"], "--dataset", datasets.available()),
         (["cache-teacher"], "--dataset", datasets.available()),
         (["cache-teacher"], "--captioner", captioners.available()),
         (["cache-teacher"], "--device", ["auto", "cpu", "cuda", "cuda:N"]),

@@ -26,7 +26,7 @@ def test_help_lists_commands_with_descriptions(capsys):
 
 
 @pytest.mark.parametrize("command", [["make-sample"], ["datasets", "info"],
-                                     ["datasets", "check"], ["datasets", "list"]])
+                                     ["datasets", "check"], ["datasets", "list"], ["pack"]])
 def test_every_command_has_help(capsys, command):
     code, out, _ = run(capsys, *command, "--help")
     assert code == 0 and "Usage: pipeline" in out
