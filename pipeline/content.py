@@ -52,6 +52,11 @@ def sample_digest(file_digests: Mapping[str, str]) -> str:
     return h.hexdigest()[:32]
 
 
+def _key(path: object) -> str:
+    """Absolute path of a file, or the `pack.h5/rel/path` name of a packed one."""
+    return str(path) if hasattr(path, "sha256") else os.path.abspath(path)  # type: ignore[arg-type]
+
+
 class FileHashes:
     """File digests remembered by (path, size, mtime_ns) in `cache_file` (may be None)."""
 
@@ -90,9 +95,16 @@ class FileHashes:
 
     def sample_digests(self, files: Sequence[Mapping[str, Path]], workers: int = 4,
                        show: bool = True) -> list[str]:
-        """One input hash per sample, from its {kind: path}; unchanged files are not read."""
-        flat = sorted({os.path.abspath(p) for f in files for p in f.values()})
+        """One input hash per sample, from its {kind: path}; unchanged files are not read.
+
+        A file inside a pack (`PackedPath`) takes the sha256 the pack recorded for its
+        bytes, so a store built from a pack has the row hashes of one built from the folder."""
         digests: dict[str, str] = {}
+        for f in files:
+            for p in f.values():
+                if hasattr(p, "sha256"):  # PackedPath: digest recorded at pack time
+                    digests[_key(p)] = p.sha256()
+        flat = sorted({_key(p) for f in files for p in f.values()} - digests.keys())
         todo = []
         for path in flat:
             digest, key = self._lookup(path)
@@ -108,8 +120,7 @@ class FileHashes:
                         enabled=show and len(todo) >= 500, leave=False), strict=True):
                     digests[path] = digest
             self.hashed += len(todo)
-        return [sample_digest({k: digests[os.path.abspath(p)] for k, p in f.items()})
-                for f in files]
+        return [sample_digest({k: digests[_key(p)] for k, p in f.items()}) for f in files]
 
     def save(self) -> bool:
         """Write the remembered digests (atomic); False when the folder is not writable."""

@@ -66,9 +66,16 @@ def repo(tmp_path_factory):
     run(repo, "git", "commit", "-qm", "tiny pipeline")
     out = run(repo, "dvc", "repro")
     assert ran(out) == {"sample", "cache_teacher", "train", "evaluate"}
+    (repo.parent / "status-after-repro").write_text(run(repo, "git", "status", "--porcelain"))
     run(repo, "git", "add", "-A")
     run(repo, "git", "commit", "-qm", "lock")
     return repo
+
+
+def test_repro_leaves_only_an_untracked_dvc_lock(repo):
+    """As the README says: the first `make demo` in a clone stages nothing in git, and its
+    one new file is DVC's record of the run (outputs are git-ignored)."""
+    assert (repo.parent / "status-after-repro").read_text() == "?? dvc.lock\n"
 
 
 def test_repro_produces_every_declared_output(repo):

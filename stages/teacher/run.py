@@ -28,9 +28,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from pipeline import datasets
-from pipeline.config import build, preset
+from pipeline.config import Where, build, preset
 from pipeline.content import FileHashes
 from pipeline.datasets import Sample, SampleSequence
+from pipeline.devices import DEVICE_FORMS, is_device, resolve_device
 from pipeline.errors import PipelineError
 from pipeline.store import (
     HASHES_NAME,
@@ -55,6 +56,11 @@ PREPROCESS_VERSION = ("openai-mean-std bicubic-antialias short-side centre-crop;
                       "non-8-bit images over their value range; text ftfy+html+space clean v2")
 DEFAULT_BRANCH = {"rgb": "image", "depth": "depth", "event": "image", "lidar": "image",
                   "aolp": "image", "dolp": "image", "nir": "image", "thermal": "thermal"}
+STORE_DTYPES = ("float16", "float32")
+# TeacherConfig fields that params.yaml keeps under another key
+PARAMS_KEYS = {"dataset": "dataset.name", "root": "dataset.root", "teacher_root": "teacher.root"}
+SCHEDULER_FORMS = "local:N (N >= 1 worker processes) or tcp://HOST:PORT"
+_TCP = re.compile(r"tcp://(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):(?P<port>\d{1,5})/?")
 
 
 @dataclass
@@ -84,8 +90,13 @@ class TeacherConfig:
 
     @classmethod
     def from_params(cls, params: dict[str, Any], overrides: dict[str, Any],
-                    source: str = "params.yaml") -> TeacherConfig:
-        """Defaults, then params.yaml (`dataset.name/root`, `teacher.*`), then CLI flags."""
+                    source: str = "params.yaml", flags: dict[str, str] | None = None
+                    ) -> TeacherConfig:
+        """Defaults, then params.yaml (`dataset.name/root`, `teacher.*`), then CLI flags;
+        `flags` names the flag of each overridden field for error messages.
+
+        `--modality-branch` entries are added to params' `teacher.modality_branch`, whose
+        entries for modalities this run does not use are ignored."""
         data: dict[str, Any] = {}
         ds = params.get("dataset") or {}
         if "name" in ds:
@@ -96,30 +107,55 @@ class TeacherConfig:
         if "root" in teacher:
             teacher["teacher_root"] = teacher.pop("root")
         data.update(teacher)
-        cfg = build(cls, data, f"{source} (teacher)")
-        if "dataset" in overrides and overrides["dataset"] != cfg.dataset and \
-                "root" not in overrides:
+        where = Where("teacher", source, flags, PARAMS_KEYS)
+        cfg = build(cls, data, Where("teacher", source, keys=PARAMS_KEYS))
+        if overrides.get("dataset") not in (None, cfg.dataset) and \
+                overrides.get("root") is None:
             cfg.root = None  # params' root belongs to params' dataset
         for key, value in overrides.items():
-            if value is not None:
-                setattr(cfg, key, value)
-        cfg.validate()
+            if value is None:
+                continue
+            if key == "modality_branch":  # each side named as the user set it
+                _check_branches(Where("teacher", source), cfg.modality_branch)
+                cfg._check_modalities(where, "modality_branch", list(value))
+                value = {**cfg.modality_branch, **value}
+            setattr(cfg, key, value)
+        cfg.validate(where)
         return cfg
 
-    def validate(self) -> None:
-        if self.batch_size < 1 or self.rows_per_shard < 1 or self.decode_workers < 0:
-            raise PipelineError("batch_size and rows_per_shard must be >= 1, decode_workers "
-                                ">= 0 (0 = automatic)")
-        if self.dtype not in ("float16", "float32"):
-            raise PipelineError(f"dtype must be float16 or float32, got {self.dtype!r}")
+    def validate(self, where: Where | None = None) -> None:
+        """Every value checked before a model is loaded or a store is touched."""
+        w = where or Where("teacher", None)
+        w.integer("batch_size", self.batch_size, 1, why="samples per model batch")
+        w.integer("rows_per_shard", self.rows_per_shard, 1)
+        w.integer("decode_workers", self.decode_workers, 0, why="0: max(4, CPU cores)")
+        w.one_of("dtype", self.dtype, STORE_DTYPES)
         if "{}" not in self.class_prompt:
-            raise PipelineError(f"class_prompt must contain '{{}}' for the class name, got "
-                                f"{self.class_prompt!r}")
-        if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
-            raise PipelineError(f"device must be auto, cpu or cuda[:N], got {self.device!r}")
-        if self.on_mismatch not in ("refuse", "rebuild"):
-            raise PipelineError(f"on_mismatch must be refuse or rebuild, got "
-                                f"{self.on_mismatch!r}")
+            w.fail("class_prompt", "a text with {} for the class name", self.class_prompt)
+        if not is_device(self.device):
+            w.fail("device", "one of " + ", ".join(DEVICE_FORMS), self.device)
+        if self.scheduler is not None:
+            parse_scheduler(self.scheduler, w)
+        w.one_of("on_mismatch", self.on_mismatch, ("refuse", "rebuild"))
+        if self.captioner not in captioners.available():
+            raise PipelineError(f"{w.key('captioner')}: unknown captioner {self.captioner!r}; "
+                                f"available: {', '.join(captioners.available())}")
+        if not self.split:
+            w.fail("split", "one or more split names", self.split)
+        if self.modalities is not None:
+            self._check_modalities(w, "modalities", self.modalities)
+            if not self.modalities or len(set(self.modalities)) < len(self.modalities):
+                w.fail("modalities", "distinct modality names", self.modalities)
+        _check_branches(w, self.modality_branch)
+
+    def _check_modalities(self, where: Where, name: str, modalities: list[str]) -> None:
+        """Name the first modality the dataset does not have."""
+        known = datasets.get(self.dataset).modalities
+        unknown = [m for m in modalities if m not in known]
+        if unknown:
+            raise PipelineError(f"{where.key(name)} names {unknown[0]!r}, which dataset "
+                                f"{self.dataset} does not have; its modalities: "
+                                f"{', '.join(known)}")
 
     def resolved_root(self) -> Path:
         if self.root:
@@ -137,7 +173,8 @@ class TeacherConfig:
                     or datasets.get(self.dataset).modalities)
 
     def branch_map(self) -> dict[str, str]:
-        """Modality -> LanguageBind branch for the modalities of this run."""
+        """Modality -> LanguageBind branch for the modalities of this run (entries of
+        `modality_branch` for other modalities do not matter)."""
         mapping = {}
         for m in self.resolved_modalities():
             branch = self.modality_branch.get(m, DEFAULT_BRANCH.get(m))
@@ -148,20 +185,24 @@ class TeacherConfig:
                 raise PipelineError(f"modality {m} maps to unknown branch {branch!r}; "
                                     f"branches: {', '.join(BRANCH_FOLDERS)}")
             mapping[m] = branch
-        unknown = sorted(set(self.modality_branch) - set(mapping))
-        if unknown:
-            raise PipelineError(f"--modality-branch names {unknown[0]!r}, which is not a "
-                                f"modality of this run ({', '.join(mapping)})")
         return mapping
 
     def resolved_device(self) -> str:
-        import torch
+        return resolve_device(self.device)
 
-        if self.device == "auto":
-            return "cuda" if torch.cuda.is_available() else "cpu"
-        if self.device.startswith("cuda") and not torch.cuda.is_available():
-            raise PipelineError("--device cuda was requested but no CUDA device is available")
-        return self.device
+
+def _check_branches(where: Where, modality_branch: dict[str, str]) -> None:
+    """Known branches, for modalities that some registered dataset has: an entry for another
+    dataset's modality is fine (params.yaml serves several), a typo is not."""
+    every = {m for name in datasets.available() for m in datasets.get(name).modalities}
+    key = where.key("modality_branch")
+    for modality, branch in modality_branch.items():
+        if modality not in every:
+            raise PipelineError(f"{key} names {modality!r}, which no registered dataset has "
+                                f"(modalities: {', '.join(sorted(every))})")
+        if branch not in BRANCH_FOLDERS:
+            raise PipelineError(f"{key} maps {modality} to unknown branch {branch!r}; "
+                                f"branches: {', '.join(BRANCH_FOLDERS)}")
 
 
 def readable_class(name: str) -> str:
@@ -350,6 +391,7 @@ def cache_teacher(cfg: TeacherConfig,
 
     A store with nothing to do is only read: no lock, no model, nothing written into it
     (a read-only complete store is fine)."""
+    cfg.validate()  # before anything is loaded or locked
     start = time.perf_counter()
     out = cfg.resolved_out()
     check_out_path(out)
@@ -507,23 +549,40 @@ def _shard_task(cfg_dict: dict[str, Any], out: str, device: str, threads: int,
     return job.shard, len(job.write), worker.model_seconds - before
 
 
+def parse_scheduler(value: str, where: Where | None = None) -> tuple[str, int] | tuple[str, str]:
+    """`local:N` -> ("local", N); `tcp://HOST:PORT` -> ("tcp", the address). Checked before
+    anything is loaded: `local:0` would start a cluster with no worker and wait forever."""
+    where = where or Where("teacher", None)
+    if value.startswith("local:"):
+        n = value.removeprefix("local:")
+        if not n.isdigit() or int(n) < 1:
+            where.fail("scheduler", SCHEDULER_FORMS, value)
+        return "local", int(n)
+    match = _TCP.fullmatch(value)
+    if match is None or not 1 <= int(match["port"]) <= 65535:
+        where.fail("scheduler", SCHEDULER_FORMS, value)
+    return "tcp", value
+
+
 def _client(scheduler: str) -> tuple[Any, Any]:
+    """A dask client (and the cluster it started, for local:N). A tcp:// scheduler that does
+    not answer within dask's connect timeout fails in one line."""
+    import dask
     from dask.distributed import Client, LocalCluster
 
-    if scheduler.startswith("local:"):
-        try:
-            n = int(scheduler.split(":", 1)[1])
-        except ValueError:
-            raise PipelineError(f"--scheduler local:N needs a number, got {scheduler!r}") from None
-        cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
+    kind, value = parse_scheduler(scheduler)
+    if kind == "local":
+        cluster = LocalCluster(n_workers=int(value), threads_per_worker=1, processes=True,
                                dashboard_address=None, silence_logs=logging.ERROR)
         return Client(cluster), cluster
-    if scheduler.startswith("tcp://"):
-        try:
-            return Client(scheduler, timeout=30), None
-        except OSError as exc:
-            raise PipelineError(f"cannot reach the dask scheduler at {scheduler} ({exc})") from exc
-    raise PipelineError(f"--scheduler must be local:N or tcp://HOST:PORT, got {scheduler!r}")
+    timeout = dask.config.get("distributed.comm.timeouts.connect")
+    try:
+        return Client(scheduler, timeout=timeout), None
+    except OSError as exc:  # TimeoutError included
+        raise PipelineError(
+            f"cannot reach the dask scheduler at {scheduler} within {timeout} "
+            f"({str(exc).splitlines()[0]}); start one there with `dask scheduler`, or wait "
+            "longer with DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT=120s") from exc
 
 
 def _run_distributed(cfg: TeacherConfig, samples: SampleSequence, spec: StoreSpec,
@@ -532,20 +591,21 @@ def _run_distributed(cfg: TeacherConfig, samples: SampleSequence, spec: StoreSpe
                      progress: Callable[[int, int], None] | None) -> RunReport:
     from dask.distributed import as_completed
 
-    if writer is None:
-        # the coordinator creates the store (and E_C) once; workers only fill shards
-        creator = ShardWorker(cfg, samples, device)
-        writer = _create(creator, out, spec)
-        del creator
-        rows: list[int] = list(range(writer.n))
-    else:
-        _repair_static(None, writer, spec, todo, samples, cfg, device)
-        rows = todo.rows
-    jobs = shard_jobs(writer, rows, input_hashes, writer.batch_size)
-    total = sum(len(j.write) for j in jobs)
     environ = dict(os.environ)  # dask sets OMP/MKL_NUM_THREADS=1 here for its workers
-    client, cluster = _client(cfg.scheduler or "")
+    client = cluster = None
     try:
+        client, cluster = _client(cfg.scheduler or "")  # reachable before anything is written
+        if writer is None:
+            # the coordinator creates the store (and E_C) once; workers only fill shards
+            creator = ShardWorker(cfg, samples, device)
+            writer = _create(creator, out, spec)
+            del creator
+            rows: list[int] = list(range(writer.n))
+        else:
+            _repair_static(None, writer, spec, todo, samples, cfg, device)
+            rows = todo.rows
+        jobs = shard_jobs(writer, rows, input_hashes, writer.batch_size)
+        total = sum(len(j.write) for j in jobs)
         n_workers = max(1, len(client.scheduler_info()["workers"]))
         threads = max(1, (os.cpu_count() or 1) // n_workers)
         cfg_dict = {**asdict(cfg), "scheduler": None, "overwrite": False, "repair": False,
@@ -560,7 +620,8 @@ def _run_distributed(cfg: TeacherConfig, samples: SampleSequence, spec: StoreSpe
             if progress:
                 progress(done_rows, total)
     finally:
-        client.close()
+        if client is not None:
+            client.close()
         if cluster is not None:
             cluster.close()
         os.environ.clear()
