@@ -95,7 +95,7 @@ MCUBES_LISTS = {
     "val": ["outscene1208_3_0000000060"],
     "test": ["outscene1208_4_0000000090", "outscene1208_4_0000000120"],
 }
-MCUBES_H, MCUBES_W = 16, 200  # 200 columns so the 192-column crop leaves 8
+MCUBES_H, MCUBES_W = 16, 212  # the 192-column crop leaves 20 > 16 rows, as 1032 > 1024
 
 
 def write_mcubes(root: Path, seed: int = 0) -> dict[str, dict[str, np.ndarray]]:

@@ -87,15 +87,25 @@ def test_ids_are_unique_and_ordered_by_path(deliver_root):
     assert ids == sorted(ids)
 
 
-def test_depth_source_raw_reads_metric_depth(deliver_root):
+def test_depth_source_raw_reads_16_bit_depth_as_miss(deliver_root):
+    """RuipingL/MISS semseg/datasets/deliver.py:78 (`/img` -> `/depth`), 105 and 126-133
+    (`io.read_image` keeps the uint16 values, 1 channel repeated to 3), then
+    augmentations_mm.py:39-41 (`.float() / 255`): the student sees up to 65535 / 255 = 257."""
+    from stages.student.data import AugmentConfig, StudentData
+
     root, written = deliver_root
     ds = datasets.load("deliver", root, "val", modalities=["depth"], depth_source="raw")
     sample = ds[0]
     mm = written[sample.id]["depth_raw_mm"]
     assert sample.files["depth"].parts[-5] == "depth"
-    expected = ((mm.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
-    np.testing.assert_array_equal(sample.modalities["depth"][:, :, 0], expected)
+    assert sample.modalities["depth"].dtype == np.uint16
+    np.testing.assert_array_equal(sample.modalities["depth"], np.repeat(mm[:, :, None], 3, 2))
     np.testing.assert_array_equal(sample.raw["depth"], mm)  # metric values kept as stored
+    item = StudentData(ds, ["depth"], None, None, AugmentConfig(), 0)[(-1, 0)]
+    expected = mm.astype(np.float32) / np.float32(255)
+    for c in range(3):
+        np.testing.assert_array_equal(item["images"][0, c].numpy(), expected)
+    assert float(item["images"].max()) == pytest.approx(mm.max() / 255) and mm.max() > 60000
     hha = datasets.load("deliver", root, "val", modalities=["depth"])[0]
     assert hha.files["depth"].parts[-5] == "hha"
     np.testing.assert_array_equal(hha.modalities["depth"], written[sample.id]["depth"])

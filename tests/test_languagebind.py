@@ -167,3 +167,72 @@ def test_teacher_embeddings_are_unit_vectors_and_text_is_shared(tmp_path):
     dep = lb.encode_pixels("depth", lb.preprocess("depth", depth)[None])
     assert img.shape == dep.shape == (1, 64)
     assert not torch.allclose(img, dep)
+
+
+@pytest.mark.parametrize("raw,clean", [
+    ("a \u2018foggy\u2019 street with \u201ccars\u201d", "a 'foggy' street with \"cars\""),
+    ("road &amp;amp; sky", "road & sky"),
+    ("a <b> &amp; c", "a <b> & c"),  # ftfy leaves HTML-looking text; html.unescape does not
+    ("caf\u00c3\u00a9 \ufb01re", "caf\u00e9 fire"),  # mojibake and a ligature
+    ("  a\tfoggy\n\n street  ", "a foggy street"),
+])
+def test_text_cleaning_as_languagebind(raw, clean):
+    """PKU-YuanGroup/LanguageBind open_clip/tokenizer.py:60-69 (`basic_clean`: ftfy.fix_text,
+    html.unescape twice, strip; `whitespace_clean`), applied before BPE at line 206."""
+    from stages.teacher.languagebind import clean_text
+
+    assert clean_text(raw) == clean
+
+
+def test_caption_ids_follow_the_cleaned_text(tmp_path):
+    """The ids of a caption with typographic quotes and an entity are those of its cleaned
+    ASCII form (what the official tokenizer encodes), not of the raw bytes."""
+    write_checkpoint(tmp_path / "LanguageBind_Image", "image", seed=1)
+    lb = LanguageBind(tmp_path, ["image"])
+    raw = "A \u201cfoggy\u201d  street &amp; CARS"
+    ids = lb.tokenize([raw])["input_ids"]
+    expected = lb.tokenizer(['a "foggy" street & cars'], padding="max_length", max_length=77,
+                            return_tensors="pt")["input_ids"]
+    assert torch.equal(ids, expected)
+    naive = lb.tokenizer([raw], padding="max_length", max_length=77, return_tensors="pt")
+    assert not torch.equal(naive["input_ids"], expected)
+    torch.testing.assert_close(lb.encode_text([raw]), lb.encode_text(['a "foggy" street & cars']))
+
+
+def test_config_with_a_list_image_size_loads(tmp_path):
+    """LanguageBind's `resize_pos` (languagebind/image/modeling_image.py:799) leaves
+    `config.image_size = [224, 224]`, which `save_pretrained` writes; both forms load the
+    same model, a non-square size is refused by name."""
+    folder = tmp_path / "LanguageBind_Image"
+    write_checkpoint(folder, "image", seed=1)
+    ref, _ = load_clip(folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["vision_config"]["image_size"] = [224, 224]
+    (folder / "config.json").write_text(json.dumps(cfg))
+    model, loaded = load_clip(folder)
+    assert loaded["vision_config"]["image_size"] == 224
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        torch.testing.assert_close(model.get_image_features(pixel_values=x),
+                                   ref.get_image_features(pixel_values=x), rtol=0, atol=0)
+    assert LanguageBind(tmp_path, ["image"]).branches["image"].image_size == 224
+    cfg["vision_config"]["image_size"] = [224, 192]
+    (folder / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(PipelineError, match=r"image_size must be a size or a square.*224, 192"):
+        load_clip(folder)
+
+
+def test_float_images_enter_the_image_branch_over_their_value_range():
+    """A float image in [0, 1] is what the official `ToTensor` makes of an 8-bit one, so both
+    give the same pixels; MCubeS AoLP in [-1, 1] enters as (x + 1) / 2."""
+    from pipeline.datasets import Sample
+    from stages.teacher.run import model_input
+
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)
+    torch.testing.assert_close(preprocess_image(img.astype(np.float32) / 255, size=32),
+                               preprocess_image(img, size=32), rtol=0, atol=0)
+    aolp = rng.uniform(-1, 1, (6, 8, 3))
+    sample = Sample(id="x", modalities={"aolp": aolp}, label=np.zeros((6, 8), np.int64),
+                    ranges={"aolp": (-1.0, 1.0)})
+    np.testing.assert_allclose(model_input(sample, "aolp", "image"), (aolp + 1) / 2, atol=1e-6)

@@ -46,16 +46,32 @@ def test_official_key_layouts_load(files, lora_files):
         assert tok.bos_id() == 1 and tok.eos_id() == 2
 
 
-def test_mismatched_checkpoints_are_refused(files, tmp_path):
+def _first_logits(model, seed=0):
+    torch.manual_seed(seed)
+    visual = _visual(model, 2)
+    tokens = torch.randint(3, 100, (2, 7))
+    valid = torch.ones(2, 7, dtype=torch.bool)
+    return model(tokens, torch.arange(7).expand(2, -1), valid, None, 0, model.adapter_kv(visual))
+
+
+def test_bad_checkpoints_are_refused(files, tmp_path):
+    """Unexpected keys fail as the official `assert len(load_result.unexpected_keys) == 0`
+    (llama_adapter.py:324); weights the official code would leave random fail too."""
     ckpt = torch.load(files["checkpoint"], weights_only=True)
     bad = tmp_path / "bad.pth"
-    torch.save({"model": ckpt["model"], "config": {**ckpt["config"], "w_lora": True}}, bad)
-    with pytest.raises(PipelineError, match=r"does not match its config \(w_bias=True, "
-                                            r"w_lora=True\): missing"):
-        la.load(bad, files["llama_dir"], files["clip"], v_num_heads=2)
     extra = dict(ckpt["model"], **{"llama.layers.0.attention.surprise": torch.zeros(1)})
     torch.save({"model": extra, "config": ckpt["config"]}, bad)
-    with pytest.raises(PipelineError, match="unexpected"):
+    with pytest.raises(PipelineError, match="does not have .*llama.layers.0.attention.surprise"):
+        la.load(bad, files["llama_dir"], files["clip"], v_num_heads=2)
+    lora = torch.load(write_llama_adapter(tmp_path / "lora", w_lora=True)["checkpoint"],
+                      weights_only=True)
+    torch.save({"model": lora["model"]}, bad)  # no config: w_lora False, LoRA unexpected
+    with pytest.raises(PipelineError, match=r"w_lora=False\): .*lora_wq_l1.weight \(3\)"):
+        la.load(bad, files["llama_dir"], files["clip"], v_num_heads=2)
+    partial = {k: v for k, v in ckpt["model"].items() if k != "visual_proj.weight"}
+    torch.save({"model": partial, "config": ckpt["config"]}, bad)
+    with pytest.raises(PipelineError, match="lack visual_proj.weight: the official loader "
+                                            "would leave them at random initialisation"):
         la.load(bad, files["llama_dir"], files["clip"], v_num_heads=2)
     with pytest.raises(PipelineError, match="7B/consolidated.00.pth"):
         la.load(files["checkpoint"], tmp_path, files["clip"], v_num_heads=2)
@@ -64,6 +80,91 @@ def test_mismatched_checkpoints_are_refused(files, tmp_path):
     bad.write_bytes(b"not a checkpoint")
     with pytest.raises(PipelineError, match="corrupt"):
         la.load(bad, files["llama_dir"], files["clip"], v_num_heads=2)
+
+
+def test_missing_keys_keep_the_official_initial_values(files, tmp_path, caplog):
+    """A config asking for LoRA in a BIAS file: the official strict=False load keeps
+    LoRA's up-projections at 0 and new_gate at 1 (llama.py:120-123, :252-254), so the
+    model is the BIAS model; the load warns, naming the keys."""
+    ckpt = torch.load(files["checkpoint"], weights_only=True)
+    bad = tmp_path / "lora-config.pth"
+    torch.save({"model": ckpt["model"], "config": {**ckpt["config"], "w_lora": True}}, bad)
+    with caplog.at_level("WARNING", logger="pipeline.teacher"):
+        model, _ = la.load(bad, files["llama_dir"], files["clip"], v_num_heads=2,
+                           dtype=torch.float64)
+    assert model.llama.layers[0].attention.w_lora
+    assert "lora-config.pth lacks " in caplog.text
+    assert "llama.layers.*.attention.lora_wq_l2.weight (3)" in caplog.text
+    assert "llama.layers.*.attention.new_gate (3)" in caplog.text
+    plain, _ = load(files)
+    torch.testing.assert_close(_first_logits(model), _first_logits(plain), rtol=1e-12,
+                               atol=1e-12)
+
+
+def test_no_config_means_bias_tuning_from_the_phase(files, tmp_path):
+    """The official constructor sets `w_bias = phase == "finetune"` whatever the config says
+    (llama_adapter.py:32; `load` reads `ckpt.get('config', {})`, :307): a file without
+    config, or with w_bias False, still has its biases loaded."""
+    ckpt = torch.load(files["checkpoint"], weights_only=True)
+    reference = _first_logits(load(files)[0])
+    for name, extra in (("none", {}), ("false", {"config": {"w_bias": False}})):
+        path = tmp_path / f"{name}.pth"
+        torch.save({"model": ckpt["model"], **extra}, path)
+        model, _ = la.load(path, files["llama_dir"], files["clip"], v_num_heads=2,
+                           dtype=torch.float64)
+        bias = model.llama.layers[1].attention.wq.bias
+        assert torch.equal(bias, ckpt["model"]["llama.layers.1.attention.wq.bias"].double())
+        torch.testing.assert_close(_first_logits(model), reference, rtol=1e-12, atol=1e-12)
+
+
+def test_every_pth_of_the_llama_folder_is_loaded_in_turn(files, tmp_path):
+    """`sorted(Path(llama_ckpt_dir).glob("*.pth"))`, each `load_state_dict(strict=False)`
+    (llama_adapter.py:72-75): keys spread over files all arrive, a later file wins, and
+    model-parallel slices are refused clearly (the official load fails on them too)."""
+    import shutil
+
+    llama = tmp_path / "llama"
+    shutil.copytree(files["llama_dir"], llama)
+    base = torch.load(llama / "7B" / "consolidated.00.pth", weights_only=True)
+    torch.save({k: v for k, v in base.items() if k != "output.weight"},
+               llama / "7B" / "consolidated.00.pth")
+    torch.save({"output.weight": base["output.weight"]}, llama / "7B" / "consolidated.01.pth")
+    split, _ = la.load(files["checkpoint"], llama, files["clip"], v_num_heads=2,
+                       dtype=torch.float64)
+    torch.testing.assert_close(_first_logits(split), _first_logits(load(files)[0]), rtol=0,
+                               atol=0)
+    torch.save({"output.weight": torch.full_like(base["output.weight"], 3.0)},
+               llama / "7B" / "consolidated.02.pth")
+    later, _ = la.load(files["checkpoint"], llama, files["clip"], v_num_heads=2)
+    assert torch.equal(later.llama.output.weight, torch.full_like(base["output.weight"], 3.0))
+    wq = base["layers.0.attention.wq.weight"]
+    torch.save({"layers.0.attention.wq.weight": wq[: len(wq) // 2]},
+               llama / "7B" / "consolidated.02.pth")
+    with pytest.raises(PipelineError, match="consolidated.02.pth: llama.layers.0.attention.wq"
+                                            ".weight has shape .*model-parallel"):
+        la.load(files["checkpoint"], llama, files["clip"], v_num_heads=2)
+    (llama / "7B" / "consolidated.02.pth").unlink()
+    (llama / "7B" / "consolidated.01.pth").unlink()  # output.weight nowhere
+    with pytest.raises(PipelineError, match="lack llama.output.weight: the official loader"):
+        la.load(files["checkpoint"], llama, files["clip"], v_num_heads=2)
+
+
+def test_openai_clip_file_as_the_clip(tmp_path):
+    """`clip=ViT-L-14.pt` (OpenAI's TorchScript archive) works like a transformers folder;
+    the captioner's preprocessing follows its resolution."""
+    paths = write_llama_adapter(tmp_path, clip="openai")
+    model, tok = load(paths)
+    assert model.image_size == 64
+    visual = model.visual(model.clip_tokens(torch.randn(2, 3, 64, 64, dtype=torch.float64)))
+    assert visual.shape == (2, VISUAL.query_len, 32) and visual.dtype == torch.float64
+    out = la.generate(model, visual, [[1, 5, 6], [1, 7]], 5, tok.eos_id())
+    assert len(out) == 2
+    ckpt = torch.load(paths["checkpoint"], weights_only=True)
+    ckpt["model"]["clip.visual.transformer.resblocks.7.ln_1.weight"] = torch.ones(128)
+    other = tmp_path / "other-clip.pth"
+    torch.save(ckpt, other)
+    with pytest.raises(PipelineError, match="holds a CLIP other than"):
+        la.load(other, paths["llama_dir"], paths["clip"], v_num_heads=2)
 
 
 def _visual(model, n, seed=0):
@@ -159,3 +260,21 @@ def test_captioners_in_cache_teacher(teacher_sample, files, tmp_path):
     fp = cache.teacher_fingerprint["captioner"]
     assert fp["name"] == "llama-adapter" and set(fp["files"]) == {"checkpoint", "llama",
                                                                    "tokenizer", "clip"}
+
+
+def test_generation_is_shortened_at_max_seq_len_per_prompt(files):
+    """Official `total_len = min(max_seq_len, max_gen_len + prompt)` (:234): each prompt
+    gets at most max_seq_len - its length new tokens, the same first tokens as without
+    the limit; a prompt longer than max_seq_len is refused (the official code crashes)."""
+    short, _ = la.load(files["checkpoint"], files["llama_dir"], files["clip"], v_num_heads=2,
+                       max_seq_len=20, dtype=torch.float64)
+    long, _ = la.load(files["checkpoint"], files["llama_dir"], files["clip"], v_num_heads=2,
+                      max_seq_len=60, dtype=torch.float64)
+    visual = _visual(short, 3)
+    prompts = [[1, 5, 6, 7, 8], [1, *range(10, 21)], [1, *range(30, 49)]]  # 5, 12, 20 tokens
+    cut = la.generate(short, visual, prompts, 30, eos_id=-1)
+    assert [len(t) for t in cut] == [15, 8, 0]
+    full = la.generate(long, visual, prompts, 30, eos_id=-1)
+    assert [t[:len(c)] for t, c in zip(full, cut, strict=True)] == cut
+    with pytest.raises(PipelineError, match="prompt of 21 tokens exceeds max_seq_len 20"):
+        la.generate(short, visual[:1], [[1, *range(30, 50)]], 5, eos_id=-1)

@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -164,9 +165,9 @@ def test_zero_fill_evaluation_matches_feeding_zeros():
     images = torch.randn(2, 3, 3, 64, 64)
     masks = torch.tensor([[True, False, True], [False, True, False]])
     cache = {}
-    got = infer(model, images, masks, zero_cache=cache)
+    got = infer(model, images, masks, filler_cache=cache)
     assert len(cache) == 1  # the all-zero input was encoded once for both masks
-    again = infer(model, images, masks, zero_cache=cache)
+    again = infer(model, images, masks, filler_cache=cache)
     torch.testing.assert_close(again, got)
     for i, mask in enumerate(masks):
         zeroed = images * mask[None, :, None, None, None]
@@ -174,3 +175,43 @@ def test_zero_fill_evaluation_matches_feeding_zeros():
             ref = model(zeroed, torch.ones(2, 3, dtype=torch.bool)).logits
         ref = F.interpolate(ref, size=(64, 64), mode="bilinear", align_corners=False)
         torch.testing.assert_close(got[i], ref, rtol=1e-4, atol=1e-4)
+
+
+def test_black_frame_is_black_through_the_normal_preprocessing():
+    """RuipingL/MISS README ("black images") fed through semseg/augmentations_mm.py:35-41:
+    RGB (0 / 255 - mean) / std, depth / event / lidar 0 / 255 = 0."""
+    from stages.student.data import black, normalise, to_unit
+
+    frame = np.zeros((4, 5, 3), np.uint8)
+    rgb = normalise("rgb", to_unit(frame))
+    expected = [(0 - 0.485) / 0.229, (0 - 0.456) / 0.224, (0 - 0.406) / 0.225]
+    for c in range(3):
+        torch.testing.assert_close(rgb[c], torch.full((4, 5), expected[c]))
+    assert [round(v, 3) for v in black("rgb").tolist()] == [-2.118, -2.036, -1.804]
+    for name in ("depth", "event", "lidar", "aolp"):
+        assert normalise(name, to_unit(frame)).abs().max() == 0 and black(name).abs().max() == 0
+
+
+def test_black_missing_feeds_black_frames_and_evaluation_caches_them():
+    from stages.student.data import black
+    from stages.student.evaluate import infer
+
+    torch.manual_seed(0)
+    mods = ["rgb", "depth", "event"]
+    model = Any2Seg(build_encoder("mit_b0"), mods, 5, embed_dim=16, missing="black").eval()
+    images = torch.randn(2, 3, 3, 64, 64)
+    masks = torch.tensor([[False, True, True], [True, False, False]])
+    fill = torch.stack([black(m) for m in mods])[None, :, :, None, None]
+    cache = {}
+    got = infer(model, images, masks, filler_cache=cache)
+    assert list(cache) == [("black", 3, 3, 64, 64)]  # encoded once for both masks
+    for i, mask in enumerate(masks):
+        fed = torch.where(mask[None, :, None, None, None], images, fill)
+        with torch.no_grad():
+            ref = model(fed, torch.ones(2, 3, dtype=torch.bool)).logits
+            direct = model(images, mask[None].expand(2, -1)).logits
+        torch.testing.assert_close(direct, ref)
+        ref = F.interpolate(ref, size=(64, 64), mode="bilinear", align_corners=False)
+        torch.testing.assert_close(got[i], ref, rtol=1e-4, atol=1e-4)
+    model.missing = "zero-fill"  # grey, not black, for RGB: other logits
+    assert not torch.allclose(infer(model, images, masks), got, atol=1e-4)

@@ -2,7 +2,7 @@
 
     from pipeline import datasets
     val = datasets.load("deliver", "data/DELIVER", "val", modalities=["rgb", "depth"])
-    sample = val[0]          # Sample(id, modalities{name: HxWx3 uint8}, label HxW int64, ...)
+    sample = val[0]          # Sample(id, modalities{name: HxWx3 image}, label HxW int64, ...)
     datasets.info("deliver", "data/DELIVER")   # counts per split / condition / case
 
 New formats register a `DatasetReader` with `pipeline.datasets.register`.

@@ -25,10 +25,18 @@ log = logging.getLogger("pipeline.datasets")
 
 @dataclass
 class Sample:
-    """One multi-modal frame: images H x W x 3 uint8 keyed by modality, label H x W int64.
+    """One multi-modal frame: images H x W x 3 keyed by modality, label H x W int64.
+
+    Each image is scaled as the official loader of its data set feeds the model, before
+    any mean/std normalisation, and its dtype says how:
+    - integer (uint8, or uint16 for DELIVER's 16-bit `depth/` files as MISS reads them):
+      the model input is value / 255 (`io.read_image(...).float() / 255`);
+    - float: the model input itself (MCubeS AoLP sin/cos in [-1, 1], DoLP, 16-bit NIR / 65535).
+    `ranges` gives the nominal (low, high) of float images that are not in [0, 1], so image
+    models and pictures can map them to [0, 1] (`unit_image`).
 
     `raw` keeps, for modalities stored with more than 8 bits (metric depth in
-    millimetres), the array as stored, so a consumer that needs the metric values
+    millimetres), the 2-D array as stored, so a consumer that needs the metric values
     (the LanguageBind depth branch) does not decode the file twice.
     """
 
@@ -39,6 +47,23 @@ class Sample:
     case: str | None = None
     files: dict[str, Path] = field(default_factory=dict)
     raw: dict[str, np.ndarray] = field(default_factory=dict)
+    ranges: dict[str, tuple[float, float]] = field(default_factory=dict)
+
+    def unit_image(self, modality: str) -> np.ndarray:
+        """The modality as an H x W x 3 float32 image in [0, 1] (see `unit_image`)."""
+        return unit_image(self.modalities[modality], self.ranges.get(modality))
+
+
+def unit_image(arr: np.ndarray, value_range: tuple[float, float] | None = None) -> np.ndarray:
+    """An image of any stored kind as float32 in [0, 1], for models that read pictures
+    (the LanguageBind image branch) and for drawing: integers over their dtype's full
+    range (uint8 / 255, uint16 / 65535), floats over `value_range` (default [0, 1]),
+    clipped."""
+    if np.issubdtype(arr.dtype, np.integer):
+        return arr.astype(np.float32) / np.float32(np.iinfo(arr.dtype).max)
+    lo, hi = value_range or (0.0, 1.0)
+    x = (arr.astype(np.float32) - np.float32(lo)) / np.float32(hi - lo)
+    return np.clip(x, 0.0, 1.0)
 
 
 @dataclass(frozen=True)

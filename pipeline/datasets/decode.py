@@ -1,7 +1,8 @@
 """Decoding of dataset image files into arrays, with errors that name the file.
 
 Every reader goes through here so that a corrupt PNG, a truncated file or an
-unexpected channel count produces the same one-line `DatasetError`.
+unexpected channel count produces the same one-line `DatasetError`. A path may be a
+file inside a packed data set (`PackedPath`): its original bytes decode the same way.
 """
 
 from __future__ import annotations
@@ -11,16 +12,17 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from pipeline.datasets.packed import PackedPath, open_binary
 from pipeline.errors import DatasetError
 
 
-def read_png(path: Path) -> np.ndarray:
+def read_png(path: Path | PackedPath) -> np.ndarray:
     """Decode an image file exactly as stored: H x W (grey) or H x W x C, uint8 or uint16."""
-    path = Path(path)
+    path = path if isinstance(path, PackedPath) else Path(path)
     if not path.is_file():
         raise DatasetError(f"missing file {path}")
     try:
-        with Image.open(path) as img:
+        with Image.open(open_binary(path)) as img:
             img.load()
             if img.mode in ("I;16", "I;16B", "I;16L", "I"):
                 arr = np.asarray(img)
@@ -43,13 +45,13 @@ def read_png(path: Path) -> np.ndarray:
         ) from exc
 
 
-def read_npy(path: Path) -> np.ndarray:
+def read_npy(path: Path | PackedPath) -> np.ndarray:
     """Load a `.npy` array with a file-naming error on failure."""
-    path = Path(path)
+    path = path if isinstance(path, PackedPath) else Path(path)
     if not path.is_file():
         raise DatasetError(f"missing file {path}")
     try:
-        return np.load(path, allow_pickle=False)
+        return np.load(open_binary(path), allow_pickle=False)
     except (OSError, ValueError, EOFError) as exc:
         raise DatasetError(
             f"cannot read {path} ({exc}); the file is corrupt or truncated: "
@@ -66,9 +68,11 @@ def to_uint8(arr: np.ndarray) -> np.ndarray:
     raise TypeError(f"expected uint8 or uint16 image, got {arr.dtype}")
 
 
-def to_rgb3(arr: np.ndarray, path: Path) -> np.ndarray:
-    """H x W x 3 uint8 as the DELIVER loader does: 1 channel repeated, 4 cut to 3."""
-    arr = to_uint8(arr)
+def to_rgb3(arr: np.ndarray, path: Path, keep_16bit: bool = False) -> np.ndarray:
+    """H x W x 3 as the DELIVER loader does: 1 channel repeated, 4 cut to 3; uint8, or
+    with `keep_16bit` 16-bit files stay uint16 (as `torchvision.io.read_image` keeps them)."""
+    if not (keep_16bit and arr.dtype == np.uint16):
+        arr = to_uint8(arr)
     if arr.ndim == 2:
         arr = arr[:, :, None]
     channels = arr.shape[2]

@@ -1,10 +1,13 @@
-"""MCubeS reader, following CMNeXt's `semseg/datasets/mcubes.py`.
+"""MCubeS reader, following DELIVER/CMNeXt's `semseg/datasets/mcubes.py`.
 
 Layout: root/{polL_color,polL_aolp_sin,polL_aolp_cos,polL_dolp,NIR_warped,GT,list_folder}.
-AoLP becomes [sin, cos, sin], DoLP and NIR are repeated to 3 channels, and columns
-from 192 on are kept (CMNeXt's crop of the 1224-wide frames). Float polarisation
-channels are quantised to uint8 so every modality has the same dtype:
-AoLP sin/cos in [-1, 1] -> (x + 1) * 127.5, DoLP in [0, 1] -> x * 255.
+Values as the official `__getitem__` feeds the model (lines 88-99): RGB 8-bit (value / 255
+later, like every uint8 image) or 16-bit -> float32 / 65535; AoLP the raw float sin/cos
+stacked as [sin, cos, sin] (in [-1, 1]); DoLP the raw float map repeated to 3 channels;
+NIR 8-bit, or 16-bit -> float32 / 65535, repeated to 3 channels. Nothing is quantised.
+Frame as the official evaluation: columns from 192 on (line 103), then `FixScaleCrop(1024)`
+(lines 388-451): short side resized to 1024 (a no-op on the 1024-row frames) and a centre
+crop of 1024 x 1024, i.e. columns 196..1219 of the 1224-wide frames.
 """
 
 from __future__ import annotations
@@ -24,7 +27,8 @@ from pipeline.datasets.base import (
     check_label_range,
     finish,
 )
-from pipeline.datasets.decode import read_npy, read_png, to_rgb3
+from pipeline.datasets.decode import read_npy, read_png, resize_nearest, to_rgb3
+from pipeline.datasets.packed import PackedPath, as_root
 from pipeline.datasets.registry import DatasetReader, register
 from pipeline.errors import DatasetError
 
@@ -41,7 +45,9 @@ PALETTE = (
 )
 MODALITIES = ("rgb", "aolp", "dolp", "nir")
 SPLITS = ("train", "val", "test")
-LEFT_CROP = 192
+LEFT_CROP = 192  # official `self._left_offset`
+FRAME = 1024  # official `FixScaleCrop(crop_size=1024)` of the val transform
+AOLP_RANGE = (-1.0, 1.0)
 
 _FILES = {
     "rgb": [("rgb", "polL_color", ".png")],
@@ -54,12 +60,43 @@ _LABEL_VALID[: len(CLASSES)] = True
 _LABEL_VALID[255] = True
 
 
-def _quantise(x: np.ndarray, lo: float, hi: float, path: Path) -> np.ndarray:
-    if x.ndim != 2 or not np.issubdtype(x.dtype, np.number):
+def _float_map(x: np.ndarray, path: Path) -> np.ndarray:
+    """A 2-D float map as stored (integer maps become float32, as the official ToTensor)."""
+    if x.ndim != 2 or not np.issubdtype(x.dtype, np.number) or np.issubdtype(x.dtype,
+                                                                            np.complexfloating):
         raise DatasetError(f"{path} holds a {x.dtype} array of shape {x.shape}; "
-                           "expected a 2-D numeric H x W map")
-    scaled = (np.clip(x.astype(np.float32), lo, hi) - lo) * (255.0 / (hi - lo))
-    return np.round(scaled).astype(np.uint8)
+                           "expected a 2-D real H x W map")
+    return x if np.issubdtype(x.dtype, np.floating) else x.astype(np.float32)
+
+
+def _png_image(path: Path) -> np.ndarray:
+    """RGB / NIR PNG as the official cv2 path scales it: 8-bit stays uint8 (the student
+    divides by 255), 16-bit becomes float32 / 65535 (official lines 89 and 98)."""
+    img = to_rgb3(read_png(path), path, keep_16bit=True)
+    if img.dtype == np.uint16:
+        return img.astype(np.float32) / np.float32(65535)
+    return img
+
+
+def fix_scale_crop(height: int, width: int, crop: int) -> tuple[int, int, int, int]:
+    """Official `FixScaleCrop.__call__` (mcubes.py:401-418): the resized size (oh, ow),
+    short side = `crop`, and the top-left (y1, x1) of the centre crop (Python `round`)."""
+    if width > height:
+        oh, ow = crop, int(1.0 * width * crop / height)
+    else:
+        ow, oh = crop, int(1.0 * height * crop / width)
+    return oh, ow, int(round((oh - crop) / 2.0)), int(round((ow - crop) / 2.0))
+
+
+def _resize_linear(img: np.ndarray, height: int, width: int) -> np.ndarray:
+    """cv2.resize INTER_LINEAR on a float image (half-pixel centres, no antialiasing),
+    which is torch's bilinear with align_corners=False."""
+    import torch
+    import torch.nn.functional as F
+
+    x = torch.from_numpy(np.array(img)).permute(2, 0, 1)[None]  # a writable copy
+    out = F.interpolate(x, size=(height, width), mode="bilinear", align_corners=False)
+    return out[0].permute(1, 2, 0).numpy()
 
 
 class MCubesReader(DatasetReader):
@@ -69,9 +106,13 @@ class MCubesReader(DatasetReader):
     modalities: ClassVar[tuple[str, ...]] = MODALITIES
     splits: ClassVar[tuple[str, ...]] = SPLITS
     default_root = "data/MCubeS/multimodal_dataset"
+    # the reader already delivers the official evaluation frame: no resize at evaluation
+    eval_protocol = "official"
     every_file_options: ClassVar[dict[str, Any]] = {"cmnext_val": False}
+    layout: ClassVar[str] = ("list_folder/<split>.txt naming images that lie in polL_color/, "
+                             "polL_aolp_sin/, polL_aolp_cos/, polL_dolp/, NIR_warped/ and GT/")
 
-    def _check_root(self, root: Path) -> None:
+    def _check_root(self, root: Path | PackedPath) -> None:
         if not root.is_dir():
             raise DatasetError(f"mcubes root {root} does not exist; download MCubeS "
                                "(kyotovision-public/multimodal-material-segmentation) and pass "
@@ -83,7 +124,7 @@ class MCubesReader(DatasetReader):
                                "{train,val,test}.txt beside polL_color/, polL_aolp_sin/, "
                                f"polL_aolp_cos/, polL_dolp/, NIR_warped/, GT/{hint}")
 
-    def _list(self, root: Path, split: str, cmnext_val: bool) -> list[str]:
+    def _list(self, root: Path | PackedPath, split: str, cmnext_val: bool) -> list[str]:
         list_name = "test" if (split == "val" and cmnext_val) else split
         path = root / "list_folder" / f"{list_name}.txt"
         if not path.is_file():
@@ -98,7 +139,7 @@ class MCubesReader(DatasetReader):
 
     def index(self, root: Path, split: str | Sequence[str] = "train", *,
               modalities: Sequence[str] = MODALITIES, cmnext_val: bool = True) -> list[Record]:
-        root = Path(root)
+        root = as_root(root)
         self._check_root(root)
         splits = as_list(split) or list(SPLITS)
         for s in splits:
@@ -121,7 +162,18 @@ class MCubesReader(DatasetReader):
                 records.append(Record(id=f"{s}/{name}", split=s, files=files))
         return records
 
-    def decode(self, record: Record, crop_left: int = LEFT_CROP) -> Sample:
+    def pack_index(self, root: Path, split: str, modalities: Sequence[str] | None = None
+                   ) -> tuple[list[list[Record]], list[Path]]:
+        """The split's own list (`cmnext_val=False`) and its files; the list file itself is
+        packed too, so the pack indexes exactly like the folder."""
+        records = self.index(root, split, modalities=list(modalities or MODALITIES),
+                             cmnext_val=False)
+        return [records], [Path(root) / "list_folder" / f"{split}.txt"]
+
+    def decode(self, record: Record, crop_left: int = LEFT_CROP,
+               frame: int | None = FRAME) -> Sample:
+        """One sample in the official evaluation frame (`frame=None`: columns `crop_left`
+        onward, the frame the official loader hands its transforms)."""
         f = record.files
         raw_label = read_png(f["label"])
         if raw_label.ndim == 3:
@@ -132,48 +184,65 @@ class MCubesReader(DatasetReader):
         full_shape = raw_label.shape
         images: dict[str, np.ndarray] = {}
         if "rgb" in f:
-            images["rgb"] = to_rgb3(read_png(f["rgb"]), f["rgb"])
+            images["rgb"] = _png_image(f["rgb"])
         if "aolp_sin" in f:
-            sin = _quantise(read_npy(f["aolp_sin"]), -1.0, 1.0, f["aolp_sin"])
-            cos = _quantise(read_npy(f["aolp_cos"]), -1.0, 1.0, f["aolp_cos"])
+            sin = _float_map(read_npy(f["aolp_sin"]), f["aolp_sin"])
+            cos = _float_map(read_npy(f["aolp_cos"]), f["aolp_cos"])
             if sin.shape != cos.shape:
                 raise DatasetError(f"{f['aolp_cos']} is {cos.shape} but {f['aolp_sin']} is "
                                    f"{sin.shape}")
             images["aolp"] = np.stack([sin, cos, sin], axis=2)
         if "dolp" in f:
-            d = _quantise(read_npy(f["dolp"]), 0.0, 1.0, f["dolp"])
-            images["dolp"] = np.repeat(d[:, :, None], 3, axis=2)
+            d = _float_map(read_npy(f["dolp"]), f["dolp"])
+            images["dolp"] = np.stack([d, d, d], axis=2)
         if "nir" in f:
-            images["nir"] = to_rgb3(read_png(f["nir"]), f["nir"])
-        ordered = {}
+            images["nir"] = _png_image(f["nir"])
         for m in (k for k in MODALITIES if k in images):
             if images[m].shape[:2] != full_shape:
                 raise DatasetError(f"{m} of {record.id} is {images[m].shape[:2]} but the label "
                                    f"{f['label']} is {full_shape}; all must match")
-            ordered[m] = np.ascontiguousarray(images[m][:, crop_left:])
-        return Sample(id=record.id, modalities=ordered,
-                      label=raw_label[:, crop_left:].astype(np.int64), files=dict(f))
+        label = raw_label[:, crop_left:]
+        images = {m: images[m][:, crop_left:] for m in MODALITIES if m in images}
+        if frame:
+            h, w = label.shape
+            oh, ow, y1, x1 = fix_scale_crop(h, w, frame)
+            if (oh, ow) != (h, w):  # not on real MCubeS (1024 rows); images are float there
+                images = {m: _resize_linear(x if np.issubdtype(x.dtype, np.floating)
+                                            else x.astype(np.float32) / np.float32(255), oh, ow)
+                          for m, x in images.items()}
+                label = resize_nearest(label, oh, ow)
+            images = {m: x[y1:y1 + frame, x1:x1 + frame] for m, x in images.items()}
+            label = label[y1:y1 + frame, x1:x1 + frame]
+        return Sample(id=record.id,
+                      modalities={m: np.ascontiguousarray(x) for m, x in images.items()},
+                      label=label.astype(np.int64), files=dict(f),
+                      ranges={"aolp": AOLP_RANGE} if "aolp" in images else {})
 
     def load(self, root: Path | str | None = None, split: str | Sequence[str] = "train", *,
              modalities: Sequence[str] = MODALITIES, cmnext_val: bool = True,
-             crop_left: int = LEFT_CROP, skip_bad: bool = False) -> SampleSequence:
+             crop_left: int = LEFT_CROP, frame: int | None = FRAME,
+             skip_bad: bool = False) -> SampleSequence:
         """Samples of `split`. With `cmnext_val` (default) "val" reads `test.txt`, as CMNeXt
-        and the published MCubeS numbers do."""
-        root = Path(root or self.default_root)
+        and the published MCubeS numbers do. `frame` is the official `FixScaleCrop` size
+        (1024); None keeps every column from `crop_left` on."""
+        root = as_root(root or self.default_root)
         modalities = list(modalities)
+        if frame is not None and frame < 1:
+            raise DatasetError(f"frame must be a positive size or None, got {frame}")
         records = self.index(root, split, modalities=modalities, cmnext_val=cmnext_val)
-        decode = partial(self._decode_ordered, modalities=tuple(modalities), crop_left=crop_left)
+        decode = partial(self._decode_ordered, modalities=tuple(modalities), crop_left=crop_left,
+                         frame=frame)
         return finish(self.name, records, decode, CLASSES, modalities, skip_bad)
 
     def _decode_ordered(self, record: Record, modalities: tuple[str, ...],
-                        crop_left: int) -> Sample:
+                        crop_left: int, frame: int | None = FRAME) -> Sample:
         """`decode` with modalities in the requested order (a method, so it pickles)."""
-        sample = self.decode(record, crop_left)
+        sample = self.decode(record, crop_left, frame)
         sample.modalities = {m: sample.modalities[m] for m in modalities}
         return sample
 
     def info(self, root: Path | str | None = None) -> dict[str, Any]:
-        root = Path(root or self.default_root)
+        root = as_root(root or self.default_root)
         self._check_root(root)
         splits = {}
         for s in SPLITS:

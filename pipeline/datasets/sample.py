@@ -782,4 +782,6 @@ def make_sample(out: Path | str, spec: SampleSpec = SampleSpec(), *, overwrite: 
 
 SAMPLE = register(DeliverReader(
     name="sample", default_root="data/deliver-sample",
-    how_to_get="generate it with `pipeline make-sample --out data/deliver-sample`"))
+    how_to_get="generate it with `pipeline make-sample --out data/deliver-sample`",
+    # scored at its own 256 px: the official 1024 resize would upsample it 4x for nothing
+    eval_protocol="native"))

@@ -7,13 +7,15 @@ run was resumed; that is what makes `--resume` end at the same weights.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import math
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pipeline.config import Where
 from pipeline.datasets import Sample, SampleSequence
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -23,20 +25,50 @@ IGNORE = 255
 
 @dataclass
 class AugmentConfig:
+    """The `train.augment` group of params.yaml."""
+
     scale: list[float] = field(default_factory=lambda: [0.5, 2.0])
     flip: bool = True
     jitter: float = 0.2  # probability of colour jitter on RGB
     blur: float = 0.2  # probability of Gaussian blur on RGB
 
+    def validate(self, where: Where | None = None) -> None:
+        where = where or Where("train.augment", None)
+        scale = self.scale
+        if len(scale) != 2 or not all(math.isfinite(s) for s in scale) or \
+                not 0 < scale[0] <= scale[1]:
+            where.fail("scale", "[lo, hi] with 0 < lo <= hi (the short side is resized to "
+                       "crop * U(lo, hi))", scale)
+        for name in ("jitter", "blur"):
+            where.number(name, getattr(self, name), 0, 1, why="a probability")
+
+
+# arrays, label -> arrays, label at the resolution an evaluation protocol scores
+Transform = Callable[[dict[str, np.ndarray], np.ndarray], tuple[dict[str, np.ndarray], np.ndarray]]
+
+
+def to_unit(arr: np.ndarray) -> torch.Tensor:
+    """H x W x 3 image as stored in a `Sample` -> (3, H, W) float32 model input before
+    mean/std: integer images / 255 (DELIVER / MISS `Normalize`: `.float() / 255`, also for
+    uint16 depth), float images as they are (MCubeS AoLP / DoLP / 16-bit NIR)."""
+    x = torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)).astype(np.float32))
+    return x / 255.0 if np.issubdtype(arr.dtype, np.integer) else x
+
 
 def normalise(name: str, img: torch.Tensor) -> torch.Tensor:
-    """(3, H, W) uint8-range float -> RGB: ImageNet mean/std; others: /255 (as CMNeXt)."""
-    img = img / 255.0
+    """(3, H, W) `to_unit` scale -> RGB: ImageNet mean/std (`TF.normalize`); other
+    modalities are fed as they are (as DELIVER, CMNeXt and MISS)."""
     if name == "rgb":
         mean = torch.tensor(IMAGENET_MEAN)[:, None, None]
         std = torch.tensor(IMAGENET_STD)[:, None, None]
         img = (img - mean) / std
     return img
+
+
+def black(name: str) -> torch.Tensor:
+    """(3,) value of an all-black frame of `name` after normalisation: what MISS feeds for a
+    missing sensor (RGB -> -mean/std, about (-2.118, -2.036, -1.804); the others 0)."""
+    return normalise(name, torch.zeros(3, 1, 1)).flatten()
 
 
 def _gaussian_blur(img: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -56,7 +88,8 @@ def augment(images: dict[str, torch.Tensor], label: torch.Tensor, crop: int,
             cfg: AugmentConfig, rng: np.random.Generator) -> tuple[dict[str, torch.Tensor],
                                                                   torch.Tensor]:
     """Random resize (short side = crop * U(scale)), crop with padding (label 255), flip,
-    for every modality and the label; colour jitter and blur on RGB only."""
+    for every modality and the label; colour jitter and blur on RGB only. Images are in
+    `to_unit` scale (RGB in [0, 1])."""
     h, w = label.shape
     s = rng.uniform(*cfg.scale) * crop / min(h, w)
     nh, nw = max(1, int(round(h * s))), max(1, int(round(w * s)))
@@ -81,7 +114,7 @@ def augment(images: dict[str, torch.Tensor], label: torch.Tensor, crop: int,
             grey = rgb.mean(0, keepdim=True)
             rgb = (rgb - grey) * sat + grey
             rgb = (rgb - rgb.mean()) * c + rgb.mean()
-            rgb = (rgb * b).clamp(0, 255)
+            rgb = (rgb * b).clamp(0, 1)
         if rng.random() < cfg.blur:
             rgb = _gaussian_blur(rgb, float(rng.uniform(0.1, 2.0)))
         images["rgb"] = rgb
@@ -98,11 +131,15 @@ class Targets:
 
 
 class StudentData(torch.utils.data.Dataset):
-    """Item key (epoch, index) -> one sample's tensors; epoch -1 means no augmentation."""
+    """Item key (epoch, index) -> one sample's tensors; epoch -1 means no augmentation.
+
+    `transform` (an evaluation protocol's resize) acts on the stored arrays and label
+    before anything else, as the official val transforms act on the decoded tensors."""
 
     def __init__(self, samples: SampleSequence, modalities: Sequence[str],
                  targets: Targets | None, crop: int | None, augment_cfg: AugmentConfig,
-                 seed: int, modality_dropout: float = 0.0) -> None:
+                 seed: int, modality_dropout: float = 0.0,
+                 transform: Transform | None = None) -> None:
         self.samples = samples
         self.modalities = list(modalities)
         self.targets = targets
@@ -110,6 +147,7 @@ class StudentData(torch.utils.data.Dataset):
         self.augment_cfg = augment_cfg
         self.seed = seed
         self.modality_dropout = modality_dropout
+        self.transform = transform
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -117,9 +155,12 @@ class StudentData(torch.utils.data.Dataset):
     def __getitem__(self, key: tuple[int, int]) -> dict[str, torch.Tensor]:
         epoch, index = key
         sample: Sample = self.samples[index]
-        images = {m: torch.tensor(sample.modalities[m]).permute(2, 0, 1).float()
-                  for m in self.modalities}
-        label = torch.from_numpy(sample.label)
+        arrays = {m: sample.modalities[m] for m in self.modalities}
+        label_arr = sample.label
+        if self.transform is not None:
+            arrays, label_arr = self.transform(arrays, label_arr)
+        images = {m: to_unit(arrays[m]) for m in self.modalities}
+        label = torch.from_numpy(np.ascontiguousarray(label_arr))
         present = torch.ones(len(self.modalities), dtype=torch.bool)
         if epoch >= 0 and self.crop:
             rng = np.random.default_rng([self.seed, epoch, index])

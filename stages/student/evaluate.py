@@ -2,7 +2,9 @@
 
 One pass over the split: every modality is encoded once per image (window), then fused
 and decoded under every modality subset, so all 15 subsets of {R, D, E, L} cost one
-encoder pass. Each setting accumulates one confusion matrix per subset / group.
+encoder pass. Each setting accumulates one confusion matrix per subset / group. The
+protocol (`stages.student.protocol`) decides the scoring resolution and, by default,
+what a missing sensor is.
 """
 
 from __future__ import annotations
@@ -19,15 +21,25 @@ import torch
 import torch.nn.functional as F
 
 from pipeline import datasets
+from pipeline.config import Where
+from pipeline.datasets.base import unit_image
 from pipeline.errors import PipelineError
 from pipeline.metrics import Confusion
 from pipeline.progress import progress as progress_bar
 from stages.student.data import AugmentConfig, StudentData
-from stages.student.model import Any2Seg, StudentConfig, build_student
+from stages.student.model import MISSING_MODES, Any2Seg, StudentConfig, build_student
+from stages.student.protocol import (
+    PROTOCOLS,
+    check_protocol,
+    default_missing,
+    default_protocol,
+    protocol_transform,
+)
 
 SHORT = {"rgb": "R", "depth": "D", "event": "E", "lidar": "L", "aolp": "A", "dolp": "P",
          "nir": "N", "thermal": "T"}
 SETTINGS = ("mss", "miss", "sensor")
+INFERENCE_MODES = ("whole", "slide")
 SENSOR_GROUPS = ("cloud", "fog", "night", "rain", "sun", "motionblur", "overexposure",
                  "underexposure", "lidarjitter", "eventlowres")
 
@@ -62,12 +74,13 @@ def load_checkpoint(path: Path | str, device: str = "cpu") -> tuple[Any2Seg, dic
 @torch.no_grad()
 def infer(model: Any2Seg, images: torch.Tensor, masks: torch.Tensor, mode: str = "whole",
           crop: int = 512, stride: int = 341,
-          zero_cache: dict[tuple[int, ...], list[torch.Tensor]] | None = None) -> torch.Tensor:
+          filler_cache: dict[tuple[Any, ...], list[torch.Tensor]] | None = None) -> torch.Tensor:
     """Logits at input size for every presence mask: (S, B, K, H, W) for masks (S, M).
 
-    In zero-fill mode the features of an all-zero input depend only on the window shape;
-    `zero_cache` keeps them across calls so they are encoded once per evaluation."""
-    zero_cache = {} if zero_cache is None else zero_cache
+    Under `black` and `zero-fill` the features of the filler frame (what an absent
+    modality is fed) depend only on the mode and the window shape; `filler_cache` keeps
+    them across calls, so they are encoded once per evaluation."""
+    filler_cache = {} if filler_cache is None else filler_cache
     b, m, _, h, w = images.shape
     s = masks.shape[0]
     windows = [(0, 0, h, w)]
@@ -79,24 +92,25 @@ def infer(model: Any2Seg, images: torch.Tensor, masks: torch.Tensor, mode: str =
         if xs[-1] + crop < w:
             xs.append(w - crop)
         windows = [(y, x, min(crop, h), min(crop, w)) for y in ys for x in xs]
-    elif mode not in ("whole", "slide"):
+    elif mode not in INFERENCE_MODES:
         raise PipelineError(f"inference mode must be whole or slide, got {mode!r}")
     out = images.new_zeros((s, b, model.num_classes, h, w))
     count = images.new_zeros((1, 1, 1, h, w))
-    zero_feats = None
+    filler_feats = None
     for y, x, ch, cw in windows:
         win = images[..., y:y + ch, x:x + cw]
         feats = model.encode_all(win)
-        if model.missing == "zero-fill":
-            key = tuple(win.shape[1:])
-            if key not in zero_cache:
-                zero_cache[key] = model.encode_all(torch.zeros_like(win[:1]))
-            zero_feats = zero_cache[key]
+        if model.missing != "exclude":
+            key = (model.missing, *win.shape[1:])
+            if key not in filler_cache:
+                frame = model.filler(win).expand_as(win[:1]).contiguous()
+                filler_cache[key] = model.encode_all(frame)
+            filler_feats = filler_cache[key]
         for i in range(s):
             mask = masks[i][None].expand(b, -1)
-            if zero_feats is not None:
+            if filler_feats is not None:
                 fill = mask[:, :, None, None, None]
-                f = [torch.where(fill, a, z.expand_as(a)) for a, z in zip(feats, zero_feats,
+                f = [torch.where(fill, a, z.expand_as(a)) for a, z in zip(feats, filler_feats,
                                                                         strict=True)]
                 logits = model.decode(f, torch.ones_like(mask))
             else:
@@ -113,43 +127,70 @@ class EvalConfig:
 
     split: str = "val"
     setting: str = "all"
+    protocol: str | None = None  # official or native; None: the dataset's default
     mode: str = "whole"
     crop: int = 1024
     stride: int = 683
-    missing: str | None = None
+    missing: str | None = None  # None: black under official, else the checkpoint's
     limit: int | None = None
     examples: int = 4
 
-    def validate(self) -> None:
-        if self.setting not in (*SETTINGS, "all"):
-            raise PipelineError(f"eval.setting must be mss, miss, sensor or all, got "
-                                f"{self.setting!r}")
-        if self.mode not in ("whole", "slide"):
-            raise PipelineError(f"eval.mode must be whole or slide, got {self.mode!r}")
-        if self.missing not in (None, "exclude", "zero-fill"):
-            raise PipelineError(f"eval.missing must be exclude or zero-fill, got "
-                                f"{self.missing!r}")
+    def validate(self, where: Where | None = None) -> None:
+        w = where or Where("eval", None)
+        if not self.split:
+            w.fail("split", "a split name such as val", self.split)
+        w.one_of("setting", self.setting, (*SETTINGS, "all"))
+        if self.protocol is not None:
+            w.one_of("protocol", self.protocol, PROTOCOLS)
+        w.one_of("mode", self.mode, INFERENCE_MODES)
+        w.integer("crop", self.crop, 1, why="the sliding window's side")
+        w.integer("stride", self.stride, 1, self.crop,
+                  why="larger than eval.crop would leave pixels between windows unseen")
+        if self.missing is not None:
+            w.one_of("missing", self.missing, MISSING_MODES)
+        if self.limit is not None:
+            w.integer("limit", self.limit, 1, why="leave it unset (null) for the whole split")
+        w.integer("examples", self.examples, 0, why="samples drawn in predictions.png")
 
     @property
     def settings(self) -> tuple[str, ...]:
         return SETTINGS if self.setting == "all" else (self.setting,)
+
+    def resolved_protocol(self, dataset: str) -> str:
+        return self.protocol or default_protocol(dataset)
+
+    def resolved_missing(self, dataset: str, checkpoint_missing: str) -> str:
+        return (self.missing or default_missing(self.resolved_protocol(dataset))
+                or checkpoint_missing)
 
 
 @dataclass
 class EvalResult:
     modalities: list[str]
     classes: list[str]
+    protocol: str = "native"
+    missing: str = "exclude"
     mss: dict[str, Any] | None = None
     miss: dict[str, dict[str, Any]] = field(default_factory=dict)
     sensor: dict[str, dict[str, Any]] = field(default_factory=dict)
+    whole: dict[str, Any] | None = None  # all modalities over the whole split
     examples: list[dict[str, np.ndarray]] = field(default_factory=list)
+
+
+def _display(arr: np.ndarray, value_range: tuple[float, float] | None) -> np.ndarray:
+    """Any stored image kind as H x W x 3 uint8 for the prediction pictures."""
+    return np.round(unit_image(arr, value_range) * 255).astype(np.uint8)
 
 
 def evaluate(model: Any2Seg, samples: datasets.SampleSequence, settings: tuple[str, ...],
              mode: str = "whole", crop: int = 512, stride: int = 341, batch_size: int = 1,
              workers: int = 0, device: str = "cpu", examples: int = 0,
-             progress: bool = False) -> EvalResult:
-    """Run the requested settings over `samples`; `examples` keeps a few predictions."""
+             progress: bool = False, protocol: str | None = None) -> EvalResult:
+    """Run the requested settings over `samples` under `protocol` (None: the dataset's
+    default); `examples` keeps a few predictions. Absent modalities are handled as
+    `model.missing` says."""
+    protocol = check_protocol(protocol or default_protocol(samples.name))
+    transform = protocol_transform(protocol, samples.name)
     mods = model.modalities
     k = model.num_classes
     all_mask = tuple(range(len(mods)))
@@ -161,21 +202,21 @@ def evaluate(model: Any2Seg, samples: datasets.SampleSequence, settings: tuple[s
     for i, sub in enumerate(masks):
         mask_tensor[i, list(sub)] = True
     mask_tensor = mask_tensor.to(device)
-    data = StudentData(samples, mods, None, None, AugmentConfig(), 0)
+    data = StudentData(samples, mods, None, None, AugmentConfig(), 0, transform=transform)
     loader = torch.utils.data.DataLoader(data, batch_size=batch_size, num_workers=workers,
                                          sampler=[(-1, i) for i in range(len(samples))])
     confusions = [Confusion(k) for _ in masks]
-    zero_cache: dict[tuple[int, ...], list[torch.Tensor]] = {}
+    filler_cache: dict[tuple[Any, ...], list[torch.Tensor]] = {}
     # examples spread over the split, so that several conditions are drawn
     picks = set(np.linspace(0, len(samples) - 1, examples).round().astype(int).tolist()) \
         if examples else set()
     groups: dict[str, Confusion] = {}
-    result = EvalResult(mods, list(samples.classes))
+    result = EvalResult(mods, list(samples.classes), protocol, model.missing)
     for batch in progress_bar(loader, desc="evaluating", unit="batch", enabled=progress,
                               leave=False):
         images = batch["images"].to(device)
         label = batch["label"].to(device)
-        logits = infer(model, images, mask_tensor, mode, crop, stride, zero_cache)
+        logits = infer(model, images, mask_tensor, mode, crop, stride, filler_cache)
         preds = logits.argmax(2)
         for i in range(len(masks)):
             confusions[i].update(preds[i], label)
@@ -186,12 +227,18 @@ def evaluate(model: Any2Seg, samples: datasets.SampleSequence, settings: tuple[s
                     if g:
                         groups.setdefault(g, Confusion(k)).update(preds[index_all, j], label[j])
         for j, idx in enumerate(batch["index"].tolist()):
-            if idx in picks:
+            if idx in picks:  # drawn at the scored resolution
                 sample = samples[idx]
-                result.examples.append({"id": sample.id, **sample.modalities,
-                                        "label": sample.label,
-                                        "pred": preds[index_all, j].cpu().numpy()})
+                arrays, label_arr = {m: sample.modalities[m] for m in mods}, sample.label
+                if transform is not None:
+                    arrays, label_arr = transform(arrays, label_arr)
+                result.examples.append({
+                    "id": sample.id, "condition": sample.condition, "case": sample.case,
+                    "label": label_arr,
+                    **{m: _display(a, sample.ranges.get(m)) for m, a in arrays.items()},
+                    "pred": preds[index_all, j].cpu().numpy()})
     names = result.classes
+    result.whole = confusions[index_all].scores(names)
     if "mss" in settings:
         result.mss = confusions[index_all].scores(names)
     if "miss" in settings:
@@ -206,21 +253,47 @@ def _clean(x: float) -> float | None:
     return None if isinstance(x, float) and math.isnan(x) else x
 
 
+MSS_KEYS = ("mIoU", "mAcc", "mF1", "aAcc", "mIoU_present", "mAcc_present", "mF1_present")
+
+
+def _mean(values: list[float]) -> float | None:
+    return _clean(round(float(np.nanmean(values)), 2)) if values else None
+
+
 def flat_metrics(result: EvalResult) -> dict[str, dict[str, float | None]]:
-    """Flat {file stem: {key: value}} as DVC shows metrics."""
+    """Flat {file stem: {key: value}} as DVC shows metrics. mIoU is the official mean over
+    all classes; `miss.mean_mIoU` averages the subsets (the paper's system-level mean);
+    `sensor.mean_of_groups_mIoU` averages the weather / failure groups (the paper's own
+    Table 4 rows) and `sensor.whole_split_mIoU` scores the whole split at once (the
+    baseline rows copied into Table 4)."""
     out: dict[str, dict[str, float | None]] = {}
     if result.mss is not None:
-        out["mss"] = {key: _clean(result.mss[key]) for key in ("mIoU", "mAcc", "mF1", "aAcc")}
+        out["mss"] = {key: _clean(result.mss[key]) for key in MSS_KEYS}
         out["mss"].update({f"IoU_{c}": _clean(v) for c, v in result.mss["IoU"].items()})
     if result.miss:
         values = {name: s["mIoU"] for name, s in result.miss.items()}
-        out["miss"] = {"mean_mIoU": _clean(round(float(np.nanmean(list(values.values()))), 2)),
+        out["miss"] = {"mean_mIoU": _mean(list(values.values())),
                        **{name: _clean(v) for name, v in values.items()}}
     if result.sensor:
         values = {g: s["mIoU"] for g, s in result.sensor.items()}
-        out["sensor"] = {"mean_mIoU": _clean(round(float(np.nanmean(list(values.values()))), 2)),
+        whole = result.whole["mIoU"] if result.whole is not None else float("nan")
+        out["sensor"] = {"mean_of_groups_mIoU": _mean(list(values.values())),
+                         "whole_split_mIoU": _clean(whole),
                          **{g: _clean(v) for g, v in values.items()}}
     return out
+
+
+def describe(result: EvalResult) -> str:
+    """One paragraph saying how the numbers were made, for report.md and the terminal."""
+    how = ("images and labels resized as the official evaluation code"
+           if result.protocol == "official" else "images and labels at their stored size")
+    missing = {"black": "a black frame through the normal preprocessing (MISS)",
+               "zero-fill": "zeros after normalisation",
+               "exclude": "left out of the fusion"}[result.missing]
+    return (f"Protocol `{result.protocol}` ({how}); a missing modality is {missing} "
+            f"(`{result.missing}`). mIoU / mAcc / mF1 average all {len(result.classes)} "
+            "classes as the official DELIVER `Metrics` (a class absent from labels and "
+            "predictions counts 0); `*_present` average only the classes present.")
 
 
 def markdown(flat: dict[str, dict[str, float | None]]) -> str:
@@ -229,7 +302,7 @@ def markdown(flat: dict[str, dict[str, float | None]]) -> str:
         keys = [k for k in values if not k.startswith("IoU_")]
         lines.append(f"| {setting} | " + " | ".join(keys) + " |")
         lines.append("|---|" + "---:|" * len(keys))
-        lines.append("| mIoU (%) | " + " | ".join(
+        lines.append("| % | " + " | ".join(
             "n/a" if values[k] is None else f"{values[k]:.2f}" for k in keys) + " |")
         lines.append("")
     return "\n".join(lines)
@@ -241,7 +314,7 @@ def write_outputs(result: EvalResult, out: Path, palette: list[tuple[int, int, i
 
     out.mkdir(parents=True, exist_ok=True)
     flat = flat_metrics(result)
-    (out / "report.md").write_text(markdown(flat) + "\n")
+    (out / "report.md").write_text(describe(result) + "\n\n" + markdown(flat) + "\n")
     written = [out / "report.md"]
     for stem, values in flat.items():
         path = out / f"{stem}.json"
@@ -256,5 +329,5 @@ def write_outputs(result: EvalResult, out: Path, palette: list[tuple[int, int, i
         written.append(per_class_chart(result.mss["IoU"], plots / "per_class_iou.png"))
     if result.examples:
         written.append(predictions_grid(result.examples, result.modalities, palette,
-                                        plots / "predictions.png"))
+                                        result.classes, plots / "predictions.png"))
     return written

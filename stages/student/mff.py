@@ -41,23 +41,25 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.config import Where
+
 VARIANTS = ("author", "paper", "pixel")
 
 
 @dataclass
 class MFFConfig:
+    """The `student.mff` group of params.yaml."""
+
     variant: str = "pixel"
     reweight: bool = True
     select: bool = True
     residual: bool = True
     iterations: int = 1
 
-    def validate(self) -> None:
-        if self.variant not in VARIANTS:
-            raise ValueError(f"student.mff.variant must be one of {', '.join(VARIANTS)}, "
-                             f"got {self.variant!r}")
-        if self.iterations < 1:
-            raise ValueError("MFF needs at least one iteration")
+    def validate(self, where: Where | None = None) -> None:
+        where = where or Where("student.mff", None)
+        where.one_of("variant", self.variant, VARIANTS)
+        where.integer("iterations", self.iterations, 1, why="refinements of f_ma")
 
 
 @dataclass

@@ -14,12 +14,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from pipeline.errors import PipelineError
-from stages.student.encoder import Encoder
+from pipeline.config import Where, build
+from stages.student.data import black
+from stages.student.encoder import Encoder, backbone_names, is_backbone
 from stages.student.head import AllMLPHead
 from stages.student.mff import MFF, MFFConfig, MFFOutput
 
-MISSING_MODES = ("exclude", "zero-fill")
+MISSING_MODES = ("exclude", "zero-fill", "black")
 
 
 @dataclass
@@ -35,8 +36,11 @@ class Any2Seg(nn.Module):
     """Modalities are stacked on the batch axis and encoded in one pass by the shared
     encoder (absent ones are not encoded at all), fused per stage by MFF and decoded.
 
-    `missing="exclude"` leaves absent modalities out of the fusion; `"zero-fill"` feeds
-    them as all-zero tensors and fuses them like the others (the paper's MISS protocol).
+    Absent modalities: `missing="exclude"` leaves them out of the fusion (this project's
+    choice); `"black"` feeds a black frame through the normal preprocessing and fuses it
+    like the others (MISS's protocol, which the paper's MISS tables follow: RGB becomes
+    -mean/std after ImageNet normalisation, the others 0); `"zero-fill"` feeds zeros in
+    normalised space (ImageNet-mean grey for RGB), as some robustness benchmarks do.
     """
 
     def __init__(self, encoder: Encoder, modalities: list[str], num_classes: int,
@@ -51,6 +55,14 @@ class Any2Seg(nn.Module):
         self.missing = missing
         self.mff = MFF(mff)
         self.head = AllMLPHead(encoder.channels, num_classes, embed_dim, dropout)
+
+    def filler(self, like: torch.Tensor) -> torch.Tensor:
+        """(1, M, 3, 1, 1) normalised value fed for an absent modality (black / zero-fill)."""
+        if self.missing == "black":
+            values = torch.stack([black(m) for m in self.modalities])
+        else:
+            values = torch.zeros(len(self.modalities), 3)
+        return values.to(like)[None, :, :, None, None]
 
     def encode_all(self, images: torch.Tensor) -> list[torch.Tensor]:
         """Every modality through the shared encoder: per stage (B, M, C, h, w)."""
@@ -90,8 +102,8 @@ class Any2Seg(nn.Module):
             raise ValueError(f"expected {len(self.modalities)} modalities, got {m}")
         if present is None:
             present = torch.ones(b, m, dtype=torch.bool, device=images.device)
-        if self.missing == "zero-fill":
-            images = images * present[:, :, None, None, None].to(images.dtype)
+        if self.missing != "exclude":
+            images = torch.where(present[:, :, None, None, None], images, self.filler(images))
             present = torch.ones_like(present)
         flat = images.flatten(0, 1)
         keep = present.flatten().nonzero().squeeze(1)
@@ -116,23 +128,25 @@ class StudentConfig:
     mff: dict[str, Any] = field(default_factory=dict)  # MFFConfig fields
     missing: str = "exclude"
 
-    def mff_config(self) -> MFFConfig:
-        unknown = set(self.mff) - set(MFFConfig.__dataclass_fields__)
-        if unknown:
-            raise PipelineError(f"student.mff: unknown key {sorted(unknown)[0]!r}; known: "
-                                f"{', '.join(MFFConfig.__dataclass_fields__)}")
-        cfg = MFFConfig(**self.mff)
-        try:
-            cfg.validate()
-        except ValueError as exc:
-            raise PipelineError(str(exc)) from exc
+    def validate(self, where: Where | None = None) -> None:
+        where = where or Where("student", None)
+        if not is_backbone(self.backbone):
+            where.fail("backbone", "one of " + ", ".join(backbone_names()), self.backbone)
+        where.integer("embed_dim", self.embed_dim, 1, why="the all-MLP head's width")
+        where.number("dropout", self.dropout, 0, 1, hi_open=True, why="a probability")
+        where.one_of("missing", self.missing, MISSING_MODES)
+        self.mff_config(where.sub("mff"))
+
+    def mff_config(self, where: Where | None = None) -> MFFConfig:
+        where = where or Where("student.mff", None)
+        cfg = build(MFFConfig, self.mff, where)
+        cfg.validate(where)
         return cfg
 
 
 def build_student(cfg: StudentConfig, modalities: list[str], num_classes: int) -> Any2Seg:
     from stages.student.encoder import build_encoder
 
-    if cfg.missing not in MISSING_MODES:
-        raise PipelineError(f"student.missing must be one of {', '.join(MISSING_MODES)}")
+    cfg.validate()
     return Any2Seg(build_encoder(cfg.backbone, cfg.pretrained), modalities, num_classes,
                    cfg.mff_config(), cfg.embed_dim, cfg.dropout, cfg.missing)

@@ -12,6 +12,7 @@ drop `position_ids` buffers and refuse anything else we do not recognise.
 
 from __future__ import annotations
 
+import html
 import json
 import logging
 import re
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import ftfy
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -56,10 +58,24 @@ def read_config(folder: Path) -> dict[str, Any]:
     for part in ("text_config", "vision_config"):
         if not isinstance(cfg.get(part), dict):
             raise PipelineError(f"{path} has no {part}; not a LanguageBind/CLIP config")
+    cfg["vision_config"]["image_size"] = _image_size(cfg["vision_config"].get("image_size", 224),
+                                                     path)
     if cfg["vision_config"].get("add_time_attn"):
         raise PipelineError(f"{path}: add_time_attn is set (a video checkpoint); only "
                             "still-image branches (Image, Depth, Thermal) are supported")
     return cfg
+
+
+def _image_size(value: Any, path: Path) -> int:
+    """`vision_config.image_size` as an int. The official `save_pretrained` writes a list:
+    LanguageBind's `resize_pos` (languagebind/image/modeling_image.py:799) sets
+    `config.image_size = [s, s]`; the still-image branches are square."""
+    if isinstance(value, (list, tuple)) and len(value) == 2 and value[0] == value[1]:
+        value = value[0]
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise PipelineError(f"{path}: vision_config.image_size must be a size or a square "
+                            f"[size, size], got {value!r}")
+    return value
 
 
 def clip_config(cfg: dict[str, Any]) -> CLIPConfig:
@@ -182,10 +198,14 @@ def _resize_crop_normalise(x: torch.Tensor, size: int) -> torch.Tensor:
 
 
 def preprocess_image(img: np.ndarray, size: int = 224) -> torch.Tensor:
-    """H x W x 3 uint8 -> (3, size, size) float32, as the image branch expects."""
-    if img.ndim != 3 or img.shape[2] != 3 or img.dtype != np.uint8:
-        raise ValueError(f"expected H x W x 3 uint8, got {img.shape} {img.dtype}")
-    x = torch.tensor(img).permute(2, 0, 1).float() / 255.0
+    """H x W x 3 uint8 (the official `ToTensor`: / 255), or float in [0, 1] (a modality
+    that is not 8-bit, as `Sample.unit_image` maps it) -> (3, size, size) float32."""
+    if img.ndim != 3 or img.shape[2] != 3 or not (
+            img.dtype == np.uint8 or np.issubdtype(img.dtype, np.floating)):
+        raise ValueError(f"expected H x W x 3 uint8 or float in [0, 1], got {img.shape} "
+                         f"{img.dtype}")
+    x = torch.tensor(img).permute(2, 0, 1)
+    x = x.float() / 255.0 if img.dtype == np.uint8 else x.float()
     return _resize_crop_normalise(x, size)
 
 
@@ -221,7 +241,7 @@ class Branch:
 
     @property
     def image_size(self) -> int:
-        return int(self.config["vision_config"].get("image_size", 224))
+        return int(self.config["vision_config"]["image_size"])  # read_config made it an int
 
 
 class LanguageBind:
@@ -265,18 +285,33 @@ class LanguageBind:
         pooled = model.vision_model(pixel_values=pixels).pooler_output
         return F.normalize(upcast(model.visual_projection(pooled)), dim=-1).cpu()
 
+    def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        """`clean_text` then CLIP BPE, padded and truncated to the context length."""
+        return self.tokenizer([clean_text(t) for t in texts], padding="max_length",
+                              max_length=self.context_length, truncation=True,
+                              return_tensors="pt")
+
     @torch.inference_mode()
     def encode_text(self, texts: list[str]) -> torch.Tensor:
         """Captions or prompts -> (B, D) L2-normalised, float32 or wider."""
         model = self.text_branch.model
-        enc = self.tokenizer(texts, padding="max_length", max_length=self.context_length,
-                             truncation=True, return_tensors="pt")
+        enc = self.tokenize(texts)
         out = model.text_model(input_ids=enc["input_ids"].to(self.device),
                                attention_mask=enc["attention_mask"].to(self.device))
         return F.normalize(upcast(model.text_projection(out.pooler_output)), dim=-1).cpu()
 
     def fingerprint(self) -> dict[str, Any]:
         return {name: checkpoint_fingerprint(b.folder) for name, b in self.branches.items()}
+
+
+def clean_text(text: str) -> str:
+    """LanguageBind's text cleaning before BPE (open_clip/tokenizer.py: `basic_clean`,
+    lines 60-63, and `whitespace_clean`, 66-69, applied by `HFTokenizer.__call__`, line
+    206): ftfy's `fix_text` (typographic quotes, mojibake, HTML entities, NFC), HTML
+    entities unescaped twice more, whitespace runs collapsed, ends stripped. The CLIP
+    tokenizer then lower-cases, as the slow `CLIPTokenizer` the official code loads."""
+    text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
+    return re.sub(r"\s+", " ", text).strip()
 
 
 def _load_tokenizer(folder: Path) -> CLIPTokenizer:

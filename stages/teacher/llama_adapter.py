@@ -1,11 +1,15 @@
 """LLaMA-Adapter V2 multimodal: our own inference implementation for the official files.
 
-Behaviour follows OpenGVLab/LLaMA-Adapter `llama_adapter_v2_multimodal7b`: CLIP ViT-L/14
-tokens (post layer norm and projection on all 257 tokens) -> `clip_proj` + norm -> a
-learned visual query through 8 pre-norm ViT blocks -> `visual_proj` + norm; in the last
+Behaviour follows OpenGVLab/LLaMA-Adapter `llama_adapter_v2_multimodal7b` (`llama/llama.py`,
+`llama/llama_adapter.py`): CLIP ViT-L/14 tokens (post layer norm and projection on all 257
+tokens) -> `clip_proj` + norm -> a learned visual query through 8 pre-norm ViT blocks
+(timm 0.3.2 `Block`, nn.LayerNorm eps 1e-5) -> `visual_proj` + norm; in the last
 `query_layer` LLaMA layers, the adapter prompt (`adapter_query[i]` + visual query) gives
 extra keys/values (no RoPE, no bias) whose own softmax is scaled by tanh(gate) per head
-and added to the attention output; bias and norm tuning, optional LoRA.
+and added to the attention output; bias and norm tuning, optional LoRA. Loading follows
+the official `load` too: bias tuning is always on (`w_bias = phase == "finetune"`, the
+checkpoint's config notwithstanding), every `*.pth` of the LLaMA folder is loaded in
+sorted order, and weights a checkpoint lacks keep the official initial values.
 
 What is new here is speed: prompts of different lengths are left-padded into one batch
 with per-sample rotary positions and a key mask, keys and values are kept in a cache,
@@ -16,7 +20,10 @@ decodes one image at a time and recomputes them at every step).
 from __future__ import annotations
 
 import json
+import logging
 import math
+import re
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +34,8 @@ from torch import nn
 
 from pipeline.errors import PipelineError
 from pipeline.precision import stable_dtype, upcast
+
+log = logging.getLogger("pipeline.teacher")
 
 ALPACA = ("Below is an instruction that describes a task. Write a response that "
           "appropriately completes the request.\n\n### Instruction:\n{instruction}\n\n"
@@ -41,7 +50,7 @@ class LlamaArgs:
     n_heads: int
     vocab_size: int
     multiple_of: int = 256
-    norm_eps: float = 1e-6
+    norm_eps: float = 1e-5  # ModelArgs' default when params.json has none
     w_bias: bool = False
     w_lora: bool = False
     lora_rank: int = 16
@@ -85,6 +94,17 @@ def _lora(owner: nn.Module, name: str, d_in: int, d_out: int, rank: int) -> None
     setattr(owner, f"lora_{name}_l2", nn.Linear(rank, d_out, bias=False))
 
 
+def _official_init(owner: nn.Module) -> None:
+    """Zero biases and LoRA up-projections, as the official constructors do: a checkpoint
+    that lacks them then behaves as the official code (which keeps these values)."""
+    for name, module in owner.named_children():
+        if isinstance(module, nn.Linear):
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+            if name.startswith("lora_") and name.endswith("_l2"):
+                nn.init.zeros_(module.weight)
+
+
 def _with_lora(owner: nn.Module, name: str, x: torch.Tensor) -> torch.Tensor:
     out = getattr(owner, name)(x)
     if getattr(owner, "w_lora", False):
@@ -104,6 +124,7 @@ class Attention(nn.Module):
         if a.w_lora:
             for name in ("wq", "wk", "wv", "wo"):
                 _lora(self, name, a.dim, a.dim, a.lora_rank)
+        _official_init(self)
         self.gate = nn.Parameter(torch.zeros(1, a.n_heads, 1, 1))
         self.w_new_gate = a.w_new_gate
         if a.w_new_gate:
@@ -155,6 +176,7 @@ class FeedForward(nn.Module):
             _lora(self, "w1", a.dim, h, a.lora_rank)
             _lora(self, "w2", h, a.dim, a.lora_rank)
             _lora(self, "w3", a.dim, h, a.lora_rank)
+        _official_init(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return _with_lora(self, "w2", F.silu(_with_lora(self, "w1", x)) * _with_lora(self, "w3", x))
@@ -207,7 +229,8 @@ class LlamaAdapter(nn.Module):
         self.clip_proj_norm = nn.LayerNorm(visual.v_embed_dim)
         self.visual_query = nn.Embedding(visual.query_len, visual.v_embed_dim)
         self.visual_blocks = nn.ModuleList(
-            VitBlock(visual.v_embed_dim, visual.v_num_heads, visual.v_mlp_ratio, qkv_bias=True)
+            VitBlock(visual.v_embed_dim, visual.v_num_heads, visual.v_mlp_ratio, qkv_bias=True,
+                     norm_layer=nn.LayerNorm)  # timm 0.3.2's Block: nn.LayerNorm, eps 1e-5
             for _ in range(visual.v_depth))
         self.visual_proj = nn.Linear(visual.v_embed_dim, llama.dim)
         self.visual_proj_norm = nn.LayerNorm(llama.dim)
@@ -215,6 +238,11 @@ class LlamaAdapter(nn.Module):
         self.llama = Llama(llama)
 
     # -- vision ------------------------------------------------------------------------------
+    @property
+    def image_size(self) -> int:
+        """CLIP's input resolution (`_transform(model.visual.input_resolution)`)."""
+        return int(self.clip.vision_model.config.image_size)
+
     def clip_tokens(self, pixels: torch.Tensor) -> torch.Tensor:
         """All CLIP tokens after the post layer norm, times the visual projection."""
         vision = self.clip.vision_model
@@ -281,15 +309,25 @@ def generate(model: LlamaAdapter, visual_query: torch.Tensor | None, prompts: li
              max_new_tokens: int, eos_id: int, temperature: float = 0.0, top_p: float = 0.75,
              generator: torch.Generator | None = None, use_cache: bool = True) -> list[list[int]]:
     """Batched decoding: left padding, per-sample positions, KV cache. Greedy when
-    `temperature` is 0. Returns the new tokens of each prompt, up to (not including) EOS."""
+    `temperature` is 0. Returns the new tokens of each prompt, up to (not including) EOS.
+
+    As the official `generate` (total_len = min(max_seq_len, max_gen_len + prompt)), a
+    prompt gets at most `max_seq_len - len(prompt)` new tokens: a longer generation is
+    shortened, not refused."""
     device = model.llama.output.weight.device
     dtype = model.llama.output.weight.dtype
+    max_seq_len = model.llama.args.max_seq_len
     b = len(prompts)
     longest = max(len(p) for p in prompts)
-    total = longest + max_new_tokens
-    if total > model.llama.args.max_seq_len:
-        raise PipelineError(f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) "
-                            f"exceed max_seq_len {model.llama.args.max_seq_len}")
+    if longest > max_seq_len:
+        raise PipelineError(f"a prompt of {longest} tokens exceeds max_seq_len {max_seq_len}; "
+                            "shorten the instruction")
+    budgets = [min(max_new_tokens, max_seq_len - len(p)) for p in prompts]
+    steps = max(budgets)
+    out: list[list[int]] = [[] for _ in range(b)]
+    if steps <= 0:
+        return out
+    total = longest + steps
     tokens = torch.zeros(b, total, dtype=torch.long, device=device)
     valid = torch.zeros(b, total, dtype=torch.bool, device=device)
     for i, p in enumerate(prompts):
@@ -304,9 +342,9 @@ def generate(model: LlamaAdapter, visual_query: torch.Tensor | None, prompts: li
                torch.zeros(b, total, heads, head_dim, device=device, dtype=dtype))
               for _ in model.llama.layers] if use_cache else None
     logits = model(tokens[:, :longest], positions[:, :longest], valid, caches, 0, adapter)[:, -1]
-    finished = torch.zeros(b, dtype=torch.bool, device=device)
-    out: list[list[int]] = [[] for _ in range(b)]
-    for step in range(max_new_tokens):
+    budget = torch.tensor(budgets, device=device)
+    finished = budget <= 0
+    for step in range(steps):
         if temperature > 0:
             nxt = sample_top_p(torch.softmax(logits / temperature, dim=-1), top_p, generator)
         else:
@@ -314,8 +352,8 @@ def generate(model: LlamaAdapter, visual_query: torch.Tensor | None, prompts: li
         for i in range(b):
             if not finished[i] and int(nxt[i]) != eos_id:
                 out[i].append(int(nxt[i]))
-        finished |= nxt == eos_id
-        if bool(finished.all()) or step == max_new_tokens - 1:
+        finished |= (nxt == eos_id) | (budget <= step + 1)
+        if bool(finished.all()):
             break
         slot = longest + step
         tokens[:, slot] = nxt
@@ -332,7 +370,8 @@ def generate(model: LlamaAdapter, visual_query: torch.Tensor | None, prompts: li
 # loading the official files
 # ---------------------------------------------------------------------------------------
 def expected_adapter_keys(n_layers: int, v: VisualArgs, w_bias: bool, w_lora: bool) -> set[str]:
-    """The keys an official adapter checkpoint holds for its `config`."""
+    """The keys an official adapter checkpoint holds (`util/extract_adapter_from_checkpoint.py`
+    for BIAS / LORA)."""
     keys = {"clip_proj.weight", "clip_proj.bias", "clip_proj_norm.weight", "clip_proj_norm.bias",
             "visual_query.weight", "visual_proj.weight", "visual_proj.bias",
             "visual_proj_norm.weight", "visual_proj_norm.bias", "adapter_query.weight",
@@ -355,64 +394,131 @@ def expected_adapter_keys(n_layers: int, v: VisualArgs, w_bias: bool, w_lora: bo
     return keys
 
 
+# Weights whose initial value in the official constructors is fixed, so a checkpoint that
+# lacks them still gives the official result: zero biases, gates and LoRA up-projections,
+# new_gate one, norms one (LayerNorm bias zero). Everything else starts random there.
+_FIXED_INIT = re.compile(
+    r"llama\.layers\.\d+\.(attention\.(wq|wo)\.bias|feed_forward\.w[123]\.bias"
+    r"|attention\.gate|attention\.new_gate|(attention|feed_forward)\.lora_\w+_l2\.weight"
+    r"|attention_norm\.weight|ffn_norm\.weight)"
+    r"|llama\.norm\.weight|(clip_proj_norm|visual_proj_norm|visual_blocks\.\d+\.norm[12])"
+    r"\.(weight|bias)")
+
+
+def _keeps_official_value(key: str, missing: set[str]) -> bool:
+    if _FIXED_INIT.fullmatch(key):
+        return True
+    # a LoRA down-projection is irrelevant while its up-projection stays zero
+    return key.endswith("_l1.weight") and key.replace("_l1.weight", "_l2.weight") in missing
+
+
+def _grouped(keys: list[str]) -> str:
+    """`llama.layers.*.attention.new_gate (32)` instead of 32 names."""
+    groups: dict[str, list[str]] = {}
+    for key in keys:
+        pattern = re.sub(r"\.(layers|visual_blocks)\.\d+\.", r".\1.*.", "." + key)[1:]
+        groups.setdefault(pattern, []).append(key)
+    return ", ".join(f"{k} ({len(v)})" if len(v) > 1 else v[0] for k, v in groups.items())
+
+
 def _need(path: Path, what: str) -> Path:
     if not path.is_file():
         raise PipelineError(f"missing {path}: {what}")
     return path
 
 
-def _torch_load(path: Path) -> Any:
+def _torch_load(path: Path, mmap: bool = False) -> Any:
+    import argparse
+
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        # official training checkpoints (checkpoint-N.pth) carry their argparse.Namespace
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True,
+                              mmap=mmap and zipfile.is_zipfile(path))
     except Exception as exc:  # noqa: BLE001
         raise PipelineError(f"cannot read {path} ({type(exc).__name__}); the file is corrupt, "
                             "truncated or not a torch checkpoint: download it again") from exc
 
 
-def load(checkpoint: str | Path, llama_dir: str | Path, clip_dir: str | Path,
-         llama_type: str = "7B", v_num_heads: int = 16, max_seq_len: int = 512,
-         device: str = "cpu", dtype: torch.dtype = torch.float32) -> tuple[LlamaAdapter, Any]:
-    """Build LLaMA-Adapter from an adapter .pth, a Meta-format LLaMA and a local CLIP folder.
+def base_files(llama_dir: str | Path, llama_type: str = "7B") -> list[Path]:
+    """Every `*.pth` of `<llama_dir>/<llama_type>`, sorted: what the official constructor
+    loads, one after the other (`sorted(Path(llama_ckpt_dir).glob("*.pth"))`)."""
+    return sorted((Path(llama_dir) / llama_type).glob("*.pth"))
 
-    Layout: `<llama_dir>/<llama_type>/{consolidated.00.pth,params.json}`,
-    `<llama_dir>/tokenizer.model`; `clip_dir` as `openai/clip-vit-large-patch14` saves it.
-    """
-    import sentencepiece as spm
+
+def _clip_tower(clip: str | Path) -> nn.Module:
+    """A transformers CLIP folder (openai/clip-vit-large-patch14) or OpenAI's own file."""
     from transformers import CLIPModel
 
+    from stages.teacher.openai_clip import vision_tower
+
+    clip = Path(clip)
+    if clip.is_file():
+        return vision_tower(clip)
+    if not (clip / "config.json").is_file():
+        raise PipelineError(f"no CLIP ViT-L/14 at {clip}; give OpenAI's ViT-L-14.pt (as "
+                            "clip.load caches it in ~/.cache/clip) or a folder from "
+                            "`huggingface-cli download openai/clip-vit-large-patch14 "
+                            f"--local-dir {clip}`")
+    try:
+        model = CLIPModel.from_pretrained(str(clip))
+    except (OSError, ValueError) as exc:
+        raise PipelineError(f"cannot load CLIP from {clip} ({exc})") from exc
+    del model.text_model, model.text_projection  # only the vision tower is used
+    return model
+
+
+# keys of the official model's CLIP that LLaMA-Adapter never uses (its text side minus the
+# deleted `clip.transformer`): a full training checkpoint holds them
+_CLIP_TEXT = ("positional_embedding", "token_embedding.weight", "ln_final.weight",
+              "ln_final.bias", "text_projection", "logit_scale")
+
+
+def load(checkpoint: str | Path, llama_dir: str | Path, clip: str | Path,
+         llama_type: str = "7B", v_num_heads: int = 16, max_seq_len: int = 512,
+         device: str = "cpu", dtype: torch.dtype = torch.float32) -> tuple[LlamaAdapter, Any]:
+    """Build LLaMA-Adapter from an adapter .pth, a Meta-format LLaMA and a CLIP, as the
+    official `llama.load` does (`llama/llama_adapter.py`).
+
+    Layout: `<llama_dir>/<llama_type>/{*.pth,params.json}`, `<llama_dir>/tokenizer.model`;
+    `clip`: OpenAI's `ViT-L-14.pt` or a transformers `openai/clip-vit-large-patch14` folder.
+    The adapter file may be a released one (`{'model', 'config'}`) or a training
+    checkpoint (`{'model', 'optimizer', 'args', ...}`, no config, every weight).
+    """
+    import sentencepiece as spm
+
+    from stages.teacher.openai_clip import map_visual_state
+
     llama_dir = Path(llama_dir)
-    layout = (f"expected {llama_dir}/{llama_type}/consolidated.00.pth, "
-              f"{llama_dir}/{llama_type}/params.json and {llama_dir}/tokenizer.model "
-              "(LLaMA-1 in Meta's format)")
-    params_path = _need(llama_dir / llama_type / "params.json", layout)
-    shards = sorted((llama_dir / llama_type).glob("consolidated.*.pth"))
+    base_dir = llama_dir / llama_type
+    layout = (f"expected {base_dir}/consolidated.00.pth, {base_dir}/params.json and "
+              f"{llama_dir}/tokenizer.model (LLaMA-1 in Meta's format)")
+    params_path = _need(base_dir / "params.json", layout)
+    shards = base_files(llama_dir, llama_type)
     if not shards:
-        raise PipelineError(f"no consolidated.00.pth in {llama_dir / llama_type}; {layout}")
-    if len(shards) > 1:
-        raise PipelineError(f"{llama_dir / llama_type} holds {len(shards)} model-parallel "
-                            "shards; LLaMA-Adapter V2 multimodal uses the single-file 7B")
+        raise PipelineError(f"no consolidated.00.pth (no *.pth) in {base_dir}; {layout}")
     tok_path = _need(llama_dir / "tokenizer.model", layout)
     ckpt_path = _need(Path(checkpoint), "the LLaMA-Adapter checkpoint (BIAS-7B.pth, "
                       "LORA-BIAS-7B.pth, CAPTION-7B.pth or LORA-BIAS-7B-v21.pth)")
-    if not (Path(clip_dir) / "config.json").is_file():
-        raise PipelineError(f"no CLIP ViT-L/14 at {clip_dir}; download it with "
-                            f"`huggingface-cli download openai/clip-vit-large-patch14 "
-                            f"--local-dir {clip_dir}`")
     ckpt = _torch_load(ckpt_path)
-    if not isinstance(ckpt, dict) or "model" not in ckpt:
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict):
         raise PipelineError(f"{ckpt_path} is not a LLaMA-Adapter checkpoint (no 'model' entry)")
-    cfg = ckpt.get("config", {})
-    adapter_sd = ckpt["model"]
+    cfg = ckpt.get("config") or {}
+    state = ckpt["model"]
+    clip_state = {k[len("clip."):]: v for k, v in state.items() if k.startswith("clip.")}
+    adapter_sd = {k: v for k, v in state.items() if not k.startswith("clip.")}
     try:
         params = json.loads(params_path.read_text())
     except json.JSONDecodeError as exc:
         raise PipelineError(f"{params_path} is not valid JSON ({exc})") from exc
     tokenizer = spm.SentencePieceProcessor(model_file=str(tok_path))
-    w_bias, w_lora = bool(cfg.get("w_bias", False)), bool(cfg.get("w_lora", False))
+    # official: `w_bias = phase == "finetune"` overrides the config (phase defaults to
+    # finetune); w_lora, lora_rank and w_new_gate (= w_lora) come from the config or default
+    w_lora = bool(cfg.get("w_lora", False))
     llama_args = LlamaArgs(dim=params["dim"], n_layers=params["n_layers"],
                            n_heads=params["n_heads"], vocab_size=tokenizer.vocab_size(),
                            multiple_of=params.get("multiple_of", 256),
-                           norm_eps=params.get("norm_eps", 1e-6), w_bias=w_bias, w_lora=w_lora,
+                           norm_eps=params.get("norm_eps", 1e-5), w_bias=True, w_lora=w_lora,
                            lora_rank=int(cfg.get("lora_rank", 16)), w_new_gate=w_lora,
                            max_seq_len=max_seq_len)
     try:
@@ -426,31 +532,54 @@ def load(checkpoint: str | Path, llama_dir: str | Path, clip_dir: str | Path,
     except KeyError as exc:
         raise PipelineError(f"{ckpt_path} lacks {exc.args[0]}; not a LLaMA-Adapter V2 "
                             "multimodal checkpoint") from exc
-    expected = expected_adapter_keys(llama_args.n_layers, visual, w_bias, w_lora)
-    missing, unexpected = sorted(expected - set(adapter_sd)), sorted(set(adapter_sd) - expected)
-    if missing or unexpected:
-        parts = ([f"missing {missing[:3]}"] if missing else []) + \
-                ([f"unexpected {unexpected[:3]}"] if unexpected else [])
-        raise PipelineError(f"{ckpt_path} does not match its config (w_bias={w_bias}, "
-                            f"w_lora={w_lora}): {'; '.join(parts)}")
-    try:
-        clip = CLIPModel.from_pretrained(str(clip_dir))
-    except (OSError, ValueError) as exc:
-        raise PipelineError(f"cannot load CLIP from {clip_dir} ({exc})") from exc
-    del clip.text_model, clip.text_projection  # only the vision tower is used
-    if clip.config.projection_dim != visual.clip_dim:
-        raise PipelineError(f"{clip_dir} projects to {clip.config.projection_dim} but the "
-                            f"adapter expects {visual.clip_dim} (CLIP ViT-L/14: 768)")
-    model = LlamaAdapter(llama_args, visual, clip.eval())
-    base = {f"llama.{k}": v for k, v in _torch_load(shards[0]).items() if k != "rope.freqs"}
-    own = model.state_dict()
-    base_expected = {k for k in own if k.startswith("llama.")} - expected
-    if set(base) != base_expected:
-        diff = sorted(set(base) ^ base_expected)
-        raise PipelineError(f"{shards[0]} does not match {params_path} (e.g. {diff[:3]})")
-    for key, value in (*base.items(), *adapter_sd.items()):
-        if own[key].shape != value.shape:
-            raise PipelineError(f"{key}: shape {tuple(value.shape)} in the files, "
-                                f"{tuple(own[key].shape)} from params.json/config")
-    model.load_state_dict({**base, **adapter_sd}, strict=False)
+    tower = _clip_tower(clip)
+    projection = tower.visual_projection.weight.shape[0]
+    if projection != visual.clip_dim:
+        raise PipelineError(f"{clip} projects to {projection} but the adapter expects "
+                            f"{visual.clip_dim} (CLIP ViT-L/14: 768)")
+    model = LlamaAdapter(llama_args, visual, tower.eval())
+    own = {k: v for k, v in model.state_dict().items() if not k.startswith("clip.")}
+    provided: set[str] = set()
+
+    def put(key: str, value: torch.Tensor, source: Path, target: dict) -> None:
+        if target[key].shape != value.shape:
+            hint = (" (model-parallel shards of a larger LLaMA hold slices; LLaMA-Adapter "
+                    "V2 multimodal is built on the one-file 7B)" if source in shards else "")
+            raise PipelineError(f"{source}: {key} has shape {tuple(value.shape)}, "
+                                f"{params_path.name}/the adapter imply "
+                                f"{tuple(target[key].shape)}{hint}")
+        with torch.no_grad():
+            target[key].copy_(value)
+
+    for shard in shards:  # loaded in turn, later files win, unknown keys (rope.freqs) skipped
+        for key, value in _torch_load(shard, mmap=True).items():
+            if f"llama.{key}" in own and isinstance(value, torch.Tensor):
+                put(f"llama.{key}", value, shard, own)
+                provided.add(f"llama.{key}")
+    unexpected = sorted(set(adapter_sd) - set(own))
+    clip_weights = map_visual_state(clip_state, str(ckpt_path))
+    unexpected += [f"clip.{k}" for k in clip_state
+                   if not k.startswith("visual.") and k not in _CLIP_TEXT]
+    if unexpected:  # the official load asserts there are none
+        raise PipelineError(f"{ckpt_path} has weights LLaMA-Adapter does not have (config "
+                            f"w_lora={w_lora}): {_grouped(unexpected)}")
+    for key, value in adapter_sd.items():
+        put(key, value, ckpt_path, own)
+        provided.add(key)
+    tower_state = {k: v for k, v in model.state_dict().items() if k.startswith("clip.")}
+    for key, value in clip_weights.items():
+        if f"clip.{key}" not in tower_state:
+            raise PipelineError(f"{ckpt_path} holds a CLIP other than {clip} (its {key} has "
+                                "no counterpart); give the CLIP it was trained with")
+        put(f"clip.{key}", value, ckpt_path, tower_state)
+    missing = set(own) - provided
+    random = sorted(k for k in missing if not _keeps_official_value(k, missing))
+    if random:
+        raise PipelineError(f"{ckpt_path} and {base_dir} lack {_grouped(random)}: the official "
+                            "loader would leave them at random initialisation, so the captions "
+                            "would be noise; use complete files")
+    if missing:
+        log.warning("%s lacks %s; as the official load (load_state_dict(strict=False)) they "
+                    "keep their initial values (zero biases, gates and LoRA up-projections, "
+                    "new_gate 1, norms 1)", ckpt_path, _grouped(sorted(missing)))
     return model.to(device=device, dtype=dtype).eval(), tokenizer

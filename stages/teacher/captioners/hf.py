@@ -78,7 +78,9 @@ class HFCaptioner(Captioner):
 
         if self._model is None:
             self._load()
-        images = [np.array(s.modalities["rgb"]) for s in samples]  # writable copies
+        # writable uint8 copies (16-bit / float RGB, e.g. MCubeS, through its value range)
+        images = [np.array(s.modalities["rgb"]) if s.modalities["rgb"].dtype == np.uint8
+                  else np.round(s.unit_image("rgb") * 255).astype(np.uint8) for s in samples]
         prompt = self.options["prompt"]
         kwargs: dict[str, Any] = {"images": images, "return_tensors": "pt", "padding": True}
         if prompt:
