@@ -249,12 +249,13 @@ CASES = [
                                                                    "'thermal'"]),
     ("cache-teacher", {"teacher.modality_branch": {"lidr": "image"}}, [],
      ["teacher.modality_branch", "lidr"]),
-    ("cache-teacher", {"teacher.modality_branch": {"lidar": "lidar"}}, [],
-     ["teacher.modality_branch", "branch 'lidar'", "image, depth, thermal"]),
-    ("cache-teacher", {"teacher.modality_branch": {"lidar": "lidar"}},
-     ["--modality-branch", "rgb=image"], ["teacher.modality_branch", "branch 'lidar'"]),
-    ("cache-teacher", {}, ["--modality-branch", "lidar=lidar"], ["--modality-branch",
-                                                                 "branch 'lidar'"]),
+    # lidar and event are branches of the fitted default teacher; radar is none
+    ("cache-teacher", {"teacher.modality_branch": {"lidar": "radar"}}, [],
+     ["teacher.modality_branch", "branch 'radar'", "image, depth, thermal, event, lidar"]),
+    ("cache-teacher", {"teacher.modality_branch": {"lidar": "radar"}},
+     ["--modality-branch", "rgb=image"], ["teacher.modality_branch", "branch 'radar'"]),
+    ("cache-teacher", {}, ["--modality-branch", "lidar=radar"], ["--modality-branch",
+                                                                 "branch 'radar'"]),
     ("cache-teacher", {"teacher.batch_size": 0}, [], ["teacher.batch_size", ">= 1"]),
     ("cache-teacher", {"teacher.dtype": "bfloat16"}, [], ["teacher.dtype", "float16"]),
     ("cache-teacher", {"teacher.class_prompt": "a photo"}, [], ["teacher.class_prompt", "{}"]),
@@ -559,3 +560,17 @@ def test_non_finite_loss_causes_are_told_apart():
     targets.classes[2, 0] = np.inf
     assert "non-finite class embeddings E_C" in _likely_cause("L_se", batch, finite, targets,
                                                               cfg, ids)
+
+
+def test_unpublished_branch_missing_from_the_teacher_folder_is_named(teacher_sample, tmp_path,
+                                                                     capsys):
+    """lidar maps to a branch only the fitted default teacher has; a folder of real
+    LanguageBind downloads (image and depth here) lacks it: say so and how to map it."""
+    root, _ = teacher_sample
+    out = tmp_path / "c.zarr"
+    code, _, err = run_cli(capsys, [
+        "cache-teacher", "--root", root, "--teacher-root", root / "teacher", "--out", out,
+        "--params", params_with(tmp_path, {"teacher.modality_branch": {
+            "rgb": "image", "depth": "depth", "event": "image", "lidar": "lidar"}})])
+    assert_one_line_error(code, err, "LanguageBind_Lidar", "lidar=image", "fit-teacher")
+    assert not (out / "zarr.json").exists()
