@@ -313,8 +313,12 @@ def test_unreachable_cluster_fails_in_its_timeout_and_releases_the_lock(teacher_
     with socket.socket() as s:  # a port nothing listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    # the fixture's teacher has image and depth towers only (no fitted event / lidar)
+    image_only = {"teacher.modality_branch": {"rgb": "image", "depth": "depth",
+                                              "event": "image", "lidar": "image"}}
     args = ["cache-teacher", "--root", root, "--teacher-root", root / "teacher", "--out", out,
-            "--params", params_with(tmp_path, {}), "--scheduler", f"tcp://127.0.0.1:{port}"]
+            "--params", params_with(tmp_path, image_only),
+            "--scheduler", f"tcp://127.0.0.1:{port}"]
     start = time.perf_counter()
     import distributed  # noqa: F401  (its config must outlive the block below)
 
