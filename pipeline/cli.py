@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -15,8 +16,9 @@ from typing import Any
 import click
 
 from pipeline import __version__
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, ReportedError
 
+_ARGV: list[str] | None = None  # the command line, for `--nproc` to start it once per rank
 CONTEXT = {"show_default": True, "help_option_names": ["-h", "--help"], "max_content_width": 100,
            "terminal_width": 100}
 
@@ -399,6 +401,9 @@ def cache_info_cmd(path: Path, as_json: bool) -> None:
 @click.option("--workers", type=int, default=None, help="Data loader workers.  [default: 2]")
 @click.option("--device", default=None, help="auto, cpu or cuda[:N].  [default: auto]")
 @click.option("--seed", type=int, default=None, help="Seed.  [default: 3407]")
+@click.option("--nproc", type=int, default=None, help="Processes on this machine (one per "
+              "GPU; gloo ranks on CPU), started through torch's elastic launcher; "
+              "--batch-size is the global batch.  [default: train.nproc, 1]")
 @click.option("--resume", is_flag=True, help="Continue from OUT/last.pt.")
 @click.option("--params", "params_path", type=click.Path(path_type=Path), default=None,
               help="Parameters file.  [default: ./params.yaml if present]")
@@ -406,21 +411,23 @@ def cache_info_cmd(path: Path, as_json: bool) -> None:
 def train_cmd(dataset: str | None, root: Path | None, cache: str | None, out: str | None,
               variant: str | None, pretrained: str | None, steps: int | None,
               epochs: float | None, batch_size: int | None, crop: int | None, lr: float | None,
-              workers: int | None, device: str | None, seed: int | None, resume: bool,
-              params_path: Path | None, as_json: bool) -> None:
+              workers: int | None, device: str | None, seed: int | None, nproc: int | None,
+              resume: bool, params_path: Path | None, as_json: bool) -> None:
     """Stage two: train the Any2Seg student (shared encoder, MFF, LSCD losses) from the cache.
 
     Every tunable is in params.yaml under `student` and `train`; flags override them.
+    Several GPUs: `--nproc N`, or `torchrun --nproc-per-node N -m pipeline train ...`.
     """
     from pipeline.config import load_params
-    from stages.student.train import TrainConfig, train
+    from stages.student import distributed
+    from stages.student.train import TrainConfig, resolve_device, train
 
     if params_path is not None and not params_path.is_file():
         raise PipelineError(f"parameters file {params_path} does not exist")
     overrides = {"dataset": dataset, "root": str(root) if root else None, "cache": cache,
                  "out": out, "backbone": variant, "pretrained": pretrained, "steps": steps,
                  "epochs": epochs, "batch_size": batch_size, "crop": crop, "lr": lr,
-                 "workers": workers, "device": device, "seed": seed}
+                 "workers": workers, "device": device, "seed": seed, "nproc": nproc}
     if steps is not None:
         overrides["epochs"] = None
     student, cfg = TrainConfig.from_params(load_params(params_path), overrides,
@@ -429,7 +436,16 @@ def train_cmd(dataset: str | None, root: Path | None, cache: str | None, out: st
         cfg.epochs = None
     if epochs is not None and steps is None:
         cfg.steps = None
-    summary = train(student, cfg, progress=True, resume=resume)
+    if cfg.nproc > 1 and not distributed.launched():
+        distributed.World(size=cfg.nproc).split(cfg.batch_size)  # refused before any start
+        distributed.launch(cfg.nproc, _argv(), resolve_device(cfg.device), _debug())
+        return  # rank 0 printed the summary
+    try:
+        summary = train(student, cfg, progress=True, resume=resume)
+    finally:
+        distributed.leave()
+    if os.environ.get("RANK", "0") != "0":
+        return
     if as_json:
         click.echo(json.dumps(summary, indent=2))
     else:
@@ -463,6 +479,8 @@ def train_cmd(dataset: str | None, root: Path | None, cache: str | None, out: st
 @click.option("--examples", type=int, default=None,
               help="Samples drawn in predictions.png.  [default: 4]")
 @click.option("--device", default="auto", help="auto, cpu or cuda[:N].")
+@click.option("--nproc", type=int, default=None, help="Processes on this machine, each "
+              "scoring a share of the samples (one per GPU).  [default: eval.nproc, 1]")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("metrics"),
               help="Folder for report.md, *.json and plots/.")
 @click.option("--params", "params_path", type=click.Path(path_type=Path), default=None,
@@ -470,20 +488,15 @@ def train_cmd(dataset: str | None, root: Path | None, cache: str | None, out: st
 def evaluate_cmd(checkpoint: Path, dataset: str | None, root: Path | None, split: str | None,
                  setting: str | None, protocol: str | None, mode: str | None,
                  crop: int | None, stride: int | None, missing: str | None, limit: int | None,
-                 examples: int | None, device: str, out: Path,
+                 examples: int | None, device: str, nproc: int | None, out: Path,
                  params_path: Path | None) -> None:
-    """Evaluate a student: mIoU, mAcc, F1 and pixel accuracy per setting, with charts."""
-    from pipeline import datasets
+    """Evaluate a student: mIoU, mAcc, F1 and pixel accuracy per setting, with charts.
+
+    Several processes (`--nproc N` or torchrun) score shares of the samples; the
+    confusion matrices are summed, so the numbers equal those of one process."""
     from pipeline.config import build, load_params
-    from stages.student.evaluate import (
-        EvalConfig,
-        describe,
-        evaluate,
-        flat_metrics,
-        load_checkpoint,
-        markdown,
-        write_outputs,
-    )
+    from stages.student import distributed
+    from stages.student.evaluate import EvalConfig
     from stages.student.train import resolve_device
 
     if params_path is not None and not params_path.is_file():
@@ -492,11 +505,34 @@ def evaluate_cmd(checkpoint: Path, dataset: str | None, root: Path | None, split
                 f"{params_path or 'params.yaml'} (eval)")
     for key, value in {"split": split, "setting": setting, "protocol": protocol, "mode": mode,
                        "crop": crop, "stride": stride, "missing": missing, "limit": limit,
-                       "examples": examples}.items():
+                       "examples": examples, "nproc": nproc}.items():
         if value is not None:
             setattr(cfg, key, value)
     cfg.validate()
-    dev = resolve_device(device)
+    if cfg.nproc > 1 and not distributed.launched():
+        distributed.launch(cfg.nproc, _argv(), resolve_device(device), _debug())
+        return  # rank 0 wrote and printed the results
+    try:
+        world = distributed.join(resolve_device(device))
+        _evaluate_here(world, cfg, checkpoint, dataset, root, out)
+    finally:
+        distributed.leave()
+
+
+def _evaluate_here(world: Any, cfg: Any, checkpoint: Path, dataset: str | None,
+                   root: Path | None, out: Path) -> None:
+    """`evaluate` in this process (one rank of several, or the only one)."""
+    from pipeline import datasets
+    from stages.student.evaluate import (
+        describe,
+        evaluate,
+        flat_metrics,
+        load_checkpoint,
+        markdown,
+        write_outputs,
+    )
+
+    dev = world.device
     model, meta = load_checkpoint(checkpoint, dev)
     name = dataset or meta["dataset"]
     model.missing = cfg.resolved_missing(name, model.missing)
@@ -508,7 +544,9 @@ def evaluate_cmd(checkpoint: Path, dataset: str | None, root: Path | None, split
         raise PipelineError(f"{checkpoint} was trained on other classes than {name}'s")
     result = evaluate(model, samples, cfg.settings, cfg.mode, cfg.crop, cfg.stride, device=dev,
                       examples=cfg.examples, progress=True,
-                      protocol=cfg.resolved_protocol(name))
+                      protocol=cfg.resolved_protocol(name), world=world)
+    if not world.main:
+        return
     written = write_outputs(result, out, [tuple(c) for c in meta["palette"]])
     click.echo(describe(result) + "\n")
     click.echo(markdown(flat_metrics(result)))
@@ -518,9 +556,30 @@ def evaluate_cmd(checkpoint: Path, dataset: str | None, root: Path | None, split
 # ---------------------------------------------------------------------------------------
 # entry point
 # ---------------------------------------------------------------------------------------
+def _argv() -> list[str]:
+    return list(_ARGV if _ARGV is not None else sys.argv[1:])
+
+
+def _debug() -> bool:
+    ctx = click.get_current_context(silent=True)
+    return bool(ctx and ctx.find_root().obj and ctx.find_root().obj.get("debug"))
+
+
+def _report_here() -> bool:
+    """Whether this process prints the error: always alone; under a multi-process launch
+    only the first rank to fail (the others failed with it or because of it)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return True
+    from stages.student.distributed import first_to_fail
+
+    return first_to_fail()
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry: run the click group and turn user errors into one line."""
+    global _ARGV
     args = list(sys.argv[1:] if argv is None else argv)
+    _ARGV = args
     debug = "--debug" in args
     try:
         code = cli.main(args=args, prog_name="pipeline", standalone_mode=False)
@@ -534,10 +593,13 @@ def main(argv: list[str] | None = None) -> None:
     except click.ClickException as exc:
         click.echo(f"error: {exc.format_message()}", err=True)
         sys.exit(exc.exit_code)
+    except ReportedError as exc:
+        sys.exit(exc.exitcode)
     except PipelineError as exc:
         if debug:
             raise
-        click.echo(f"error: {exc}", err=True)
+        if _report_here():
+            click.echo(f"error: {exc}", err=True)
         sys.exit(1)
     except KeyboardInterrupt:
         click.echo("error: interrupted", err=True)
@@ -545,8 +607,13 @@ def main(argv: list[str] | None = None) -> None:
     except OSError as exc:
         if debug:
             raise
-        click.echo(f"error: {exc} (rerun with --debug for a traceback)", err=True)
+        if _report_here():
+            click.echo(f"error: {exc} (rerun with --debug for a traceback)", err=True)
         sys.exit(1)
+    except Exception:
+        if not _report_here():  # a rank that failed because another one did
+            sys.exit(1)
+        raise
     sys.exit(code if isinstance(code, int) else 0)
 
 

@@ -168,12 +168,16 @@ class StudentData(torch.utils.data.Dataset):
 
 class ScheduleSampler(torch.utils.data.Sampler):
     """Batches of (epoch, index) keys for steps `start`..`steps`-1: epoch e is the
-    permutation `default_rng([seed, e])` of the samples, cut into full batches."""
+    permutation `default_rng([seed, e])` of the samples, cut into full global batches of
+    `batch_size`; rank r of `ranks` takes the r-th slice of each, so the schedule is the
+    same whatever the number of ranks."""
 
-    def __init__(self, n: int, batch_size: int, steps: int, seed: int, start: int = 0) -> None:
+    def __init__(self, n: int, batch_size: int, steps: int, seed: int, start: int = 0,
+                 rank: int = 0, ranks: int = 1) -> None:
         self.n, self.batch_size, self.steps, self.seed, self.start = n, batch_size, steps, \
             seed, start
         self.per_epoch = max(1, n // batch_size)
+        self.rank, self.local = rank, batch_size // ranks
 
     def __len__(self) -> int:
         return max(0, self.steps - self.start)
@@ -190,4 +194,5 @@ class ScheduleSampler(torch.utils.data.Sampler):
             chunk = order[pos * self.batch_size:(pos + 1) * self.batch_size]
             if len(chunk) < self.batch_size:  # fewer samples than one batch: wrap
                 chunk = np.resize(order, self.batch_size)
+            chunk = chunk[self.rank * self.local:(self.rank + 1) * self.local]
             yield [(epoch, int(i)) for i in chunk]

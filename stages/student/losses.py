@@ -7,16 +7,28 @@ L = w_sup * CE + w_cr * L_cr + w_se * L_se, with the teacher side read from the 
 - L_se (semantic structure): class prototypes e_k = masked average of the fused
   features over the pixels of class k (classes present in the batch); the row-softmaxed
   cosine self-similarity of the prototypes is matched to that of E_C by KL.
+
+Every batch-level sum (pixels, rows, prototype sums and counts) goes through `total`:
+the identity in one process; under data parallelism the sum over all ranks with the
+gradient flowing into this rank's share (`stages.student.distributed.World.total`), so
+each term is the loss of the whole global batch whatever the number of ranks.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 IGNORE = 255
+Total = Callable[[torch.Tensor], torch.Tensor]
+
+
+def local(x: torch.Tensor) -> torch.Tensor:
+    """`total` of one process: its batch is the whole batch."""
+    return x
 
 
 @dataclass
@@ -31,50 +43,57 @@ class LossConfig:
     ohem_min_fraction: float = 1 / 16
 
 
-def supervised(logits: torch.Tensor, label: torch.Tensor, cfg: LossConfig) -> torch.Tensor:
-    """Cross-entropy at label resolution (ignore 255); OHEM as CMNeXt when enabled: keep the
-    pixels whose true-class probability is below `ohem_thresh`, at least
-    `ohem_min_fraction` of the valid pixels."""
+def supervised(logits: torch.Tensor, label: torch.Tensor, cfg: LossConfig,
+               total: Total = local) -> torch.Tensor:
+    """Cross-entropy at label resolution (ignore 255), the mean over the valid pixels of
+    the batch; OHEM as CMNeXt when enabled: keep the pixels whose true-class probability is
+    below `ohem_thresh`, at least `ohem_min_fraction` of the valid pixels (when the batch
+    has fewer such pixels, each rank tops up from its own share of the batch)."""
     if logits.shape[-2:] != label.shape[-2:]:
         logits = F.interpolate(logits, size=label.shape[-2:], mode="bilinear",
                                align_corners=False)
     if not cfg.ohem:
-        return F.cross_entropy(logits, label, ignore_index=IGNORE)
+        pixel_sum = F.cross_entropy(logits, label, ignore_index=IGNORE, reduction="sum")
+        return total(pixel_sum) / total((label != IGNORE).sum())
     pixel = F.cross_entropy(logits, label, ignore_index=IGNORE, reduction="none").flatten()
     valid = (label.flatten() != IGNORE)
     losses = pixel[valid]
-    if losses.numel() == 0:
+    n_valid = int(total(valid.sum()))
+    if n_valid == 0:
         return logits.sum() * 0.0
-    n_min = max(1, int(losses.numel() * cfg.ohem_min_fraction))
     thresh = -torch.log(torch.tensor(cfg.ohem_thresh, device=losses.device))
     hard = losses[losses > thresh]
-    if hard.numel() < n_min:
-        hard = losses.topk(n_min).values
-    return hard.mean()
+    if int(total(torch.tensor(hard.numel(), device=losses.device))) < \
+            max(1, int(n_valid * cfg.ohem_min_fraction)):
+        share = int(losses.numel() * cfg.ohem_min_fraction)
+        hard = losses.topk(min(losses.numel(), max(1, share))).values
+    return total(hard.sum()) / total(torch.tensor(hard.numel(), device=losses.device))
 
 
 def correlation(student_feats: torch.Tensor, student_fused: torch.Tensor,
                 present: torch.Tensor, teacher_visual: torch.Tensor,
-                teacher_scene: torch.Tensor, tau: float = 0.1) -> torch.Tensor:
+                teacher_scene: torch.Tensor, tau: float = 0.1,
+                total: Total = local) -> torch.Tensor:
     """L_cr. student_feats (B, M, C, h, w); student_fused (B, C, h, w); present (B, M);
     teacher_visual (B, M, D); teacher_scene (B, D). Samples with one present modality
-    carry no correlation and are skipped."""
+    carry no correlation and are skipped; the mean runs over the others."""
     gap_m = student_feats.mean(dim=(-2, -1))  # (B, M, C)
     gap_a = student_fused.mean(dim=(-2, -1))  # (B, C)
     m_f = F.cosine_similarity(gap_m, gap_a[:, None], dim=-1)  # (B, M)
     m_e = F.cosine_similarity(teacher_visual, teacher_scene[:, None], dim=-1)
     rows = present.sum(1) > 1
-    if not bool(rows.any()):
+    n_rows = total(rows.sum())
+    if int(n_rows) == 0:
         return student_fused.sum() * 0.0
     neg = torch.finfo(m_f.dtype).min
     log_p = F.log_softmax((m_f / tau).masked_fill(~present, neg), dim=1)[rows]
     log_q = F.log_softmax((m_e / tau).masked_fill(~present, neg), dim=1)[rows]
     p = log_p.exp() * present[rows]
-    return (p * (log_p - log_q)).masked_fill(~present[rows], 0.0).sum(1).mean()
+    return total((p * (log_p - log_q)).masked_fill(~present[rows], 0.0).sum()) / n_rows
 
 
-def prototypes(fused: torch.Tensor, label: torch.Tensor,
-               num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+def prototypes(fused: torch.Tensor, label: torch.Tensor, num_classes: int,
+               total: Total = local) -> tuple[torch.Tensor, torch.Tensor]:
     """Masked average pooling of the bilinearly upsampled features: (K', C) prototypes of
     the classes present in `label`, and their class indices.
 
@@ -84,7 +103,7 @@ def prototypes(fused: torch.Tensor, label: torch.Tensor,
     """
     b, c, h, w = fused.shape
     valid = label != IGNORE
-    counts = torch.bincount(label[valid], minlength=num_classes)
+    counts = total(torch.bincount(label[valid], minlength=num_classes))
     classes = counts.nonzero().squeeze(1)
     onehot = (label[:, None] == classes[None, :, None, None]).to(fused.dtype)  # (B, K', H, W)
     if (h, w) != tuple(label.shape[-2:]):
@@ -96,14 +115,14 @@ def prototypes(fused: torch.Tensor, label: torch.Tensor,
             (weights,) = torch.autograd.grad(up, probe, grad_outputs=onehot)
     else:
         weights = onehot
-    sums = torch.einsum("bkhw,bchw->kc", weights.detach(), fused)
+    sums = total(torch.einsum("bkhw,bchw->kc", weights.detach(), fused))
     return sums / counts[classes, None].to(fused.dtype), classes
 
 
 def semantic(fused: torch.Tensor, label: torch.Tensor, class_embeddings: torch.Tensor,
-             tau: float = 0.1) -> torch.Tensor:
+             tau: float = 0.1, total: Total = local) -> torch.Tensor:
     """L_se over the classes present in the batch (needs at least two)."""
-    protos, classes = prototypes(fused, label, class_embeddings.shape[0])
+    protos, classes = prototypes(fused, label, class_embeddings.shape[0], total)
     if classes.numel() < 2:
         return fused.sum() * 0.0
     s_f = F.cosine_similarity(protos[:, None], protos[None], dim=-1)

@@ -3,7 +3,8 @@
 Read it top to bottom: configuration, data and cached targets, model and optimiser,
 resume, the loop (loss, step, log, validate, checkpoint). The teacher never runs here;
 its targets come from `pipeline.store.open_cache` (this module never imports
-`stages.teacher`).
+`stages.teacher`). Under torchrun each rank runs this same loop on its slice of every
+global batch (`stages.student.distributed`); rank 0 alone writes files.
 """
 
 from __future__ import annotations
@@ -25,8 +26,9 @@ from pipeline.errors import PipelineError
 from pipeline.precision import upcast
 from pipeline.progress import progress as progress_bar
 from pipeline.store import TeacherCache, dataset_fingerprint, open_cache
+from stages.student import distributed, noise
 from stages.student.data import AugmentConfig, ScheduleSampler, StudentData, Targets
-from stages.student.evaluate import evaluate
+from stages.student.evaluate import evaluate, evaluation_loader
 from stages.student.losses import LossConfig, correlation, semantic, supervised
 from stages.student.model import StudentConfig, build_student
 
@@ -61,6 +63,11 @@ class TrainConfig:
     checkpoint_every: int = 100
     device: str = "auto"
     skip_bad: bool = False
+    dtype: str = "float32"  # float64: a reference run (numerical checks), not for speed
+    nproc: int = 1  # processes (GPUs) on this machine; `pipeline train` launches them
+    compile: bool = False  # torch.compile the model
+    persistent_workers: bool = False  # keep the validation loader's workers between runs
+    prefetch_factor: int | None = None  # batches each loader worker prepares ahead
 
     @classmethod
     def from_params(cls, params: dict[str, Any], overrides: dict[str, Any],
@@ -89,15 +96,25 @@ class TrainConfig:
     def validate(self) -> None:
         if self.steps is None and self.epochs is None:
             raise PipelineError("set train.steps or train.epochs (or --steps / --epochs)")
-        for name in ("batch_size", "crop", "checkpoint_every"):
+        for name in ("batch_size", "crop", "checkpoint_every", "nproc"):
             if getattr(self, name) < 1:
                 raise PipelineError(f"train.{name} must be >= 1")
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise PipelineError(f"train.lr must be a positive number, got {self.lr}")
+        if self.dtype not in ("float32", "float64"):
+            raise PipelineError(f"train.dtype must be float32 or float64, got {self.dtype!r}")
+        if self.prefetch_factor is not None and self.prefetch_factor < 1:
+            raise PipelineError("train.prefetch_factor must be >= 1 (or null)")
         if not 0 <= self.modality_dropout <= 1 or not 0 <= self.warmup < 1:
             raise PipelineError("train.modality_dropout must be in [0, 1], warmup in [0, 1)")
         self.loss_config()
         self.augment_config()
+
+    def settings(self) -> dict[str, Any]:
+        """What decides the weights (a resumed run must match): not how many processes
+        or loader workers compute them."""
+        run_only = ("nproc", "workers", "persistent_workers", "prefetch_factor")
+        return {k: v for k, v in asdict(self).items() if k not in run_only}
 
     def loss_config(self) -> LossConfig:
         return build(LossConfig, self.loss, "train.loss")
@@ -173,8 +190,12 @@ def save_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
 
 def train(student: StudentConfig, cfg: TrainConfig, progress: bool = True,
           resume: bool = False) -> dict[str, Any]:
+    # -- this process's place in the job (torchrun: one rank per GPU) ------------------------
+    world = distributed.join(resolve_device(cfg.device))
+    device, local_batch = world.device, world.split(cfg.batch_size)
+    dtype = getattr(torch, cfg.dtype)
+
     # -- data and cached teacher targets ----------------------------------------------------
-    device = resolve_device(cfg.device)
     out = cfg.resolved_out()
     root = cfg.resolved_root()
     cache_path = cfg.resolved_cache()
@@ -189,7 +210,7 @@ def train(student: StudentConfig, cfg: TrainConfig, progress: bool = True,
     targets = load_targets(cache, train_set, modalities, cfg)
     steps = cfg.steps or math.ceil(cfg.epochs * max(1, len(train_set) // cfg.batch_size))
     loss_cfg = cfg.loss_config()
-    meta = {"student": asdict(student), "train": asdict(cfg), "modalities": modalities,
+    meta = {"student": asdict(student), "train": cfg.settings(), "modalities": modalities,
             "classes": list(train_set.classes), "dataset": cfg.dataset, "steps": steps,
             "palette": [list(c) for c in datasets.get(cfg.dataset).palette]}
 
@@ -197,16 +218,17 @@ def train(student: StudentConfig, cfg: TrainConfig, progress: bool = True,
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
     random.seed(cfg.seed)
-    model = build_student(student, modalities, len(train_set.classes)).to(device)
+    model = build_student(student, modalities, len(train_set.classes)).to(device, dtype)
     if device.startswith("cuda"):
         model = model.to(memory_format=torch.channels_last)
+    net = distributed.parallel(model, world, cfg.compile)  # DDP over the ranks, compiled
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     from timm.scheduler import PolyLRScheduler
 
     scheduler = PolyLRScheduler(optimizer, t_initial=steps, power=cfg.power,
                                 warmup_t=int(cfg.warmup * steps),
                                 warmup_lr_init=cfg.lr * cfg.warmup_ratio, t_in_epochs=False)
-    classes = torch.from_numpy(targets.classes).to(device)
+    classes = torch.from_numpy(targets.classes).to(device, dtype)
 
     # -- resume ----------------------------------------------------------------------------
     out.mkdir(parents=True, exist_ok=True)
@@ -230,18 +252,23 @@ def train(student: StudentConfig, cfg: TrainConfig, progress: bool = True,
 
     data = StudentData(train_set, modalities, targets, cfg.crop, cfg.augment_config(),
                        cfg.seed, cfg.modality_dropout)
+    sampler = ScheduleSampler(len(data), cfg.batch_size, steps, cfg.seed, start, world.rank,
+                              world.size)
     loader = torch.utils.data.DataLoader(
-        data, batch_sampler=ScheduleSampler(len(data), cfg.batch_size, steps, cfg.seed, start),
-        num_workers=cfg.workers, pin_memory=device.startswith("cuda"),
-        generator=torch.Generator().manual_seed(cfg.seed),
-        persistent_workers=False)
+        data, batch_sampler=sampler, num_workers=cfg.workers,
+        pin_memory=device.startswith("cuda"), generator=torch.Generator().manual_seed(cfg.seed),
+        prefetch_factor=cfg.prefetch_factor if cfg.workers else None)
+    val_loader = evaluation_loader(val_set, modalities, world, cfg.workers,
+                                   cfg.persistent_workers, cfg.prefetch_factor)
 
     from dvclive import Live
 
     live = Live(dir=str(out / "dvclive"), resume=resume and start > 0, dvcyaml=False,
-                save_dvc_exp=False, report=None)
-    bar = progress_bar(total=steps, initial=start, desc="training", unit="step", enabled=progress)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.startswith("cuda"))
+                save_dvc_exp=False, report=None) if world.main else distributed.NullLive()
+    bar = progress_bar(total=steps, initial=start, desc="training", unit="step",
+                       enabled=progress and world.main)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16,
+                              enabled=device.startswith("cuda") and dtype == torch.float32)
     history: list[float] = []
     val_miou = float("nan")
     t0 = time.perf_counter()
@@ -250,19 +277,22 @@ def train(student: StudentConfig, cfg: TrainConfig, progress: bool = True,
     model.train()
     for step, batch in enumerate(loader, start):
         scheduler.step_update(step)
-        images = batch["images"].to(device, non_blocking=True)
+        images = batch["images"].to(device, dtype, non_blocking=True)
         label = batch["label"].to(device, non_blocking=True)
         present = batch["present"].to(device)
-        with autocast:
-            output = model(images, present)
+        slots = world.rank * local_batch + torch.arange(len(label), device=device)
+        # every term is the loss of the whole global batch (sums over ranks: world.total)
+        with autocast, noise.using(noise.sample_keys(cfg.seed, step, slots)):
+            output = net(images, present)
             fused = upcast(output.fused[-1].fused)
-            terms = {"L_sup": supervised(upcast(output.logits), label, loss_cfg)}
+            terms = {"L_sup": supervised(upcast(output.logits), label, loss_cfg, world.total)}
             if loss_cfg.w_cr:
                 terms["L_cr"] = correlation(upcast(output.feats[-1]), fused, output.present,
-                                            batch["visual"].to(device), batch["scene"].to(device),
-                                            loss_cfg.tau_cr)
+                                            batch["visual"].to(device, dtype),
+                                            batch["scene"].to(device, dtype),
+                                            loss_cfg.tau_cr, world.total)
             if loss_cfg.w_se:
-                terms["L_se"] = semantic(fused, label, classes, loss_cfg.tau_se)
+                terms["L_se"] = semantic(fused, label, classes, loss_cfg.tau_se, world.total)
         weights = {"L_sup": loss_cfg.w_sup, "L_cr": loss_cfg.w_cr, "L_se": loss_cfg.w_se}
         for name, value in terms.items():
             if not torch.isfinite(value):
@@ -270,7 +300,7 @@ def train(student: StudentConfig, cfg: TrainConfig, progress: bool = True,
                                     "lower train.lr or check the inputs and the cache")
         loss = sum(weights[n] * v for n, v in terms.items())
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss * world.size).backward()  # DDP averages the ranks' gradients
         optimizer.step()
 
         history.append(loss.item())
@@ -285,18 +315,21 @@ def train(student: StudentConfig, cfg: TrainConfig, progress: bool = True,
         done = step + 1
         if (cfg.val_every and done % cfg.val_every == 0) or done == steps:
             model.eval()
-            val_miou = evaluate(model, val_set, ("mss",), batch_size=1, device=device).mss["mIoU"]
+            val_miou = evaluate(model, val_set, ("mss",), device=device, world=world,
+                                loader=val_loader).mss["mIoU"]
             model.train()
             live.log_metric("val/mIoU", val_miou)
             if not math.isnan(val_miou) and val_miou > best:
                 best = val_miou
-                save_checkpoint(best_path, model, None, done, best, meta)
-        if done % cfg.checkpoint_every == 0 or done == steps:
+                if world.main:
+                    save_checkpoint(best_path, model, None, done, best, meta)
+        if (done % cfg.checkpoint_every == 0 or done == steps) and world.main:
             save_checkpoint(last, model, optimizer, done, best, meta)
         live.next_step()
     bar.close()
     live.end()
-    if not best_path.exists() and last.exists():  # no finite val score: keep the last weights
+    # no finite validation score: keep the last weights
+    if world.main and not best_path.exists() and last.exists():
         save_checkpoint(best_path, model, None, steps, best, meta)
     return {"out": str(out), "steps": steps, "start": start, "val_mIoU": val_miou,
             "best_val_mIoU": best, "seconds": round(time.perf_counter() - t0, 1),
