@@ -23,6 +23,9 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+from PIL import Image
+
 from pipeline.datasets.sample import SampleSpec, make_sample
 from stages.teacher.default_teacher import write_checkpoint, write_default_teacher
 from stages.teacher.run import TeacherConfig, cache_teacher
@@ -51,17 +54,25 @@ def run(kind: str, data: Path, teacher: Path, tmp: Path, limit: int) -> dict:
     files = sum(1 for p in out.rglob("*") if p.is_file())
     params = tmp / "params.yaml"
     params.write_text("{}\n")
+    command = [sys.executable, "-m", "pipeline.cli", "cache-teacher", "--dataset", "sample",
+               "--root", str(data), "--teacher-root", str(teacher), "--out", str(out),
+               "--params", str(params), "--json"]
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "pipeline.cli", "cache-teacher", "--dataset",
-                    "sample", "--root", str(data), "--teacher-root", str(teacher), "--out",
-                    str(out), "--params", str(params)], check=True, capture_output=True)
+    subprocess.run(command, check=True, capture_output=True)
     rerun = time.perf_counter() - start
+    image = sorted((data / "img").rglob("*_rgb_front.png"))[len(splits)]
+    pixels = np.array(Image.open(image))
+    Image.fromarray(255 - pixels).save(image)  # an in-place edit, same name
+    start = time.perf_counter()
+    edited = json.loads(subprocess.run(command, check=True, capture_output=True).stdout)
+    edit_rerun = time.perf_counter() - start
     return {
         "teacher": kind, "samples": report.computed_rows,
         "samples_per_s": round(report.samples_per_s, 1),
         "model_busy": round(report.model_busy, 3),
         "bytes_per_sample": size // max(report.rows, 1), "store_files": files,
-        "rerun_s": round(rerun, 2),
+        "rerun_s": round(rerun, 2), "edit_rerun_s": round(edit_rerun, 2),
+        "edit_rows": edited["computed_rows"],
     }
 
 

@@ -10,12 +10,14 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import click
 
 from pipeline import __version__
+from pipeline.devices import DEVICE_FORMS, is_device
 from pipeline.errors import PipelineError, ReportedError
 
 _ARGV: list[str] | None = None  # the command line, for `--nproc` to start it once per rank
@@ -35,6 +37,95 @@ def _setup_logging(verbose: bool) -> None:
     root.handlers[:] = [handler]
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
     root.propagate = False
+
+
+class Registered(click.ParamType):
+    """A closed set of names read from a registry when they are needed (for `--help` or a
+    value to check), so help lists what is registered and start-up imports nothing heavy.
+
+    `accepts` replaces membership for open families such as `cuda:N` or `timm:NAME`."""
+
+    name = "choice"
+
+    def __init__(self, names: Callable[[], Sequence[str]],
+                 accepts: Callable[[str], bool] | None = None) -> None:
+        self.names = names
+        self.accepts = accepts
+
+    def get_metavar(self, param: click.Parameter, ctx: click.Context | None = None) -> str:
+        return "[" + "|".join(self.names()) + "]"
+
+    def convert(self, value: Any, param: click.Parameter | None,
+                ctx: click.Context | None) -> Any:
+        ok = self.accepts(value) if self.accepts else value in self.names()
+        if not ok:
+            self.fail(f"{value!r} is not one of {', '.join(self.names())}", param, ctx)
+        return value
+
+
+def _datasets() -> list[str]:
+    from pipeline import datasets
+
+    return datasets.available()
+
+
+def _captioners() -> list[str]:
+    from stages.teacher import captioners
+
+    return captioners.available()
+
+
+def _backbones() -> list[str]:
+    from stages.student.encoder import backbone_names
+
+    return backbone_names()
+
+
+def _is_backbone(name: str) -> bool:
+    from stages.student.encoder import is_backbone
+
+    return is_backbone(name)
+
+
+def _store_dtypes() -> list[str]:
+    from stages.teacher.run import STORE_DTYPES
+
+    return list(STORE_DTYPES)
+
+
+def _settings() -> list[str]:
+    from stages.student.evaluate import SETTINGS
+
+    return [*SETTINGS, "all"]
+
+
+def _modes() -> list[str]:
+    from stages.student.evaluate import INFERENCE_MODES
+
+    return list(INFERENCE_MODES)
+
+
+def _protocols() -> list[str]:
+    from stages.student.protocol import PROTOCOLS
+
+    return list(PROTOCOLS)
+
+
+def _missing_modes() -> list[str]:
+    from stages.student.model import MISSING_MODES
+
+    return list(MISSING_MODES)
+
+
+DATASET = Registered(_datasets)
+DEVICE = Registered(lambda: DEVICE_FORMS, is_device)
+
+
+def _flags(overrides: dict[str, Any], aliases: dict[str, str] | None = None) -> dict[str, str]:
+    """The flag each overridden config field came from, for errors that name it."""
+    aliases = aliases or {}
+    return {key: aliases.get(key, "--" + key.replace("_", "-"))
+            for key, value in overrides.items() if value is not None}
 
 
 @click.group(context_settings=CONTEXT)
@@ -142,8 +233,8 @@ def _dataset_root(dataset: str, root: Path | None) -> Path:
     return Path(preset("datasets", dataset).get("root") or datasets.get(dataset).default_root)
 
 
-_DATASET = click.option("--dataset", required=True,
-                        help="Dataset name: deliver, mcubes, sample or a registered one.")
+_DATASET = click.option("--dataset", type=DATASET, required=True,
+                        help="A registered dataset format.")
 _ROOT = click.option("--root", type=click.Path(path_type=Path), default=None,
                      help="Dataset folder (default: the root in configs/datasets/NAME.yaml).")
 
@@ -188,12 +279,16 @@ def datasets_check(dataset: str, root: Path | None, split: str) -> None:
     Exits with status 1 when anything is wrong; readers' --skip-bad drops exactly these.
     """
     from pipeline import datasets
-    from pipeline.datasets.base import find_undecodable
+    from pipeline.datasets.base import as_list, find_undecodable
 
     reader = datasets.get(dataset)
     root = _dataset_root(dataset, root)
     records = reader.index(root, split, **reader.every_file_options)
-    problems: list[str] = []
+    expected = f"; expected {root}/{reader.layout}" if reader.layout else ""
+    if not records:
+        raise PipelineError(f"no {dataset} samples of {split} under {root}{expected}")
+    problems = [f"split {s}: no samples{expected}" for s in as_list(split) or []
+                if not any(r.split == s for r in records)]
     complete = []
     for r in records:
         missing = [f"{k} file {p}" for k, p in r.files.items() if not p.is_file()]
@@ -209,6 +304,69 @@ def datasets_check(dataset: str, root: Path | None, split: str) -> None:
                f"{len(problems)} bad")
     if problems:
         raise SystemExit(1)
+
+
+@cli.command("pack", context_settings=CONTEXT)
+@_DATASET
+@_ROOT
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="The HDF5 file to write.  [default: data/DATASET.h5]")
+@click.option("--split", default=None, help="Comma-separated splits to pack.  "
+              "[default: all of the dataset's]")
+@click.option("--modalities", default=None, help="Comma-separated modalities to pack (the "
+              "label always is).  [default: all of the dataset's]")
+@click.option("--workers", type=int, default=4, help="Threads reading source files ahead.")
+@click.option("--overwrite", is_flag=True,
+              help="Replace an output that was packed from other data or settings.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def pack_cmd(dataset: str, root: Path | None, out: Path | None, split: str | None,
+             modalities: str | None, workers: int, overwrite: bool, as_json: bool) -> None:
+    """Pack a data set folder into one HDF5 file: every file's original bytes.
+
+    Read it anywhere a folder is read: `--dataset DATASET --root data/DATASET.h5`, or
+    `dataset.root` in params.yaml; samples decode exactly as from the folder. A rerun on an
+    unchanged source does nothing; an output packed from other data is refused.
+    """
+    from pipeline.pack import pack
+    from pipeline.progress import progress as progress_bar
+
+    if workers < 1:
+        raise click.BadParameter("must be >= 1", param_hint="--workers")
+    root = _dataset_root(dataset, root)
+    out = out or Path(f"data/{dataset}.h5")
+    bar = None
+
+    def progress(done: int, total: int) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = progress_bar(total=total, desc=f"packing {dataset}", unit="file")
+        bar.update(done - bar.n)
+
+    try:
+        report = pack(dataset, root, out, split.split(",") if split else None,
+                      modalities.split(",") if modalities else None, overwrite=overwrite,
+                      workers=workers, progress=progress)
+    finally:
+        if bar is not None:
+            bar.close()
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+        return
+    samples = sum(s["samples"] for s in report["splits"].values())
+    if report["status"] == "up-to-date":
+        click.echo(f"{out} is up to date with {root} ({samples} samples); nothing to do")
+    else:
+        click.echo(f"packed {samples} samples ({report['files']} files, "
+                   f"{report['source_bytes'] / 1e6:.1f} MB) of {dataset} at {root} into {out} "
+                   f"({report['bytes'] / 1e6:.1f} MB) in {report['seconds']:.1f} s")
+        if report["missing"]:
+            click.echo(f"warning: {len(report['missing'])} file(s) the reader expects are "
+                       f"missing in {root}, e.g. {report['missing'][0]}; they are missing in "
+                       f"the pack too (`pipeline datasets check --dataset {dataset} --root "
+                       f"{out}` lists them)")
+    for name, s in report["splits"].items():
+        click.echo(f"  {name}: {s['samples']} samples, sample-list fingerprint "
+                   f"{s['sample_list_fingerprint']}")
 
 
 def _format_info(summary: dict[str, Any]) -> str:
@@ -257,8 +415,8 @@ def _option_value(text: str) -> Any:
 
 
 @cli.command("cache-teacher", context_settings=CONTEXT)
-@click.option("--dataset", default=None, help="Dataset name.  [default: dataset.name in "
-              "params.yaml, else sample]")
+@click.option("--dataset", type=DATASET, default=None, help="Dataset.  [default: dataset.name "
+              "in params.yaml, else sample]")
 @_ROOT
 @click.option("--split", default=None, help="Comma-separated splits to cache.  "
               "[default: train,val,test]")
@@ -269,8 +427,8 @@ def _option_value(text: str) -> Any:
 @click.option("--teacher-root", default=None, help="Folder with LanguageBind_Image/, "
               "LanguageBind_Depth/ ... (hub folder names), or a hub namespace such as "
               "LanguageBind.  [default: teacher.root in params.yaml]")
-@click.option("--captioner", default=None, help="Captioner name (template, ...).  "
-              "[default: template]")
+@click.option("--captioner", type=Registered(_captioners), default=None,
+              help="A registered captioner.  [default: template]")
 @click.option("--captioner-option", multiple=True, metavar="KEY=VALUE",
               help="Option for the captioner (repeatable; values are YAML). llama-adapter "
               "feeds BGR by default, as upstream (Image.fromarray(cv2.imread(...))); "
@@ -284,10 +442,12 @@ def _option_value(text: str) -> Any:
               "[default: 16]")
 @click.option("--rows-per-shard", type=int, default=None, help="Rows per zarr shard (the "
               "unit of resume and of scale-out).  [default: 64]")
-@click.option("--device", default=None, help="auto, cpu or cuda[:N].  [default: auto]")
-@click.option("--dtype", type=click.Choice(["float16", "float32"]), default=None,
+@click.option("--device", type=DEVICE, default=None, help="auto: cuda when available.  "
+              "[default: auto]")
+@click.option("--dtype", type=Registered(_store_dtypes), default=None,
               help="Stored embedding dtype.  [default: float16]")
-@click.option("--scheduler", default=None, help="local:N for N worker processes, or "
+@click.option("--scheduler", default=None, metavar="[local:N|tcp://HOST:PORT]",
+              help="local:N for N worker processes, or "
               "tcp://HOST:PORT of a dask.distributed scheduler.  [default: single process]")
 @click.option("--decode-workers", type=int, default=None,
               help="Threads decoding and preprocessing ahead of the model; 0 = max(4, CPU "
@@ -295,7 +455,13 @@ def _option_value(text: str) -> Any:
 @click.option("--skip-bad", is_flag=True, default=None,
               help="Log and skip samples with missing or broken files.")
 @click.option("--overwrite", is_flag=True, default=None,
-              help="Rebuild a store made with another teacher or sample list.")
+              help="Rebuild the whole store, recomputing every row.")
+@click.option("--repair", is_flag=True, default=None,
+              help="Recompute the rows in damaged chunks (see `pipeline cache-verify`); "
+              "every other row stays byte-identical.")
+@click.option("--on-mismatch", type=click.Choice(["refuse", "rebuild"]), default=None,
+              help="A store built with another teacher, sample list, modalities or dtype: "
+              "refuse it, or rebuild it (what dvc.yaml runs).  [default: refuse]")
 @click.option("--params", "params_path", type=click.Path(path_type=Path), default=None,
               help="Parameters file.  [default: ./params.yaml if present]")
 @click.option("--json", "as_json", is_flag=True, help="Print the run report as JSON.")
@@ -305,12 +471,15 @@ def cache_teacher_cmd(dataset: str | None, root: Path | None, split: str | None,
                       modality_branch: tuple[str, ...], class_prompt: str | None,
                       batch_size: int | None, rows_per_shard: int | None, device: str | None,
                       dtype: str | None, scheduler: str | None, decode_workers: int | None,
-                      skip_bad: bool | None, overwrite: bool | None, params_path: Path | None,
+                      skip_bad: bool | None, overwrite: bool | None, repair: bool | None,
+                      on_mismatch: str | None, params_path: Path | None,
                       as_json: bool) -> None:
     """Stage one: caption every sample and encode it with LanguageBind into a zarr cache.
 
-    Resumable: a rerun computes only rows that are not done, and loads no model when the
-    store is complete. Settings come from params.yaml (dataset.*, teacher.*) and these flags.
+    Resumable and content-aware: a rerun computes only rows that are not done or whose
+    input files changed since (hashed, remembered by size and mtime), and loads no model
+    when nothing is left. Every chunk is checksummed; a damaged store is refused until
+    --repair. Settings come from params.yaml (dataset.*, teacher.*) and these flags.
     """
     from pipeline.config import load_params
     from pipeline.progress import progress as progress_bar
@@ -327,12 +496,13 @@ def cache_teacher_cmd(dataset: str | None, root: Path | None, split: str | None,
         "captioner": captioner, "class_prompt": class_prompt, "batch_size": batch_size,
         "rows_per_shard": rows_per_shard, "device": device, "dtype": dtype,
         "scheduler": scheduler, "decode_workers": decode_workers, "skip_bad": skip_bad,
-        "overwrite": overwrite,
+        "overwrite": overwrite, "repair": repair, "on_mismatch": on_mismatch,
         "captioner_options": {k: _option_value(v) for k, v in
                               _pairs(captioner_option, "--captioner-option").items()} or None,
         "modality_branch": _pairs(modality_branch, "--modality-branch") or None,
     }
-    cfg = TeacherConfig.from_params(params, overrides, str(params_path or "params.yaml"))
+    cfg = TeacherConfig.from_params(params, overrides, str(params_path or "params.yaml"),
+                                    _flags(overrides, {"captioner_options": "--captioner-option"}))
     bar = None
 
     def progress(done: int, total: int) -> None:
@@ -349,11 +519,15 @@ def cache_teacher_cmd(dataset: str | None, root: Path | None, split: str | None,
     if as_json:
         click.echo(json.dumps(report.as_dict(), indent=2))
     elif report.status == "complete":
-        click.echo(f"{report.out} is complete ({report.rows} rows); nothing to do "
-                   f"({report.seconds:.2f} s)")
+        click.echo(f"{report.out} is complete ({report.rows} rows, inputs unchanged); "
+                   f"nothing to do ({report.seconds:.2f} s)")
     else:
-        click.echo(f"{report.out}: computed {report.computed_rows} of {report.rows} rows in "
-                   f"{report.seconds:.1f} s ({report.samples_per_s:.1f} samples/s)")
+        why = [f"{n} {what}" for n, what in ((report.new_rows, "new"),
+                                              (report.changed_rows, "whose inputs changed"),
+                                              (report.repaired_rows, "repaired")) if n]
+        click.echo(f"{report.out}: computed {report.computed_rows} of {report.rows} rows "
+                   f"({', '.join(why) or 'none'}) in {report.seconds:.1f} s "
+                   f"({report.samples_per_s:.1f} samples/s)")
 
 
 @cli.command("cache-info", context_settings=CONTEXT)
@@ -373,33 +547,82 @@ def cache_info_cmd(path: Path, as_json: bool) -> None:
     click.echo(f"size {info['size_bytes'] / 1e6:.2f} MB in {info['files']} files, "
                f"{info['rows_per_shard']} rows per shard, schema v{info['schema_version']}, "
                f"updated {info['updated']}")
-    click.echo(f"dataset fingerprint {info['dataset_fingerprint']}")
+    skipped = f", {info['skipped']} samples skipped as bad" if info["skipped"] else ""
+    click.echo(f"dataset fingerprint {info['dataset_fingerprint']} (sample list "
+               f"{info['sample_list_fingerprint']}{skipped}); every chunk checksum verified")
     click.echo("teacher fingerprint " + json.dumps(info["teacher_fingerprint"], sort_keys=True))
     for sample_id, caption in info["captions"].items():
         click.echo(f"  {sample_id}: {caption}")
+
+
+@cli.command("cache-verify", context_settings=CONTEXT)
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+def cache_verify_cmd(path: Path, as_json: bool) -> None:
+    """Read every chunk of a teacher cache and check its CRC32C; list damaged rows by id.
+
+    A chunk that fails its checksum, or a missing or empty chunk file where a computed
+    row needs it, is damage. Exits with status 1 when anything is damaged; repair with
+    `pipeline cache-teacher ... --repair`, which recomputes only those rows.
+    """
+    from pipeline.progress import interactive
+    from pipeline.store import damaged_rows, open_cache
+
+    cache = open_cache(path)
+    done, damages = cache.scan(show=not as_json or interactive())
+    rows = damaged_rows(damages)
+    try:
+        ids = cache.ids
+    except PipelineError:  # the ids themselves are damaged: name rows by number
+        ids = [f"row {i}" for i in range(len(cache))]
+    if as_json:
+        click.echo(json.dumps({
+            "path": str(path), "rows": len(cache), "done": int(done.sum()),
+            "damaged_rows": len(rows), "repair": cache.repair_command() if damages else None,
+            "damage": [{"array": d.array, "rows": [d.rows.start, d.rows.stop - 1],
+                        "problem": d.problem,
+                        "ids": [ids[i] for i in d.rows] if d.sample_rows else []}
+                       for d in damages]}, indent=2))
+    else:
+        for d in damages:
+            which = ", ".join(ids[i] for i in d.rows) if d.sample_rows else "E_C of every class"
+            click.echo(f"damaged: {d.where()}: {which}")
+        if damages:
+            click.echo(f"{path}: {len(rows)} of {len(cache)} rows damaged in "
+                       f"{len({d.array for d in damages})} arrays; recompute them with "
+                       f"`{cache.repair_command()}`")
+        else:
+            click.echo(f"{path}: every chunk intact ({len(cache)} rows, {int(done.sum())} "
+                       f"done, {len(cache.array_names)} arrays, CRC32C checked)")
+    if damages:
+        raise SystemExit(1)
 
 
 # ---------------------------------------------------------------------------------------
 # stage two
 # ---------------------------------------------------------------------------------------
 @cli.command("train", context_settings=CONTEXT)
-@click.option("--dataset", default=None, help="Dataset name.  [default: dataset.name in "
-              "params.yaml, else sample]")
+@click.option("--dataset", type=DATASET, default=None, help="Dataset.  [default: dataset.name "
+              "in params.yaml, else sample]")
 @_ROOT
 @click.option("--cache", default=None, help="Teacher cache.  [default: cache/DATASET.zarr]")
 @click.option("--out", default=None, help="Run folder (checkpoints, dvclive).  "
               "[default: runs/DATASET]")
-@click.option("--variant", default=None, help="Backbone: mit_b0..mit_b5 or timm:NAME.  "
+@click.option("--variant", type=Registered(_backbones, _is_backbone), default=None,
+              help="Backbone (timm:NAME: any timm model with features_only).  "
               "[default: student.backbone, mit_b0]")
 @click.option("--pretrained", default=None, help="Local folder of pretrained MiT weights "
               "(e.g. a downloaded nvidia/mit-b2).  [default: random init]")
-@click.option("--steps", type=int, default=None, help="Optimiser steps.  [default: train.steps]")
-@click.option("--epochs", type=float, default=None, help="Epochs (instead of --steps).")
+@click.option("--steps", type=int, default=None, help="Optimiser steps (>= 1).  "
+              "[default: train.steps]")
+@click.option("--epochs", type=float, default=None, help="Epochs (> 0, instead of --steps).")
 @click.option("--batch-size", type=int, default=None, help="Samples per step.  [default: 8]")
-@click.option("--crop", type=int, default=None, help="Training crop size.  [default: 512]")
+@click.option("--crop", type=int, default=None, help="Training crop side; any size the backbone "
+              "accepts, no multiple of 32 needed.  [default: train.crop, 512]")
 @click.option("--lr", type=float, default=None, help="Peak learning rate.  [default: 6e-5]")
 @click.option("--workers", type=int, default=None, help="Data loader workers.  [default: 2]")
-@click.option("--device", default=None, help="auto, cpu or cuda[:N].  [default: auto]")
+@click.option("--device", type=DEVICE, default=None, help="auto: cuda when available.  "
+              "[default: auto]")
 @click.option("--seed", type=int, default=None, help="Seed.  [default: 3407]")
 @click.option("--nproc", type=int, default=None, help="Processes on this machine (one per "
               "GPU; gloo ranks on CPU), started through torch's elastic launcher; "
@@ -419,8 +642,9 @@ def train_cmd(dataset: str | None, root: Path | None, cache: str | None, out: st
     Several GPUs: `--nproc N`, or `torchrun --nproc-per-node N -m pipeline train ...`.
     """
     from pipeline.config import load_params
+    from pipeline.devices import resolve_device
     from stages.student import distributed
-    from stages.student.train import TrainConfig, resolve_device, train
+    from stages.student.train import TrainConfig, train
 
     if params_path is not None and not params_path.is_file():
         raise PipelineError(f"parameters file {params_path} does not exist")
@@ -431,7 +655,8 @@ def train_cmd(dataset: str | None, root: Path | None, cache: str | None, out: st
     if steps is not None:
         overrides["epochs"] = None
     student, cfg = TrainConfig.from_params(load_params(params_path), overrides,
-                                           str(params_path or "params.yaml"))
+                                           str(params_path or "params.yaml"),
+                                           _flags(overrides, {"backbone": "--variant"}))
     if steps is not None:
         cfg.epochs = None
     if epochs is not None and steps is None:
@@ -448,6 +673,10 @@ def train_cmd(dataset: str | None, root: Path | None, cache: str | None, out: st
         return
     if as_json:
         click.echo(json.dumps(summary, indent=2))
+    elif summary["status"] == "finished":
+        click.echo(f"{summary['out']} has finished: its last.pt is at step {summary['start']} "
+                   f"of {summary['steps']}; nothing to resume (evaluate "
+                   f"{summary['out']}/best.pt, or train more steps into a new --out)")
     else:
         click.echo(f"trained {summary['steps']} steps into {summary['out']} in "
                    f"{summary['seconds']} s: loss {summary['first_loss']:.3f} -> "
@@ -457,28 +686,30 @@ def train_cmd(dataset: str | None, root: Path | None, cache: str | None, out: st
 @cli.command("evaluate", context_settings=CONTEXT)
 @click.option("--checkpoint", type=click.Path(path_type=Path), required=True,
               help="A student checkpoint, e.g. runs/sample/best.pt.")
-@click.option("--dataset", default=None, help="Dataset name.  [default: the checkpoint's]")
+@click.option("--dataset", type=DATASET, default=None, help="Dataset.  [default: the "
+              "checkpoint's]")
 @_ROOT
 @click.option("--split", default=None, help="Split to evaluate.  [default: val]")
-@click.option("--setting", type=click.Choice(["mss", "miss", "sensor", "all"]), default=None,
+@click.option("--setting", type=Registered(_settings), default=None,
               help="MSS (all modalities), MISS (every modality subset), sensor (per weather "
               "and failure case), or all.  [default: all]")
-@click.option("--mode", type=click.Choice(["whole", "slide"]), default=None,
+@click.option("--mode", type=Registered(_modes), default=None,
               help="Whole-image or sliding-window inference.  [default: whole]")
 @click.option("--crop", type=int, default=None, help="Sliding-window size.  [default: 1024]")
 @click.option("--stride", type=int, default=None, help="Sliding-window stride.  [default: 683]")
-@click.option("--protocol", type=click.Choice(["official", "native"]), default=None,
+@click.option("--protocol", type=Registered(_protocols), default=None,
               help="official: resize and score as the dataset's official evaluation code "
               "(DELIVER: 1024 short side); native: as stored.  [default: official for "
               "deliver and mcubes, native for sample]")
-@click.option("--missing", type=click.Choice(["exclude", "zero-fill", "black"]), default=None,
+@click.option("--missing", type=Registered(_missing_modes), default=None,
               help="Absent modalities: black frames (MISS), zeros after normalisation, or "
               "left out of the fusion.  [default: black under --protocol official, else the "
               "checkpoint's]")
-@click.option("--limit", type=int, default=None, help="Evaluate only the first N samples.")
+@click.option("--limit", type=int, default=None, help="Evaluate only the first N (>= 1) "
+              "samples.  [default: eval.limit, all]")
 @click.option("--examples", type=int, default=None,
               help="Samples drawn in predictions.png.  [default: 4]")
-@click.option("--device", default="auto", help="auto, cpu or cuda[:N].")
+@click.option("--device", type=DEVICE, default="auto", help="auto: cuda when available.")
 @click.option("--nproc", type=int, default=None, help="Processes on this machine, each "
               "scoring a share of the samples (one per GPU).  [default: eval.nproc, 1]")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("metrics"),
@@ -494,35 +725,39 @@ def evaluate_cmd(checkpoint: Path, dataset: str | None, root: Path | None, split
 
     Several processes (`--nproc N` or torchrun) score shares of the samples; the
     confusion matrices are summed, so the numbers equal those of one process."""
-    from pipeline.config import build, load_params
+    from pipeline.config import Where, build, load_params
+    from pipeline.devices import resolve_device
     from stages.student import distributed
     from stages.student.evaluate import EvalConfig
-    from stages.student.train import resolve_device
 
     if params_path is not None and not params_path.is_file():
         raise PipelineError(f"parameters file {params_path} does not exist")
+    source = str(params_path or "params.yaml")
     cfg = build(EvalConfig, dict(load_params(params_path).get("eval") or {}),
-                f"{params_path or 'params.yaml'} (eval)")
-    for key, value in {"split": split, "setting": setting, "protocol": protocol, "mode": mode,
-                       "crop": crop, "stride": stride, "missing": missing, "limit": limit,
-                       "examples": examples, "nproc": nproc}.items():
+                Where("eval", source))
+    overrides = {"split": split, "setting": setting, "protocol": protocol, "mode": mode,
+                 "crop": crop, "stride": stride, "missing": missing, "limit": limit,
+                 "examples": examples, "nproc": nproc}
+    for key, value in overrides.items():
         if value is not None:
             setattr(cfg, key, value)
-    cfg.validate()
+    where = Where("eval", source, _flags(overrides))
+    cfg.validate(where)
     if cfg.nproc > 1 and not distributed.launched():
         distributed.launch(cfg.nproc, _argv(), resolve_device(device), _debug())
         return  # rank 0 wrote and printed the results
     try:
         world = distributed.join(resolve_device(device))
-        _evaluate_here(world, cfg, checkpoint, dataset, root, out)
+        _evaluate_here(world, cfg, where, checkpoint, dataset, root, out)
     finally:
         distributed.leave()
 
 
-def _evaluate_here(world: Any, cfg: Any, checkpoint: Path, dataset: str | None,
+def _evaluate_here(world: Any, cfg: Any, where: Any, checkpoint: Path, dataset: str | None,
                    root: Path | None, out: Path) -> None:
     """`evaluate` in this process (one rank of several, or the only one)."""
     from pipeline import datasets
+    from stages.student.encoder import min_input_size
     from stages.student.evaluate import (
         describe,
         evaluate,
@@ -534,11 +769,15 @@ def _evaluate_here(world: Any, cfg: Any, checkpoint: Path, dataset: str | None,
 
     dev = world.device
     model, meta = load_checkpoint(checkpoint, dev)
+    backbone = meta["student"]["backbone"]
+    smallest = min_input_size(backbone)
+    if cfg.mode == "slide" and smallest:
+        where.integer("crop", cfg.crop, smallest, why=f"the smallest input {backbone} accepts")
     name = dataset or meta["dataset"]
     model.missing = cfg.resolved_missing(name, model.missing)
     samples = datasets.load(name, _dataset_root(name, root), cfg.split,
                             modalities=meta["modalities"])
-    if cfg.limit:
+    if cfg.limit is not None:
         samples = samples[: cfg.limit]
     if list(samples.classes) != list(meta["classes"]):
         raise PipelineError(f"{checkpoint} was trained on other classes than {name}'s")
@@ -581,40 +820,39 @@ def main(argv: list[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     _ARGV = args
     debug = "--debug" in args
+    message, code = None, 0
+    # exit outside the except clauses: a SystemExit raised inside one would carry the error
+    # and its frames (open files, repositories) into interpreter shutdown
     try:
-        code = cli.main(args=args, prog_name="pipeline", standalone_mode=False)
+        result = cli.main(args=args, prog_name="pipeline", standalone_mode=False)
+        code = result if isinstance(result, int) else 0
     except click.exceptions.Abort:
-        click.echo("error: aborted", err=True)
-        sys.exit(130)
+        message, code = "aborted", 130
     except click.UsageError as exc:
         hint = f" (see '{exc.ctx.command_path} --help')" if exc.ctx else ""
-        click.echo(f"error: {exc.format_message()}{hint}", err=True)
-        sys.exit(exc.exit_code)
+        message, code = f"{exc.format_message()}{hint}", exc.exit_code
     except click.ClickException as exc:
-        click.echo(f"error: {exc.format_message()}", err=True)
-        sys.exit(exc.exit_code)
-    except ReportedError as exc:
-        sys.exit(exc.exitcode)
+        message, code = exc.format_message(), exc.exit_code
+    except ReportedError as exc:  # a rank printed it already
+        code = exc.exitcode
     except PipelineError as exc:
         if debug:
             raise
-        if _report_here():
-            click.echo(f"error: {exc}", err=True)
-        sys.exit(1)
+        message, code = str(exc), 1
     except KeyboardInterrupt:
-        click.echo("error: interrupted", err=True)
-        sys.exit(130)
+        message, code = "interrupted", 130
     except OSError as exc:
         if debug:
             raise
-        if _report_here():
-            click.echo(f"error: {exc} (rerun with --debug for a traceback)", err=True)
-        sys.exit(1)
+        message, code = f"{exc} (rerun with --debug for a traceback)", 1
     except Exception:
         if not _report_here():  # a rank that failed because another one did
-            sys.exit(1)
-        raise
-    sys.exit(code if isinstance(code, int) else 0)
+            code = 1
+        else:
+            raise
+    if message is not None and _report_here():
+        click.echo("error: " + " ".join(line.strip() for line in message.splitlines()), err=True)
+    sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -6,9 +6,11 @@ installed package (an editable install or a source checkout).
 
 from __future__ import annotations
 
+import math
 import os
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import yaml
 
@@ -56,24 +58,93 @@ def load_params(path: Path | str | None = None) -> dict[str, Any]:
     return load_yaml(path) if path.is_file() else {}
 
 
-def build(cls: type, data: dict[str, Any], source: str) -> Any:
+class Where:
+    """Names a config value the way the user set it, for one-line errors:
+    `params.yaml: train.crop` for a parameters-file value, `--crop` for a flag.
+
+    `flags` maps the fields set on the command line to their flags; `keys` maps fields that
+    live elsewhere in params.yaml to their dotted key (`root` -> `dataset.root`)."""
+
+    def __init__(self, group: str, source: str | None = "params.yaml",
+                 flags: Mapping[str, str] | None = None,
+                 keys: Mapping[str, str] | None = None) -> None:
+        self.group = group
+        self.source = source
+        self.flags = dict(flags or {})
+        self.keys = dict(keys or {})
+
+    def key(self, name: str) -> str:
+        if name in self.flags:
+            return self.flags[name]
+        dotted = self.keys.get(name) or (f"{self.group}.{name}" if self.group else name)
+        return f"{self.source}: {dotted}" if self.source else dotted
+
+    def sub(self, name: str) -> Where:
+        """The nested group `name` (e.g. train -> train.loss); flags do not reach into it."""
+        return Where(f"{self.group}.{name}" if self.group else name, self.source)
+
+    def fail(self, name: str, rule: str, value: Any) -> NoReturn:
+        raise PipelineError(f"{self.key(name)} must be {rule}, got {value!r}")
+
+    def integer(self, name: str, value: Any, lo: int, hi: int | None = None,
+                why: str = "") -> None:
+        """`lo <= value (<= hi)`; `why` says where the bound comes from."""
+        if isinstance(value, bool) or not isinstance(value, int) or value < lo or \
+                (hi is not None and value > hi):
+            rule = f"an integer >= {lo}" if hi is None else f"an integer in [{lo}, {hi}]"
+            self.fail(name, rule + (f" ({why})" if why else ""), value)
+
+    def number(self, name: str, value: Any, lo: float | None = None, hi: float | None = None,
+               lo_open: bool = False, hi_open: bool = False, why: str = "") -> None:
+        """A finite number in the interval; `lo_open`/`hi_open` exclude the ends."""
+        ok = isinstance(value, int | float) and not isinstance(value, bool) and \
+            math.isfinite(value)
+        if ok and lo is not None:
+            ok = value > lo if lo_open else value >= lo
+        if ok and hi is not None:
+            ok = value < hi if hi_open else value <= hi
+        if not ok:
+            self.fail(name, "a finite number" + _interval(lo, hi, lo_open, hi_open) +
+                      (f" ({why})" if why else ""), value)
+
+    def one_of(self, name: str, value: Any, choices: Iterable[Any]) -> None:
+        choices = list(choices)
+        if value not in choices:
+            self.fail(name, "one of " + ", ".join(str(c) for c in choices), value)
+
+
+def _interval(lo: float | None, hi: float | None, lo_open: bool, hi_open: bool) -> str:
+    if lo is None and hi is None:
+        return ""
+    if hi is None:
+        return f" {'>' if lo_open else '>='} {lo}"
+    if lo is None:
+        return f" {'<' if hi_open else '<='} {hi}"
+    return f" in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+
+
+def build(cls: type, data: dict[str, Any], where: Where | str) -> Any:
     """Instantiate a config dataclass from plain data, refusing unknown keys and wrong types
-    with a message that names `source` and the key."""
+    with a message that names the file and the key (`where`, or a group name)."""
     import dataclasses
     import typing
 
+    where = Where(where, None) if isinstance(where, str) else where
     fields = {f.name: f for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
+    if not isinstance(data, dict):
+        raise PipelineError(f"{where.source + ': ' if where.source else ''}{where.group} must "
+                            f"be a mapping of keys to values, got {data!r}")
     unknown = sorted(set(data) - set(fields))
     if unknown:
-        raise PipelineError(f"{source}: unknown key {unknown[0]!r}; known keys: "
+        prefix = f"{where.source}: {where.group}" if where.source else where.group
+        raise PipelineError(f"{prefix}: unknown key {unknown[0]!r}; known keys: "
                             f"{', '.join(sorted(fields))}")
     values = {}
     for key, value in data.items():
         expected = hints[key]
         if not _type_ok(value, expected):
-            raise PipelineError(f"{source}: {key} must be {_type_name(expected)}, got "
-                                f"{value!r}")
+            where.fail(key, _type_name(expected), value)
         values[key] = value
     return cls(**values)
 
@@ -103,5 +174,22 @@ def _type_ok(value: Any, expected: Any) -> bool:
     return isinstance(value, expected)
 
 
+_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string",
+          type(None): "null"}
+
+
 def _type_name(expected: Any) -> str:
-    return getattr(expected, "__name__", None) or str(expected).replace("typing.", "")
+    """`int | None` -> 'an integer or null', `list[float]` -> 'a list of numbers'."""
+    import types
+    import typing
+
+    origin = typing.get_origin(expected)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(expected))
+    if origin is list:
+        (item,) = typing.get_args(expected) or (Any,)
+        inner = _type_name(item).removeprefix("an ").removeprefix("a ")
+        return "a list" if item is Any else f"a list of {inner}s"
+    if origin is dict or expected is dict:
+        return "a mapping"
+    return _NAMES.get(expected) or getattr(expected, "__name__", None) or str(expected)

@@ -1,5 +1,6 @@
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,7 +16,7 @@ from stages.teacher import captioners
 from stages.teacher.run import TeacherConfig, cache_teacher, model_input
 
 ARRAYS = ("sample_id", "caption", "done", "scene", "classes", "class_names", "visual/rgb",
-          "visual/depth", "visual/event", "visual/lidar")
+          "visual/depth", "visual/event", "visual/lidar", "input_hash")
 
 
 def config(root, out, **kw):
@@ -151,16 +152,19 @@ def test_bad_configuration_is_refused(teacher_sample, tmp_path):
     root, _ = teacher_sample
     with pytest.raises(PipelineError, match="branch 'sonar'"):
         cache_teacher(config(root, tmp_path / "a.zarr", modality_branch={"lidar": "sonar"}))
-    with pytest.raises(PipelineError, match="not a modality of this run"):
-        cache_teacher(config(root, tmp_path / "a.zarr", modality_branch={"nir": "image"}))
+    # params.yaml may map other datasets' modalities (ignored here); a typo is refused
+    assert "nir" not in config(root, tmp_path / "a.zarr",
+                               modality_branch={"nir": "image"}).branch_map()
+    with pytest.raises(PipelineError, match="names 'nri', which no registered dataset has"):
+        cache_teacher(config(root, tmp_path / "a.zarr", modality_branch={"nri": "image"}))
     with pytest.raises(PipelineError, match="no LanguageBind_Depth"):
         cache_teacher(TeacherConfig(dataset="sample", root=str(root), out=str(tmp_path / "b"),
                                     teacher_root=str(tmp_path)))
-    with pytest.raises(PipelineError, match=r"params.yaml \(teacher\): unknown key 'batchsize'"):
+    with pytest.raises(PipelineError, match=r"params.yaml: teacher: unknown key 'batchsize'"):
         TeacherConfig.from_params({"teacher": {"batchsize": 4}}, {})
-    with pytest.raises(PipelineError, match="batch_size must be int"):
+    with pytest.raises(PipelineError, match="teacher.batch_size must be an integer"):
         TeacherConfig.from_params({"teacher": {"batch_size": "four"}}, {})
-    with pytest.raises(PipelineError, match="class_prompt must contain"):
+    with pytest.raises(PipelineError, match="class_prompt must be a text with {}"):
         TeacherConfig.from_params({}, {"class_prompt": "a photo"})
 
 
@@ -183,7 +187,7 @@ def test_cli_cache_teacher_and_cache_info(teacher_sample, tmp_path, capsys, monk
     report = json.loads(out)
     assert report["computed_rows"] == 12 and report["out"] == "cache/sample.zarr"
     code, out, _ = run("cache-teacher", "--split", "val")
-    assert code == 0 and "complete (12 rows); nothing to do" in out
+    assert code == 0 and "complete (12 rows, inputs unchanged); nothing to do" in out
     code, out, _ = run("cache-info", "cache/sample.zarr", "--json")
     info = json.loads(out)
     assert info["rows"] == 12 and info["done_fraction"] == 1.0 and info["rows_per_shard"] == 8
@@ -194,3 +198,166 @@ def test_cli_cache_teacher_and_cache_info(teacher_sample, tmp_path, capsys, monk
     assert code == 2 and "NAME=VALUE" in err and err.count("\n") == 1
     code, _, err = run("cache-info", "nowhere.zarr")
     assert code == 1 and "not a teacher cache" in err
+
+
+# -- content-aware reruns, damage and repair ---------------------------------------------------
+@pytest.fixture
+def own_sample(teacher_sample, tmp_path):
+    """A private copy of the small sample (these tests edit its files)."""
+    root, _ = teacher_sample
+    copy = tmp_path / "sample"
+    shutil.copytree(root, copy)
+    return copy
+
+
+def edit_image(path):
+    from PIL import Image
+
+    pixels = np.array(Image.open(path))
+    pixels[: pixels.shape[0] // 2] = 255 - pixels[: pixels.shape[0] // 2]
+    Image.fromarray(pixels).save(path)
+
+
+def test_an_edited_image_recomputes_exactly_its_row(own_sample, tmp_path):
+    """Finding 1: an image edited in place (same name) left its row stale ("nothing to do",
+    even with --overwrite). Now the rerun recomputes that row only, equal to a clean build."""
+    from pipeline import datasets
+
+    kw = dict(split=["val"], rows_per_shard=4, batch_size=2)
+    out = tmp_path / "c.zarr"
+    cache_teacher(config(own_sample, out, **kw))
+    before = {name: open_cache(out).group[name][:] for name in ARRAYS}
+    fp_before = open_cache(out).dataset_fingerprint
+    edited = datasets.load("sample", own_sample, "val")[5]
+    edit_image(edited.files["rgb"])
+
+    report = cache_teacher(config(own_sample, out, **kw))
+    assert report.status == "written" and report.computed_rows == 1
+    assert report.changed_rows == 1 and report.new_rows == 0 and report.hashed_files == 1
+    after = open_cache(out)
+    assert after.dataset_fingerprint != fp_before
+    rgb = after.group["visual/rgb"][:]
+    assert np.abs(rgb[5].astype(np.float32) - before["visual/rgb"][5]).max() > 0.01
+    for name in ARRAYS:  # every other row is byte-identical
+        keep = [i for i in range(len(before[name])) if name in ("classes", "class_names")
+                or i != 5]
+        np.testing.assert_array_equal(after.group[name][:][keep], before[name][keep],
+                                      err_msg=name)
+    clean = tmp_path / "clean.zarr"
+    cache_teacher(config(own_sample, clean, **kw))
+    assert_same_store(out, clean)
+    # unchanged now; --overwrite still rebuilds every row
+    assert cache_teacher(config(own_sample, out, **kw)).status == "complete"
+    rebuilt = cache_teacher(config(own_sample, out, overwrite=True, **kw))
+    assert rebuilt.status == "written" and rebuilt.computed_rows == 12
+    assert_same_store(out, clean)
+
+
+def damage_store(path):
+    """One of each kind of damage, in four different shards."""
+    (path / "visual" / "rgb" / "c" / "2" / "0").unlink()
+    (path / "scene" / "c" / "1" / "0").write_bytes(b"")
+    f = path / "visual" / "depth" / "c" / "0" / "0"
+    data = bytearray(f.read_bytes())
+    data[len(data) // 3] ^= 0x01
+    f.write_bytes(bytes(data))
+    f = path / "caption" / "c" / "3"
+    f.write_bytes(f.read_bytes()[:-5])
+    f = path / "classes" / "c" / "0" / "0"
+    f.write_bytes(f.read_bytes()[:-3])
+
+
+def test_damage_is_refused_then_repaired_to_a_clean_store(own_sample, tmp_path, capsys):
+    from pipeline.cli import main
+
+    kw = dict(split=["val"], rows_per_shard=3, batch_size=2)
+    out, clean = tmp_path / "c.zarr", tmp_path / "clean.zarr"
+    cache_teacher(config(own_sample, clean, **kw))
+    shutil.copytree(clean, out)
+    damage_store(out)
+
+    def cli(*args):
+        with pytest.raises(SystemExit) as exit_info:
+            main(list(args))
+        return exit_info.value.code, *capsys.readouterr()
+
+    code, printed, err = cli("cache-verify", str(out))
+    assert code == 1
+    for where in ("visual/rgb rows 6-8 (missing file", "scene rows 3-5 (empty file",
+                  "visual/depth rows 0-2 (checksum mismatch)", "caption rows 9-11 (checksum",
+                  "classes, all 25 classes (checksum"):
+        assert where in printed, where
+    ids = open_cache(clean).ids
+    assert all(i in printed for i in ids[6:9])
+    assert "--repair" in printed.splitlines()[-1]
+    for args in (["cache-info", str(out)],
+                 ["cache-teacher", "--dataset", "sample", "--root", str(own_sample),
+                  "--teacher-root", str(own_sample / "teacher"), "--split", "val",
+                  "--rows-per-shard", "3", "--out", str(out), "--params",
+                  str(tmp_path / "none.yaml")]):
+        (tmp_path / "none.yaml").write_text("{}\n")
+        code, _, err = cli(*args)
+        assert code == 1 and err.count("\n") == 1 and "Traceback" not in err, err
+        assert f"{out} is damaged: classes, all 25 classes (checksum mismatch); " in err
+        assert "; and 2 more; " in err and "--repair" in err
+
+    report = cache_teacher(config(own_sample, out, repair=True, **kw))
+    assert report.repaired_rows == 12 and report.computed_rows == 12
+    assert_same_store(out, clean)
+    assert open_cache(out).verify() == []
+    chunks = sorted(p.relative_to(clean) for p in clean.rglob("*")
+                    if p.is_file() and "c" in p.relative_to(clean).parts)
+    assert chunks == sorted(p.relative_to(out) for p in out.rglob("*")
+                            if p.is_file() and "c" in p.relative_to(out).parts)
+    for rel in chunks:  # every chunk file is byte-identical to the clean build's
+        assert (out / rel).read_bytes() == (clean / rel).read_bytes(), rel
+
+
+def test_repair_recomputes_only_the_damaged_rows(own_sample, tmp_path):
+    kw = dict(split=["val"], rows_per_shard=4, batch_size=2)
+    out = tmp_path / "c.zarr"
+    cache_teacher(config(own_sample, out, **kw))
+    good = {p: p.read_bytes() for p in (out / "visual" / "rgb" / "c").rglob("*")
+            if p.is_file()}
+    (out / "visual" / "rgb" / "c" / "1" / "0").unlink()
+    report = cache_teacher(config(own_sample, out, repair=True, **kw))
+    assert (report.repaired_rows, report.computed_rows, report.shards) == (4, 4, 1)
+    for p, data in good.items():
+        assert p.read_bytes() == data, p
+    assert cache_teacher(config(own_sample, out, **kw)).status == "complete"
+
+
+def test_a_complete_store_needs_no_lock_and_is_not_written(teacher_sample, tmp_path,
+                                                          monkeypatch):
+    """A read-only but complete store failed on its .lock even with nothing to do."""
+    root, _ = teacher_sample
+    out = tmp_path / "c.zarr"
+    cache_teacher(config(root, out, split=["val"], rows_per_shard=4))
+    (out / ".lock").unlink()
+    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+
+    def no_lock(path):
+        raise PermissionError(13, "Permission denied", str(path / ".lock"))
+
+    monkeypatch.setattr("stages.teacher.run.writer_lock", no_lock)
+    report = cache_teacher(config(root, out, split=["val"], rows_per_shard=4))
+    assert report.status == "complete"
+    assert not (out / ".lock").exists()
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == stamps
+
+
+def test_out_that_is_a_file_is_named(teacher_sample, tmp_path, capsys):
+    from pipeline.cli import main
+
+    root, _ = teacher_sample
+    target = tmp_path / "c.zarr"
+    target.write_text("not a store")
+    (tmp_path / "none.yaml").write_text("{}\n")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["cache-teacher", "--dataset", "sample", "--root", str(root), "--teacher-root",
+              str(root / "teacher"), "--split", "val", "--out", str(target), "--params",
+              str(tmp_path / "none.yaml")])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 1 and err.count("\n") == 1
+    assert "--out is a file, not a folder" in err and "store folder" in err
+    assert "Errno" not in err and target.read_text() == "not a store"

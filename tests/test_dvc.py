@@ -66,9 +66,16 @@ def repo(tmp_path_factory):
     run(repo, "git", "commit", "-qm", "tiny pipeline")
     out = run(repo, "dvc", "repro")
     assert ran(out) == {"sample", "cache_teacher", "train", "evaluate"}
+    (repo.parent / "status-after-repro").write_text(run(repo, "git", "status", "--porcelain"))
     run(repo, "git", "add", "-A")
     run(repo, "git", "commit", "-qm", "lock")
     return repo
+
+
+def test_repro_leaves_only_an_untracked_dvc_lock(repo):
+    """As the README says: the first `make demo` in a clone stages nothing in git, and its
+    one new file is DVC's record of the run (outputs are git-ignored)."""
+    assert (repo.parent / "status-after-repro").read_text() == "?? dvc.lock\n"
 
 
 def test_repro_produces_every_declared_output(repo):
@@ -130,3 +137,36 @@ def test_experiment_records_different_metrics(repo):
     assert len(rows) >= 2
     col = header.split(",").index(next(h for h in header.split(",") if h.endswith("mIoU")))
     assert len({r.split(",")[col] for r in rows}) > 1  # the experiment's metrics differ
+
+
+def test_editing_one_image_recomputes_that_row_only(repo):
+    """`dvc repro` after one frame changed (same name, e.g. re-exported) recomputes that row
+    of the persisted cache, not the whole cache, and never keeps the stale row."""
+    import numpy as np
+    import zarr
+    from PIL import Image
+
+    image = sorted((repo / "data" / "deliver-sample" / "img").rglob("*_rgb_front.png"))[0]
+    original = image.read_bytes()
+    store = repo / "cache" / "sample.zarr"
+    before = zarr.open_group(str(store), mode="r")["visual/rgb"][:]
+    ids = [str(i) for i in zarr.open_group(str(store), mode="r")["sample_id"][:]]
+    parts = image.relative_to(repo / "data" / "deliver-sample" / "img").parts
+    row = ids.index(f"{parts[0]}/{parts[1]}/{parts[2]}/{parts[3].split('_')[0]}")
+    pixels = np.array(Image.open(image))
+    Image.fromarray(255 - pixels).save(image)
+    run(repo, "dvc", "commit", "-f", "-q", "sample")  # the edited frame is the data now
+    out = run(repo, "dvc", "repro")
+    assert {"cache_teacher", "train", "evaluate"} <= ran(out)
+    assert f"computed 1 of {len(ids)} rows (1 whose inputs changed)" in out
+    after = zarr.open_group(str(store), mode="r")["visual/rgb"][:]
+    keep = [i for i in range(len(ids)) if i != row]
+    np.testing.assert_array_equal(after[keep], before[keep])
+    assert not np.array_equal(after[row], before[row])
+    image.write_bytes(original)  # back to the committed data: the row comes back exactly
+    run(repo, "dvc", "commit", "-f", "-q", "sample")
+    out = run(repo, "dvc", "repro")
+    assert f"computed 1 of {len(ids)} rows (1 whose inputs changed)" in out
+    np.testing.assert_array_equal(zarr.open_group(str(store), mode="r")["visual/rgb"][:],
+                                  before)
+    assert json.loads(run(repo, "dvc", "status", "--json")) == {}

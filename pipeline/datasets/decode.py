@@ -1,7 +1,8 @@
 """Decoding of dataset image files into arrays, with errors that name the file.
 
 Every reader goes through here so that a corrupt PNG, a truncated file or an
-unexpected channel count produces the same one-line `DatasetError`.
+unexpected channel count produces the same one-line `DatasetError`. A path may be a
+file inside a packed data set (`PackedPath`): its original bytes decode the same way.
 """
 
 from __future__ import annotations
@@ -11,16 +12,17 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from pipeline.datasets.packed import PackedPath, open_binary
 from pipeline.errors import DatasetError
 
 
-def read_png(path: Path) -> np.ndarray:
+def read_png(path: Path | PackedPath) -> np.ndarray:
     """Decode an image file exactly as stored: H x W (grey) or H x W x C, uint8 or uint16."""
-    path = Path(path)
+    path = path if isinstance(path, PackedPath) else Path(path)
     if not path.is_file():
         raise DatasetError(f"missing file {path}")
     try:
-        with Image.open(path) as img:
+        with Image.open(open_binary(path)) as img:
             img.load()
             if img.mode in ("I;16", "I;16B", "I;16L", "I"):
                 arr = np.asarray(img)
@@ -43,13 +45,13 @@ def read_png(path: Path) -> np.ndarray:
         ) from exc
 
 
-def read_npy(path: Path) -> np.ndarray:
+def read_npy(path: Path | PackedPath) -> np.ndarray:
     """Load a `.npy` array with a file-naming error on failure."""
-    path = Path(path)
+    path = path if isinstance(path, PackedPath) else Path(path)
     if not path.is_file():
         raise DatasetError(f"missing file {path}")
     try:
-        return np.load(path, allow_pickle=False)
+        return np.load(open_binary(path), allow_pickle=False)
     except (OSError, ValueError, EOFError) as exc:
         raise DatasetError(
             f"cannot read {path} ({exc}); the file is corrupt or truncated: "

@@ -7,7 +7,6 @@ raw 0 and 255 -> ignore. Sensor-failure cases are scene-name suffixes.
 
 from __future__ import annotations
 
-import os
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,6 +23,7 @@ from pipeline.datasets.base import (
     finish,
 )
 from pipeline.datasets.decode import read_png, resize_nearest, to_rgb3
+from pipeline.datasets.packed import PackedPath, as_root, listdir, subdirs
 from pipeline.datasets.registry import DatasetReader, register
 from pipeline.errors import DatasetError
 
@@ -76,13 +76,6 @@ def decode_label(raw: np.ndarray, path: Path) -> np.ndarray:
     return _LABEL_LUT[red]
 
 
-def _subdirs(path: Path) -> list[str]:
-    try:
-        return sorted(e.name for e in os.scandir(path) if e.is_dir())
-    except FileNotFoundError:
-        return []
-
-
 class DeliverReader(DatasetReader):
     """Reads any root in the DELIVER layout (the real data set or a generated one)."""
 
@@ -91,6 +84,8 @@ class DeliverReader(DatasetReader):
     modalities: ClassVar[tuple[str, ...]] = MODALITIES
     splits: ClassVar[tuple[str, ...]] = SPLITS
     depth_sources: ClassVar[tuple[str, ...]] = tuple(_DEPTH_FOLDERS)
+    layout: ClassVar[str] = ("img/<condition>/<split>/<scene>/<frame>_rgb_front.png with the "
+                             "same paths under hha/, event/, lidar/ and semantic/")
     # official tools/val_mm.py: Resize(EVAL.IMAGE_SIZE=[1024, 1024]) before inference
     official_eval_size: ClassVar[int | None] = 1024
 
@@ -104,7 +99,7 @@ class DeliverReader(DatasetReader):
         self.eval_protocol = eval_protocol
 
     # -- indexing ---------------------------------------------------------------------
-    def _check_root(self, root: Path) -> None:
+    def _check_root(self, root: Path | PackedPath) -> None:
         if not root.exists():
             raise DatasetError(f"{self.name} root {root} does not exist; {self.how_to_get}")
         if not root.is_dir():
@@ -112,7 +107,7 @@ class DeliverReader(DatasetReader):
         if not (root / "img").is_dir():
             nested = [p.parent for p in root.glob("*/img")]
             hint = f" (did you mean --root {nested[0]}?)" if nested else ""
-            found = ", ".join(_subdirs(root)[:6]) or "nothing"
+            found = ", ".join(subdirs(root)[:6]) or "nothing"
             raise DatasetError(
                 f"{root} is not a DELIVER root: expected {root}/img/<condition>/<split>/"
                 f"<scene>/<frame>_rgb_front.png next to hha/, event/, lidar/, semantic/; "
@@ -123,7 +118,7 @@ class DeliverReader(DatasetReader):
               case: str | Sequence[str] | None = None, depth_source: str = "hha",
               view: str = "front") -> list[Record]:
         """Every sample of the requested splits in the official (sorted path) order."""
-        root = Path(root)
+        root = as_root(root)
         self._check_root(root)
         splits = as_list(split) or list(SPLITS)
         for s in splits:
@@ -153,7 +148,7 @@ class DeliverReader(DatasetReader):
         suffix = f"_rgb_{view}.png"
 
         records: list[Record] = []
-        available_conditions = _subdirs(root / "img")
+        available_conditions = subdirs(root / "img")
         if conditions is not None:
             unknown = [c for c in conditions if c not in available_conditions]
             if unknown:
@@ -162,12 +157,12 @@ class DeliverReader(DatasetReader):
         for s in splits:
             split_records = []
             for cond in conditions or available_conditions:
-                for scene in _subdirs(root / "img" / cond / s):
+                for scene in subdirs(root / "img" / cond / s):
                     scene_c = scene_case(scene)
                     if cases is not None and (scene_c or _CLEAN) not in cases:
                         continue
                     scene_dir = root / "img" / cond / s / scene
-                    for fname in sorted(os.listdir(scene_dir)):
+                    for fname in sorted(listdir(scene_dir)):
                         if not fname.endswith(suffix):
                             continue
                         frame = fname[: -len(suffix)]
@@ -184,6 +179,16 @@ class DeliverReader(DatasetReader):
                             condition=cond, case=scene_c)))
             records.extend(r for _, r in sorted(split_records, key=lambda kr: kr[0]))
         return records
+
+    def pack_index(self, root: Path, split: str, modalities: Sequence[str] | None = None
+                   ) -> tuple[list[list[Record]], list[Path]]:
+        """HHA records, plus the raw `depth/` files when the root has them (both depth
+        sources stay readable from the pack)."""
+        modalities = list(modalities or MODALITIES)
+        variants = [self.index(root, split, modalities=modalities)]
+        if "depth" in modalities and (Path(root) / "depth").is_dir():
+            variants.append(self.index(root, split, modalities=["depth"], depth_source="raw"))
+        return variants, []
 
     # -- decoding ---------------------------------------------------------------------
     def decode(self, record: Record) -> Sample:
@@ -222,7 +227,7 @@ class DeliverReader(DatasetReader):
         sees value / 255 exactly like MISS's `io.read_image(...).float() / 255` (up to 257),
         and `Sample.raw["depth"]` holds the 2-D stored array for metric use.
         """
-        root = Path(root or self.default_root)
+        root = as_root(root or self.default_root)
         records = self.index(root, split, modalities=modalities, condition=condition,
                              case=case, depth_source=depth_source, view=view)
         return finish(self.name, records, self.decode, CLASSES, modalities, skip_bad)
@@ -230,7 +235,7 @@ class DeliverReader(DatasetReader):
     # -- summary ----------------------------------------------------------------------
     def info(self, root: Path | str | None = None) -> dict[str, Any]:
         """Counts per split, condition and case, and per-modality missing files."""
-        root = Path(root or self.default_root)
+        root = as_root(root or self.default_root)
         self._check_root(root)
         has_raw = (root / "depth").is_dir()
         splits: dict[str, Any] = {}

@@ -28,6 +28,7 @@ from pipeline.datasets.base import (
     finish,
 )
 from pipeline.datasets.decode import read_npy, read_png, resize_nearest, to_rgb3
+from pipeline.datasets.packed import PackedPath, as_root
 from pipeline.datasets.registry import DatasetReader, register
 from pipeline.errors import DatasetError
 
@@ -108,8 +109,10 @@ class MCubesReader(DatasetReader):
     # the reader already delivers the official evaluation frame: no resize at evaluation
     eval_protocol = "official"
     every_file_options: ClassVar[dict[str, Any]] = {"cmnext_val": False}
+    layout: ClassVar[str] = ("list_folder/<split>.txt naming images that lie in polL_color/, "
+                             "polL_aolp_sin/, polL_aolp_cos/, polL_dolp/, NIR_warped/ and GT/")
 
-    def _check_root(self, root: Path) -> None:
+    def _check_root(self, root: Path | PackedPath) -> None:
         if not root.is_dir():
             raise DatasetError(f"mcubes root {root} does not exist; download MCubeS "
                                "(kyotovision-public/multimodal-material-segmentation) and pass "
@@ -121,7 +124,7 @@ class MCubesReader(DatasetReader):
                                "{train,val,test}.txt beside polL_color/, polL_aolp_sin/, "
                                f"polL_aolp_cos/, polL_dolp/, NIR_warped/, GT/{hint}")
 
-    def _list(self, root: Path, split: str, cmnext_val: bool) -> list[str]:
+    def _list(self, root: Path | PackedPath, split: str, cmnext_val: bool) -> list[str]:
         list_name = "test" if (split == "val" and cmnext_val) else split
         path = root / "list_folder" / f"{list_name}.txt"
         if not path.is_file():
@@ -136,7 +139,7 @@ class MCubesReader(DatasetReader):
 
     def index(self, root: Path, split: str | Sequence[str] = "train", *,
               modalities: Sequence[str] = MODALITIES, cmnext_val: bool = True) -> list[Record]:
-        root = Path(root)
+        root = as_root(root)
         self._check_root(root)
         splits = as_list(split) or list(SPLITS)
         for s in splits:
@@ -158,6 +161,14 @@ class MCubesReader(DatasetReader):
                 files["label"] = root / "GT" / f"{name}.png"
                 records.append(Record(id=f"{s}/{name}", split=s, files=files))
         return records
+
+    def pack_index(self, root: Path, split: str, modalities: Sequence[str] | None = None
+                   ) -> tuple[list[list[Record]], list[Path]]:
+        """The split's own list (`cmnext_val=False`) and its files; the list file itself is
+        packed too, so the pack indexes exactly like the folder."""
+        records = self.index(root, split, modalities=list(modalities or MODALITIES),
+                             cmnext_val=False)
+        return [records], [Path(root) / "list_folder" / f"{split}.txt"]
 
     def decode(self, record: Record, crop_left: int = LEFT_CROP,
                frame: int | None = FRAME) -> Sample:
@@ -214,7 +225,7 @@ class MCubesReader(DatasetReader):
         """Samples of `split`. With `cmnext_val` (default) "val" reads `test.txt`, as CMNeXt
         and the published MCubeS numbers do. `frame` is the official `FixScaleCrop` size
         (1024); None keeps every column from `crop_left` on."""
-        root = Path(root or self.default_root)
+        root = as_root(root or self.default_root)
         modalities = list(modalities)
         if frame is not None and frame < 1:
             raise DatasetError(f"frame must be a positive size or None, got {frame}")
@@ -231,7 +242,7 @@ class MCubesReader(DatasetReader):
         return sample
 
     def info(self, root: Path | str | None = None) -> dict[str, Any]:
-        root = Path(root or self.default_root)
+        root = as_root(root or self.default_root)
         self._check_root(root)
         splits = {}
         for s in SPLITS:

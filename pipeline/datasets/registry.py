@@ -25,6 +25,8 @@ class DatasetReader(ABC):
     depth_sources: ClassVar[tuple[str, ...]] = ()
     # `index` options under which each split names its own files (for `datasets check`)
     every_file_options: ClassVar[dict[str, Any]] = {}
+    # the files a root holds, relative to it (for errors about a root without samples)
+    layout: ClassVar[str] = ""
     # evaluation protocol used when none is asked for ("official" or "native"), and the
     # short side the official evaluation resizes images and labels to (None: no resize)
     eval_protocol: str = "native"
@@ -46,6 +48,18 @@ class DatasetReader(ABC):
     @abstractmethod
     def info(self, root: Path | str | None) -> dict[str, Any]:
         """Class names and counts per split, condition and case."""
+
+    def pack_index(self, root: Path, split: str, modalities: Sequence[str] | None = None
+                   ) -> tuple[list[list[Record]], list[Path]]:
+        """What `pipeline pack` stores of `split`: lists of records (the same ids in the same
+        order) that together name every file a load with any option reads, and the small
+        files the reader indexes with (split lists). A reader whose `index` reaches files
+        only through its root's pathlib methods (`/`, `is_dir`, `iterdir`, `read_text`) and
+        `decode` through `pipeline.datasets.decode` can then read its packs unchanged."""
+        options = dict(self.every_file_options)
+        if modalities is not None:
+            options["modalities"] = list(modalities)
+        return [self.index(root, split, **options)], []
 
 
 _REGISTRY: dict[str, DatasetReader] = {}

@@ -7,6 +7,7 @@ run was resumed; that is what makes `--resume` end at the same weights.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -14,6 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pipeline.config import Where
 from pipeline.datasets import Sample, SampleSequence
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -23,10 +25,22 @@ IGNORE = 255
 
 @dataclass
 class AugmentConfig:
+    """The `train.augment` group of params.yaml."""
+
     scale: list[float] = field(default_factory=lambda: [0.5, 2.0])
     flip: bool = True
     jitter: float = 0.2  # probability of colour jitter on RGB
     blur: float = 0.2  # probability of Gaussian blur on RGB
+
+    def validate(self, where: Where | None = None) -> None:
+        where = where or Where("train.augment", None)
+        scale = self.scale
+        if len(scale) != 2 or not all(math.isfinite(s) for s in scale) or \
+                not 0 < scale[0] <= scale[1]:
+            where.fail("scale", "[lo, hi] with 0 < lo <= hi (the short side is resized to "
+                       "crop * U(lo, hi))", scale)
+        for name in ("jitter", "blur"):
+            where.number(name, getattr(self, name), 0, 1, why="a probability")
 
 
 # arrays, label -> arrays, label at the resolution an evaluation protocol scores

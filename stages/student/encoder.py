@@ -26,6 +26,37 @@ MIT = {
     "b4": ([64, 128, 320, 512], [3, 8, 27, 3]),
     "b5": ([64, 128, 320, 512], [3, 6, 40, 3]),
 }
+# the geometry every MiT shares (SegFormer's defaults): overlapping patch embeddings
+# (kernel, stride) per stage and the spatial-reduction ratio of each stage's attention
+MIT_PATCHES = [(7, 4), (3, 2), (3, 2), (3, 2)]
+MIT_SR_RATIOS = [8, 4, 2, 1]
+
+
+def mit_min_input(patches: list[tuple[int, int]] = MIT_PATCHES,
+                  sr_ratios: list[int] = MIT_SR_RATIOS) -> int:
+    """The smallest image side MiT accepts: the patch embeddings pad (kernel // 2), so any
+    size works and none has to be a multiple of 32, but each stage's map must be at least
+    as large as its spatial-reduction kernel (8 on stage one: 29 px)."""
+    def fits(side: int) -> bool:
+        for (kernel, stride), sr in zip(patches, sr_ratios, strict=True):
+            side = (side + 2 * (kernel // 2) - kernel) // stride + 1
+            if side < sr:
+                return False
+        return True
+
+    return next(side for side in range(1, 4096) if fits(side))
+
+
+def min_input_size(backbone: str) -> int | None:
+    """The smallest input side `backbone` accepts, when it is known without building it."""
+    if backbone.startswith("mit_"):
+        return mit_min_input()
+    return None
+
+
+def backbone_names() -> list[str]:
+    """What `student.backbone` / `--variant` accept, for help texts and errors."""
+    return [name for prefix in _BACKBONES for name in _NAMES.get(prefix, [f"{prefix}NAME"])]
 
 
 class Encoder(nn.Module, ABC):
@@ -68,7 +99,9 @@ class SegformerEncoder(Encoder):
             hidden, depths = MIT[variant]
             config = SegformerConfig(hidden_sizes=hidden, depths=depths,
                                      num_attention_heads=[1, 2, 5, 8],
-                                     drop_path_rate=drop_path_rate)
+                                     patch_sizes=[k for k, _ in MIT_PATCHES],
+                                     strides=[s for _, s in MIT_PATCHES],
+                                     sr_ratios=MIT_SR_RATIOS, drop_path_rate=drop_path_rate)
             self.model = SegformerModel(config)
         self.channels = list(hidden)
 
@@ -107,17 +140,29 @@ class TimmEncoder(Encoder):
 
 
 _BACKBONES: dict[str, Callable[..., Encoder]] = {}
+_NAMES: dict[str, list[str]] = {}
 
 
-def register(prefix: str) -> Callable[[Callable[..., Encoder]], Callable[..., Encoder]]:
-    """Register a factory `f(name, pretrained) -> Encoder` for names starting with `prefix`."""
+def register(prefix: str, names: list[str] | None = None
+             ) -> Callable[[Callable[..., Encoder]], Callable[..., Encoder]]:
+    """Register a factory `f(name, pretrained) -> Encoder` for names starting with `prefix`;
+    `names` lists them for help texts (default `PREFIXNAME`)."""
     def wrap(factory: Callable[..., Encoder]) -> Callable[..., Encoder]:
         _BACKBONES[prefix] = factory
+        if names is not None:
+            _NAMES[prefix] = list(names)
         return factory
     return wrap
 
 
-@register("mit_")
+def is_backbone(name: str) -> bool:
+    """Whether `name` is a registered backbone (a MiT variant must exist)."""
+    if name.startswith("mit_"):
+        return name.removeprefix("mit_") in MIT
+    return any(name.startswith(prefix) and len(name) > len(prefix) for prefix in _BACKBONES)
+
+
+@register("mit_", [f"mit_{v}" for v in MIT])
 def _mit(name: str, pretrained: str | None = None) -> Encoder:
     return SegformerEncoder(name.removeprefix("mit_"), pretrained)
 
@@ -132,4 +177,4 @@ def build_encoder(name: str, pretrained: str | None = None) -> Encoder:
     for prefix, factory in _BACKBONES.items():
         if name.startswith(prefix):
             return factory(name, pretrained)
-    raise PipelineError(f"unknown backbone {name!r}; use mit_b0..mit_b5 or timm:<model>")
+    raise PipelineError(f"unknown backbone {name!r}; one of {', '.join(backbone_names())}")

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline import datasets
+from pipeline.config import Where
 from pipeline.datasets.base import unit_image
 from pipeline.errors import PipelineError
 from pipeline.metrics import Confusion
@@ -41,6 +42,7 @@ from stages.student.protocol import (
 SHORT = {"rgb": "R", "depth": "D", "event": "E", "lidar": "L", "aolp": "A", "dolp": "P",
          "nir": "N", "thermal": "T"}
 SETTINGS = ("mss", "miss", "sensor")
+INFERENCE_MODES = ("whole", "slide")
 SENSOR_GROUPS = ("cloud", "fog", "night", "rain", "sun", "motionblur", "overexposure",
                  "underexposure", "lidarjitter", "eventlowres")
 
@@ -94,7 +96,7 @@ def infer(model: Any2Seg, images: torch.Tensor, masks: torch.Tensor, mode: str =
         if xs[-1] + crop < w:
             xs.append(w - crop)
         windows = [(y, x, min(crop, h), min(crop, w)) for y in ys for x in xs]
-    elif mode not in ("whole", "slide"):
+    elif mode not in INFERENCE_MODES:
         raise PipelineError(f"inference mode must be whole or slide, got {mode!r}")
     out = images.new_zeros((s, b, model.num_classes, h, w))
     count = images.new_zeros((1, 1, 1, h, w))
@@ -138,20 +140,23 @@ class EvalConfig:
     examples: int = 4
     nproc: int = 1  # processes on this machine, each scoring a share of the samples
 
-    def validate(self) -> None:
-        if self.nproc < 1:
-            raise PipelineError(f"eval.nproc must be >= 1, got {self.nproc}")
-        if self.setting not in (*SETTINGS, "all"):
-            raise PipelineError(f"eval.setting must be mss, miss, sensor or all, got "
-                                f"{self.setting!r}")
-        if self.protocol is not None and self.protocol not in PROTOCOLS:
-            raise PipelineError(f"eval.protocol must be {' or '.join(PROTOCOLS)} (or null for "
-                                f"the dataset's default), got {self.protocol!r}")
-        if self.mode not in ("whole", "slide"):
-            raise PipelineError(f"eval.mode must be whole or slide, got {self.mode!r}")
-        if self.missing not in (None, *MISSING_MODES):
-            raise PipelineError(f"eval.missing must be {', '.join(MISSING_MODES)} (or null), "
-                                f"got {self.missing!r}")
+    def validate(self, where: Where | None = None) -> None:
+        w = where or Where("eval", None)
+        w.integer("nproc", self.nproc, 1, why="processes, each scoring a share of the samples")
+        if not self.split:
+            w.fail("split", "a split name such as val", self.split)
+        w.one_of("setting", self.setting, (*SETTINGS, "all"))
+        if self.protocol is not None:
+            w.one_of("protocol", self.protocol, PROTOCOLS)
+        w.one_of("mode", self.mode, INFERENCE_MODES)
+        w.integer("crop", self.crop, 1, why="the sliding window's side")
+        w.integer("stride", self.stride, 1, self.crop,
+                  why="larger than eval.crop would leave pixels between windows unseen")
+        if self.missing is not None:
+            w.one_of("missing", self.missing, MISSING_MODES)
+        if self.limit is not None:
+            w.integer("limit", self.limit, 1, why="leave it unset (null) for the whole split")
+        w.integer("examples", self.examples, 0, why="samples drawn in predictions.png")
 
     @property
     def settings(self) -> tuple[str, ...]:
@@ -261,7 +266,8 @@ def evaluate(model: Any2Seg, samples: datasets.SampleSequence, settings: tuple[s
                 if transform is not None:
                     arrays, label_arr = transform(arrays, label_arr)
                 drawn.append((idx, {
-                    "id": sample.id, "label": label_arr,
+                    "id": sample.id, "condition": sample.condition, "case": sample.case,
+                    "label": label_arr,
                     **{m: _display(a, sample.ranges.get(m)) for m, a in arrays.items()},
                     "pred": preds[index_all, j].cpu().numpy()}))
     # the ranks' counts summed: exactly the matrices of one process over the whole split
@@ -369,5 +375,5 @@ def write_outputs(result: EvalResult, out: Path, palette: list[tuple[int, int, i
         written.append(per_class_chart(result.mss["IoU"], plots / "per_class_iou.png"))
     if result.examples:
         written.append(predictions_grid(result.examples, result.modalities, palette,
-                                        plots / "predictions.png"))
+                                        result.classes, plots / "predictions.png"))
     return written

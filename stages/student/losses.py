@@ -22,6 +22,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from pipeline.config import Where
+
 IGNORE = 255
 Total = Callable[[torch.Tensor], torch.Tensor]
 
@@ -33,6 +35,8 @@ def local(x: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class LossConfig:
+    """The `train.loss` group of params.yaml."""
+
     w_sup: float = 1.0
     w_cr: float = 1.0
     w_se: float = 1.0
@@ -41,6 +45,24 @@ class LossConfig:
     ohem: bool = False
     ohem_thresh: float = 0.7
     ohem_min_fraction: float = 1 / 16
+
+    def validate(self, where: Where | None = None) -> None:
+        """Refused before a step is taken: a NaN weight or a zero temperature would only
+        show up later as a non-finite loss."""
+        where = where or Where("train.loss", None)
+        for name in ("w_sup", "w_cr", "w_se"):
+            where.number(name, getattr(self, name), 0, why="a loss weight; 0 switches the "
+                         "term off")
+        if not (self.w_sup or self.w_cr or self.w_se):
+            where.fail("w_sup", "> 0 when w_cr and w_se are 0 (nothing would be trained)",
+                       self.w_sup)
+        for name in ("tau_cr", "tau_se"):
+            where.number(name, getattr(self, name), 0, lo_open=True,
+                         why="a softmax temperature")
+        where.number("ohem_thresh", self.ohem_thresh, 0, 1, lo_open=True,
+                     why="a probability")
+        where.number("ohem_min_fraction", self.ohem_min_fraction, 0, 1, lo_open=True,
+                     why="a fraction of the labelled pixels")
 
 
 def supervised(logits: torch.Tensor, label: torch.Tensor, cfg: LossConfig,

@@ -21,13 +21,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.config import Where
+
 
 @dataclass
 class MFFConfig:
+    """The `student.mff` group of params.yaml."""
+
     reweight: bool = True
     select: bool = True
     residual: bool = True
     iterations: int = 1
+
+    def validate(self, where: Where | None = None) -> None:
+        where = where or Where("student.mff", None)
+        where.integer("iterations", self.iterations, 1, why="refinements of f_ma")
 
 
 @dataclass

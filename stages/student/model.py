@@ -8,9 +8,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from pipeline.errors import PipelineError
+from pipeline.config import Where, build
 from stages.student.data import black
-from stages.student.encoder import Encoder
+from stages.student.encoder import Encoder, backbone_names, is_backbone
 from stages.student.head import AllMLPHead
 from stages.student.mff import MFF, MFFConfig, MFFOutput
 from stages.student.noise import current, make_keyed, row_keys, using
@@ -103,19 +103,26 @@ class StudentConfig:
     mff: dict[str, Any] = field(default_factory=dict)  # MFFConfig fields
     missing: str = "exclude"
 
-    def mff_config(self) -> MFFConfig:
-        unknown = set(self.mff) - set(MFFConfig.__dataclass_fields__)
-        if unknown:
-            raise PipelineError(f"student.mff: unknown key {sorted(unknown)[0]!r}; known: "
-                                f"{', '.join(MFFConfig.__dataclass_fields__)}")
-        return MFFConfig(**self.mff)
+    def validate(self, where: Where | None = None) -> None:
+        where = where or Where("student", None)
+        if not is_backbone(self.backbone):
+            where.fail("backbone", "one of " + ", ".join(backbone_names()), self.backbone)
+        where.integer("embed_dim", self.embed_dim, 1, why="the all-MLP head's width")
+        where.number("dropout", self.dropout, 0, 1, hi_open=True, why="a probability")
+        where.one_of("missing", self.missing, MISSING_MODES)
+        self.mff_config(where.sub("mff"))
+
+    def mff_config(self, where: Where | None = None) -> MFFConfig:
+        where = where or Where("student.mff", None)
+        cfg = build(MFFConfig, self.mff, where)
+        cfg.validate(where)
+        return cfg
 
 
 def build_student(cfg: StudentConfig, modalities: list[str], num_classes: int) -> Any2Seg:
     from stages.student.encoder import build_encoder
 
-    if cfg.missing not in MISSING_MODES:
-        raise PipelineError(f"student.missing must be one of {', '.join(MISSING_MODES)}")
+    cfg.validate()
     # dropout and drop-path masks from per-sample keys (stages.student.noise)
     return make_keyed(Any2Seg(build_encoder(cfg.backbone, cfg.pretrained), modalities,
                               num_classes, cfg.mff_config(), cfg.embed_dim, cfg.dropout,

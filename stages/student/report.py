@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.patches import Patch  # noqa: E402
+
+IGNORE = 255
 
 
 def subset_chart(miou: dict[str, float], path: Path) -> Path:
@@ -48,19 +54,57 @@ def colourise(label: np.ndarray, palette: list[tuple[int, int, int]]) -> np.ndar
     return table[np.clip(label, 0, 255).astype(np.int64)]
 
 
-def predictions_grid(examples: list[dict[str, np.ndarray]], modalities: list[str],
-                     palette: list[tuple[int, int, int]], path: Path) -> Path:
-    """One row per sample: every input modality, the ground truth, the prediction."""
-    rows = []
-    for ex in examples:
-        h, w = ex["label"].shape
-        pred = ex["pred"]
-        if pred.shape != (h, w):
-            pred = pred[:h, :w]
-        tiles = [ex[m] for m in modalities] + [colourise(ex["label"], palette),
-                                               colourise(pred, palette)]
-        rows.append(np.concatenate(tiles, axis=1))
-    from PIL import Image
+def _wrap_id(sample_id: str, width: int = 18) -> str:
+    """Break a long sample id after its slashes so that it fits beside a tile."""
+    lines = [""]
+    for piece in re.split(r"(?<=/)", sample_id):  # "a/b/c" -> "a/", "b/", "c"
+        if lines[-1] and len(lines[-1]) + len(piece) > width:
+            lines.append("")
+        lines[-1] += piece
+    return "\n".join(lines)
 
-    Image.fromarray(np.concatenate(rows, axis=0)).save(path)
+
+def predictions_figure(examples: list[dict[str, Any]], modalities: list[str],
+                       palette: list[tuple[int, int, int]], classes: list[str]) -> Figure:
+    """One row per sample (its id and weather / failure case on the left): every input
+    modality, the ground truth and the prediction under titled columns, and a legend of the
+    colours of the classes that appear in the drawn labels and predictions."""
+    columns = [*modalities, "ground truth", "prediction"]
+    h, w = examples[0]["label"].shape
+    tile = min(3.0, max(1.6, w / 100))  # inches per tile
+    fig, axes = plt.subplots(len(examples), len(columns), squeeze=False, layout="constrained",
+                             figsize=(tile * len(columns) + 1.2,
+                                      tile * h / w * len(examples) + 1.4))
+    shown: set[int] = set()
+    for row, ex in enumerate(examples):
+        label = ex["label"]
+        pred = ex["pred"][: label.shape[0], : label.shape[1]]
+        shown |= set(np.unique(label).tolist()) | set(np.unique(pred).tolist())
+        tiles = [ex[m] for m in modalities] + [colourise(label, palette),
+                                               colourise(pred, palette)]
+        for col, (ax, image) in enumerate(zip(axes[row], tiles, strict=True)):
+            ax.imshow(image, interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if row == 0:
+                ax.set_title(columns[col], fontsize=9)
+        condition = " / ".join(str(c) for c in (ex.get("condition"), ex.get("case")) if c)
+        axes[row][0].set_ylabel(f"{_wrap_id(ex['id'])}\n[{condition or 'no condition'}]",
+                                fontsize=7, rotation=0, ha="right", va="center")
+    handles = [Patch(facecolor=np.asarray(palette[k]) / 255, edgecolor="#555555",
+                     label=classes[k]) for k in sorted(shown) if k < len(classes)]
+    if IGNORE in shown:
+        handles.append(Patch(facecolor="black", edgecolor="#555555", label="ignore (255)"))
+    fig.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 6) or 1,
+               fontsize=7, frameon=False, title="classes shown", title_fontsize=8)
+    return fig
+
+
+def predictions_grid(examples: list[dict[str, Any]], modalities: list[str],
+                     palette: list[tuple[int, int, int]], classes: list[str],
+                     path: Path) -> Path:
+    """`predictions_figure` saved as a PNG."""
+    fig = predictions_figure(examples, modalities, palette, classes)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
     return path

@@ -9,10 +9,14 @@ global batch (`stages.student.distributed`); rank 0 alone writes files.
 
 from __future__ import annotations
 
+import csv
+import json
+import logging
 import math
 import os
 import random
 import time
+import weakref
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,18 +25,27 @@ import numpy as np
 import torch
 
 from pipeline import datasets
-from pipeline.config import build, preset
+from pipeline.config import Where, build, preset
+from pipeline.devices import DEVICE_FORMS, is_device, resolve_device
 from pipeline.errors import PipelineError
 from pipeline.precision import upcast
 from pipeline.progress import progress as progress_bar
-from pipeline.store import TeacherCache, dataset_fingerprint, open_cache
+from pipeline.store import (
+    TeacherCache,
+    fingerprint_diff,
+    open_cache,
+    sample_list_fingerprint,
+)
 from stages.student import distributed, noise
-from stages.student.data import AugmentConfig, ScheduleSampler, StudentData, Targets
+from stages.student.data import IGNORE, AugmentConfig, ScheduleSampler, StudentData, Targets
+from stages.student.encoder import min_input_size
 from stages.student.evaluate import evaluate, evaluation_loader
 from stages.student.losses import LossConfig, correlation, semantic, supervised
 from stages.student.model import StudentConfig, build_student
 
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2  # 2: meta["cache"] holds the teacher cache's fingerprints
+
+log = logging.getLogger("pipeline.train")
 
 
 @dataclass
@@ -58,8 +71,8 @@ class TrainConfig:
     modality_dropout: float = 0.0
     augment: dict[str, Any] = field(default_factory=dict)
     loss: dict[str, Any] = field(default_factory=dict)
-    val_every: int = 0  # 0: only at the end
-    val_limit: int | None = None
+    val_every: int = 0  # 0: only after the last step
+    val_limit: int | None = None  # None: the whole val split
     checkpoint_every: int = 100
     device: str = "auto"
     skip_bad: bool = False
@@ -71,16 +84,22 @@ class TrainConfig:
 
     @classmethod
     def from_params(cls, params: dict[str, Any], overrides: dict[str, Any],
-                    source: str = "params.yaml") -> tuple[StudentConfig, TrainConfig]:
+                    source: str = "params.yaml", flags: dict[str, str] | None = None
+                    ) -> tuple[StudentConfig, TrainConfig]:
+        """Defaults, then params.yaml (`dataset.name/root`, `student.*`, `train.*`), then the
+        command line's `overrides`; `flags` names the flag of each overridden field so that
+        an error names what the user typed."""
         data = dict(params.get("train") or {})
         ds = params.get("dataset") or {}
         data.setdefault("dataset", ds.get("name", "sample"))
         if "root" in ds:
             data.setdefault("root", ds["root"])
-        cfg = build(cls, data, f"{source} (train)")
-        student = build(StudentConfig, dict(params.get("student") or {}), f"{source} (student)")
-        if overrides.get("dataset") not in (None, cfg.dataset) and "root" not in overrides:
-            cfg.root = None
+        cfg = build(cls, data, Where("train", source))
+        student = build(StudentConfig, dict(params.get("student") or {}),
+                        Where("student", source))
+        if overrides.get("dataset") not in (None, cfg.dataset) and \
+                overrides.get("root") is None:
+            cfg.root = None  # params' root belongs to params' dataset
         for key, value in overrides.items():
             if value is None:
                 continue
@@ -90,25 +109,55 @@ class TrainConfig:
                 setattr(student, key, value)
             else:
                 raise PipelineError(f"unknown option {key}")
-        cfg.validate()
+        flags = flags or {}
+        student.validate(Where("student", source, flags))
+        cfg.validate(Where("train", source, flags), student.backbone)
         return student, cfg
 
-    def validate(self) -> None:
+    def validate(self, where: Where | None = None, backbone: str | None = None) -> None:
+        """Every value in range before anything is loaded; errors name the key (or flag)."""
+        w = where or Where("train", None)
         if self.steps is None and self.epochs is None:
             raise PipelineError("set train.steps or train.epochs (or --steps / --epochs)")
-        for name in ("batch_size", "crop", "checkpoint_every", "nproc"):
-            if getattr(self, name) < 1:
-                raise PipelineError(f"train.{name} must be >= 1")
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            raise PipelineError(f"train.lr must be a positive number, got {self.lr}")
-        if self.dtype not in ("float32", "float64"):
-            raise PipelineError(f"train.dtype must be float32 or float64, got {self.dtype!r}")
-        if self.prefetch_factor is not None and self.prefetch_factor < 1:
-            raise PipelineError("train.prefetch_factor must be >= 1 (or null)")
-        if not 0 <= self.modality_dropout <= 1 or not 0 <= self.warmup < 1:
-            raise PipelineError("train.modality_dropout must be in [0, 1], warmup in [0, 1)")
-        self.loss_config()
-        self.augment_config()
+        if self.steps is not None:
+            w.integer("steps", self.steps, 1, why="optimiser steps")
+        if self.epochs is not None:
+            w.number("epochs", self.epochs, 0, lo_open=True, why="passes over the train split")
+        w.integer("batch_size", self.batch_size, 1)
+        smallest = min_input_size(backbone) if backbone else None
+        w.integer("crop", self.crop, smallest or 1,
+                  why=f"the smallest input {backbone} accepts; it need not be a multiple "
+                  "of 32" if smallest else "")
+        w.number("lr", self.lr, 0, lo_open=True)
+        w.number("weight_decay", self.weight_decay, 0)
+        w.number("warmup", self.warmup, 0, 1, hi_open=True, why="a fraction of the steps")
+        w.number("warmup_ratio", self.warmup_ratio, 0, 1, why="warm-up starts at lr * ratio")
+        w.number("power", self.power, 0, why="the poly schedule's exponent")
+        w.integer("seed", self.seed, 0, 2 ** 32 - 1, why="numpy's seed range")
+        w.integer("workers", self.workers, 0, why="0 loads in the training process")
+        w.number("modality_dropout", self.modality_dropout, 0, 1, why="a probability")
+        w.integer("val_every", self.val_every, 0, why="0 validates only after the last step")
+        if self.val_limit is not None:
+            w.integer("val_limit", self.val_limit, 1,
+                      why="leave it unset (null) for the whole val split")
+        w.integer("checkpoint_every", self.checkpoint_every, 1)
+        w.integer("nproc", self.nproc, 1, why="processes (GPUs) on this machine")
+        w.one_of("dtype", self.dtype, ("float32", "float64"))
+        if self.prefetch_factor is not None:
+            w.integer("prefetch_factor", self.prefetch_factor, 1,
+                      why="batches each loader worker prepares ahead; null for torch's 2")
+        if not is_device(self.device):
+            w.fail("device", "one of " + ", ".join(DEVICE_FORMS), self.device)
+        if self.modalities is not None:
+            known = datasets.get(self.dataset).modalities
+            unknown = [m for m in self.modalities if m not in known]
+            if unknown:
+                raise PipelineError(f"{w.key('modalities')} names unknown modality "
+                                    f"{unknown[0]!r}; {self.dataset} has {', '.join(known)}")
+            if not self.modalities or len(set(self.modalities)) < len(self.modalities):
+                w.fail("modalities", "distinct modality names", self.modalities)
+        self.loss_config(w.sub("loss"))
+        self.augment_config(w.sub("augment"))
 
     def settings(self) -> dict[str, Any]:
         """What decides the weights (a resumed run must match): not how many processes
@@ -116,11 +165,17 @@ class TrainConfig:
         run_only = ("nproc", "workers", "persistent_workers", "prefetch_factor")
         return {k: v for k, v in asdict(self).items() if k not in run_only}
 
-    def loss_config(self) -> LossConfig:
-        return build(LossConfig, self.loss, "train.loss")
+    def loss_config(self, where: Where | None = None) -> LossConfig:
+        where = where or Where("train.loss", None)
+        cfg = build(LossConfig, self.loss, where)
+        cfg.validate(where)
+        return cfg
 
-    def augment_config(self) -> AugmentConfig:
-        return build(AugmentConfig, self.augment, "train.augment")
+    def augment_config(self, where: Where | None = None) -> AugmentConfig:
+        where = where or Where("train.augment", None)
+        cfg = build(AugmentConfig, self.augment, where)
+        cfg.validate(where)
+        return cfg
 
     def resolved_root(self) -> Path:
         return Path(self.root or preset("datasets", self.dataset).get("root")
@@ -131,14 +186,6 @@ class TrainConfig:
 
     def resolved_out(self) -> Path:
         return Path(self.out or f"runs/{self.dataset}")
-
-
-def resolve_device(name: str) -> str:
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise PipelineError("--device cuda was requested but no CUDA device is available")
-    return name
 
 
 def open_targets(cache_path: Path, cfg: TrainConfig) -> TeacherCache:
@@ -158,17 +205,84 @@ def load_targets(cache: TeacherCache, samples: datasets.SampleSequence, modaliti
                             f"it holds {', '.join(cache.modalities)}")
     splits = cache.attrs.get("splits")
     if splits:  # the cache's own sample list, re-indexed now, must still match
+        skipped = set(cache.skipped)  # dropped as broken by `cache-teacher --skip-bad`
         records = datasets.get(cfg.dataset).index(cfg.resolved_root(), splits)
-        now = dataset_fingerprint([r.id for r in records])
-        if now != cache.dataset_fingerprint:
+        now = sample_list_fingerprint([r.id for r in records if r.id not in skipped])
+        if now != cache.sample_list_fingerprint:
             raise PipelineError(
-                f"{cache_path} was built from another sample list (dataset fingerprint "
-                f"{cache.dataset_fingerprint}, the data at {cfg.resolved_root()} gives {now}); "
-                "rebuild it with `pipeline cache-teacher --overwrite`")
+                f"{cache_path} was built from another sample list (fingerprint "
+                f"{cache.sample_list_fingerprint}, the data at {cfg.resolved_root()} gives "
+                f"{now}); rebuild it with `pipeline cache-teacher --overwrite`")
     cache.require(samples.ids)
     got = cache.get(samples.ids, modalities)
     return Targets(visual=np.stack([got["visual"][m] for m in modalities], axis=1),
                    scene=got["scene"], classes=cache.classes)
+
+
+def without_skipped(samples: datasets.SampleSequence, skipped: set[str],
+                    dataset: str) -> datasets.SampleSequence:
+    """`samples` less those the teacher cache skipped as broken (even if repaired since:
+    the cache has no rows for them)."""
+    kept = [r for r in samples.records if r.id not in skipped]
+    if len(kept) == len(samples.records):
+        return samples
+    return datasets.SampleSequence(samples.name, kept, datasets.get(dataset).decode,
+                                   samples.classes, samples.modalities)
+
+
+def cache_fingerprints(cache: TeacherCache) -> dict[str, Any]:
+    """What a checkpoint records of the store it trained on, to refuse a changed one."""
+    return {"path": str(cache.path), "teacher_fingerprint": cache.teacher_fingerprint,
+            "dataset_fingerprint": cache.dataset_fingerprint}
+
+
+def check_same_cache(last: Path, recorded: dict[str, Any] | None, now: dict[str, Any]) -> None:
+    """Refuse to resume on targets other than those the run started with."""
+    if recorded is None:
+        raise PipelineError(f"{last} records no teacher cache fingerprints (written by an older "
+                            "version), so resuming cannot prove the targets are the same; "
+                            "start a new --out")
+    changed = [f"teacher {d}" for d in fingerprint_diff(recorded["teacher_fingerprint"],
+                                                         now["teacher_fingerprint"])]
+    if recorded["dataset_fingerprint"] != now["dataset_fingerprint"]:
+        changed.append(f"dataset fingerprint ({recorded['dataset_fingerprint']} at the "
+                       f"checkpoint, {now['dataset_fingerprint']} now: rows were recomputed "
+                       "from changed files, or the store was rebuilt for other samples)")
+    if changed:
+        shown = "; ".join(changed[:4]).replace(" in the store, ", " at the checkpoint, ")
+        raise PipelineError(f"{now['path']} changed since {last} was written: {shown}; "
+                            "resuming would mix targets of two caches: start a new --out, or "
+                            "restore the cache the run started with")
+
+
+def rewind_live(live_dir: Path, step: int) -> None:
+    """Make dvclive's files say what a run stopped at `step` would have logged: drop the
+    rows of steps >= `step` (logged after the checkpoint by a killed run) and restore the
+    summary from the rows kept, so a resumed run logs each step exactly once."""
+    if not live_dir.is_dir():
+        return
+    summary: dict[str, Any] = {}
+    for tsv in sorted((live_dir / "plots" / "metrics").rglob("*.tsv")):
+        with open(tsv, newline="") as f:
+            reader = csv.DictReader(f, delimiter="\t")
+            fields, rows = reader.fieldnames or [], list(reader)
+        kept = [r for r in rows if int(r["step"]) < step]
+        tmp = tsv.with_suffix(".tmp")
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fields, delimiter="\t", lineterminator=os.linesep)
+            writer.writeheader()
+            writer.writerows(kept)
+        os.replace(tmp, tsv)
+        if kept:
+            *groups, name = tsv.relative_to(live_dir / "plots" / "metrics").with_suffix("").parts
+            node = summary
+            for g in groups:
+                node = node.setdefault(g, {})
+            value = float(kept[-1][name])
+            node[name] = value if math.isfinite(value) else str(value)
+    if step > 0:
+        summary["step"] = step - 1
+    (live_dir / "metrics.json").write_text(json.dumps(summary, indent=4))
 
 
 def save_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
@@ -188,8 +302,46 @@ def save_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
     os.replace(tmp, path)
 
 
+def _closes_dvc_repo(live: Any) -> weakref.finalize:
+    """Close the DVC repository dvclive opened (its git object store) when `live` goes away,
+    or at exit before the interpreter tears its modules down. dvclive never closes it, and a
+    failed run's traceback keeps `live` alive until shutdown, where dulwich's `__del__`
+    printed "Exception ignored ... sys.meta_path is None". Calling the result closes now."""
+    repo = getattr(live, "_dvc_repo", None)
+    return weakref.finalize(live, repo.close if repo is not None else lambda: None)
+
+
+def _likely_cause(term: str, batch: dict[str, torch.Tensor], output: Any, targets: Targets,
+                  cfg: TrainConfig, ids: list[str]) -> str:
+    """Why a loss term is not finite, judged from what went into it."""
+    sample = ids[int(batch["index"][0])]
+    if not all(bool(torch.isfinite(f).all()) for f in output.feats) or \
+            not bool(torch.isfinite(output.logits).all()):
+        return (f"the student's features are not finite: training diverged (lower train.lr, "
+                f"now {cfg.lr:g}) or an input of {sample} holds non-finite values")
+    if term == "L_cr":
+        rows = [int(i) for i in batch["index"]
+                if not (np.isfinite(targets.visual[int(i)]).all()
+                        and np.isfinite(targets.scene[int(i)]).all())]
+        if rows:
+            return (f"the teacher cache {cfg.resolved_cache()} holds non-finite E_m/E_S for "
+                    f"{ids[rows[0]]}; rebuild it with `pipeline cache-teacher --overwrite`")
+        return "check train.loss.tau_cr and the teacher cache"
+    if term == "L_se":
+        if not np.isfinite(targets.classes).all():
+            return (f"the teacher cache {cfg.resolved_cache()} holds non-finite class "
+                    "embeddings E_C; rebuild it with `pipeline cache-teacher --overwrite`")
+        return "check train.loss.tau_se and the teacher cache"
+    if not bool((batch["label"] != IGNORE).any()):
+        return (f"the batch (from {sample}) has no labelled pixel left after cropping (all "
+                f"{IGNORE}); check the labels")
+    return f"the cross-entropy overflowed; lower train.lr (now {cfg.lr:g})"
+
+
 def train(student: StudentConfig, cfg: TrainConfig, progress: bool = True,
           resume: bool = False) -> dict[str, Any]:
+    student.validate()
+    cfg.validate(backbone=student.backbone)
     # -- this process's place in the job (torchrun: one rank per GPU) ------------------------
     world = distributed.join(resolve_device(cfg.device))
     device, local_batch = world.device, world.split(cfg.batch_size)
@@ -201,10 +353,21 @@ def train(student: StudentConfig, cfg: TrainConfig, progress: bool = True,
     cache_path = cfg.resolved_cache()
     cache = open_targets(cache_path, cfg)
     modalities = list(cfg.modalities or cache.modalities)
+    # samples the cache skipped as broken (`cache-teacher --skip-bad`) are skipped here too
+    skipped = set(cache.skipped)
     train_set = datasets.load(cfg.dataset, root, "train", modalities=modalities,
-                              skip_bad=cfg.skip_bad)
+                              skip_bad=cfg.skip_bad or bool(skipped))
     val_set = datasets.load(cfg.dataset, root, "val", modalities=modalities,
-                            skip_bad=cfg.skip_bad)
+                            skip_bad=cfg.skip_bad or bool(skipped))
+    train_set = without_skipped(train_set, skipped, cfg.dataset)
+    val_set = without_skipped(val_set, skipped, cfg.dataset)
+    if skipped:
+        reader = datasets.get(cfg.dataset)
+        left_out = [sum(r.id in skipped for r in reader.index(root, split))
+                    for split in ("train", "val")]
+        log.info("%s skipped %d broken samples when it was built (--skip-bad); training "
+                 "without them: %d train and %d val samples left out", cache_path,
+                 len(skipped), *left_out)
     if cfg.val_limit:
         val_set = val_set[: cfg.val_limit]
     targets = load_targets(cache, train_set, modalities, cfg)
@@ -212,7 +375,8 @@ def train(student: StudentConfig, cfg: TrainConfig, progress: bool = True,
     loss_cfg = cfg.loss_config()
     meta = {"student": asdict(student), "train": cfg.settings(), "modalities": modalities,
             "classes": list(train_set.classes), "dataset": cfg.dataset, "steps": steps,
-            "palette": [list(c) for c in datasets.get(cfg.dataset).palette]}
+            "palette": [list(c) for c in datasets.get(cfg.dataset).palette],
+            "cache": cache_fingerprints(cache)}
 
     # -- model, optimiser, schedule --------------------------------------------------------
     torch.manual_seed(cfg.seed)
@@ -239,6 +403,10 @@ def train(student: StudentConfig, cfg: TrainConfig, progress: bool = True,
         if ckpt["meta"]["student"] != meta["student"] or ckpt["meta"]["train"] != meta["train"]:
             raise PipelineError(f"{last} was written with other settings; resume with the "
                                 "same parameters or start a new --out")
+        if int(ckpt["step"]) >= steps:
+            return {"out": str(out), "steps": steps, "start": int(ckpt["step"]),
+                    "status": "finished", "best_val_mIoU": float(ckpt["best"])}
+        check_same_cache(last, ckpt["meta"].get("cache"), meta["cache"])
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         start, best = int(ckpt["step"]), float(ckpt["best"])
@@ -263,8 +431,15 @@ def train(student: StudentConfig, cfg: TrainConfig, progress: bool = True,
 
     from dvclive import Live
 
-    live = Live(dir=str(out / "dvclive"), resume=resume and start > 0, dvcyaml=False,
-                save_dvc_exp=False, report=None) if world.main else distributed.NullLive()
+    if start > 0 and world.main:  # steps logged after the checkpoint by a killed run
+        rewind_live(out / "dvclive", start)  # are logged again
+    if world.main:
+        live = Live(dir=str(out / "dvclive"), resume=start > 0, dvcyaml=False,
+                    save_dvc_exp=False, report=None)
+        live.step = start  # dvclive's own resume guesses from metrics.json; the checkpoint knows
+    else:
+        live = distributed.NullLive()
+    close_repo = _closes_dvc_repo(live)
     bar = progress_bar(total=steps, initial=start, desc="training", unit="step",
                        enabled=progress and world.main)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16,
@@ -297,7 +472,8 @@ def train(student: StudentConfig, cfg: TrainConfig, progress: bool = True,
         for name, value in terms.items():
             if not torch.isfinite(value):
                 raise PipelineError(f"non-finite loss at step {step}: {name} = {value.item()}; "
-                                    "lower train.lr or check the inputs and the cache")
+                                    + _likely_cause(name, batch, output, targets, cfg,
+                                                    train_set.ids))
         loss = sum(weights[n] * v for n, v in terms.items())
         optimizer.zero_grad(set_to_none=True)
         (loss * world.size).backward()  # DDP averages the ranks' gradients
@@ -328,10 +504,12 @@ def train(student: StudentConfig, cfg: TrainConfig, progress: bool = True,
         live.next_step()
     bar.close()
     live.end()
+    close_repo()
     # no finite validation score: keep the last weights
     if world.main and not best_path.exists() and last.exists():
         save_checkpoint(best_path, model, None, steps, best, meta)
-    return {"out": str(out), "steps": steps, "start": start, "val_mIoU": val_miou,
+    return {"out": str(out), "steps": steps, "start": start, "status": "trained",
+            "val_mIoU": val_miou,
             "best_val_mIoU": best, "seconds": round(time.perf_counter() - t0, 1),
             "first_loss": history[0] if history else None,
             "last_loss": history[-1] if history else None}

@@ -1,11 +1,16 @@
 """Stage one: run the frozen teachers once per sample into the zarr cache.
 
-For every shard of rows that is not `done`: decode the samples and preprocess them for
-their LanguageBind branch (in a thread pool, overlapping the model), caption them,
-encode each modality (E_m) and the caption (E_S), and write the whole shard. The class
-names (E_C) are encoded once when the store is created. Compute batches are fixed
-subdivisions of a shard, so a resumed or distributed run does exactly the same
-arithmetic as an uninterrupted single-process one and writes the same bytes.
+Every run first hashes the files each sample is computed from (`pipeline.content`,
+remembered by size and mtime) and reads the store once, checking every chunk. The rows
+to compute are those not `done`, those whose input hash changed since they were written,
+and, with `--repair`, those in damaged shards. For each shard holding such rows: decode
+the samples and preprocess them for their LanguageBind branch (in a thread pool,
+overlapping the model), caption them, encode each modality (E_m) and the caption (E_S),
+and write the rows. The class names (E_C) are encoded once when the store is created.
+Compute batches are fixed subdivisions of a shard (of the store's batch size), and a
+changed row is recomputed within its whole batch, so a resumed, updated, repaired or
+distributed run does exactly the same arithmetic as a clean single-process build and
+writes the same bytes.
 """
 
 from __future__ import annotations
@@ -23,10 +28,22 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from pipeline import datasets
-from pipeline.config import build, preset
+from pipeline.config import Where, build, preset
+from pipeline.content import FileHashes
 from pipeline.datasets import Sample, SampleSequence
+from pipeline.devices import DEVICE_FORMS, is_device, resolve_device
 from pipeline.errors import PipelineError
-from pipeline.store import CacheWriter, StoreSpec, writer_lock
+from pipeline.store import (
+    HASHES_NAME,
+    CacheWriter,
+    Plan,
+    StoreSpec,
+    TeacherCache,
+    check_out_path,
+    mismatches,
+    plan,
+    writer_lock,
+)
 from stages.teacher import captioners
 from stages.teacher.checkpoints import BRANCH_FOLDERS, checkpoint_fingerprint, resolve_branch_dir
 
@@ -39,6 +56,11 @@ PREPROCESS_VERSION = ("openai-mean-std bicubic-antialias short-side centre-crop;
                       "non-8-bit images over their value range; text ftfy+html+space clean v2")
 DEFAULT_BRANCH = {"rgb": "image", "depth": "depth", "event": "image", "lidar": "image",
                   "aolp": "image", "dolp": "image", "nir": "image", "thermal": "thermal"}
+STORE_DTYPES = ("float16", "float32")
+# TeacherConfig fields that params.yaml keeps under another key
+PARAMS_KEYS = {"dataset": "dataset.name", "root": "dataset.root", "teacher_root": "teacher.root"}
+SCHEDULER_FORMS = "local:N (N >= 1 worker processes) or tcp://HOST:PORT"
+_TCP = re.compile(r"tcp://(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):(?P<port>\d{1,5})/?")
 
 
 @dataclass
@@ -62,12 +84,19 @@ class TeacherConfig:
     scheduler: str | None = None
     decode_workers: int = 0  # 0: max(4, CPU cores)
     skip_bad: bool = False
-    overwrite: bool = False
+    overwrite: bool = False  # rebuild the whole store
+    repair: bool = False  # recompute rows in damaged shards
+    on_mismatch: str = "refuse"  # or "rebuild": a store built differently is rebuilt
 
     @classmethod
     def from_params(cls, params: dict[str, Any], overrides: dict[str, Any],
-                    source: str = "params.yaml") -> TeacherConfig:
-        """Defaults, then params.yaml (`dataset.name/root`, `teacher.*`), then CLI flags."""
+                    source: str = "params.yaml", flags: dict[str, str] | None = None
+                    ) -> TeacherConfig:
+        """Defaults, then params.yaml (`dataset.name/root`, `teacher.*`), then CLI flags;
+        `flags` names the flag of each overridden field for error messages.
+
+        `--modality-branch` entries are added to params' `teacher.modality_branch`, whose
+        entries for modalities this run does not use are ignored."""
         data: dict[str, Any] = {}
         ds = params.get("dataset") or {}
         if "name" in ds:
@@ -78,27 +107,55 @@ class TeacherConfig:
         if "root" in teacher:
             teacher["teacher_root"] = teacher.pop("root")
         data.update(teacher)
-        cfg = build(cls, data, f"{source} (teacher)")
-        if "dataset" in overrides and overrides["dataset"] != cfg.dataset and \
-                "root" not in overrides:
+        where = Where("teacher", source, flags, PARAMS_KEYS)
+        cfg = build(cls, data, Where("teacher", source, keys=PARAMS_KEYS))
+        if overrides.get("dataset") not in (None, cfg.dataset) and \
+                overrides.get("root") is None:
             cfg.root = None  # params' root belongs to params' dataset
         for key, value in overrides.items():
-            if value is not None:
-                setattr(cfg, key, value)
-        cfg.validate()
+            if value is None:
+                continue
+            if key == "modality_branch":  # each side named as the user set it
+                _check_branches(Where("teacher", source), cfg.modality_branch)
+                cfg._check_modalities(where, "modality_branch", list(value))
+                value = {**cfg.modality_branch, **value}
+            setattr(cfg, key, value)
+        cfg.validate(where)
         return cfg
 
-    def validate(self) -> None:
-        if self.batch_size < 1 or self.rows_per_shard < 1 or self.decode_workers < 0:
-            raise PipelineError("batch_size and rows_per_shard must be >= 1, decode_workers "
-                                ">= 0 (0 = automatic)")
-        if self.dtype not in ("float16", "float32"):
-            raise PipelineError(f"dtype must be float16 or float32, got {self.dtype!r}")
+    def validate(self, where: Where | None = None) -> None:
+        """Every value checked before a model is loaded or a store is touched."""
+        w = where or Where("teacher", None)
+        w.integer("batch_size", self.batch_size, 1, why="samples per model batch")
+        w.integer("rows_per_shard", self.rows_per_shard, 1)
+        w.integer("decode_workers", self.decode_workers, 0, why="0: max(4, CPU cores)")
+        w.one_of("dtype", self.dtype, STORE_DTYPES)
         if "{}" not in self.class_prompt:
-            raise PipelineError(f"class_prompt must contain '{{}}' for the class name, got "
-                                f"{self.class_prompt!r}")
-        if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
-            raise PipelineError(f"device must be auto, cpu or cuda[:N], got {self.device!r}")
+            w.fail("class_prompt", "a text with {} for the class name", self.class_prompt)
+        if not is_device(self.device):
+            w.fail("device", "one of " + ", ".join(DEVICE_FORMS), self.device)
+        if self.scheduler is not None:
+            parse_scheduler(self.scheduler, w)
+        w.one_of("on_mismatch", self.on_mismatch, ("refuse", "rebuild"))
+        if self.captioner not in captioners.available():
+            raise PipelineError(f"{w.key('captioner')}: unknown captioner {self.captioner!r}; "
+                                f"available: {', '.join(captioners.available())}")
+        if not self.split:
+            w.fail("split", "one or more split names", self.split)
+        if self.modalities is not None:
+            self._check_modalities(w, "modalities", self.modalities)
+            if not self.modalities or len(set(self.modalities)) < len(self.modalities):
+                w.fail("modalities", "distinct modality names", self.modalities)
+        _check_branches(w, self.modality_branch)
+
+    def _check_modalities(self, where: Where, name: str, modalities: list[str]) -> None:
+        """Name the first modality the dataset does not have."""
+        known = datasets.get(self.dataset).modalities
+        unknown = [m for m in modalities if m not in known]
+        if unknown:
+            raise PipelineError(f"{where.key(name)} names {unknown[0]!r}, which dataset "
+                                f"{self.dataset} does not have; its modalities: "
+                                f"{', '.join(known)}")
 
     def resolved_root(self) -> Path:
         if self.root:
@@ -116,7 +173,8 @@ class TeacherConfig:
                     or datasets.get(self.dataset).modalities)
 
     def branch_map(self) -> dict[str, str]:
-        """Modality -> LanguageBind branch for the modalities of this run."""
+        """Modality -> LanguageBind branch for the modalities of this run (entries of
+        `modality_branch` for other modalities do not matter)."""
         mapping = {}
         for m in self.resolved_modalities():
             branch = self.modality_branch.get(m, DEFAULT_BRANCH.get(m))
@@ -127,20 +185,24 @@ class TeacherConfig:
                 raise PipelineError(f"modality {m} maps to unknown branch {branch!r}; "
                                     f"branches: {', '.join(BRANCH_FOLDERS)}")
             mapping[m] = branch
-        unknown = sorted(set(self.modality_branch) - set(mapping))
-        if unknown:
-            raise PipelineError(f"--modality-branch names {unknown[0]!r}, which is not a "
-                                f"modality of this run ({', '.join(mapping)})")
         return mapping
 
     def resolved_device(self) -> str:
-        import torch
+        return resolve_device(self.device)
 
-        if self.device == "auto":
-            return "cuda" if torch.cuda.is_available() else "cpu"
-        if self.device.startswith("cuda") and not torch.cuda.is_available():
-            raise PipelineError("--device cuda was requested but no CUDA device is available")
-        return self.device
+
+def _check_branches(where: Where, modality_branch: dict[str, str]) -> None:
+    """Known branches, for modalities that some registered dataset has: an entry for another
+    dataset's modality is fine (params.yaml serves several), a typo is not."""
+    every = {m for name in datasets.available() for m in datasets.get(name).modalities}
+    key = where.key("modality_branch")
+    for modality, branch in modality_branch.items():
+        if modality not in every:
+            raise PipelineError(f"{key} names {modality!r}, which no registered dataset has "
+                                f"(modalities: {', '.join(sorted(every))})")
+        if branch not in BRANCH_FOLDERS:
+            raise PipelineError(f"{key} maps {modality} to unknown branch {branch!r}; "
+                                f"branches: {', '.join(BRANCH_FOLDERS)}")
 
 
 def readable_class(name: str) -> str:
@@ -177,7 +239,7 @@ def model_input(sample: Sample, modality: str, branch: str) -> np.ndarray:
 
 
 class ShardWorker:
-    """Teacher, captioner and dataset for one process; computes whole shards."""
+    """Teacher, captioner and dataset for one process; computes the rows of shards."""
 
     def __init__(self, cfg: TeacherConfig, samples: SampleSequence, device: str) -> None:
         import torch
@@ -200,15 +262,16 @@ class ShardWorker:
                   for m, b in self.branch_of.items()}
         return Prepared(sample, pixels)
 
-    def compute(self, prepared: Sequence[Prepared]) -> tuple[list[str], np.ndarray,
-                                                              dict[str, np.ndarray]]:
-        """Captions, E_S and E_m for one shard, in fixed batches of `batch_size`."""
+    def compute(self, prepared: Sequence[Prepared], batch_size: int) -> tuple[
+            list[str], np.ndarray, dict[str, np.ndarray]]:
+        """Captions, E_S and E_m for whole compute batches of a shard, `batch_size` at a
+        time (`prepared` is a run of whole batches, only the shard's last one short)."""
         import torch
 
         start = time.perf_counter()
         captions: list[str] = []
         scene, visual = [], {m: [] for m in self.branch_of}
-        bs = self.cfg.batch_size
+        bs = batch_size
         for i in range(0, len(prepared), bs):
             batch = prepared[i:i + bs]
             texts = self.captioner.caption([p.sample for p in batch])
@@ -238,6 +301,16 @@ def load_samples(cfg: TeacherConfig) -> SampleSequence:
     return datasets.load(cfg.dataset, cfg.resolved_root(), cfg.split, **options)
 
 
+def skipped_ids(cfg: TeacherConfig, samples: SampleSequence) -> list[str]:
+    """Samples of the requested splits that `--skip-bad` dropped (recorded in the store, so
+    stage two skips them too instead of calling the store another sample list)."""
+    if not cfg.skip_bad:
+        return []
+    kept = set(samples.ids)
+    indexed = datasets.get(cfg.dataset).index(cfg.resolved_root(), cfg.split)
+    return [r.id for r in indexed if r.id not in kept]
+
+
 def teacher_fingerprint(cfg: TeacherConfig, class_names: Sequence[str]) -> dict[str, Any]:
     """Everything that decides the cached numbers, without loading a model."""
     branch_of = cfg.branch_map()
@@ -265,89 +338,192 @@ class RunReport:
     status: str
     samples_per_s: float = 0.0
     model_busy: float = 0.0
+    new_rows: int = 0  # never computed before (or interrupted)
+    changed_rows: int = 0  # recomputed because their files changed
+    repaired_rows: int = 0  # recomputed because their chunks were damaged
+    hashed_files: int = 0  # input files read to hash them (0 when none changed)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
+@dataclass
+class ShardJob:
+    """Rows of one shard to write, and the whole compute batches that produce them."""
+
+    shard: int
+    compute: list[int]
+    write: list[int]
+    hashes: list[str]  # input hashes of the `write` rows
+
+
+def shard_jobs(writer: CacheWriter, rows: Sequence[int], input_hashes: Sequence[str],
+               batch_size: int) -> list[ShardJob]:
+    """Group rows by shard; recompute each row inside its whole compute batch, so its
+    bytes equal a clean build's, and write exactly the rows asked for."""
+    by_shard: dict[int, list[int]] = {}
+    for r in rows:
+        by_shard.setdefault(r // writer.rows_per_shard, []).append(r)
+    jobs = []
+    for shard, todo in sorted(by_shard.items()):
+        span = writer.shard_rows(shard)
+        batches = sorted({(r - span.start) // batch_size for r in todo})
+        compute = [r for b in batches
+                   for r in range(span.start + b * batch_size,
+                                  min(span.start + (b + 1) * batch_size, span.stop))]
+        todo = sorted(todo)
+        jobs.append(ShardJob(shard, compute, todo, [input_hashes[r] for r in todo]))
+    return jobs
+
+
+def run_job(worker: ShardWorker, writer: CacheWriter, job: ShardJob,
+            prepared: Sequence[Prepared]) -> None:
+    captions, scene, visual = worker.compute(prepared, writer.batch_size)
+    pick = [job.compute.index(r) for r in job.write]
+    writer.write_rows(job.write, [captions[i] for i in pick], scene[pick],
+                      {m: v[pick] for m, v in visual.items()}, job.hashes)
+
+
 def cache_teacher(cfg: TeacherConfig,
                   progress: Callable[[int, int], None] | None = None) -> RunReport:
-    """Fill (or finish) the store at `cfg.resolved_out()`; see the module docstring."""
+    """Build, finish, update or repair the store at `cfg.resolved_out()` (module docstring).
+
+    A store with nothing to do is only read: no lock, no model, nothing written into it
+    (a read-only complete store is fine)."""
+    cfg.validate()  # before anything is loaded or locked
     start = time.perf_counter()
     out = cfg.resolved_out()
+    check_out_path(out)
     samples = load_samples(cfg)
+    hashes = FileHashes(out / HASHES_NAME)
+    input_hashes = hashes.sample_digests([r.files for r in samples.records])
     spec = StoreSpec(ids=samples.ids, modalities=list(cfg.branch_map()),
                      teacher_fingerprint=teacher_fingerprint(cfg, samples.classes),
-                     dtype=cfg.dtype, rows_per_shard=cfg.rows_per_shard)
+                     dtype=cfg.dtype, rows_per_shard=cfg.rows_per_shard,
+                     batch_size=cfg.batch_size, skipped=skipped_ids(cfg, samples))
+    if not cfg.overwrite:
+        existing, todo = _inspect(cfg, out, spec, input_hashes)
+        if existing is not None and todo.empty:
+            if out.is_dir():
+                hashes.save()
+            return RunReport(str(out), existing.n, 0, 0, time.perf_counter() - start, 0.0,
+                             "complete", hashed_files=hashes.hashed)
     with writer_lock(out):
-        writer = CacheWriter.check(out, spec, overwrite=cfg.overwrite)
-        if writer is not None:
+        existing, todo = (None, Plan()) if cfg.overwrite else \
+            _inspect(cfg, out, spec, input_hashes)
+        if existing is not None and todo.empty:  # another run finished it meanwhile
+            return RunReport(str(out), existing.n, 0, 0, time.perf_counter() - start, 0.0,
+                             "complete", hashed_files=hashes.hashed)
+        writer = None
+        if existing is not None:
+            writer = CacheWriter(out)
             writer.remove_partials()
-            pending = writer.pending_shards()
-            if not pending:
-                return RunReport(str(out), writer.n, 0, 0, time.perf_counter() - start, 0.0,
-                                 "complete")
+            writer.discard(todo.damages)
             if writer.rows_per_shard != cfg.rows_per_shard:
-                log.info("resuming with the store's rows_per_shard=%d", writer.rows_per_shard)
+                log.info("updating with the store's rows_per_shard=%d", writer.rows_per_shard)
+            if writer.batch_size != cfg.batch_size:
+                log.info("updating with the store's batch_size=%d (the batches it was built "
+                         "with, so recomputed rows equal a clean build)", writer.batch_size)
         device = cfg.resolved_device()
         if cfg.scheduler:
-            report = _run_distributed(cfg, samples, spec, writer, out, device, progress)
+            report = _run_distributed(cfg, samples, spec, writer, todo, input_hashes, out,
+                                      device, progress)
         else:
-            report = _run_local(cfg, samples, spec, writer, out, device, progress)
+            report = _run_local(cfg, samples, spec, writer, todo, input_hashes, out, device,
+                                progress)
+        hashes.save()
+    if writer is not None:
+        report.new_rows, report.changed_rows = len(todo.new), len(todo.changed)
+        report.repaired_rows = len(todo.damaged)
+    else:
+        report.new_rows = report.computed_rows
+    report.hashed_files = hashes.hashed
     report.seconds = time.perf_counter() - start
     report.samples_per_s = report.computed_rows / report.seconds if report.seconds else 0.0
     return report
 
 
+def _inspect(cfg: TeacherConfig, out: Path, spec: StoreSpec,
+             input_hashes: Sequence[str]) -> tuple[TeacherCache | None, Plan]:
+    """The existing store and what it needs (None: create a new one). Reads only."""
+    cache, problems = mismatches(out, spec)
+    if problems and cfg.on_mismatch != "rebuild":
+        raise PipelineError(f"{out} was built differently: {' | '.join(problems)}; pass "
+                            "--overwrite to rebuild it, or choose another --out")
+    if cache is None or problems:
+        return None, Plan()
+    big = cache.num_shards >= 32  # a progress bar only where the scan takes a while
+    return cache, plan(cache, input_hashes, cfg.repair, show=big)
+
+
 def _create(worker: ShardWorker, out: Path, spec: StoreSpec) -> CacheWriter:
-    # dataset and splits let stage two re-derive the sample list and check the fingerprint
+    # dataset and splits let stage two re-derive the sample list and check the fingerprint;
+    # root and teacher_root let a damage message print a working --repair command
+    cfg = worker.cfg
     return CacheWriter.create(out, spec, worker.teacher.dim, worker.samples.classes,
                               worker.class_embeddings(),
-                              {"dataset": worker.cfg.dataset, "splits": list(worker.cfg.split)})
+                              {"dataset": cfg.dataset, "splits": list(cfg.split),
+                               "root": str(cfg.resolved_root()),
+                               "teacher_root": str(cfg.teacher_root)})
 
 
-def _prefetch(worker: ShardWorker, writer: CacheWriter, shards: list[int],
-              pool: ThreadPoolExecutor, depth: int = 2) -> Iterator[tuple[int, list[Prepared]]]:
-    """Yield (shard, prepared samples) while the next `depth` shards decode in `pool`."""
-    queue: list[tuple[int, list[Future[Prepared]]]] = []
-    it = iter(shards)
+def _repair_static(worker: ShardWorker | None, writer: CacheWriter, spec: StoreSpec,
+                   todo: Plan, samples: SampleSequence, cfg: TeacherConfig,
+                   device: str) -> None:
+    """Rewrite damaged arrays fixed at creation (E_C needs the text encoder)."""
+    if not todo.static:
+        return
+    classes = np.zeros((0, 0), np.float32)
+    if "classes" in todo.static:
+        classes = (worker or ShardWorker(cfg, samples, device)).class_embeddings()
+    writer.write_static(spec, samples.classes, classes, todo.static)
+    log.info("rewrote the damaged %s of %s", ", ".join(todo.static), writer.path)
+
+
+def _prefetch(worker: ShardWorker, jobs: list[ShardJob], pool: ThreadPoolExecutor,
+              depth: int = 2) -> Iterator[tuple[ShardJob, list[Prepared]]]:
+    """Yield (job, prepared samples) while the next `depth` jobs decode in `pool`."""
+    queue: list[tuple[ShardJob, list[Future[Prepared]]]] = []
+    it = iter(jobs)
 
     def submit() -> None:
-        shard = next(it, None)
-        if shard is not None:
-            queue.append((shard, [pool.submit(worker.prepare, i)
-                                  for i in writer.shard_rows(shard)]))
+        job = next(it, None)
+        if job is not None:
+            queue.append((job, [pool.submit(worker.prepare, i) for i in job.compute]))
 
     for _ in range(depth):
         submit()
     while queue:
-        shard, futures = queue.pop(0)
+        job, futures = queue.pop(0)
         submit()
-        yield shard, [f.result() for f in futures]
+        yield job, [f.result() for f in futures]
 
 
 def _run_local(cfg: TeacherConfig, samples: SampleSequence, spec: StoreSpec,
-               writer: CacheWriter | None, out: Path, device: str,
-               progress: Callable[[int, int], None] | None) -> RunReport:
+               writer: CacheWriter | None, todo: Plan, input_hashes: Sequence[str], out: Path,
+               device: str, progress: Callable[[int, int], None] | None) -> RunReport:
     worker = ShardWorker(cfg, samples, device)
     if writer is None:
         writer = _create(worker, out, spec)
-    shards = writer.pending_shards()
-    total = sum(len(writer.shard_rows(s)) for s in shards)
+        rows: list[int] = list(range(writer.n))
+    else:
+        _repair_static(worker, writer, spec, todo, samples, cfg, device)
+        rows = todo.rows
+    jobs = shard_jobs(writer, rows, input_hashes, writer.batch_size)
+    total = sum(len(j.write) for j in jobs)
     done_rows = 0
     loop_start = time.perf_counter()
     threads = cfg.decode_workers or max(4, os.cpu_count() or 1)
     with ThreadPoolExecutor(threads) as pool:
-        for shard, prepared in _prefetch(worker, writer, shards, pool):
-            captions, scene, visual = worker.compute(prepared)
-            writer.write_shard(shard, captions, scene, visual)
-            done_rows += len(prepared)
+        for job, prepared in _prefetch(worker, jobs, pool):
+            run_job(worker, writer, job, prepared)
+            done_rows += len(job.write)
             if progress:
                 progress(done_rows, total)
     writer.touch()
     loop = time.perf_counter() - loop_start
-    return RunReport(str(out), writer.n, done_rows, len(shards), 0.0, worker.model_seconds,
+    return RunReport(str(out), writer.n, done_rows, len(jobs), 0.0, worker.model_seconds,
                      "written", model_busy=worker.model_seconds / loop if loop else 0.0)
 
 
@@ -356,8 +532,8 @@ _WORKER_STATE: dict[str, tuple[ShardWorker, CacheWriter]] = {}
 
 
 def _shard_task(cfg_dict: dict[str, Any], out: str, device: str, threads: int,
-                shard: int) -> tuple[int, int, float]:
-    """Runs on a dask worker: load the teacher once per process, compute one shard."""
+                job: ShardJob) -> tuple[int, int, float]:
+    """Runs on a dask worker: load the teacher once per process, compute one shard's rows."""
     key = repr((sorted(cfg_dict.items()), out, device))
     if key not in _WORKER_STATE:
         import torch
@@ -365,71 +541,91 @@ def _shard_task(cfg_dict: dict[str, Any], out: str, device: str, threads: int,
         torch.set_num_threads(threads)
         cfg = TeacherConfig(**cfg_dict)
         worker = ShardWorker(cfg, load_samples(cfg), device)
-        import zarr
-
-        writer = CacheWriter(Path(out), zarr.open_group(out, mode="r+"))
-        _WORKER_STATE[key] = (worker, writer)
+        _WORKER_STATE[key] = (worker, CacheWriter(Path(out)))
     worker, writer = _WORKER_STATE[key]
     before = worker.model_seconds
-    prepared = [worker.prepare(i) for i in writer.shard_rows(shard)]
-    captions, scene, visual = worker.compute(prepared)
-    writer.write_shard(shard, captions, scene, visual)
-    return shard, len(prepared), worker.model_seconds - before
+    prepared = [worker.prepare(i) for i in job.compute]
+    run_job(worker, writer, job, prepared)
+    return job.shard, len(job.write), worker.model_seconds - before
+
+
+def parse_scheduler(value: str, where: Where | None = None) -> tuple[str, int] | tuple[str, str]:
+    """`local:N` -> ("local", N); `tcp://HOST:PORT` -> ("tcp", the address). Checked before
+    anything is loaded: `local:0` would start a cluster with no worker and wait forever."""
+    where = where or Where("teacher", None)
+    if value.startswith("local:"):
+        n = value.removeprefix("local:")
+        if not n.isdigit() or int(n) < 1:
+            where.fail("scheduler", SCHEDULER_FORMS, value)
+        return "local", int(n)
+    match = _TCP.fullmatch(value)
+    if match is None or not 1 <= int(match["port"]) <= 65535:
+        where.fail("scheduler", SCHEDULER_FORMS, value)
+    return "tcp", value
 
 
 def _client(scheduler: str) -> tuple[Any, Any]:
+    """A dask client (and the cluster it started, for local:N). A tcp:// scheduler that does
+    not answer within dask's connect timeout fails in one line."""
+    import dask
     from dask.distributed import Client, LocalCluster
 
-    if scheduler.startswith("local:"):
-        try:
-            n = int(scheduler.split(":", 1)[1])
-        except ValueError:
-            raise PipelineError(f"--scheduler local:N needs a number, got {scheduler!r}") from None
-        cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
+    kind, value = parse_scheduler(scheduler)
+    if kind == "local":
+        cluster = LocalCluster(n_workers=int(value), threads_per_worker=1, processes=True,
                                dashboard_address=None, silence_logs=logging.ERROR)
         return Client(cluster), cluster
-    if scheduler.startswith("tcp://"):
-        try:
-            return Client(scheduler, timeout=30), None
-        except OSError as exc:
-            raise PipelineError(f"cannot reach the dask scheduler at {scheduler} ({exc})") from exc
-    raise PipelineError(f"--scheduler must be local:N or tcp://HOST:PORT, got {scheduler!r}")
+    timeout = dask.config.get("distributed.comm.timeouts.connect")
+    try:
+        return Client(scheduler, timeout=timeout), None
+    except OSError as exc:  # TimeoutError included
+        raise PipelineError(
+            f"cannot reach the dask scheduler at {scheduler} within {timeout} "
+            f"({str(exc).splitlines()[0]}); start one there with `dask scheduler`, or wait "
+            "longer with DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT=120s") from exc
 
 
 def _run_distributed(cfg: TeacherConfig, samples: SampleSequence, spec: StoreSpec,
-                     writer: CacheWriter | None, out: Path, device: str,
+                     writer: CacheWriter | None, todo: Plan, input_hashes: Sequence[str],
+                     out: Path, device: str,
                      progress: Callable[[int, int], None] | None) -> RunReport:
     from dask.distributed import as_completed
 
-    if writer is None:
-        # the coordinator creates the store (and E_C) once; workers only fill shards
-        creator = ShardWorker(cfg, samples, device)
-        writer = _create(creator, out, spec)
-        del creator
-    shards = writer.pending_shards()
-    total = sum(len(writer.shard_rows(s)) for s in shards)
     environ = dict(os.environ)  # dask sets OMP/MKL_NUM_THREADS=1 here for its workers
-    client, cluster = _client(cfg.scheduler or "")
+    client = cluster = None
     try:
+        client, cluster = _client(cfg.scheduler or "")  # reachable before anything is written
+        if writer is None:
+            # the coordinator creates the store (and E_C) once; workers only fill shards
+            creator = ShardWorker(cfg, samples, device)
+            writer = _create(creator, out, spec)
+            del creator
+            rows: list[int] = list(range(writer.n))
+        else:
+            _repair_static(None, writer, spec, todo, samples, cfg, device)
+            rows = todo.rows
+        jobs = shard_jobs(writer, rows, input_hashes, writer.batch_size)
+        total = sum(len(j.write) for j in jobs)
         n_workers = max(1, len(client.scheduler_info()["workers"]))
         threads = max(1, (os.cpu_count() or 1) // n_workers)
-        cfg_dict = {**asdict(cfg), "scheduler": None, "overwrite": False,
+        cfg_dict = {**asdict(cfg), "scheduler": None, "overwrite": False, "repair": False,
                     "root": str(cfg.resolved_root()), "out": str(out)}
-        futures = [client.submit(_shard_task, cfg_dict, str(out), device, threads, s,
-                                 pure=False, key=f"teacher-shard-{s}") for s in shards]
+        futures = [client.submit(_shard_task, cfg_dict, str(out), device, threads, job,
+                                 pure=False, key=f"teacher-shard-{job.shard}") for job in jobs]
         done_rows, model_s = 0, 0.0
         for fut in as_completed(futures):
-            _, rows, seconds = fut.result()
-            done_rows += rows
+            _, n_rows, seconds = fut.result()
+            done_rows += n_rows
             model_s += seconds
             if progress:
                 progress(done_rows, total)
     finally:
-        client.close()
+        if client is not None:
+            client.close()
         if cluster is not None:
             cluster.close()
         os.environ.clear()
         os.environ.update(environ)
     writer.touch()
-    return RunReport(str(out), writer.n, done_rows, len(shards), 0.0, model_s, "written",
+    return RunReport(str(out), writer.n, done_rows, len(jobs), 0.0, model_s, "written",
                      extra={"workers": n_workers})
