@@ -108,11 +108,34 @@ class World:
             dist.barrier()
 
 
+_LAUNCHER_PID = "ANY2SEG_LAUNCHER_PID"  # set by `launch` for the ranks it starts
+
+
+def _die_with_launcher() -> None:
+    """Under `--nproc`, end this rank when the launcher dies, even by SIGKILL: torch's
+    agent starts ranks in sessions of their own, so they would otherwise train on, orphaned
+    (Linux; elsewhere a no-op)."""
+    parent = os.environ.get(_LAUNCHER_PID)
+    if parent is None or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != int(parent):  # the launcher died before the line above
+        os._exit(1)
+
+
 def join(device: str) -> World:
     """The world this process belongs to, joining the process group torchrun (or `--nproc`)
     started: NCCL with one GPU per rank on CUDA, gloo on CPU. One process: size 1."""
     if not launched():
         return World(device=device)
+    _die_with_launcher()
     rank, size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if device.startswith("cuda"):
@@ -291,6 +314,7 @@ def launch(nproc: int, argv: list[str], device: str, debug: bool = False) -> Non
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc,
                           run_id=str(uuid.uuid4()), rdzv_backend="c10d",
                           rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.1)
+    os.environ[_LAUNCHER_PID] = str(os.getpid())  # the ranks inherit it
     try:
         elastic_launch(config, sys.executable)("-m", "pipeline", *argv)
     except ChildFailedError as exc:
@@ -299,3 +323,5 @@ def launch(nproc: int, argv: list[str], device: str, debug: bool = False) -> Non
             raise PipelineError(f"rank {rank} was killed by {failure.signal_name()} "
                                 "(out of memory?); the job stopped") from None
         raise ReportedError(failure.exitcode) from None  # the rank printed why
+    finally:
+        os.environ.pop(_LAUNCHER_PID, None)
