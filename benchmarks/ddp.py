@@ -8,7 +8,8 @@ on the same global batches, one process per rank, the cores split between the ra
 The communication share is 1 - (step time without the gradient all-reduce, DDP's
 `no_sync`) / (step time with it); the all-reduce of a gradient-sized buffer alone is
 timed too. Prints a Markdown table, writes JSON (default benchmarks/results/ddp.json).
-On 2 cores the gain from a second rank is small: the point is what the all-reduce costs.
+Three layouts: 1 rank on 1 core, 1 rank on all cores, 2 ranks sharing the cores. On 2
+cores the gain from a second rank is small: the point is what the all-reduce costs.
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _rank(rank: int, size: int, port: int, args: dict[str, Any], out: str) -> None:
+def _rank(rank: int, size: int, threads: int, port: int, args: dict[str, Any],
+          out: str) -> None:
     import torch.distributed as dist
 
     from pipeline import datasets
@@ -48,7 +50,7 @@ def _rank(rank: int, size: int, port: int, args: dict[str, Any], out: str) -> No
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(size), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(size))
-    torch.set_num_threads(max(1, args["cores"] // size))
+    torch.set_num_threads(threads)
     world = distributed.join("cpu")
     cfg = TrainConfig(dataset="sample", root=args["root"], cache=args["cache"],
                       steps=args["warmup"] + args["steps"], batch_size=args["batch_size"],
@@ -108,10 +110,10 @@ def _rank(rank: int, size: int, port: int, args: dict[str, Any], out: str) -> No
     distributed.leave()
 
 
-def run(size: int, args: dict[str, Any]) -> dict[str, Any]:
+def run(size: int, threads: int, args: dict[str, Any]) -> dict[str, Any]:
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
         out = f.name
-    mp.spawn(_rank, args=(size, _free_port(), args, out), nprocs=size, join=True)
+    mp.spawn(_rank, args=(size, threads, _free_port(), args, out), nprocs=size, join=True)
     result = json.loads(Path(out).read_text())
     os.unlink(out)
     return result
@@ -149,11 +151,14 @@ def main() -> None:
                   "warmup": args.warmup, "batch_size": args.batch_size, "crop": args.crop,
                   "backbone": args.backbone, "seed": 0, "cores": os.cpu_count() or 1}
         rows = []
-        for size in (1, 2):
-            per_repeat = [run(size, {**shared, "seed": seed}) for seed in range(args.repeats)]
+        cores = shared["cores"]
+        # one rank on one core, one rank on all cores, the cores split over 2 ranks
+        layouts = list(dict.fromkeys([(1, 1), (1, cores), (2, max(1, cores // 2))]))
+        for size, threads in layouts:
+            per_repeat = [run(size, threads, {**shared, "seed": seed})
+                          for seed in range(args.repeats)]
             step = [statistics.median(r["times"]["sync"]) for r in per_repeat]
-            row: dict[str, Any] = {"ranks": size,
-                                   "threads_per_rank": max(1, shared["cores"] // size),
+            row: dict[str, Any] = {"ranks": size, "threads_per_rank": threads,
                                    "local_batch": args.batch_size // size}
             row["step_s"] = _mean_std(step)
             row["steps_per_s"] = _mean_std([1 / s for s in step])

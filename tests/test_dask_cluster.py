@@ -29,11 +29,14 @@ def _dask(*args: str) -> list[str]:
     return [str(Path(sys.executable).with_name("dask")), *args]
 
 
-@pytest.fixture
-def cluster(tmp_path):
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
     """A scheduler and two single-threaded workers (no nanny: a killed worker stays dead);
-    yields (address, {worker address: pid}); every process is ended afterwards."""
+    yields (address, {worker address: pid}); every process is ended afterwards. Shared by
+    the tests below in file order: the last one kills a worker."""
     from dask.distributed import Client
+
+    tmp_path = tmp_path_factory.mktemp("cluster")
 
     port = _free_port()
     address = f"tcp://127.0.0.1:{port}"
