@@ -193,3 +193,35 @@ def test_under_torchrun_a_failing_job_reports_once(sample_cache, tmp_path):
                       "of 2 (the batch is the global batch, split across ranks)"], done.stderr
     # no rank's traceback (torchrun's own agent prints its ChildFailedError summary)
     assert "pipeline/cli.py" not in done.stderr and "stages/student" not in done.stderr
+
+
+def test_keyed_noise_follows_the_sample_not_the_batch_or_rank():
+    """Dropout / drop-path masks are functions of (seed, step, position in the global batch):
+    a rank holding rows 2-3 draws what one process draws for them; rates are the set p."""
+    from torch import nn
+
+    from stages.student.model import build_student
+    from stages.student.noise import KeyedDropout, KeyedDropPath, sample_keys, using
+
+    keys = sample_keys(7, 3, torch.arange(4))
+    for layer in (KeyedDropout(0.3, False, salt=5), KeyedDropout(0.3, True, salt=6),
+                  KeyedDropPath(0.3, salt=7)):
+        layer.train()
+        x = torch.ones(4, 64, 8, 8)
+        with using(keys):
+            whole = layer(x)
+        with using(sample_keys(7, 3, torch.arange(2, 4))):  # rank 1 of 2, as in train
+            share = layer(x[2:])
+        assert torch.equal(whole[2:], share)
+        with using(sample_keys(7, 4, torch.arange(4))):
+            assert not torch.equal(layer(x), whole)  # another step, other masks
+        many = torch.ones(4000, 16, 2, 2)
+        with using(sample_keys(0, 0, torch.arange(4000))):
+            out = layer(many)
+        assert (out != 0).double().mean().item() == pytest.approx(0.7, abs=0.02)
+        assert torch.allclose(out[out != 0], torch.tensor(1 / 0.7))  # scaled by 1 / keep
+    model = build_student(StudentConfig(**STUDENT), ["rgb", "depth"], 5)
+    assert not any(isinstance(m, nn.Dropout | nn.Dropout2d) and m.p > 0
+                   for m in model.modules())
+    assert any(isinstance(m, KeyedDropPath) and m.p > 0 for m in model.modules())
+    assert any(isinstance(m, KeyedDropout) for m in model.modules())
