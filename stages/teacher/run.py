@@ -46,6 +46,7 @@ from pipeline.store import (
     writer_lock,
 )
 from stages.teacher import captioners
+from stages.teacher.checkpoints import BRANCH_FOLDERS, checkpoint_fingerprint, resolve_branch_dir
 from stages.teacher.codebook import (
     DENSE_FORMS,
     SphericalKMeans,
@@ -53,7 +54,6 @@ from stages.teacher.codebook import (
     parse_dense,
     reconstruction_cosine,
 )
-from stages.teacher.checkpoints import BRANCH_FOLDERS, checkpoint_fingerprint, resolve_branch_dir
 
 if TYPE_CHECKING:
     import torch
