@@ -132,14 +132,14 @@ def ablation_part(root: Path, cache: Path, tmp: Path, seeds: list[int], steps: i
                          "seconds": round(time.perf_counter() - t0, 1)})
             print(name, runs[-1], flush=True)
 
-        def stat(key: str) -> tuple[float, float]:
-            v = [r[key] for r in runs]
-            return round(statistics.mean(v), 2), round(statistics.stdev(v), 2) if len(v) > 1 \
-                else 0.0
-
-        rows.append({"variant": name, "runs": runs, "mss": stat("mss"),
-                     "miss_mean": stat("miss_mean")})
+        rows.append({"variant": name, "runs": runs, "mss": _mean_std(runs, "mss"),
+                     "miss_mean": _mean_std(runs, "miss_mean")})
     return rows
+
+
+def _mean_std(runs: list[dict[str, Any]], key: str) -> tuple[float, float]:
+    v = [r[key] for r in runs]
+    return round(statistics.mean(v), 2), round(statistics.stdev(v), 2) if len(v) > 1 else 0.0
 
 
 def main() -> None:
@@ -159,6 +159,11 @@ def main() -> None:
                               "machine": platform.machine(),
                               "load_average": os.getloadavg()[0]}
     start = time.perf_counter()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+
+    def save() -> None:  # after every part: a run stopped midway keeps what it measured
+        args.out.write_text(json.dumps(result, indent=2, default=str) + "\n")
+
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         root = tmp / "deliver-sample"
@@ -167,6 +172,7 @@ def main() -> None:
         write_default_teacher(root / "teacher")
         if "size" in parts:
             result["size"] = size_part(root, tmp, ks)
+            save()
         cache = tmp / "codes.zarr"
         cache_teacher(TeacherConfig(dataset="sample", root=str(root), out=str(cache),
                                     teacher_root=str(root / "teacher"),
@@ -174,6 +180,7 @@ def main() -> None:
         if "step" in parts:
             result["step"] = step_part(root, cache, args.step_repeats)
             print(result["step"], flush=True)
+            save()
         if "ablation" in parts:
             result["ablation"] = ablation_part(root, cache, tmp, seeds, args.steps)
             result["ablation_setup"] = {"steps": args.steps, "seeds": seeds, "k": min(ks),
@@ -203,8 +210,7 @@ def main() -> None:
                   f"{r['miss_mean'][0]} ± {r['miss_mean'][1]} |")
     print(f"\n{result['total_minutes']} min in all, load average {result['load_average']:.1f} "
           f"at start, {result['load_average_end']:.1f} at end")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    save()
     print(f"wrote {args.out}")
 
 
