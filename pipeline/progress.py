@@ -2,7 +2,9 @@
 
 On a terminal: tqdm, redrawn in place. Anywhere else (DVC, CI, `> log 2>&1`) tqdm would
 write hundreds of carriage-return updates into the file, so a plain line is printed
-instead at each further 10 % of the work, or after 10 s without one, and once at the end.
+instead at each further 10 % of the work (but not within 1 s of the previous line, so work
+that takes a second prints only its final line), or after 10 s without one, and once at
+the end.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import IO, Any
 
 LINE_EVERY_S = 10.0
 LINE_EVERY_FRACTION = 0.1
+LINE_GAP_S = 1.0  # a 10 % line needs this long since the previous line
 
 
 def interactive(stream: IO[str] | None = None) -> bool:
@@ -80,7 +83,9 @@ class LineProgress:
         self.n += n
         if self.total and self.n >= self.total:
             return  # the final line comes from close()
-        if self._step(self.n) > self.last_step or self.clock() - self.last_t >= LINE_EVERY_S:
+        since = self.clock() - self.last_t
+        if (self._step(self.n) > self.last_step and since >= LINE_GAP_S) \
+                or since >= LINE_EVERY_S:
             self._emit()
 
     def set_postfix(self, **values: Any) -> None:

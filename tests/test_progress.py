@@ -18,10 +18,11 @@ class FakeTTY(io.StringIO):
         return True
 
 
-def test_fast_work_prints_one_line_per_tenth_and_a_final_line():
-    out = io.StringIO()
-    bar = LineProgress(total=700, desc="training", unit="step", stream=out, clock=Clock())
-    for _ in range(700):
+def test_steady_work_prints_one_line_per_tenth_and_a_final_line():
+    out, clock = io.StringIO(), Clock()
+    bar = LineProgress(total=700, desc="training", unit="step", stream=out, clock=clock)
+    for _ in range(700):  # 0.1 s per step: 7 s per tenth
+        clock.t += 0.1
         bar.update(1)
     bar.close()
     lines = out.getvalue().splitlines()
@@ -29,6 +30,16 @@ def test_fast_work_prints_one_line_per_tenth_and_a_final_line():
     assert len(lines) == 10  # 10 %, 20 %, ..., 90 % and the final 700/700
     assert lines[0].startswith("training: 70/700 step (10%)")
     assert lines[-1].startswith("training: 700/700 step (100%)")
+
+
+def test_work_done_within_a_second_prints_only_its_final_line():
+    out, clock = io.StringIO(), Clock()
+    bar = LineProgress(total=1000, desc="hashing", unit="file", stream=out, clock=clock)
+    for _ in range(1000):  # 0.4 s in all
+        clock.t += 0.0004
+        bar.update(1)
+    bar.close()
+    assert out.getvalue().splitlines() == ["hashing: 1000/1000 file (100%) in 0 s"]
 
 
 def test_slow_work_prints_a_heartbeat_every_ten_seconds():
