@@ -462,6 +462,10 @@ def _option_value(text: str) -> Any:
 @click.option("--on-mismatch", type=click.Choice(["refuse", "rebuild"]), default=None,
               help="A store built with another teacher, sample list, modalities or dtype: "
               "refuse it, or rebuild it (what dvc.yaml runs).  [default: refuse]")
+@click.option("--dense", default=None, metavar="codebook:K",
+              help="Also store dense targets: a K-code codebook per modality fitted on the "
+              "teacher's patch tokens, and each sample's patch codes (CodeAlign).  "
+              "[default: off]")
 @click.option("--params", "params_path", type=click.Path(path_type=Path), default=None,
               help="Parameters file.  [default: ./params.yaml if present]")
 @click.option("--json", "as_json", is_flag=True, help="Print the run report as JSON.")
@@ -472,7 +476,7 @@ def cache_teacher_cmd(dataset: str | None, root: Path | None, split: str | None,
                       batch_size: int | None, rows_per_shard: int | None, device: str | None,
                       dtype: str | None, scheduler: str | None, decode_workers: int | None,
                       skip_bad: bool | None, overwrite: bool | None, repair: bool | None,
-                      on_mismatch: str | None, params_path: Path | None,
+                      on_mismatch: str | None, dense: str | None, params_path: Path | None,
                       as_json: bool) -> None:
     """Stage one: caption every sample and encode it with LanguageBind into a zarr cache.
 
@@ -496,7 +500,7 @@ def cache_teacher_cmd(dataset: str | None, root: Path | None, split: str | None,
         "captioner": captioner, "class_prompt": class_prompt, "batch_size": batch_size,
         "rows_per_shard": rows_per_shard, "device": device, "dtype": dtype,
         "scheduler": scheduler, "decode_workers": decode_workers, "skip_bad": skip_bad,
-        "overwrite": overwrite, "repair": repair, "on_mismatch": on_mismatch,
+        "overwrite": overwrite, "repair": repair, "on_mismatch": on_mismatch, "dense": dense,
         "captioner_options": {k: _option_value(v) for k, v in
                               _pairs(captioner_option, "--captioner-option").items()} or None,
         "modality_branch": _pairs(modality_branch, "--modality-branch") or None,
@@ -551,6 +555,17 @@ def cache_info_cmd(path: Path, as_json: bool) -> None:
     click.echo(f"dataset fingerprint {info['dataset_fingerprint']} (sample list "
                f"{info['sample_list_fingerprint']}{skipped}); every chunk checksum verified")
     click.echo("teacher fingerprint " + json.dumps(info["teacher_fingerprint"], sort_keys=True))
+    dense = info.get("dense")
+    if dense:
+        b = dense["bytes_per_sample"]
+        click.echo(f"dense codes: K={dense['k']}, {dense['grid'][0]}x{dense['grid'][1]} patches "
+                   f"per modality; per sample {b['codes_uint16']} B of uint16 codes "
+                   f"({b['codes_on_disk']:.0f} B on disk) vs {b['fp16_tokens']} B of fp16 "
+                   f"tokens: {dense['ratio_raw']:g}x ({dense['ratio_on_disk']:g}x on disk); "
+                   f"codebook fingerprint {dense['codebook_fingerprint']}")
+        cos = ", ".join(f"{m} {c:.3f}" for m, c in dense["reconstruction_cosine"].items())
+        click.echo(f"reconstruction cosine on {dense['heldout_samples']} held-out samples: "
+                   f"{cos}")
     for sample_id, caption in info["captions"].items():
         click.echo(f"  {sample_id}: {caption}")
 

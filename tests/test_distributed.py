@@ -110,6 +110,40 @@ def test_two_ranks_train_the_weights_of_one_process(two_ranks):
 
 
 @pytest.mark.slow
+def test_two_ranks_train_the_code_loss_as_one_process(teacher_sample, tmp_path):
+    """CodeAlign's translators live outside the DDP module: their gradients are averaged
+    by hand and their loss is the global batch's mean, as the student's terms are."""
+    from stages.teacher.run import cache_teacher
+    from tests.test_cache_teacher import config
+
+    root, _ = teacher_sample
+    cache = tmp_path / "dense.zarr"
+    cache_teacher(config(root, cache, split=["train", "val"], rows_per_shard=16,
+                         dense="codebook:16", dense_passes=1))
+    kw = {"steps": 3, "val_every": 0, "loss": {"w_code": 1.0}}
+    params = _params(tmp_path / "p.yaml", root, cache, tmp_path / "two", **kw)
+    done = _pipeline("train", "--params", params, "--nproc", 2)
+    assert done.returncode == 0, done.stderr
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        train(StudentConfig(**STUDENT), TrainConfig(dataset="sample", root=str(root),
+                                                     cache=str(cache), out=str(tmp_path / "one"),
+                                                     **{**TRAIN, **kw}), progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    a, b = (torch.load(tmp_path / run / "last.pt", weights_only=False)
+            for run in ("one", "two"))
+    assert a["translators"] and a["translators"].keys() == b["translators"].keys()
+    for part in ("model", "translators"):
+        for key, value in a[part].items():
+            if value.is_floating_point():
+                assert (value - b[part][key]).abs().max().item() < 1e-9, (part, key)
+    moved = [k for k, v in a["translators"].items() if "weight" in k]
+    assert moved, "the translators have weights"
+
+
+@pytest.mark.slow
 def test_sharded_evaluate_equals_one_process_matrix_for_matrix(two_ranks):
     root, _, tmp, _, _ = two_ranks
     ckpt, out = tmp / "two" / "best.pt", tmp / "eval2"

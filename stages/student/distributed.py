@@ -103,6 +103,26 @@ class World:
         dist.all_gather_object(parts, items)
         return [x for part in parts for x in part]
 
+    def average_gradients(self, params: Sequence[nn.Parameter]) -> None:
+        """DDP's gradient averaging for parameters outside the DDP module (CodeAlign's
+        translators, called several times a step, which DDP's reducer does not allow). A
+        parameter no rank used keeps no gradient, as in one process (AdamW skips it)."""
+        if self.size == 1:
+            return
+        params = list(params)
+        if not params:
+            return
+        used = torch.tensor([p.grad is not None for p in params], dtype=torch.int64,
+                            device=params[0].device)  # NCCL reduces device tensors only
+        dist.all_reduce(used)
+        for p, n in zip(params, used.tolist(), strict=True):
+            if n == 0:
+                continue
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            dist.all_reduce(p.grad)
+            p.grad /= self.size
+
     def barrier(self) -> None:
         if self.size > 1:
             dist.barrier()

@@ -40,6 +40,7 @@ class LossConfig:
     w_sup: float = 1.0
     w_cr: float = 1.0
     w_se: float = 1.0
+    w_code: float = 0.0  # CodeAlign code / FCF loss (`stages.student.codes`); 0: off
     tau_cr: float = 0.1
     tau_se: float = 0.1
     ohem: bool = False
@@ -50,11 +51,11 @@ class LossConfig:
         """Refused before a step is taken: a NaN weight or a zero temperature would only
         show up later as a non-finite loss."""
         where = where or Where("train.loss", None)
-        for name in ("w_sup", "w_cr", "w_se"):
+        for name in ("w_sup", "w_cr", "w_se", "w_code"):
             where.number(name, getattr(self, name), 0, why="a loss weight; 0 switches the "
                          "term off")
-        if not (self.w_sup or self.w_cr or self.w_se):
-            where.fail("w_sup", "> 0 when w_cr and w_se are 0 (nothing would be trained)",
+        if not (self.w_sup or self.w_cr or self.w_se or self.w_code):
+            where.fail("w_sup", "> 0 when w_cr, w_se and w_code are 0 (nothing would be trained)",
                        self.w_sup)
         for name in ("tau_cr", "tau_se"):
             where.number(name, getattr(self, name), 0, lo_open=True,

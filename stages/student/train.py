@@ -37,6 +37,7 @@ from pipeline.store import (
     sample_list_fingerprint,
 )
 from stages.student import distributed, noise
+from stages.student.codes import CodeTranslators, code_loss
 from stages.student.data import IGNORE, AugmentConfig, ScheduleSampler, StudentData, Targets
 from stages.student.encoder import min_input_size
 from stages.student.evaluate import evaluate, evaluation_loader
@@ -69,6 +70,7 @@ class TrainConfig:
     seed: int = 3407
     workers: int = 2
     modality_dropout: float = 0.0
+    isolation: bool = False  # every training sample shows exactly one modality (CodeAlign)
     augment: dict[str, Any] = field(default_factory=dict)
     loss: dict[str, Any] = field(default_factory=dict)
     val_every: int = 0  # 0: only after the last step
@@ -136,6 +138,11 @@ class TrainConfig:
         w.integer("seed", self.seed, 0, 2 ** 32 - 1, why="numpy's seed range")
         w.integer("workers", self.workers, 0, why="0 loads in the training process")
         w.number("modality_dropout", self.modality_dropout, 0, 1, why="a probability")
+        if not isinstance(self.isolation, bool):
+            w.fail("isolation", "true or false", self.isolation)
+        if self.isolation and self.modality_dropout:
+            w.fail("modality_dropout", "0 with train.isolation: true (isolation already shows "
+                   "one modality per sample)", self.modality_dropout)
         w.integer("val_every", self.val_every, 0, why="0 validates only after the last step")
         if self.val_limit is not None:
             w.integer("val_limit", self.val_limit, 1,
@@ -233,7 +240,22 @@ def without_skipped(samples: datasets.SampleSequence, skipped: set[str],
 def cache_fingerprints(cache: TeacherCache) -> dict[str, Any]:
     """What a checkpoint records of the store it trained on, to refuse a changed one."""
     return {"path": str(cache.path), "teacher_fingerprint": cache.teacher_fingerprint,
-            "dataset_fingerprint": cache.dataset_fingerprint}
+            "dataset_fingerprint": cache.dataset_fingerprint,
+            "codebook_fingerprint": cache.codebook_fingerprint}
+
+
+def load_codes(cache: TeacherCache, targets: Targets, ids: list[str], modalities: list[str]
+               ) -> torch.Tensor:
+    """Put the teacher's patch codes into `targets`; return the frozen codebooks
+    (M, K, D) for code -> feature decoding."""
+    if cache.dense is None:
+        raise PipelineError(f"train.loss.w_code > 0 needs dense codes, and {cache.path} has "
+                            "none; rebuild it with `pipeline cache-teacher --dense codebook:K` "
+                            "(teacher.dense in params.yaml) or set train.loss.w_code: 0")
+    targets.codes = cache.codes(ids, modalities)
+    targets.code_image_size = int(cache.dense["image_size"])
+    books = torch.from_numpy(np.stack([cache.codebook(m) for m in modalities]).astype(np.float32))
+    return books
 
 
 def check_same_cache(last: Path, recorded: dict[str, Any] | None, now: dict[str, Any]) -> None:
@@ -244,6 +266,9 @@ def check_same_cache(last: Path, recorded: dict[str, Any] | None, now: dict[str,
                             "start a new --out")
     changed = [f"teacher {d}" for d in fingerprint_diff(recorded["teacher_fingerprint"],
                                                          now["teacher_fingerprint"])]
+    if recorded.get("codebook_fingerprint") != now.get("codebook_fingerprint"):
+        changed.append(f"codebooks ({recorded.get('codebook_fingerprint')} at the checkpoint, "
+                       f"{now.get('codebook_fingerprint')} now)")
     if recorded["dataset_fingerprint"] != now["dataset_fingerprint"]:
         changed.append(f"dataset fingerprint ({recorded['dataset_fingerprint']} at the "
                        f"checkpoint, {now['dataset_fingerprint']} now: rows were recomputed "
@@ -286,12 +311,16 @@ def rewind_live(live_dir: Path, step: int) -> None:
 
 
 def save_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
-                    step: int, best: float, meta: dict[str, Any]) -> None:
+                    step: int, best: float, meta: dict[str, Any],
+                    translators: torch.nn.Module | None = None) -> None:
     """Atomic write (temporary file + rename). With the optimizer and every RNG state for
-    `last.pt` (resume); weights and metadata only for `best.pt`."""
+    `last.pt` (resume); weights and metadata only for `best.pt`. Code translators (a
+    training-only part, `train.loss.w_code`) go beside the model, never into it, so
+    evaluation loads the same student either way."""
     state = {
         "version": CHECKPOINT_VERSION, "step": step, "best": best, "meta": meta,
         "model": model.state_dict(),
+        "translators": translators.state_dict() if translators is not None else None,
         "optimizer": optimizer.state_dict() if optimizer is not None else None,
         "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
                 "python": random.getstate(),
@@ -371,8 +400,10 @@ def train(student: StudentConfig, cfg: TrainConfig, progress: bool = True,
     if cfg.val_limit:
         val_set = val_set[: cfg.val_limit]
     targets = load_targets(cache, train_set, modalities, cfg)
-    steps = cfg.steps or math.ceil(cfg.epochs * max(1, len(train_set) // cfg.batch_size))
     loss_cfg = cfg.loss_config()
+    codebooks = load_codes(cache, targets, train_set.ids, modalities) if loss_cfg.w_code \
+        else None
+    steps = cfg.steps or math.ceil(cfg.epochs * max(1, len(train_set) // cfg.batch_size))
     meta = {"student": asdict(student), "train": cfg.settings(), "modalities": modalities,
             "classes": list(train_set.classes), "dataset": cfg.dataset, "steps": steps,
             "palette": [list(c) for c in datasets.get(cfg.dataset).palette],
@@ -383,10 +414,15 @@ def train(student: StudentConfig, cfg: TrainConfig, progress: bool = True,
     np.random.seed(cfg.seed)
     random.seed(cfg.seed)
     model = build_student(student, modalities, len(train_set.classes)).to(device, dtype)
+    translators = None
+    if codebooks is not None:  # after the student, so its initial weights do not move
+        translators = CodeTranslators(modalities, model.encoder.channels[-1],
+                                      codebooks.shape[1], codebooks).to(device, dtype)
     if device.startswith("cuda"):
         model = model.to(memory_format=torch.channels_last)
     net = distributed.parallel(model, world, cfg.compile)  # DDP over the ranks, compiled
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    trained = list(model.parameters()) + (list(translators.parameters()) if translators else [])
+    optimizer = torch.optim.AdamW(trained, lr=cfg.lr, weight_decay=cfg.weight_decay)
     from timm.scheduler import PolyLRScheduler
 
     scheduler = PolyLRScheduler(optimizer, t_initial=steps, power=cfg.power,
@@ -408,6 +444,8 @@ def train(student: StudentConfig, cfg: TrainConfig, progress: bool = True,
                     "status": "finished", "best_val_mIoU": float(ckpt["best"])}
         check_same_cache(last, ckpt["meta"].get("cache"), meta["cache"])
         model.load_state_dict(ckpt["model"])
+        if translators is not None:
+            translators.load_state_dict(ckpt["translators"])
         optimizer.load_state_dict(ckpt["optimizer"])
         start, best = int(ckpt["step"]), float(ckpt["best"])
         torch.set_rng_state(ckpt["rng"]["torch"])
@@ -419,7 +457,7 @@ def train(student: StudentConfig, cfg: TrainConfig, progress: bool = True,
         raise PipelineError(f"nothing to resume: {last} does not exist")
 
     data = StudentData(train_set, modalities, targets, cfg.crop, cfg.augment_config(),
-                       cfg.seed, cfg.modality_dropout)
+                       cfg.seed, cfg.modality_dropout, isolation=cfg.isolation)
     sampler = ScheduleSampler(len(data), cfg.batch_size, steps, cfg.seed, start, world.rank,
                               world.size)
     loader = torch.utils.data.DataLoader(
@@ -468,7 +506,12 @@ def train(student: StudentConfig, cfg: TrainConfig, progress: bool = True,
                                             loss_cfg.tau_cr, world.total)
             if loss_cfg.w_se:
                 terms["L_se"] = semantic(fused, label, classes, loss_cfg.tau_se, world.total)
-        weights = {"L_sup": loss_cfg.w_sup, "L_cr": loss_cfg.w_cr, "L_se": loss_cfg.w_se}
+            if translators is not None:
+                terms["L_code"] = code_loss(translators, upcast(output.feats[-1]), present,
+                                            batch["codes"].to(device, non_blocking=True),
+                                            world.total)
+        weights = {"L_sup": loss_cfg.w_sup, "L_cr": loss_cfg.w_cr, "L_se": loss_cfg.w_se,
+                   "L_code": loss_cfg.w_code}
         for name, value in terms.items():
             if not torch.isfinite(value):
                 raise PipelineError(f"non-finite loss at step {step}: {name} = {value.item()}; "
@@ -477,6 +520,8 @@ def train(student: StudentConfig, cfg: TrainConfig, progress: bool = True,
         loss = sum(weights[n] * v for n, v in terms.items())
         optimizer.zero_grad(set_to_none=True)
         (loss * world.size).backward()  # DDP averages the ranks' gradients
+        if translators is not None:
+            world.average_gradients(translators.parameters())
         optimizer.step()
 
         history.append(loss.item())
@@ -500,7 +545,7 @@ def train(student: StudentConfig, cfg: TrainConfig, progress: bool = True,
                 if world.main:
                     save_checkpoint(best_path, model, None, done, best, meta)
         if (done % cfg.checkpoint_every == 0 or done == steps) and world.main:
-            save_checkpoint(last, model, optimizer, done, best, meta)
+            save_checkpoint(last, model, optimizer, done, best, meta, translators)
         live.next_step()
     bar.close()
     live.end()
