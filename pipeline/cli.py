@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -17,8 +18,9 @@ import click
 
 from pipeline import __version__
 from pipeline.devices import DEVICE_FORMS, is_device
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, ReportedError
 
+_ARGV: list[str] | None = None  # the command line, for `--nproc` to start it once per rank
 CONTEXT = {"show_default": True, "help_option_names": ["-h", "--help"], "max_content_width": 100,
            "terminal_width": 100}
 
@@ -454,6 +456,10 @@ def _option_value(text: str) -> Any:
 @click.option("--on-mismatch", type=click.Choice(["refuse", "rebuild"]), default=None,
               help="A store built with another teacher, sample list, modalities or dtype: "
               "refuse it, or rebuild it (what dvc.yaml runs).  [default: refuse]")
+@click.option("--dense", default=None, metavar="codebook:K",
+              help="Also store dense targets: a K-code codebook per modality fitted on the "
+              "teacher's patch tokens, and each sample's patch codes (CodeAlign).  "
+              "[default: off]")
 @click.option("--params", "params_path", type=click.Path(path_type=Path), default=None,
               help="Parameters file.  [default: ./params.yaml if present]")
 @click.option("--json", "as_json", is_flag=True, help="Print the run report as JSON.")
@@ -464,7 +470,7 @@ def cache_teacher_cmd(dataset: str | None, root: Path | None, split: str | None,
                       batch_size: int | None, rows_per_shard: int | None, device: str | None,
                       dtype: str | None, scheduler: str | None, decode_workers: int | None,
                       skip_bad: bool | None, overwrite: bool | None, repair: bool | None,
-                      on_mismatch: str | None, params_path: Path | None,
+                      on_mismatch: str | None, dense: str | None, params_path: Path | None,
                       as_json: bool) -> None:
     """Stage one: caption every sample and encode it with LanguageBind into a zarr cache.
 
@@ -488,7 +494,7 @@ def cache_teacher_cmd(dataset: str | None, root: Path | None, split: str | None,
         "captioner": captioner, "class_prompt": class_prompt, "batch_size": batch_size,
         "rows_per_shard": rows_per_shard, "device": device, "dtype": dtype,
         "scheduler": scheduler, "decode_workers": decode_workers, "skip_bad": skip_bad,
-        "overwrite": overwrite, "repair": repair, "on_mismatch": on_mismatch,
+        "overwrite": overwrite, "repair": repair, "on_mismatch": on_mismatch, "dense": dense,
         "captioner_options": {k: _option_value(v) for k, v in
                               _pairs(captioner_option, "--captioner-option").items()} or None,
         "modality_branch": _pairs(modality_branch, "--modality-branch") or None,
@@ -592,6 +598,17 @@ def cache_info_cmd(path: Path, as_json: bool) -> None:
     click.echo(f"dataset fingerprint {info['dataset_fingerprint']} (sample list "
                f"{info['sample_list_fingerprint']}{skipped}); every chunk checksum verified")
     click.echo("teacher fingerprint " + json.dumps(info["teacher_fingerprint"], sort_keys=True))
+    dense = info.get("dense")
+    if dense:
+        b = dense["bytes_per_sample"]
+        click.echo(f"dense codes: K={dense['k']}, {dense['grid'][0]}x{dense['grid'][1]} patches "
+                   f"per modality; per sample {b['codes_uint16']} B of uint16 codes "
+                   f"({b['codes_on_disk']:.0f} B on disk) vs {b['fp16_tokens']} B of fp16 "
+                   f"tokens: {dense['ratio_raw']:g}x ({dense['ratio_on_disk']:g}x on disk); "
+                   f"codebook fingerprint {dense['codebook_fingerprint']}")
+        cos = ", ".join(f"{m} {c:.3f}" for m, c in dense["reconstruction_cosine"].items())
+        click.echo(f"reconstruction cosine on {dense['heldout_samples']} held-out samples: "
+                   f"{cos}")
     for sample_id, caption in info["captions"].items():
         click.echo(f"  {sample_id}: {caption}")
 
@@ -665,6 +682,9 @@ def cache_verify_cmd(path: Path, as_json: bool) -> None:
 @click.option("--device", type=DEVICE, default=None, help="auto: cuda when available.  "
               "[default: auto]")
 @click.option("--seed", type=int, default=None, help="Seed.  [default: 3407]")
+@click.option("--nproc", type=int, default=None, help="Processes on this machine (one per "
+              "GPU; gloo ranks on CPU), started through torch's elastic launcher; "
+              "--batch-size is the global batch.  [default: train.nproc, 1]")
 @click.option("--resume", is_flag=True, help="Continue from OUT/last.pt.")
 @click.option("--params", "params_path", type=click.Path(path_type=Path), default=None,
               help="Parameters file.  [default: ./params.yaml if present]")
@@ -672,13 +692,16 @@ def cache_verify_cmd(path: Path, as_json: bool) -> None:
 def train_cmd(dataset: str | None, root: Path | None, cache: str | None, out: str | None,
               variant: str | None, pretrained: str | None, steps: int | None,
               epochs: float | None, batch_size: int | None, crop: int | None, lr: float | None,
-              workers: int | None, device: str | None, seed: int | None, resume: bool,
-              params_path: Path | None, as_json: bool) -> None:
+              workers: int | None, device: str | None, seed: int | None, nproc: int | None,
+              resume: bool, params_path: Path | None, as_json: bool) -> None:
     """Stage two: train the Any2Seg student (shared encoder, MFF, LSCD losses) from the cache.
 
     Every tunable is in params.yaml under `student` and `train`; flags override them.
+    Several GPUs: `--nproc N`, or `torchrun --nproc-per-node N -m pipeline train ...`.
     """
     from pipeline.config import load_params
+    from pipeline.devices import resolve_device
+    from stages.student import distributed
     from stages.student.train import TrainConfig, train
 
     if params_path is not None and not params_path.is_file():
@@ -686,7 +709,7 @@ def train_cmd(dataset: str | None, root: Path | None, cache: str | None, out: st
     overrides = {"dataset": dataset, "root": str(root) if root else None, "cache": cache,
                  "out": out, "backbone": variant, "pretrained": pretrained, "steps": steps,
                  "epochs": epochs, "batch_size": batch_size, "crop": crop, "lr": lr,
-                 "workers": workers, "device": device, "seed": seed}
+                 "workers": workers, "device": device, "seed": seed, "nproc": nproc}
     if steps is not None:
         overrides["epochs"] = None
     student, cfg = TrainConfig.from_params(load_params(params_path), overrides,
@@ -696,7 +719,16 @@ def train_cmd(dataset: str | None, root: Path | None, cache: str | None, out: st
         cfg.epochs = None
     if epochs is not None and steps is None:
         cfg.steps = None
-    summary = train(student, cfg, progress=True, resume=resume)
+    if cfg.nproc > 1 and not distributed.launched():
+        distributed.World(size=cfg.nproc).split(cfg.batch_size)  # refused before any start
+        distributed.launch(cfg.nproc, _argv(), resolve_device(cfg.device), _debug())
+        return  # rank 0 printed the summary
+    try:
+        summary = train(student, cfg, progress=True, resume=resume)
+    finally:
+        distributed.leave()
+    if os.environ.get("RANK", "0") != "0":
+        return
     if as_json:
         click.echo(json.dumps(summary, indent=2))
     elif summary["status"] == "finished":
@@ -736,6 +768,8 @@ def train_cmd(dataset: str | None, root: Path | None, cache: str | None, out: st
 @click.option("--examples", type=int, default=None,
               help="Samples drawn in predictions.png.  [default: 4]")
 @click.option("--device", type=DEVICE, default="auto", help="auto: cuda when available.")
+@click.option("--nproc", type=int, default=None, help="Processes on this machine, each "
+              "scoring a share of the samples (one per GPU).  [default: eval.nproc, 1]")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("metrics"),
               help="Folder for report.md, *.json and plots/.")
 @click.option("--params", "params_path", type=click.Path(path_type=Path), default=None,
@@ -743,22 +777,16 @@ def train_cmd(dataset: str | None, root: Path | None, cache: str | None, out: st
 def evaluate_cmd(checkpoint: Path, dataset: str | None, root: Path | None, split: str | None,
                  setting: str | None, protocol: str | None, mode: str | None,
                  crop: int | None, stride: int | None, missing: str | None, limit: int | None,
-                 examples: int | None, device: str, out: Path,
+                 examples: int | None, device: str, nproc: int | None, out: Path,
                  params_path: Path | None) -> None:
-    """Evaluate a student: mIoU, mAcc, F1 and pixel accuracy per setting, with charts."""
-    from pipeline import datasets
+    """Evaluate a student: mIoU, mAcc, F1 and pixel accuracy per setting, with charts.
+
+    Several processes (`--nproc N` or torchrun) score shares of the samples; the
+    confusion matrices are summed, so the numbers equal those of one process."""
     from pipeline.config import Where, build, load_params
     from pipeline.devices import resolve_device
-    from stages.student.encoder import min_input_size
-    from stages.student.evaluate import (
-        EvalConfig,
-        describe,
-        evaluate,
-        flat_metrics,
-        load_checkpoint,
-        markdown,
-        write_outputs,
-    )
+    from stages.student import distributed
+    from stages.student.evaluate import EvalConfig
 
     if params_path is not None and not params_path.is_file():
         raise PipelineError(f"parameters file {params_path} does not exist")
@@ -767,13 +795,37 @@ def evaluate_cmd(checkpoint: Path, dataset: str | None, root: Path | None, split
                 Where("eval", source))
     overrides = {"split": split, "setting": setting, "protocol": protocol, "mode": mode,
                  "crop": crop, "stride": stride, "missing": missing, "limit": limit,
-                 "examples": examples}
+                 "examples": examples, "nproc": nproc}
     for key, value in overrides.items():
         if value is not None:
             setattr(cfg, key, value)
     where = Where("eval", source, _flags(overrides))
     cfg.validate(where)
-    dev = resolve_device(device)
+    if cfg.nproc > 1 and not distributed.launched():
+        distributed.launch(cfg.nproc, _argv(), resolve_device(device), _debug())
+        return  # rank 0 wrote and printed the results
+    try:
+        world = distributed.join(resolve_device(device))
+        _evaluate_here(world, cfg, where, checkpoint, dataset, root, out)
+    finally:
+        distributed.leave()
+
+
+def _evaluate_here(world: Any, cfg: Any, where: Any, checkpoint: Path, dataset: str | None,
+                   root: Path | None, out: Path) -> None:
+    """`evaluate` in this process (one rank of several, or the only one)."""
+    from pipeline import datasets
+    from stages.student.encoder import min_input_size
+    from stages.student.evaluate import (
+        describe,
+        evaluate,
+        flat_metrics,
+        load_checkpoint,
+        markdown,
+        write_outputs,
+    )
+
+    dev = world.device
     model, meta = load_checkpoint(checkpoint, dev)
     backbone = meta["student"]["backbone"]
     smallest = min_input_size(backbone)
@@ -789,7 +841,9 @@ def evaluate_cmd(checkpoint: Path, dataset: str | None, root: Path | None, split
         raise PipelineError(f"{checkpoint} was trained on other classes than {name}'s")
     result = evaluate(model, samples, cfg.settings, cfg.mode, cfg.crop, cfg.stride, device=dev,
                       examples=cfg.examples, progress=True,
-                      protocol=cfg.resolved_protocol(name))
+                      protocol=cfg.resolved_protocol(name), world=world)
+    if not world.main:
+        return
     written = write_outputs(result, out, [tuple(c) for c in meta["palette"]])
     click.echo(describe(result) + "\n")
     click.echo(markdown(flat_metrics(result)))
@@ -799,9 +853,30 @@ def evaluate_cmd(checkpoint: Path, dataset: str | None, root: Path | None, split
 # ---------------------------------------------------------------------------------------
 # entry point
 # ---------------------------------------------------------------------------------------
+def _argv() -> list[str]:
+    return list(_ARGV if _ARGV is not None else sys.argv[1:])
+
+
+def _debug() -> bool:
+    ctx = click.get_current_context(silent=True)
+    return bool(ctx and ctx.find_root().obj and ctx.find_root().obj.get("debug"))
+
+
+def _report_here() -> bool:
+    """Whether this process prints the error: always alone; under a multi-process launch
+    only the first rank to fail (the others failed with it or because of it)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return True
+    from stages.student.distributed import first_to_fail
+
+    return first_to_fail()
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry: run the click group and turn user errors into one line."""
+    global _ARGV
     args = list(sys.argv[1:] if argv is None else argv)
+    _ARGV = args
     debug = "--debug" in args
     message, code = None, 0
     # exit outside the except clauses: a SystemExit raised inside one would carry the error
@@ -816,6 +891,8 @@ def main(argv: list[str] | None = None) -> None:
         message, code = f"{exc.format_message()}{hint}", exc.exit_code
     except click.ClickException as exc:
         message, code = exc.format_message(), exc.exit_code
+    except ReportedError as exc:  # a rank printed it already
+        code = exc.exitcode
     except PipelineError as exc:
         if debug:
             raise
@@ -826,7 +903,12 @@ def main(argv: list[str] | None = None) -> None:
         if debug:
             raise
         message, code = f"{exc} (rerun with --debug for a traceback)", 1
-    if message is not None:
+    except Exception:
+        if not _report_here():  # a rank that failed because another one did
+            code = 1
+        else:
+            raise
+    if message is not None and _report_here():
         click.echo("error: " + " ".join(line.strip() for line in message.splitlines()), err=True)
     sys.exit(code)
 

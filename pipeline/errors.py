@@ -7,3 +7,12 @@ class PipelineError(Exception):
 
 class DatasetError(PipelineError):
     """A dataset root, file or label that does not match the expected layout."""
+
+
+class ReportedError(PipelineError):
+    """A failure already reported where it happened (one rank of a multi-process launch);
+    the command only exits with `exitcode`."""
+
+    def __init__(self, exitcode: int = 1) -> None:
+        super().__init__(f"exit code {exitcode}")
+        self.exitcode = exitcode

@@ -4,6 +4,10 @@ Arrays (names are the public schema; other tools read them):
   sample_id (N,) str      caption (N,) str      done (N,) bool      input_hash (N,) str
   scene (N, D)            visual/<modality> (N, D)
   classes (K, D)          class_names (K,) str
+With dense codes (`cache-teacher --dense codebook:K`, CodeAlign), also
+  codebook/<modality> (K, D) float16      codes/<modality> (N, h, w) uint16
+and the attribute `dense` (K, grid, the teacher view, fit settings, each codebook's
+sha256, held-out reconstruction cosine). A store without them is unchanged.
 Attributes: schema_version, teacher_fingerprint, sample_list_fingerprint, dim, dtype,
 plus format, modalities, rows_per_shard, batch_size, skipped, checksum, input_hash,
 dataset, splits, root, teacher_root, state, created, updated.
@@ -50,6 +54,15 @@ CHECKSUM = "crc32c per chunk (zarr crc32c codec inside each shard)"
 INPUT_HASH = ("sha256 over '<kind>\\t<sha256 of the file bytes>\\n' for the sample's files "
               "in sorted kind order, hex[:32]")
 _SCAN_BLOCK = 16  # shards read per step when scanning (a failing block is read shard by shard)
+
+
+def is_static(name: str) -> bool:
+    """Arrays written once at creation, not per row (class table, codebooks)."""
+    return name in ("sample_id", "classes", "class_names") or name.startswith("codebook/")
+
+
+def _per_class_table(name: str) -> bool:
+    return name in ("classes", "class_names") or name.startswith("codebook/")
 
 
 def sample_list_fingerprint(ids: Sequence[str]) -> str:
@@ -156,11 +169,12 @@ class Damage:
     @property
     def sample_rows(self) -> bool:
         """Whether `rows` are sample rows (False for the class table)."""
-        return self.array not in ("classes", "class_names")
+        return not _per_class_table(self.array)
 
     def where(self) -> str:
         if not self.sample_rows:
-            return f"{self.array}, all {len(self.rows)} classes ({self.problem})"
+            what = "codes" if self.array.startswith("codebook/") else "classes"
+            return f"{self.array}, all {len(self.rows)} {what} ({self.problem})"
         span = (f"row {self.rows.start}" if len(self.rows) == 1 else
                 f"rows {self.rows.start}-{self.rows.stop - 1}")
         return f"{self.array} {span} ({self.problem})"
@@ -247,6 +261,14 @@ class TeacherCache:
         if self.arrays["classes"].shape[1] != d:
             raise PipelineError(f"{self.path}: classes has dim {self.arrays['classes'].shape[1]}, "
                                 f"expected {d}")
+        if self.dense is not None:
+            k, g = int(self.dense["k"]), list(self.dense["grid"])
+            for m in self.modalities:
+                want = {f"codebook/{m}": (k, d), f"codes/{m}": (n, *g)}
+                for name, shape in want.items():
+                    if tuple(self.arrays[name].shape) != shape:
+                        raise PipelineError(f"{self.path}: {name} has shape "
+                                            f"{self.arrays[name].shape}, expected {shape}")
 
     # -- metadata -----------------------------------------------------------------------
     @property
@@ -254,13 +276,36 @@ class TeacherCache:
         return list(self.attrs["modalities"])
 
     @property
+    def dense(self) -> dict[str, Any] | None:
+        """The `dense` attribute of a store with codebook codes, else None."""
+        return self.attrs.get("dense")
+
+    @property
     def row_arrays(self) -> list[str]:
         """Arrays with one entry per row, written by the run (not at creation)."""
-        return ["caption", "scene", *(f"visual/{m}" for m in self.modalities), "input_hash"]
+        codes = [f"codes/{m}" for m in self.modalities] if self.dense is not None else []
+        return ["caption", "scene", *(f"visual/{m}" for m in self.modalities), *codes,
+                "input_hash"]
+
+    @property
+    def codebook_arrays(self) -> list[str]:
+        return [f"codebook/{m}" for m in self.modalities] if self.dense is not None else []
 
     @property
     def array_names(self) -> list[str]:
-        return ["sample_id", "class_names", "classes", "done", *self.row_arrays]
+        return ["sample_id", "class_names", "classes", *self.codebook_arrays, "done",
+                *self.row_arrays]
+
+    @property
+    def codebook_fingerprint(self) -> str | None:
+        """Hash of every modality's stored codebook (None without dense codes): stage two
+        records it, so a refitted codebook is never mixed into a resumed run."""
+        if self.dense is None:
+            return None
+        h = hashlib.sha256()
+        for m, digest in sorted(self.dense["codebook_sha256"].items()):
+            h.update(f"{m}\t{digest}\n".encode())
+        return h.hexdigest()[:16]
 
     @property
     def dim(self) -> int:
@@ -361,13 +406,13 @@ class TeacherCache:
         return out
 
     def _rows_of(self, name: str) -> Callable[[int], range]:
-        if name in ("classes", "class_names"):
+        if _per_class_table(name):
             k = int(self.arrays[name].shape[0])
             return lambda s: range(0, k)
         return self.shard_rows
 
     def _shards_of(self, name: str) -> list[int]:
-        if name in ("classes", "class_names"):
+        if _per_class_table(name):
             return [0] if self.arrays[name].shape[0] else []
         return list(range(self.num_shards))
 
@@ -399,7 +444,7 @@ class TeacherCache:
         for name in names:
             arr = self.arrays[name]
             out[name] = np.zeros(arr.shape, dtype=arr.dtype)
-            if name in ("classes", "class_names"):
+            if _per_class_table(name):
                 need: Callable[[int], bool] = lambda _s: True  # noqa: E731
                 name_shards = self._shards_of(name)
             elif name in ("sample_id", "done"):
@@ -452,7 +497,7 @@ class TeacherCache:
         n_shards = self.num_shards
         blocks = _blocks(range(n_shards))
         static = [(name, _blocks(self._shards_of(name)))
-                  for name in ("sample_id", "class_names", "classes")]
+                  for name in ("sample_id", "class_names", "classes", *self.codebook_arrays)]
         total = sum(len(bl) for _, bl in static) + len(blocks) * (1 + len(self.row_arrays))
         bar = progress(total=total, desc=f"verifying {self.path.name}", unit="block",
                        enabled=show)
@@ -527,6 +572,28 @@ class TeacherCache:
                for name, values in got.items()}
         return {"scene": vec["scene"], "visual": {m: vec[f"visual/{m}"] for m in mods}}
 
+    def codebook(self, modality: str) -> np.ndarray:
+        """Modality's codebook, (K, D) float16 as stored (checked read)."""
+        self._need_dense(modality)
+        return self.read(f"codebook/{modality}")
+
+    def codes(self, sample_ids: Sequence[str], modalities: Sequence[str]) -> np.ndarray:
+        """(n, M, h, w) uint16 teacher codes for these samples (checked read)."""
+        for m in modalities:
+            self._need_dense(m)
+        rows = self.rows(sample_ids)
+        got = self._read_checked([f"codes/{m}" for m in modalities], rows)
+        return np.stack([got[f"codes/{m}"][rows] for m in modalities], axis=1)
+
+    def _need_dense(self, modality: str) -> None:
+        if self.dense is None:
+            raise PipelineError(f"{self.path} holds no dense codes; build it with "
+                                "`pipeline cache-teacher --dense codebook:K` (or set "
+                                "teacher.dense), or set train.loss.w_code to 0")
+        if modality not in self.modalities:
+            raise PipelineError(f"{self.path} has no modality {modality!r}; it holds "
+                                f"{', '.join(self.modalities)}")
+
     # -- lazy arrays (unchecked: for tools that stream large stores themselves) ----------------
     def _dask(self, name: str) -> Any:
         import dask.array as da
@@ -572,6 +639,33 @@ def describe(path: Path | str, captions: int = 3) -> dict[str, Any]:
         "created": cache.attrs.get("created"), "updated": cache.attrs.get("updated"),
         "size_bytes": sum(p.stat().st_size for p in files), "files": len(files),
         "captions": {cache.ids[i]: t for i, t in zip(first, texts, strict=True)},
+        **({"dense": dense_summary(cache)} if cache.dense is not None else {}),
+    }
+
+
+def dense_summary(cache: TeacherCache) -> dict[str, Any]:
+    """Bytes per sample of the codes (raw uint16 and on disk) against what fp16 dense
+    tokens would take, and the held-out reconstruction cosine recorded by the fit."""
+    d = cache.dense
+    assert d is not None
+    h, w = d["grid"]
+    mods = cache.modalities
+    raw_codes = h * w * 2 * len(mods)
+    fp16 = h * w * cache.dim * 2 * len(mods)
+    on_disk = sum(p.stat().st_size for m in mods
+                  for p in (cache.path / "codes" / m).rglob("*") if p.is_file())
+    books = sum(p.stat().st_size for m in mods
+                for p in (cache.path / "codebook" / m).rglob("*") if p.is_file())
+    n = max(1, cache.n)
+    return {
+        "k": d["k"], "grid": [h, w], "modalities": mods,
+        "bytes_per_sample": {"codes_uint16": raw_codes, "codes_on_disk": round(on_disk / n, 1),
+                             "fp16_tokens": fp16},
+        "ratio_raw": round(fp16 / raw_codes, 1),
+        "ratio_on_disk": round(fp16 / max(on_disk / n, 1e-9), 1),
+        "codebook_bytes": books, "codebook_fingerprint": cache.codebook_fingerprint,
+        "reconstruction_cosine": d["reconstruction_cosine"],
+        "heldout_samples": d["fit"]["heldout_samples"],
     }
 
 
@@ -596,13 +690,36 @@ class StoreSpec:
 
 
 @dataclass
+class Dense:
+    """Fitted codebooks for a new store (stage one, `--dense codebook:K`)."""
+
+    k: int
+    grid: tuple[int, int]
+    codebooks: dict[str, np.ndarray]  # modality -> (K, D) float16
+    reconstruction_cosine: dict[str, float]
+    fit: dict[str, Any]  # seed, passes, fit / held-out sample counts, tokens seen
+    view: str  # how the grid maps onto the image (stage two needs it)
+    image_size: int
+
+    def attrs(self, modalities: Sequence[str]) -> dict[str, Any]:
+        return {
+            "kind": "codebook", "k": self.k, "grid": list(self.grid), "view": self.view,
+            "image_size": self.image_size, "fit": self.fit,
+            "reconstruction_cosine": {m: round(float(self.reconstruction_cosine[m]), 6)
+                                      for m in modalities},
+            "codebook_sha256": {m: hashlib.sha256(np.ascontiguousarray(
+                self.codebooks[m], np.float16).tobytes()).hexdigest() for m in modalities},
+        }
+
+
+@dataclass
 class Plan:
     """Rows a run computes, by reason (disjoint)."""
 
     new: list[int] = field(default_factory=list)  # never computed (or not finished)
     changed: list[int] = field(default_factory=list)  # computed from files that changed since
     damaged: list[int] = field(default_factory=list)  # in damaged shards (--repair)
-    static: list[str] = field(default_factory=list)  # damaged sample_id / classes / class_names
+    static: list[str] = field(default_factory=list)  # damaged sample_id, class table, codebooks
     damages: list[Damage] = field(default_factory=list)  # what --repair found
 
     @property
@@ -668,7 +785,7 @@ def plan(cache: TeacherCache, input_hashes: Sequence[str], repair: bool,
     if damages and not repair:
         raise StoreDamage(cache.path, damages, cache.repair_command())
     result = Plan(damages=damages)
-    static = {d.array for d in damages if d.array in ("sample_id", "classes", "class_names")}
+    static = {d.array for d in damages if is_static(d.array)}
     result.static = sorted(static)
     bad = {r for d in damages if d.array not in static for r in d.rows}
     ok_shards = [s for s in range(cache.num_shards)
@@ -710,8 +827,10 @@ class CacheWriter(TeacherCache):
 
     @classmethod
     def create(cls, path: Path, spec: StoreSpec, dim: int, class_names: Sequence[str],
-               classes: np.ndarray, extra_attrs: dict[str, Any] | None = None) -> CacheWriter:
-        """A new store with ids, classes and empty rows (replacing an old one of ours)."""
+               classes: np.ndarray, extra_attrs: dict[str, Any] | None = None,
+               dense: Dense | None = None) -> CacheWriter:
+        """A new store with ids, classes, codebooks (with `dense`) and empty rows
+        (replacing an old one of ours)."""
         if spec.dtype not in DTYPES:
             raise PipelineError(f"dtype must be one of {', '.join(DTYPES)}, got {spec.dtype}")
         zarr = _zarr()
@@ -749,6 +868,18 @@ class CacheWriter(TeacherCache):
                            chunks=(kk[0], int(dim)), shards=(kk[0], int(dim)), fill_value=0,
                            **kw)
         group.create_array("class_names", shape=(k,), dtype=str, chunks=kk, shards=kk, **kw)
+        if dense is not None:
+            g = (rows[0], *dense.grid)
+            for m in spec.modalities:
+                book = np.asarray(dense.codebooks[m], np.float16)
+                arr = group.create_array(f"codebook/{m}", shape=book.shape, dtype="float16",
+                                         chunks=book.shape, shards=book.shape, fill_value=0,
+                                         **kw)
+                with zarr.config.set({"array.write_empty_chunks": True}):
+                    arr[:] = book
+                group.create_array(f"codes/{m}", shape=(n, *dense.grid), dtype="uint16",
+                                   chunks=g, shards=g, fill_value=0, **kw)
+            group.attrs["dense"] = dense.attrs(spec.modalities)
         _write_static(group, spec, class_names, classes, ("sample_id", "class_names", "classes"))
         group.attrs["state"] = "ready"
         return cls(path)
@@ -760,7 +891,8 @@ class CacheWriter(TeacherCache):
 
     # -- rows ---------------------------------------------------------------------------
     def write_rows(self, rows: Sequence[int], captions: Sequence[str], scene: np.ndarray,
-                   visual: dict[str, np.ndarray], input_hashes: Sequence[str]) -> None:
+                   visual: dict[str, np.ndarray], input_hashes: Sequence[str],
+                   codes: dict[str, np.ndarray] | None = None) -> None:
         """Write rows of one shard: data first, then their input hashes, then `done`.
 
         A whole shard is written as a slice; a subset (rows whose inputs changed) through
@@ -770,6 +902,10 @@ class CacheWriter(TeacherCache):
         if (len(captions) != n or scene.shape[0] != n or len(input_hashes) != n
                 or set(visual) != set(self.modalities)):
             raise ValueError(f"rows {rows[:3]}... need {n} entries of {self.modalities}")
+        if (codes is not None) != (self.dense is not None) or (
+                codes is not None and set(codes) != set(self.modalities)):
+            raise ValueError(f"rows {rows[:3]}...: codes of {self.modalities} are needed "
+                             "exactly when the store holds dense codes")
         whole = rows == list(range(rows[0], rows[-1] + 1))
         sel: Any = slice(rows[0], rows[-1] + 1) if whole else np.asarray(rows)
         dtype = self.attrs["dtype"]
@@ -784,6 +920,8 @@ class CacheWriter(TeacherCache):
         put("scene", scene.astype(dtype))
         for m in self.modalities:
             put(f"visual/{m}", visual[m].astype(dtype))
+            if codes is not None:
+                put(f"codes/{m}", np.asarray(codes[m], np.uint16))
         put("input_hash", np.asarray(list(input_hashes), dtype=str))
         put("done", np.ones(n, dtype=bool))
 

@@ -85,28 +85,38 @@ def _gaussian_blur(img: torch.Tensor, sigma: float) -> torch.Tensor:
 
 
 def augment(images: dict[str, torch.Tensor], label: torch.Tensor, crop: int,
-            cfg: AugmentConfig, rng: np.random.Generator) -> tuple[dict[str, torch.Tensor],
-                                                                  torch.Tensor]:
+            cfg: AugmentConfig, rng: np.random.Generator,
+            maps: torch.Tensor | None = None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Random resize (short side = crop * U(scale)), crop with padding (label 255), flip,
     for every modality and the label; colour jitter and blur on RGB only. Images are in
-    `to_unit` scale (RGB in [0, 1])."""
+    `to_unit` scale (RGB in [0, 1]). `maps` (C, H, W) long (teacher codes per pixel) move
+    as the label does (nearest, padded with -1); with them the result is
+    (images, label, maps) and the random draws are the same as without."""
     h, w = label.shape
     s = rng.uniform(*cfg.scale) * crop / min(h, w)
     nh, nw = max(1, int(round(h * s))), max(1, int(round(w * s)))
     images = {m: F.interpolate(x[None], size=(nh, nw), mode="bilinear",
                                align_corners=False)[0] for m, x in images.items()}
     label = F.interpolate(label[None, None].float(), size=(nh, nw), mode="nearest")[0, 0].long()
+    if maps is not None:  # float64 holds any code exactly
+        maps = F.interpolate(maps[None].double(), size=(nh, nw), mode="nearest")[0].long()
     ph, pw = max(0, crop - nh), max(0, crop - nw)
     if ph or pw:
         images = {m: F.pad(x, (0, pw, 0, ph)) for m, x in images.items()}
         label = F.pad(label, (0, pw, 0, ph), value=IGNORE)
+        if maps is not None:
+            maps = F.pad(maps, (0, pw, 0, ph), value=-1)
     top = int(rng.integers(0, label.shape[0] - crop + 1))
     left = int(rng.integers(0, label.shape[1] - crop + 1))
     images = {m: x[:, top:top + crop, left:left + crop] for m, x in images.items()}
     label = label[top:top + crop, left:left + crop]
+    if maps is not None:
+        maps = maps[:, top:top + crop, left:left + crop]
     if cfg.flip and rng.random() < 0.5:
         images = {m: x.flip(-1) for m, x in images.items()}
         label = label.flip(-1)
+        if maps is not None:
+            maps = maps.flip(-1)
     if "rgb" in images:
         rgb = images["rgb"]
         if rng.random() < cfg.jitter:
@@ -118,6 +128,8 @@ def augment(images: dict[str, torch.Tensor], label: torch.Tensor, crop: int,
         if rng.random() < cfg.blur:
             rgb = _gaussian_blur(rgb, float(rng.uniform(0.1, 2.0)))
         images["rgb"] = rgb
+    if maps is not None:
+        return images, label, maps  # type: ignore[return-value]
     return images, label
 
 
@@ -128,10 +140,15 @@ class Targets:
     visual: np.ndarray  # (N, M, D) float32
     scene: np.ndarray  # (N, D)
     classes: np.ndarray  # (K, D)
+    codes: np.ndarray | None = None  # (N, M, g, g) uint16 teacher patch codes (CodeAlign)
+    code_image_size: int = 224  # the teacher's input size the code grid covers
 
 
 class StudentData(torch.utils.data.Dataset):
-    """Item key (epoch, index) -> one sample's tensors; epoch -1 means no augmentation.
+    """Item key (epoch, index[, step]) -> one sample's tensors; epoch -1 means no
+    augmentation. With `isolation`, a training item shows exactly one modality, drawn
+    from (seed, step, index) (`codes.isolated_modality`); with cached codes, a training
+    item carries them per pixel (`codes`, (M, crop, crop), -1 where none).
 
     `transform` (an evaluation protocol's resize) acts on the stored arrays and label
     before anything else, as the official val transforms act on the decoded tensors."""
@@ -139,7 +156,7 @@ class StudentData(torch.utils.data.Dataset):
     def __init__(self, samples: SampleSequence, modalities: Sequence[str],
                  targets: Targets | None, crop: int | None, augment_cfg: AugmentConfig,
                  seed: int, modality_dropout: float = 0.0,
-                 transform: Transform | None = None) -> None:
+                 transform: Transform | None = None, isolation: bool = False) -> None:
         self.samples = samples
         self.modalities = list(modalities)
         self.targets = targets
@@ -148,12 +165,15 @@ class StudentData(torch.utils.data.Dataset):
         self.seed = seed
         self.modality_dropout = modality_dropout
         self.transform = transform
+        self.isolation = isolation
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, key: tuple[int, int]) -> dict[str, torch.Tensor]:
-        epoch, index = key
+    def __getitem__(self, key: tuple[int, ...]) -> dict[str, torch.Tensor]:
+        from stages.student.codes import code_map, isolated_modality
+
+        epoch, index = key[0], key[1]
         sample: Sample = self.samples[index]
         arrays = {m: sample.modalities[m] for m in self.modalities}
         label_arr = sample.label
@@ -162,14 +182,28 @@ class StudentData(torch.utils.data.Dataset):
         images = {m: to_unit(arrays[m]) for m in self.modalities}
         label = torch.from_numpy(np.ascontiguousarray(label_arr))
         present = torch.ones(len(self.modalities), dtype=torch.bool)
-        if epoch >= 0 and self.crop:
+        maps = None
+        training = epoch >= 0 and bool(self.crop)
+        if training and self.targets is not None and self.targets.codes is not None:
+            maps = code_map(self.targets.codes[index], *label.shape,
+                            self.targets.code_image_size)
+        if training:
             rng = np.random.default_rng([self.seed, epoch, index])
-            images, label = augment(images, label, self.crop, self.augment_cfg, rng)
+            if maps is None:
+                images, label = augment(images, label, self.crop, self.augment_cfg, rng)
+            else:
+                images, label, maps = augment(images, label, self.crop, self.augment_cfg,
+                                              rng, maps)
             if self.modality_dropout and rng.random() < self.modality_dropout:
                 k = int(rng.integers(1, len(self.modalities) + 1))
                 keep = rng.choice(len(self.modalities), size=k, replace=False)
                 present = torch.zeros_like(present)
                 present[torch.from_numpy(keep)] = True
+            if self.isolation:
+                if len(key) < 3:
+                    raise ValueError("isolated training needs (epoch, index, step) keys")
+                present = torch.zeros_like(present)
+                present[isolated_modality(self.seed, key[2], index, len(self.modalities))] = True
         item = {
             "images": torch.stack([normalise(m, images[m]) for m in self.modalities]),
             "label": label.long(), "present": present, "index": torch.tensor(index),
@@ -177,22 +211,28 @@ class StudentData(torch.utils.data.Dataset):
         if self.targets is not None:
             item["visual"] = torch.from_numpy(self.targets.visual[index])
             item["scene"] = torch.from_numpy(self.targets.scene[index])
+        if maps is not None:
+            item["codes"] = maps
         return item
 
 
 class ScheduleSampler(torch.utils.data.Sampler):
-    """Batches of (epoch, index) keys for steps `start`..`steps`-1: epoch e is the
-    permutation `default_rng([seed, e])` of the samples, cut into full batches."""
+    """Batches of (epoch, index, step) keys for steps `start`..`steps`-1: epoch e is the
+    permutation `default_rng([seed, e])` of the samples, cut into full global batches of
+    `batch_size`; rank r of `ranks` takes the r-th slice of each, so the schedule is the
+    same whatever the number of ranks."""
 
-    def __init__(self, n: int, batch_size: int, steps: int, seed: int, start: int = 0) -> None:
+    def __init__(self, n: int, batch_size: int, steps: int, seed: int, start: int = 0,
+                 rank: int = 0, ranks: int = 1) -> None:
         self.n, self.batch_size, self.steps, self.seed, self.start = n, batch_size, steps, \
             seed, start
         self.per_epoch = max(1, n // batch_size)
+        self.rank, self.local = rank, batch_size // ranks
 
     def __len__(self) -> int:
         return max(0, self.steps - self.start)
 
-    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+    def __iter__(self) -> Iterator[list[tuple[int, int, int]]]:
         order: np.ndarray | None = None
         epoch_of_order = -1
         for step in range(self.start, self.steps):
@@ -204,4 +244,5 @@ class ScheduleSampler(torch.utils.data.Sampler):
             chunk = order[pos * self.batch_size:(pos + 1) * self.batch_size]
             if len(chunk) < self.batch_size:  # fewer samples than one batch: wrap
                 chunk = np.resize(order, self.batch_size)
-            yield [(epoch, int(i)) for i in chunk]
+            chunk = chunk[self.rank * self.local:(self.rank + 1) * self.local]
+            yield [(epoch, int(i), step) for i in chunk]

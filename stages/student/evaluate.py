@@ -4,7 +4,9 @@ One pass over the split: every modality is encoded once per image (window), then
 and decoded under every modality subset, so all 15 subsets of {R, D, E, L} cost one
 encoder pass. Each setting accumulates one confusion matrix per subset / group. The
 protocol (`stages.student.protocol`) decides the scoring resolution and, by default,
-what a missing sensor is.
+what a missing sensor is. Under torchrun each rank scores every N-th sample and the
+matrices are summed across ranks: the counts, hence the metrics, are exactly those of
+one process.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from pipeline.errors import PipelineError
 from pipeline.metrics import Confusion
 from pipeline.progress import progress as progress_bar
 from stages.student.data import AugmentConfig, StudentData
+from stages.student.distributed import World
 from stages.student.model import MISSING_MODES, Any2Seg, StudentConfig, build_student
 from stages.student.protocol import (
     PROTOCOLS,
@@ -62,6 +65,7 @@ def load_checkpoint(path: Path | str, device: str = "cpu") -> tuple[Any2Seg, dic
         meta = ckpt["meta"]
         model = build_student(StudentConfig(**meta["student"]), meta["modalities"],
                               len(meta["classes"]))
+        model = model.to(getattr(torch, meta.get("train", {}).get("dtype", "float32")))
         model.load_state_dict(ckpt["model"])
     except PipelineError:
         raise
@@ -134,9 +138,11 @@ class EvalConfig:
     missing: str | None = None  # None: black under official, else the checkpoint's
     limit: int | None = None
     examples: int = 4
+    nproc: int = 1  # processes on this machine, each scoring a share of the samples
 
     def validate(self, where: Where | None = None) -> None:
         w = where or Where("eval", None)
+        w.integer("nproc", self.nproc, 1, why="processes, each scoring a share of the samples")
         if not self.split:
             w.fail("split", "a split name such as val", self.split)
         w.one_of("setting", self.setting, (*SETTINGS, "all"))
@@ -175,6 +181,8 @@ class EvalResult:
     sensor: dict[str, dict[str, Any]] = field(default_factory=dict)
     whole: dict[str, Any] | None = None  # all modalities over the whole split
     examples: list[dict[str, np.ndarray]] = field(default_factory=list)
+    # the K x K counts behind every score: "all", "miss/<subset>", "sensor/<group>"
+    confusion: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 def _display(arr: np.ndarray, value_range: tuple[float, float] | None) -> np.ndarray:
@@ -182,13 +190,34 @@ def _display(arr: np.ndarray, value_range: tuple[float, float] | None) -> np.nda
     return np.round(unit_image(arr, value_range) * 255).astype(np.uint8)
 
 
+def evaluation_loader(samples: datasets.SampleSequence, modalities: list[str],
+                      world: World | None = None, workers: int = 0, persistent: bool = False,
+                      prefetch: int | None = None, batch_size: int = 1,
+                      protocol: str | None = None) -> torch.utils.data.DataLoader:
+    """Batches of this rank's share of `samples` (every `world.size`-th one) as `protocol`
+    (None: the dataset's default) scores them. `persistent` keeps the workers between
+    passes (validation during training)."""
+    world = world or World()
+    protocol = check_protocol(protocol or default_protocol(samples.name))
+    data = StudentData(samples, modalities, None, None, AugmentConfig(), 0,
+                       transform=protocol_transform(protocol, samples.name))
+    return torch.utils.data.DataLoader(
+        data, batch_size=batch_size, num_workers=workers,
+        sampler=[(-1, i) for i in world.shard(len(samples))],
+        persistent_workers=persistent and workers > 0,
+        prefetch_factor=prefetch if workers else None)
+
+
 def evaluate(model: Any2Seg, samples: datasets.SampleSequence, settings: tuple[str, ...],
              mode: str = "whole", crop: int = 512, stride: int = 341, batch_size: int = 1,
              workers: int = 0, device: str = "cpu", examples: int = 0,
-             progress: bool = False, protocol: str | None = None) -> EvalResult:
+             progress: bool = False, protocol: str | None = None, world: World | None = None,
+             loader: torch.utils.data.DataLoader | None = None) -> EvalResult:
     """Run the requested settings over `samples` under `protocol` (None: the dataset's
     default); `examples` keeps a few predictions. Absent modalities are handled as
-    `model.missing` says."""
+    `model.missing` says. Under several ranks (`world`) each scores its share and every
+    rank gets the summed result. `loader`: one from `evaluation_loader` (same protocol)."""
+    world = world or World()
     protocol = check_protocol(protocol or default_protocol(samples.name))
     transform = protocol_transform(protocol, samples.name)
     mods = model.modalities
@@ -202,19 +231,23 @@ def evaluate(model: Any2Seg, samples: datasets.SampleSequence, settings: tuple[s
     for i, sub in enumerate(masks):
         mask_tensor[i, list(sub)] = True
     mask_tensor = mask_tensor.to(device)
-    data = StudentData(samples, mods, None, None, AugmentConfig(), 0, transform=transform)
-    loader = torch.utils.data.DataLoader(data, batch_size=batch_size, num_workers=workers,
-                                         sampler=[(-1, i) for i in range(len(samples))])
+    if loader is None:
+        loader = evaluation_loader(samples, mods, world, workers, batch_size=batch_size,
+                                   protocol=protocol)
     confusions = [Confusion(k) for _ in masks]
     filler_cache: dict[tuple[Any, ...], list[torch.Tensor]] = {}
     # examples spread over the split, so that several conditions are drawn
     picks = set(np.linspace(0, len(samples) - 1, examples).round().astype(int).tolist()) \
         if examples else set()
-    groups: dict[str, Confusion] = {}
+    # every group of the split, known to every rank before it scores its share
+    groups = {g: Confusion(k) for g in dict.fromkeys(
+        g for r in samples.records for g in (r.condition, r.case) if g)} \
+        if "sensor" in settings else {}
     result = EvalResult(mods, list(samples.classes), protocol, model.missing)
-    for batch in progress_bar(loader, desc="evaluating", unit="batch", enabled=progress,
-                              leave=False):
-        images = batch["images"].to(device)
+    drawn: list[tuple[int, dict[str, np.ndarray]]] = []
+    for batch in progress_bar(loader, desc="evaluating", unit="batch",
+                              enabled=progress and world.main, leave=False):
+        images = batch["images"].to(device, next(model.parameters()).dtype)
         label = batch["label"].to(device)
         logits = infer(model, images, mask_tensor, mode, crop, stride, filler_cache)
         preds = logits.argmax(2)
@@ -225,19 +258,29 @@ def evaluate(model: Any2Seg, samples: datasets.SampleSequence, settings: tuple[s
                 record = samples.records[idx]
                 for g in (record.condition, record.case):
                     if g:
-                        groups.setdefault(g, Confusion(k)).update(preds[index_all, j], label[j])
+                        groups[g].update(preds[index_all, j], label[j])
         for j, idx in enumerate(batch["index"].tolist()):
             if idx in picks:  # drawn at the scored resolution
                 sample = samples[idx]
                 arrays, label_arr = {m: sample.modalities[m] for m in mods}, sample.label
                 if transform is not None:
                     arrays, label_arr = transform(arrays, label_arr)
-                result.examples.append({
+                drawn.append((idx, {
                     "id": sample.id, "condition": sample.condition, "case": sample.case,
                     "label": label_arr,
                     **{m: _display(a, sample.ranges.get(m)) for m, a in arrays.items()},
-                    "pred": preds[index_all, j].cpu().numpy()})
+                    "pred": preds[index_all, j].cpu().numpy()}))
+    # the ranks' counts summed: exactly the matrices of one process over the whole split
+    summed = world.sum_arrays([c.matrix for c in (*confusions, *groups.values())])
+    for c, matrix in zip((*confusions, *groups.values()), summed, strict=True):
+        c.matrix = matrix
+    result.examples = [ex for _, ex in sorted(world.gather(drawn), key=lambda t: t[0])]
     names = result.classes
+    result.confusion = {"all": confusions[index_all].matrix}
+    if "miss" in settings:
+        result.confusion.update({f"miss/{subset_name(mods, sub)}": c.matrix
+                                 for sub, c in zip(masks, confusions, strict=True)})
+    result.confusion.update({f"sensor/{g}": c.matrix for g, c in groups.items()})
     result.whole = confusions[index_all].scores(names)
     if "mss" in settings:
         result.mss = confusions[index_all].scores(names)
@@ -309,7 +352,8 @@ def markdown(flat: dict[str, dict[str, float | None]]) -> str:
 
 
 def write_outputs(result: EvalResult, out: Path, palette: list[tuple[int, int, int]]) -> list[Path]:
-    """metrics/*.json, the MISS bar chart, the per-class IoU chart and prediction pictures."""
+    """metrics/*.json, confusion.npz (every matrix), the MISS bar chart, the per-class IoU
+    chart and prediction pictures."""
     from stages.student.report import per_class_chart, predictions_grid, subset_chart
 
     out.mkdir(parents=True, exist_ok=True)
@@ -320,6 +364,8 @@ def write_outputs(result: EvalResult, out: Path, palette: list[tuple[int, int, i
         path = out / f"{stem}.json"
         path.write_text(json.dumps(values, indent=2) + "\n")
         written.append(path)
+    np.savez_compressed(out / "confusion.npz", **result.confusion)
+    written.append(out / "confusion.npz")
     plots = out / "plots"
     plots.mkdir(exist_ok=True)
     if result.miss:

@@ -10,10 +10,16 @@ L = w_sup * CE + w_cr * L_cr + w_se * L_se, with the teacher side read from the 
 - L_se (semantic structure): class prototypes e_k = masked average of the fused
   features over the pixels of class k (classes present in the batch); the row-softmaxed
   cosine self-similarity of the prototypes is matched to that of E_C by KL.
+
+Every batch-level sum (pixels, rows, prototype sums and counts) goes through `total`:
+the identity in one process; under data parallelism the sum over all ranks with the
+gradient flowing into this rank's share (`stages.student.distributed.World.total`), so
+each term is the loss of the whole global batch whatever the number of ranks.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -22,6 +28,12 @@ import torch.nn.functional as F
 from pipeline.config import Where
 
 IGNORE = 255
+Total = Callable[[torch.Tensor], torch.Tensor]
+
+
+def local(x: torch.Tensor) -> torch.Tensor:
+    """`total` of one process: its batch is the whole batch."""
+    return x
 
 
 @dataclass
@@ -31,6 +43,7 @@ class LossConfig:
     w_sup: float = 1.0
     w_cr: float = 1.0
     w_se: float = 1.0
+    w_code: float = 0.0  # CodeAlign code / FCF loss (`stages.student.codes`); 0: off
     tau_cr: float = 0.1
     tau_se: float = 0.1
     se_features: str = "fused"  # fused: f_ma; decoder: the head's stride-4 features
@@ -42,11 +55,11 @@ class LossConfig:
         """Refused before a step is taken: a NaN weight or a zero temperature would only
         show up later as a non-finite loss."""
         where = where or Where("train.loss", None)
-        for name in ("w_sup", "w_cr", "w_se"):
+        for name in ("w_sup", "w_cr", "w_se", "w_code"):
             where.number(name, getattr(self, name), 0, why="a loss weight; 0 switches the "
                          "term off")
-        if not (self.w_sup or self.w_cr or self.w_se):
-            where.fail("w_sup", "> 0 when w_cr and w_se are 0 (nothing would be trained)",
+        if not (self.w_sup or self.w_cr or self.w_se or self.w_code):
+            where.fail("w_sup", "> 0 when w_cr, w_se and w_code are 0 (nothing would be trained)",
                        self.w_sup)
         for name in ("tau_cr", "tau_se"):
             where.number(name, getattr(self, name), 0, lo_open=True,
@@ -58,26 +71,31 @@ class LossConfig:
                      why="a fraction of the labelled pixels")
 
 
-def supervised(logits: torch.Tensor, label: torch.Tensor, cfg: LossConfig) -> torch.Tensor:
-    """Cross-entropy at label resolution (ignore 255); OHEM as CMNeXt when enabled: keep the
-    pixels whose true-class probability is below `ohem_thresh`, at least
-    `ohem_min_fraction` of the valid pixels."""
+def supervised(logits: torch.Tensor, label: torch.Tensor, cfg: LossConfig,
+               total: Total = local) -> torch.Tensor:
+    """Cross-entropy at label resolution (ignore 255), the mean over the valid pixels of
+    the batch; OHEM as CMNeXt when enabled: keep the pixels whose true-class probability is
+    below `ohem_thresh`, at least `ohem_min_fraction` of the valid pixels (when the batch
+    has fewer such pixels, each rank tops up from its own share of the batch)."""
     if logits.shape[-2:] != label.shape[-2:]:
         logits = F.interpolate(logits, size=label.shape[-2:], mode="bilinear",
                                align_corners=False)
     if not cfg.ohem:
-        return F.cross_entropy(logits, label, ignore_index=IGNORE)
+        pixel_sum = F.cross_entropy(logits, label, ignore_index=IGNORE, reduction="sum")
+        return total(pixel_sum) / total((label != IGNORE).sum())
     pixel = F.cross_entropy(logits, label, ignore_index=IGNORE, reduction="none").flatten()
     valid = (label.flatten() != IGNORE)
     losses = pixel[valid]
-    if losses.numel() == 0:
+    n_valid = int(total(valid.sum()))
+    if n_valid == 0:
         return logits.sum() * 0.0
-    n_min = max(1, int(losses.numel() * cfg.ohem_min_fraction))
     thresh = -torch.log(torch.tensor(cfg.ohem_thresh, device=losses.device))
     hard = losses[losses > thresh]
-    if hard.numel() < n_min:
-        hard = losses.topk(n_min).values
-    return hard.mean()
+    if int(total(torch.tensor(hard.numel(), device=losses.device))) < \
+            max(1, int(n_valid * cfg.ohem_min_fraction)):
+        share = int(losses.numel() * cfg.ohem_min_fraction)
+        hard = losses.topk(min(losses.numel(), max(1, share))).values
+    return total(hard.sum()) / total(torch.tensor(hard.numel(), device=losses.device))
 
 
 def gap_correlation(student_feats: torch.Tensor, student_fused: torch.Tensor) -> torch.Tensor:
@@ -88,31 +106,34 @@ def gap_correlation(student_feats: torch.Tensor, student_fused: torch.Tensor) ->
 
 
 def correlation_kl(m_f: torch.Tensor, present: torch.Tensor, teacher_visual: torch.Tensor,
-                   teacher_scene: torch.Tensor, tau: float = 0.1) -> torch.Tensor:
+                   teacher_scene: torch.Tensor, tau: float = 0.1,
+                   total: Total = local) -> torch.Tensor:
     """L_cr from the student's correlations m_f (B, M); present (B, M); teacher_visual
     (B, M, D); teacher_scene (B, D). Samples with one present modality carry no
-    correlation and are skipped."""
+    correlation and are skipped; the mean runs over the others (on every rank)."""
     m_e = F.cosine_similarity(teacher_visual, teacher_scene[:, None], dim=-1)
     rows = present.sum(1) > 1
-    if not bool(rows.any()):
+    n_rows = total(rows.sum())
+    if int(n_rows) == 0:
         return m_f.sum() * 0.0
     neg = torch.finfo(m_f.dtype).min
     log_p = F.log_softmax((m_f / tau).masked_fill(~present, neg), dim=1)[rows]
     log_q = F.log_softmax((m_e.to(m_f.dtype) / tau).masked_fill(~present, neg), dim=1)[rows]
     p = log_p.exp() * present[rows]
-    return (p * (log_p - log_q)).masked_fill(~present[rows], 0.0).sum(1).mean()
+    return total((p * (log_p - log_q)).masked_fill(~present[rows], 0.0).sum()) / n_rows
 
 
 def correlation(student_feats: torch.Tensor, student_fused: torch.Tensor,
                 present: torch.Tensor, teacher_visual: torch.Tensor,
-                teacher_scene: torch.Tensor, tau: float = 0.1) -> torch.Tensor:
+                teacher_scene: torch.Tensor, tau: float = 0.1,
+                total: Total = local) -> torch.Tensor:
     """L_cr with M^f = `gap_correlation` (the `pixel` and `paper` variants)."""
     return correlation_kl(gap_correlation(student_feats, student_fused), present,
-                          teacher_visual, teacher_scene, tau)
+                          teacher_visual, teacher_scene, tau, total)
 
 
-def prototypes(fused: torch.Tensor, label: torch.Tensor,
-               num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+def prototypes(fused: torch.Tensor, label: torch.Tensor, num_classes: int,
+               total: Total = local) -> tuple[torch.Tensor, torch.Tensor]:
     """Masked average pooling of the bilinearly upsampled features: (K', C) prototypes of
     the classes present in `label`, and their class indices.
 
@@ -122,7 +143,7 @@ def prototypes(fused: torch.Tensor, label: torch.Tensor,
     """
     b, c, h, w = fused.shape
     valid = label != IGNORE
-    counts = torch.bincount(label[valid], minlength=num_classes)
+    counts = total(torch.bincount(label[valid], minlength=num_classes))
     classes = counts.nonzero().squeeze(1)
     onehot = (label[:, None] == classes[None, :, None, None]).to(fused.dtype)  # (B, K', H, W)
     if (h, w) != tuple(label.shape[-2:]):
@@ -134,14 +155,14 @@ def prototypes(fused: torch.Tensor, label: torch.Tensor,
             (weights,) = torch.autograd.grad(up, probe, grad_outputs=onehot)
     else:
         weights = onehot
-    sums = torch.einsum("bkhw,bchw->kc", weights.detach(), fused)
+    sums = total(torch.einsum("bkhw,bchw->kc", weights.detach(), fused))
     return sums / counts[classes, None].to(fused.dtype), classes
 
 
 def semantic(fused: torch.Tensor, label: torch.Tensor, class_embeddings: torch.Tensor,
-             tau: float = 0.1) -> torch.Tensor:
+             tau: float = 0.1, total: Total = local) -> torch.Tensor:
     """L_se over the classes present in the batch (needs at least two)."""
-    protos, classes = prototypes(fused, label, class_embeddings.shape[0])
+    protos, classes = prototypes(fused, label, class_embeddings.shape[0], total)
     if classes.numel() < 2:
         return fused.sum() * 0.0
     s_f = F.cosine_similarity(protos[:, None], protos[None], dim=-1)

@@ -19,6 +19,7 @@ from stages.student.data import black
 from stages.student.encoder import Encoder, backbone_names, is_backbone
 from stages.student.head import AllMLPHead
 from stages.student.mff import MFF, MFFConfig, MFFOutput
+from stages.student.noise import current, make_keyed, row_keys, using
 
 MISSING_MODES = ("exclude", "zero-fill", "black")
 
@@ -90,7 +91,9 @@ class Any2Seg(nn.Module):
         for absent ones."""
         b, m = present.shape
         keep = present.flatten().nonzero().squeeze(1)
-        out = self.head([f.flatten(0, 1)[keep] for f in feats])
+        keys = current()  # the head sees (sample, modality) rows, as the encoder does
+        with using(None if keys is None else row_keys(keys, m)[keep]):
+            out = self.head([f.flatten(0, 1)[keep] for f in feats])
         full = out.new_zeros((b * m, *out.shape[1:]))
         full[keep] = out
         return full.view(b, m, *out.shape[1:])
@@ -107,7 +110,9 @@ class Any2Seg(nn.Module):
             present = torch.ones_like(present)
         flat = images.flatten(0, 1)
         keep = present.flatten().nonzero().squeeze(1)
-        stages = self.encoder(flat[keep])
+        keys = current()  # per-sample noise keys (training): per (sample, modality) rows
+        with using(None if keys is None else row_keys(keys, m)[keep]):
+            stages = self.encoder(flat[keep])
         feats = []
         for f in stages:
             full = f.new_zeros((b * m, *f.shape[1:]))
@@ -148,5 +153,7 @@ def build_student(cfg: StudentConfig, modalities: list[str], num_classes: int) -
     from stages.student.encoder import build_encoder
 
     cfg.validate()
-    return Any2Seg(build_encoder(cfg.backbone, cfg.pretrained), modalities, num_classes,
-                   cfg.mff_config(), cfg.embed_dim, cfg.dropout, cfg.missing)
+    # dropout and drop-path masks from per-sample keys (stages.student.noise)
+    return make_keyed(Any2Seg(build_encoder(cfg.backbone, cfg.pretrained), modalities,
+                              num_classes, cfg.mff_config(), cfg.embed_dim, cfg.dropout,
+                              cfg.missing))

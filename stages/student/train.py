@@ -3,7 +3,8 @@
 Read it top to bottom: configuration, data and cached targets, model and optimiser,
 resume, the loop (loss, step, log, validate, checkpoint). The teacher never runs here;
 its targets come from `pipeline.store.open_cache` (this module never imports
-`stages.teacher`).
+`stages.teacher`). Under torchrun each rank runs this same loop on its slice of every
+global batch (`stages.student.distributed`); rank 0 alone writes files.
 """
 
 from __future__ import annotations
@@ -35,9 +36,11 @@ from pipeline.store import (
     open_cache,
     sample_list_fingerprint,
 )
+from stages.student import distributed, noise
+from stages.student.codes import CodeTranslators, code_loss
 from stages.student.data import IGNORE, AugmentConfig, ScheduleSampler, StudentData, Targets
 from stages.student.encoder import min_input_size
-from stages.student.evaluate import evaluate
+from stages.student.evaluate import evaluate, evaluation_loader
 from stages.student.losses import (
     LossConfig,
     correlation_kl,
@@ -73,6 +76,7 @@ class TrainConfig:
     seed: int = 3407
     workers: int = 2
     modality_dropout: float = 0.0
+    isolation: bool = False  # every training sample shows exactly one modality (CodeAlign)
     augment: dict[str, Any] = field(default_factory=dict)
     loss: dict[str, Any] = field(default_factory=dict)
     val_every: int = 0  # 0: only after the last step
@@ -80,6 +84,11 @@ class TrainConfig:
     checkpoint_every: int = 100
     device: str = "auto"
     skip_bad: bool = False
+    dtype: str = "float32"  # float64: a reference run (numerical checks), not for speed
+    nproc: int = 1  # processes (GPUs) on this machine; `pipeline train` launches them
+    compile: bool = False  # torch.compile the model
+    persistent_workers: bool = False  # keep the validation loader's workers between runs
+    prefetch_factor: int | None = None  # batches each loader worker prepares ahead
 
     @classmethod
     def from_params(cls, params: dict[str, Any], overrides: dict[str, Any],
@@ -140,11 +149,21 @@ class TrainConfig:
         w.integer("seed", self.seed, 0, 2 ** 32 - 1, why="numpy's seed range")
         w.integer("workers", self.workers, 0, why="0 loads in the training process")
         w.number("modality_dropout", self.modality_dropout, 0, 1, why="a probability")
+        if not isinstance(self.isolation, bool):
+            w.fail("isolation", "true or false", self.isolation)
+        if self.isolation and self.modality_dropout:
+            w.fail("modality_dropout", "0 with train.isolation: true (isolation already shows "
+                   "one modality per sample)", self.modality_dropout)
         w.integer("val_every", self.val_every, 0, why="0 validates only after the last step")
         if self.val_limit is not None:
             w.integer("val_limit", self.val_limit, 1,
                       why="leave it unset (null) for the whole val split")
         w.integer("checkpoint_every", self.checkpoint_every, 1)
+        w.integer("nproc", self.nproc, 1, why="processes (GPUs) on this machine")
+        w.one_of("dtype", self.dtype, ("float32", "float64"))
+        if self.prefetch_factor is not None:
+            w.integer("prefetch_factor", self.prefetch_factor, 1,
+                      why="batches each loader worker prepares ahead; null for torch's 2")
         if not is_device(self.device):
             w.fail("device", "one of " + ", ".join(DEVICE_FORMS), self.device)
         if self.modalities is not None:
@@ -157,6 +176,12 @@ class TrainConfig:
                 w.fail("modalities", "distinct modality names", self.modalities)
         self.loss_config(w.sub("loss"))
         self.augment_config(w.sub("augment"))
+
+    def settings(self) -> dict[str, Any]:
+        """What decides the weights (a resumed run must match): not how many processes
+        or loader workers compute them."""
+        run_only = ("nproc", "workers", "persistent_workers", "prefetch_factor")
+        return {k: v for k, v in asdict(self).items() if k not in run_only}
 
     def loss_config(self, where: Where | None = None) -> LossConfig:
         where = where or Where("train.loss", None)
@@ -237,7 +262,22 @@ def without_skipped(samples: datasets.SampleSequence, skipped: set[str],
 def cache_fingerprints(cache: TeacherCache) -> dict[str, Any]:
     """What a checkpoint records of the store it trained on, to refuse a changed one."""
     return {"path": str(cache.path), "teacher_fingerprint": cache.teacher_fingerprint,
-            "dataset_fingerprint": cache.dataset_fingerprint}
+            "dataset_fingerprint": cache.dataset_fingerprint,
+            "codebook_fingerprint": cache.codebook_fingerprint}
+
+
+def load_codes(cache: TeacherCache, targets: Targets, ids: list[str], modalities: list[str]
+               ) -> torch.Tensor:
+    """Put the teacher's patch codes into `targets`; return the frozen codebooks
+    (M, K, D) for code -> feature decoding."""
+    if cache.dense is None:
+        raise PipelineError(f"train.loss.w_code > 0 needs dense codes, and {cache.path} has "
+                            "none; rebuild it with `pipeline cache-teacher --dense codebook:K` "
+                            "(teacher.dense in params.yaml) or set train.loss.w_code: 0")
+    targets.codes = cache.codes(ids, modalities)
+    targets.code_image_size = int(cache.dense["image_size"])
+    books = torch.from_numpy(np.stack([cache.codebook(m) for m in modalities]).astype(np.float32))
+    return books
 
 
 def check_same_cache(last: Path, recorded: dict[str, Any] | None, now: dict[str, Any]) -> None:
@@ -248,6 +288,9 @@ def check_same_cache(last: Path, recorded: dict[str, Any] | None, now: dict[str,
                             "start a new --out")
     changed = [f"teacher {d}" for d in fingerprint_diff(recorded["teacher_fingerprint"],
                                                          now["teacher_fingerprint"])]
+    if recorded.get("codebook_fingerprint") != now.get("codebook_fingerprint"):
+        changed.append(f"codebooks ({recorded.get('codebook_fingerprint')} at the checkpoint, "
+                       f"{now.get('codebook_fingerprint')} now)")
     if recorded["dataset_fingerprint"] != now["dataset_fingerprint"]:
         changed.append(f"dataset fingerprint ({recorded['dataset_fingerprint']} at the "
                        f"checkpoint, {now['dataset_fingerprint']} now: rows were recomputed "
@@ -290,12 +333,16 @@ def rewind_live(live_dir: Path, step: int) -> None:
 
 
 def save_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
-                    step: int, best: float, meta: dict[str, Any]) -> None:
+                    step: int, best: float, meta: dict[str, Any],
+                    translators: torch.nn.Module | None = None) -> None:
     """Atomic write (temporary file + rename). With the optimizer and every RNG state for
-    `last.pt` (resume); weights and metadata only for `best.pt`."""
+    `last.pt` (resume); weights and metadata only for `best.pt`. Code translators (a
+    training-only part, `train.loss.w_code`) go beside the model, never into it, so
+    evaluation loads the same student either way."""
     state = {
         "version": CHECKPOINT_VERSION, "step": step, "best": best, "meta": meta,
         "model": model.state_dict(),
+        "translators": translators.state_dict() if translators is not None else None,
         "optimizer": optimizer.state_dict() if optimizer is not None else None,
         "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
                 "python": random.getstate(),
@@ -344,10 +391,14 @@ def _likely_cause(term: str, batch: dict[str, torch.Tensor], output: Any, target
 
 def train(student: StudentConfig, cfg: TrainConfig, progress: bool = True,
           resume: bool = False) -> dict[str, Any]:
-    # -- data and cached teacher targets ----------------------------------------------------
     student.validate()
     cfg.validate(backbone=student.backbone)
-    device = resolve_device(cfg.device)
+    # -- this process's place in the job (torchrun: one rank per GPU) ------------------------
+    world = distributed.join(resolve_device(cfg.device))
+    device, local_batch = world.device, world.split(cfg.batch_size)
+    dtype = getattr(torch, cfg.dtype)
+
+    # -- data and cached teacher targets ----------------------------------------------------
     out = cfg.resolved_out()
     root = cfg.resolved_root()
     cache_path = cfg.resolved_cache()
@@ -371,14 +422,16 @@ def train(student: StudentConfig, cfg: TrainConfig, progress: bool = True,
     if cfg.val_limit:
         val_set = val_set[: cfg.val_limit]
     targets = load_targets(cache, train_set, modalities, cfg)
-    steps = cfg.steps or math.ceil(cfg.epochs * max(1, len(train_set) // cfg.batch_size))
     loss_cfg = cfg.loss_config()
     fuse_classes = student.mff_config().variant == "author"
     if fuse_classes and loss_cfg.se_features == "decoder":
         raise PipelineError("train.loss.se_features: decoder needs MFF before the head; under "
                             "student.mff.variant author f_ma is the fused class-score map: "
                             "use fused")
-    meta = {"student": asdict(student), "train": asdict(cfg), "modalities": modalities,
+    codebooks = load_codes(cache, targets, train_set.ids, modalities) if loss_cfg.w_code \
+        else None
+    steps = cfg.steps or math.ceil(cfg.epochs * max(1, len(train_set) // cfg.batch_size))
+    meta = {"student": asdict(student), "train": cfg.settings(), "modalities": modalities,
             "classes": list(train_set.classes), "dataset": cfg.dataset, "steps": steps,
             "palette": [list(c) for c in datasets.get(cfg.dataset).palette],
             "cache": cache_fingerprints(cache)}
@@ -387,16 +440,25 @@ def train(student: StudentConfig, cfg: TrainConfig, progress: bool = True,
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
     random.seed(cfg.seed)
-    model = build_student(student, modalities, len(train_set.classes)).to(device)
+    model = build_student(student, modalities, len(train_set.classes)).to(device, dtype)
+    translators = None
+    if codebooks is not None:  # after the student, so its initial weights do not move
+        translators = CodeTranslators(modalities, model.encoder.channels[-1],
+                                      codebooks.shape[1], codebooks).to(device, dtype)
     if device.startswith("cuda"):
         model = model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr)
+    net = distributed.parallel(model, world, cfg.compile)  # DDP over the ranks, compiled
+    groups = param_groups(model, cfg.weight_decay)
+    if translators is not None:  # CodeAlign's translators: the same rule
+        for group, extra in zip(groups, param_groups(translators, cfg.weight_decay), strict=True):
+            group["params"] += extra["params"]
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr)
     from timm.scheduler import PolyLRScheduler
 
     scheduler = PolyLRScheduler(optimizer, t_initial=steps, power=cfg.power,
                                 warmup_t=int(cfg.warmup * steps),
                                 warmup_lr_init=cfg.lr * cfg.warmup_ratio, t_in_epochs=False)
-    classes = torch.from_numpy(targets.classes).to(device)
+    classes = torch.from_numpy(targets.classes).to(device, dtype)
 
     # -- resume ----------------------------------------------------------------------------
     out.mkdir(parents=True, exist_ok=True)
@@ -412,6 +474,8 @@ def train(student: StudentConfig, cfg: TrainConfig, progress: bool = True,
                     "status": "finished", "best_val_mIoU": float(ckpt["best"])}
         check_same_cache(last, ckpt["meta"].get("cache"), meta["cache"])
         model.load_state_dict(ckpt["model"])
+        if translators is not None:
+            translators.load_state_dict(ckpt["translators"])
         optimizer.load_state_dict(ckpt["optimizer"])
         start, best = int(ckpt["step"]), float(ckpt["best"])
         torch.set_rng_state(ckpt["rng"]["torch"])
@@ -423,23 +487,31 @@ def train(student: StudentConfig, cfg: TrainConfig, progress: bool = True,
         raise PipelineError(f"nothing to resume: {last} does not exist")
 
     data = StudentData(train_set, modalities, targets, cfg.crop, cfg.augment_config(),
-                       cfg.seed, cfg.modality_dropout)
+                       cfg.seed, cfg.modality_dropout, isolation=cfg.isolation)
+    sampler = ScheduleSampler(len(data), cfg.batch_size, steps, cfg.seed, start, world.rank,
+                              world.size)
     loader = torch.utils.data.DataLoader(
-        data, batch_sampler=ScheduleSampler(len(data), cfg.batch_size, steps, cfg.seed, start),
-        num_workers=cfg.workers, pin_memory=device.startswith("cuda"),
-        generator=torch.Generator().manual_seed(cfg.seed),
-        persistent_workers=False)
+        data, batch_sampler=sampler, num_workers=cfg.workers,
+        pin_memory=device.startswith("cuda"), generator=torch.Generator().manual_seed(cfg.seed),
+        prefetch_factor=cfg.prefetch_factor if cfg.workers else None)
+    val_loader = evaluation_loader(val_set, modalities, world, cfg.workers,
+                                   cfg.persistent_workers, cfg.prefetch_factor)
 
     from dvclive import Live
 
-    if start > 0:  # steps logged after the checkpoint by a killed run are logged again
-        rewind_live(out / "dvclive", start)
-    live = Live(dir=str(out / "dvclive"), resume=start > 0, dvcyaml=False,
-                save_dvc_exp=False, report=None)
-    live.step = start  # dvclive's own resume guesses from metrics.json; the checkpoint knows
+    if start > 0 and world.main:  # steps logged after the checkpoint by a killed run
+        rewind_live(out / "dvclive", start)  # are logged again
+    if world.main:
+        live = Live(dir=str(out / "dvclive"), resume=start > 0, dvcyaml=False,
+                    save_dvc_exp=False, report=None)
+        live.step = start  # dvclive's own resume guesses from metrics.json; the checkpoint knows
+    else:
+        live = distributed.NullLive()
     close_repo = _closes_dvc_repo(live)
-    bar = progress_bar(total=steps, initial=start, desc="training", unit="step", enabled=progress)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.startswith("cuda"))
+    bar = progress_bar(total=steps, initial=start, desc="training", unit="step",
+                       enabled=progress and world.main)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16,
+                              enabled=device.startswith("cuda") and dtype == torch.float32)
     history: list[float] = []
     val_miou = float("nan")
     t0 = time.perf_counter()
@@ -448,24 +520,32 @@ def train(student: StudentConfig, cfg: TrainConfig, progress: bool = True,
     model.train()
     for step, batch in enumerate(loader, start):
         scheduler.step_update(step)
-        images = batch["images"].to(device, non_blocking=True)
+        images = batch["images"].to(device, dtype, non_blocking=True)
         label = batch["label"].to(device, non_blocking=True)
         present = batch["present"].to(device)
-        with autocast:
-            output = model(images, present)
+        slots = world.rank * local_batch + torch.arange(len(label), device=device)
+        # every term is the loss of the whole global batch (sums over ranks: world.total)
+        with autocast, noise.using(noise.sample_keys(cfg.seed, step, slots)):
+            output = net(images, present)
             fused = upcast(output.fused[-1].fused)
-            terms = {"L_sup": supervised(upcast(output.logits), label, loss_cfg)}
+            terms = {"L_sup": supervised(upcast(output.logits), label, loss_cfg, world.total)}
             if loss_cfg.w_cr:
                 # the student side: MFF's re-weighting correlations under `author`
                 m_f = (output.fused[-1].correlation if fuse_classes
                        else gap_correlation(upcast(output.feats[-1]), fused))
                 terms["L_cr"] = correlation_kl(upcast(m_f), output.present,
-                                               batch["visual"].to(device),
-                                               batch["scene"].to(device), loss_cfg.tau_cr)
+                                               batch["visual"].to(device, dtype),
+                                               batch["scene"].to(device, dtype),
+                                               loss_cfg.tau_cr, world.total)
             if loss_cfg.w_se:
                 se_input = upcast(output.decoded) if loss_cfg.se_features == "decoder" else fused
-                terms["L_se"] = semantic(se_input, label, classes, loss_cfg.tau_se)
-        weights = {"L_sup": loss_cfg.w_sup, "L_cr": loss_cfg.w_cr, "L_se": loss_cfg.w_se}
+                terms["L_se"] = semantic(se_input, label, classes, loss_cfg.tau_se, world.total)
+            if translators is not None:
+                terms["L_code"] = code_loss(translators, upcast(output.feats[-1]), present,
+                                            batch["codes"].to(device, non_blocking=True),
+                                            world.total)
+        weights = {"L_sup": loss_cfg.w_sup, "L_cr": loss_cfg.w_cr, "L_se": loss_cfg.w_se,
+                   "L_code": loss_cfg.w_code}
         for name, value in terms.items():
             if not torch.isfinite(value):
                 raise PipelineError(f"non-finite loss at step {step}: {name} = {value.item()}; "
@@ -473,7 +553,9 @@ def train(student: StudentConfig, cfg: TrainConfig, progress: bool = True,
                                                     train_set.ids))
         loss = sum(weights[n] * v for n, v in terms.items())
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss * world.size).backward()  # DDP averages the ranks' gradients
+        if translators is not None:
+            world.average_gradients(translators.parameters())
         optimizer.step()
 
         history.append(loss.item())
@@ -488,19 +570,22 @@ def train(student: StudentConfig, cfg: TrainConfig, progress: bool = True,
         done = step + 1
         if (cfg.val_every and done % cfg.val_every == 0) or done == steps:
             model.eval()
-            val_miou = evaluate(model, val_set, ("mss",), batch_size=1, device=device).mss["mIoU"]
+            val_miou = evaluate(model, val_set, ("mss",), device=device, world=world,
+                                loader=val_loader).mss["mIoU"]
             model.train()
             live.log_metric("val/mIoU", val_miou)
             if not math.isnan(val_miou) and val_miou > best:
                 best = val_miou
-                save_checkpoint(best_path, model, None, done, best, meta)
-        if done % cfg.checkpoint_every == 0 or done == steps:
-            save_checkpoint(last, model, optimizer, done, best, meta)
+                if world.main:
+                    save_checkpoint(best_path, model, None, done, best, meta)
+        if (done % cfg.checkpoint_every == 0 or done == steps) and world.main:
+            save_checkpoint(last, model, optimizer, done, best, meta, translators)
         live.next_step()
     bar.close()
     live.end()
     close_repo()
-    if not best_path.exists() and last.exists():  # no finite val score: keep the last weights
+    # no finite validation score: keep the last weights
+    if world.main and not best_path.exists() and last.exists():
         save_checkpoint(best_path, model, None, steps, best, meta)
     return {"out": str(out), "steps": steps, "start": start, "status": "trained",
             "val_mIoU": val_miou,

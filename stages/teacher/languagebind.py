@@ -285,6 +285,28 @@ class LanguageBind:
         pooled = model.vision_model(pixel_values=pixels).pooler_output
         return F.normalize(upcast(model.visual_projection(pooled)), dim=-1).cpu()
 
+    @torch.inference_mode()
+    def encode_pixels_dense(self, branch: str, pixels: torch.Tensor) -> tuple[
+            torch.Tensor, torch.Tensor]:
+        """One forward: the pooled embedding of `encode_pixels` and the last layer's patch
+        tokens in the joint space, (B, h, w, D) L2-normalised: each token through the
+        tower's `post_layernorm` and `visual_projection` exactly as the class token is
+        (MaskCLIP's dense read-out of a CLIP ViT)."""
+        model = self.branches[branch].model
+        vision = model.vision_model
+        pixels = pixels.to(self.device, self.compute_dtype)
+        out = vision(pixel_values=pixels)
+        pooled = F.normalize(upcast(model.visual_projection(out.pooler_output)), dim=-1)
+        patches = vision.post_layernorm(out.last_hidden_state[:, 1:])
+        tokens = F.normalize(upcast(model.visual_projection(patches)), dim=-1)
+        g = self.grid(branch)
+        return pooled.cpu(), tokens.reshape(tokens.shape[0], g, g, -1).cpu()
+
+    def grid(self, branch: str) -> int:
+        """Patches per side of a branch's (square) input."""
+        vc = self.branches[branch].config["vision_config"]
+        return int(vc["image_size"]) // int(vc["patch_size"])
+
     def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
         """`clean_text` then CLIP BPE, padded and truncated to the context length."""
         return self.tokenizer([clean_text(t) for t in texts], padding="max_length",

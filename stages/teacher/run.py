@@ -36,6 +36,7 @@ from pipeline.errors import PipelineError
 from pipeline.store import (
     HASHES_NAME,
     CacheWriter,
+    Dense,
     Plan,
     StoreSpec,
     TeacherCache,
@@ -46,6 +47,13 @@ from pipeline.store import (
 )
 from stages.teacher import captioners
 from stages.teacher.checkpoints import BRANCH_FOLDERS, checkpoint_fingerprint, resolve_branch_dir
+from stages.teacher.codebook import (
+    DENSE_FORMS,
+    SphericalKMeans,
+    assign,
+    parse_dense,
+    reconstruction_cosine,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -57,6 +65,9 @@ PREPROCESS_VERSION = ("openai-mean-std bicubic-antialias short-side centre-crop;
 DEFAULT_BRANCH = {"rgb": "image", "depth": "depth", "event": "image", "lidar": "image",
                   "aolp": "image", "dolp": "image", "nir": "image", "thermal": "thermal"}
 STORE_DTYPES = ("float16", "float32")
+DENSE_TOKENS = ("last-layer patch tokens -> post_layernorm -> visual_projection -> L2; "
+                "spherical mini-batch k-means, float16 codebook")
+DENSE_VIEW = "short-side resize to image_size, centre crop, grid x grid patches"
 # TeacherConfig fields that params.yaml keeps under another key
 PARAMS_KEYS = {"dataset": "dataset.name", "root": "dataset.root", "teacher_root": "teacher.root"}
 SCHEDULER_FORMS = "local:N (N >= 1 worker processes) or tcp://HOST:PORT"
@@ -87,6 +98,11 @@ class TeacherConfig:
     overwrite: bool = False  # rebuild the whole store
     repair: bool = False  # recompute rows in damaged shards
     on_mismatch: str = "refuse"  # or "rebuild": a store built differently is rebuilt
+    dense: str | None = None  # codebook:K -> per-modality codebooks and patch codes
+    dense_fit_samples: int = 256  # samples whose patch tokens fit the codebooks
+    dense_heldout: int = 32  # other samples on which reconstruction cosine is measured
+    dense_passes: int = 2  # k-means passes over the fit samples
+    dense_seed: int = 0
 
     @classmethod
     def from_params(cls, params: dict[str, Any], overrides: dict[str, Any],
@@ -138,6 +154,15 @@ class TeacherConfig:
         if self.scheduler is not None:
             parse_scheduler(self.scheduler, w)
         w.one_of("on_mismatch", self.on_mismatch, ("refuse", "rebuild"))
+        if self.dense is not None:
+            try:
+                parse_dense(str(self.dense))
+            except ValueError:
+                w.fail("dense", DENSE_FORMS + ", or null for no dense codes", self.dense)
+            w.integer("dense_fit_samples", self.dense_fit_samples, 1)
+            w.integer("dense_heldout", self.dense_heldout, 1)
+            w.integer("dense_passes", self.dense_passes, 1, why="k-means passes")
+            w.integer("dense_seed", self.dense_seed, 0, 2 ** 32 - 1, why="numpy's seed range")
         if self.captioner not in captioners.available():
             raise PipelineError(f"{w.key('captioner')}: unknown captioner {self.captioner!r}; "
                                 f"available: {', '.join(captioners.available())}")
@@ -190,6 +215,9 @@ class TeacherConfig:
 
     def resolved_device(self) -> str:
         return resolve_device(self.device)
+
+    def dense_k(self) -> int | None:
+        return parse_dense(self.dense) if self.dense else None
 
 
 def _check_branches(where: Where, modality_branch: dict[str, str]) -> None:
@@ -256,6 +284,7 @@ class ShardWorker:
         self.captioner = captioners.create(cfg.captioner, samples.classes,
                                            **cfg.captioner_options)
         self.model_seconds = 0.0
+        self.codebooks: dict[str, np.ndarray] | None = None  # set to the store's (float16)
 
     def prepare(self, index: int) -> Prepared:
         sample = self.samples[index]
@@ -264,14 +293,16 @@ class ShardWorker:
         return Prepared(sample, pixels)
 
     def compute(self, prepared: Sequence[Prepared], batch_size: int) -> tuple[
-            list[str], np.ndarray, dict[str, np.ndarray]]:
-        """Captions, E_S and E_m for whole compute batches of a shard, `batch_size` at a
-        time (`prepared` is a run of whole batches, only the shard's last one short)."""
+            list[str], np.ndarray, dict[str, np.ndarray], dict[str, np.ndarray] | None]:
+        """Captions, E_S, E_m and (with codebooks) patch codes for whole compute batches
+        of a shard, `batch_size` at a time (`prepared` is a run of whole batches, only
+        the shard's last one short)."""
         import torch
 
         start = time.perf_counter()
         captions: list[str] = []
         scene, visual = [], {m: [] for m in self.branch_of}
+        codes: dict[str, list[np.ndarray]] = {m: [] for m in self.branch_of}
         bs = batch_size
         for i in range(0, len(prepared), bs):
             batch = prepared[i:i + bs]
@@ -279,11 +310,72 @@ class ShardWorker:
             captions += texts
             scene.append(self.teacher.encode_text(texts))
             for m, b in self.branch_of.items():
-                visual[m].append(self.teacher.encode_pixels(
-                    b, torch.stack([p.pixels[m] for p in batch])))
+                pixels = torch.stack([p.pixels[m] for p in batch])
+                if self.codebooks is None:
+                    visual[m].append(self.teacher.encode_pixels(b, pixels))
+                else:
+                    pooled, tokens = self.teacher.encode_pixels_dense(b, pixels)
+                    visual[m].append(pooled)
+                    codes[m].append(assign(tokens.numpy(), self.codebooks[m]))
         self.model_seconds += time.perf_counter() - start
         return (captions, torch.cat(scene).numpy(),
-                {m: torch.cat(v).numpy() for m, v in visual.items()})
+                {m: torch.cat(v).numpy() for m, v in visual.items()},
+                None if self.codebooks is None else
+                {m: np.concatenate(c) for m, c in codes.items()})
+
+    def patch_tokens(self, indices: Sequence[int], batch_size: int
+                     ) -> Iterator[dict[str, np.ndarray]]:
+        """{modality: (n, h, w, D) patch tokens} for `indices`, one batch at a time."""
+        import torch
+
+        for i in range(0, len(indices), batch_size):
+            prepared = [self.prepare(j) for j in indices[i:i + batch_size]]
+            start = time.perf_counter()
+            yield {m: self.teacher.encode_pixels_dense(
+                b, torch.stack([p.pixels[m] for p in prepared]))[1].numpy()
+                for m, b in self.branch_of.items()}
+            self.model_seconds += time.perf_counter() - start
+
+    def fit_codebooks(self) -> Dense:
+        """Codebooks per modality by streamed spherical mini-batch k-means over the patch
+        tokens of a seeded subset of the rows; reconstruction cosine on other rows."""
+        cfg = self.cfg
+        k = cfg.dense_k()
+        assert k is not None
+        n = len(self.samples)
+        order = np.random.default_rng(cfg.dense_seed).permutation(n).tolist()
+        heldout = min(cfg.dense_heldout, max(1, n // 5)) if n > 1 else 0
+        fit_rows = sorted(order[heldout:heldout + cfg.dense_fit_samples])
+        held_rows = sorted(order[:heldout])
+        bs = cfg.batch_size
+        kmeans = {m: SphericalKMeans(k, cfg.dense_seed) for m in self.branch_of}
+        log.info("fitting %d-code codebooks on %d samples (%d passes)", k, len(fit_rows),
+                 cfg.dense_passes)
+        for tokens in self.patch_tokens(fit_rows, bs):
+            for m, t in tokens.items():
+                kmeans[m].init_update(t)
+        for km in kmeans.values():
+            km.check_init()
+        for _ in range(cfg.dense_passes):
+            for tokens in self.patch_tokens(fit_rows, bs):
+                for m, t in tokens.items():
+                    kmeans[m].update(t)
+        books = {m: km.float16() for m, km in kmeans.items()}
+        cosine = {m: float("nan") for m in self.branch_of}
+        if held_rows:
+            held = list(self.patch_tokens(held_rows, bs))
+            cosine = {m: reconstruction_cosine((t[m] for t in held), books[m])
+                      for m in self.branch_of}
+        branch = next(iter(self.branch_of.values()))
+        g = self.teacher.grid(branch)
+        size = self.teacher.branches[branch].image_size
+        fit = {"seed": cfg.dense_seed, "passes": cfg.dense_passes,
+               "fit_samples": len(fit_rows), "heldout_samples": len(held_rows),
+               "tokens_per_modality": len(fit_rows) * g * g,
+               "empty_codes": {m: km.report(cfg.dense_passes).empty_codes
+                               for m, km in kmeans.items()}}
+        return Dense(k=k, grid=(g, g), codebooks=books, reconstruction_cosine=cosine, fit=fit,
+                     view=DENSE_VIEW, image_size=size)
 
     def class_embeddings(self) -> np.ndarray:
         prompts = [self.cfg.class_prompt.format(readable_class(c)) for c in self.samples.classes]
@@ -325,6 +417,10 @@ def teacher_fingerprint(cfg: TeacherConfig, class_names: Sequence[str]) -> dict[
         "preprocess": PREPROCESS_VERSION,
         "class_prompt": cfg.class_prompt,
         "captioner": captioner.fingerprint(),
+        **({"dense": {"kind": "codebook", "k": cfg.dense_k(), "tokens": DENSE_TOKENS,
+                      "fit_samples": cfg.dense_fit_samples, "heldout": cfg.dense_heldout,
+                      "passes": cfg.dense_passes, "seed": cfg.dense_seed}}
+           if cfg.dense else {}),
     }
 
 
@@ -380,10 +476,11 @@ def shard_jobs(writer: CacheWriter, rows: Sequence[int], input_hashes: Sequence[
 
 def run_job(worker: ShardWorker, writer: CacheWriter, job: ShardJob,
             prepared: Sequence[Prepared]) -> None:
-    captions, scene, visual = worker.compute(prepared, writer.batch_size)
+    captions, scene, visual, codes = worker.compute(prepared, writer.batch_size)
     pick = [job.compute.index(r) for r in job.write]
     writer.write_rows(job.write, [captions[i] for i in pick], scene[pick],
-                      {m: v[pick] for m, v in visual.items()}, job.hashes)
+                      {m: v[pick] for m, v in visual.items()}, job.hashes,
+                      None if codes is None else {m: c[pick] for m, c in codes.items()})
 
 
 def cache_teacher(cfg: TeacherConfig,
@@ -455,18 +552,31 @@ def _inspect(cfg: TeacherConfig, out: Path, spec: StoreSpec,
     if cache is None or problems:
         return None, Plan()
     big = cache.num_shards >= 32  # a progress bar only where the scan takes a while
-    return cache, plan(cache, input_hashes, cfg.repair, show=big)
+    todo = plan(cache, input_hashes, cfg.repair, show=big)
+    books = [name for name in todo.static if name.startswith("codebook/")]
+    if books:  # refused before anything (the damaged file included) is touched
+        raise PipelineError(f"{out}: {', '.join(books)} is damaged; every code of the store "
+                            "was assigned against it, so it cannot be refitted in place: "
+                            "rebuild the store with `pipeline cache-teacher --overwrite`")
+    return cache, todo
 
 
 def _create(worker: ShardWorker, out: Path, spec: StoreSpec) -> CacheWriter:
     # dataset and splits let stage two re-derive the sample list and check the fingerprint;
     # root and teacher_root let a damage message print a working --repair command
     cfg = worker.cfg
+    dense = worker.fit_codebooks() if cfg.dense else None
     return CacheWriter.create(out, spec, worker.teacher.dim, worker.samples.classes,
                               worker.class_embeddings(),
                               {"dataset": cfg.dataset, "splits": list(cfg.split),
                                "root": str(cfg.resolved_root()),
-                               "teacher_root": str(cfg.teacher_root)})
+                               "teacher_root": str(cfg.teacher_root)}, dense)
+
+
+def use_codebooks(worker: ShardWorker, writer: CacheWriter) -> None:
+    """Codes are always assigned against the store's own float16 codebooks."""
+    if writer.dense is not None:
+        worker.codebooks = {m: writer.codebook(m) for m in writer.modalities}
 
 
 def _repair_static(worker: ShardWorker | None, writer: CacheWriter, spec: StoreSpec,
@@ -511,6 +621,7 @@ def _run_local(cfg: TeacherConfig, samples: SampleSequence, spec: StoreSpec,
     else:
         _repair_static(worker, writer, spec, todo, samples, cfg, device)
         rows = todo.rows
+    use_codebooks(worker, writer)
     jobs = shard_jobs(writer, rows, input_hashes, writer.batch_size)
     total = sum(len(j.write) for j in jobs)
     done_rows = 0
@@ -542,7 +653,9 @@ def _shard_task(cfg_dict: dict[str, Any], out: str, device: str, threads: int,
         torch.set_num_threads(threads)
         cfg = TeacherConfig(**cfg_dict)
         worker = ShardWorker(cfg, load_samples(cfg), device)
-        _WORKER_STATE[key] = (worker, CacheWriter(Path(out)))
+        writer = CacheWriter(Path(out))
+        use_codebooks(worker, writer)
+        _WORKER_STATE[key] = (worker, writer)
     worker, writer = _WORKER_STATE[key]
     before = worker.model_seconds
     prepared = [worker.prepare(i) for i in job.compute]

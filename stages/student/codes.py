@@ -1,0 +1,123 @@
+"""CodeAlign in stage two: teacher patch codes as dense targets, FCF translators, isolation.
+
+- `code_map` puts a sample's cached code grid onto its image pixels through the teacher's
+  own view (short side resized to the branch's input size, centre crop, grid x grid
+  patches), so the student's augmentation (resize, crop, flip) moves codes with labels.
+- `CodeTranslators`: one 1x1 convolution per (source modality -> target codebook) from
+  the student's last-stage features to code logits (feature -> code). Own-modality
+  translators distil the modality's code space; cross-modal ones are CodeAlign's FCF
+  translation (predict depth's codes from RGB features). `decode` turns logits back into
+  code vectors of the target space (code -> feature) by soft assignment over the frozen
+  codebook.
+- `code_loss`: cross-entropy to the teacher's codes, over present source modalities only,
+  so an absent modality gets exactly zero gradient.
+- `isolated_modality`: the one modality a training sample shows under `train.isolation`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from functools import lru_cache
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipeline.precision import upcast
+from stages.student.losses import Total, local
+
+NO_CODE = -1  # pixels outside the teacher's view, padding: ignored by the loss
+
+
+@lru_cache(maxsize=16)
+def _index_map(h: int, w: int, image_size: int, grid: int) -> np.ndarray:
+    short, long = (h, w) if h <= w else (w, h)
+    new_short, new_long = image_size, int(image_size * long / short)
+    new_h, new_w = (new_short, new_long) if h <= w else (new_long, new_short)
+    top, left = int(round((new_h - image_size) / 2.0)), int(round((new_w - image_size) / 2.0))
+    patch = image_size / grid
+    ys = np.floor(((np.arange(h) + 0.5) * new_h / h - top) / patch).astype(np.int64)
+    xs = np.floor(((np.arange(w) + 0.5) * new_w / w - left) / patch).astype(np.int64)
+    inside = (ys[:, None] >= 0) & (ys[:, None] < grid) & (xs[None] >= 0) & (xs[None] < grid)
+    flat = ys[:, None] * grid + xs[None]
+    return np.where(inside, flat, NO_CODE)
+
+
+def code_map(codes: np.ndarray, h: int, w: int, image_size: int) -> torch.Tensor:
+    """(M, g, g) codes of one sample -> (M, h, w) long per image pixel (NO_CODE outside
+    the teacher's centre crop)."""
+    grid = codes.shape[-1]
+    index = _index_map(h, w, image_size, grid)
+    flat = codes.reshape(codes.shape[0], -1).astype(np.int64)
+    out = np.where(index >= 0, flat[:, np.maximum(index, 0)], NO_CODE)
+    return torch.from_numpy(out)
+
+
+def isolated_modality(seed: int, step: int, index: int, n_modalities: int) -> int:
+    """The modality sample `index` shows at `step` under isolation: a pure function of
+    (seed, step, index), never of a process RNG, so workers and resumes agree."""
+    return int(np.random.default_rng([seed, step, index, 0x150]).integers(n_modalities))
+
+
+def at_features(codes: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(B, M, H, W) pixel codes -> (B, M, h, w): the code at each feature cell's centre."""
+    h_in, w_in = codes.shape[-2:]
+    ys = ((torch.arange(size[0], device=codes.device) + 0.5) * h_in / size[0]).long()
+    xs = ((torch.arange(size[1], device=codes.device) + 0.5) * w_in / size[1]).long()
+    return codes[..., ys.clamp(max=h_in - 1)[:, None], xs.clamp(max=w_in - 1)[None]]
+
+
+class CodeTranslators(nn.Module):
+    """1x1 translators from C-channel features of each source modality to the K codes of
+    each target modality's codebook (M x M of them; own and cross-modal)."""
+
+    def __init__(self, modalities: Sequence[str], channels: int, k: int,
+                 codebooks: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.modalities = list(modalities)
+        self.k = k
+        self.translate = nn.ModuleDict({
+            f"{s}->{t}": nn.Conv2d(channels, k, 1) for s in self.modalities
+            for t in self.modalities})
+        if codebooks is not None:  # (M, K, D) frozen: code -> feature decoding
+            self.register_buffer("codebooks", codebooks.float(), persistent=False)
+
+    def forward(self, feats: torch.Tensor, source: str, target: str) -> torch.Tensor:
+        """(B, C, h, w) features of `source` -> (B, K, h, w) logits over `target`'s codes."""
+        return self.translate[f"{source}->{target}"](feats)
+
+    def decode(self, logits: torch.Tensor, target: str) -> torch.Tensor:
+        """Code logits -> (B, D, h, w) soft code vectors of `target`'s feature space."""
+        book = self.codebooks[self.modalities.index(target)].to(logits)
+        return torch.einsum("bkhw,kd->bdhw", logits.softmax(1), book)
+
+
+def code_loss(translators: CodeTranslators, feats: torch.Tensor, present: torch.Tensor,
+              codes: torch.Tensor, total: Total = local) -> torch.Tensor:
+    """Mean cross-entropy of every (present source -> target) translation against the
+    teacher's codes of the target modality, at the feature grid.
+
+    feats (B, M, C, h, w) last-stage student features; present (B, M) bool; codes
+    (B, M, H, W) long pixel codes (NO_CODE ignored). Pixels of an absent source are
+    ignored, so absent modalities contribute nothing and get no gradient. The mean runs over
+    the global batch (`total`: sums over data-parallel ranks)."""
+    b, m, _, h, w = feats.shape
+    target = at_features(codes, (h, w))  # (B, M, h, w)
+    ce_sum = feats.new_zeros(())
+    count = feats.new_zeros(())
+    for i, source in enumerate(translators.modalities):
+        keep = present[:, i]
+        if not bool(keep.any()):
+            continue
+        f = feats[keep, i]
+        for j, name in enumerate(translators.modalities):
+            y = target[keep, j]
+            valid = y != NO_CODE
+            if not bool(valid.any()):
+                continue
+            logits = translators(f, source, name)
+            ce = F.cross_entropy(upcast(logits), y.clamp(min=0), reduction="none")
+            ce_sum = ce_sum + (ce * valid).sum()
+            count = count + valid.sum()
+    return total(ce_sum) / total(count).clamp(min=1)
