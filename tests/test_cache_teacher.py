@@ -1,8 +1,6 @@
 import json
 import os
 import shutil
-import signal
-import subprocess
 import sys
 import time
 
@@ -14,6 +12,7 @@ from pipeline.errors import PipelineError
 from pipeline.store import open_cache
 from stages.teacher import captioners
 from stages.teacher.run import TeacherConfig, cache_teacher, model_input
+from tests.killing import kill_after_first_rows
 
 ARRAYS = ("sample_id", "caption", "done", "scene", "classes", "class_names", "visual/rgb",
           "visual/depth", "visual/event", "visual/lidar", "input_hash")
@@ -89,15 +88,7 @@ def test_resume_after_sigkill_gives_identical_arrays(teacher_sample, tmp_path):
             "--rows-per-shard", "2", "--batch-size", "1", "--decode-workers", "1",
             "--params", str(tmp_path / "none.yaml")]
     (tmp_path / "none.yaml").write_text("{}\n")
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    done_dir = killed / "done" / "c"
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        if done_dir.is_dir() and any(done_dir.iterdir()):
-            break
-        time.sleep(0.005)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_after_first_rows(args, killed, timeout=120)
     partial = open_cache(killed).done
     assert 0 < partial.sum() < partial.size, "the kill must land mid-run"
     cache_teacher(config(root, killed, rows_per_shard=2, batch_size=1))

@@ -1,10 +1,7 @@
 """CodeAlign: dense codebook targets in stage one, FCF code loss and isolation in stage two."""
 
 import json
-import signal
-import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -22,6 +19,7 @@ from stages.student.codes import (
 from stages.student.data import AugmentConfig, ScheduleSampler, StudentData, augment
 from stages.teacher.codebook import SphericalKMeans, assign, decode, parse_dense
 from stages.teacher.run import TeacherConfig, cache_teacher
+from tests.killing import kill_after_first_rows
 
 PLAIN_ARRAYS = ["caption", "class_names", "classes", "done", "input_hash", "sample_id", "scene",
                 "visual/depth", "visual/event", "visual/lidar", "visual/rgb"]
@@ -126,15 +124,7 @@ def test_dense_store_resumes_after_sigkill_with_identical_arrays(teacher_sample,
             "--split", "val,test", "--rows-per-shard", "2", "--batch-size", "1",
             "--decode-workers", "1", "--dense", "codebook:8",
             "--params", str(tmp_path / "none.yaml")]
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    done_dir = killed / "done" / "c"
-    deadline = time.time() + 180
-    while time.time() < deadline and proc.poll() is None:
-        if done_dir.is_dir() and any(done_dir.iterdir()):
-            break
-        time.sleep(0.005)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_after_first_rows(args, killed, timeout=180)
     partial = open_cache(killed).done
     assert 0 < partial.sum() < partial.size, "the kill must land mid-run"
     kw = dict(split=["val", "test"], rows_per_shard=2, batch_size=1, dense="codebook:8")
