@@ -220,3 +220,23 @@ def test_every_mff_variant_trains_with_all_three_losses_and_evaluates(
         with pytest.raises(PipelineError, match="se_features: decoder"):
             train(student, tiny(root, cache, tmp_path / "r2", steps=1,
                                 loss={"se_features": "decoder"}), progress=False)
+
+
+def test_distill_warmup_ramps_the_lscd_weights(sample_cache, tmp_path):
+    """`train.loss.distill_warmup`: step s (0-based) of the ramp weighs L_cr and L_se by
+    (s + 1) / (warmup * steps); L_sup keeps its weight. Read back from the logged terms."""
+    import csv
+
+    root, cache = sample_cache
+    out = tmp_path / "run"
+    train(TINY_STUDENT, tiny(root, cache, out, steps=4, checkpoint_every=4,
+                             loss={"distill_warmup": 0.5}), progress=False)
+    logged = {}
+    for name in ("loss", "L_sup", "L_cr", "L_se"):
+        with open(out / "dvclive" / "plots" / "metrics" / "train" / f"{name}.tsv") as f:
+            logged[name] = [float(row[name]) for row in csv.DictReader(f, delimiter="\t")]
+    assert len(logged["loss"]) == 4
+    for step, factor in enumerate((0.5, 1.0, 1.0, 1.0)):
+        want = logged["L_sup"][step] + factor * (logged["L_cr"][step] + logged["L_se"][step])
+        assert logged["loss"][step] == pytest.approx(want, rel=1e-5)
+    assert logged["L_cr"][0] + logged["L_se"][0] > 1e-3  # the ramp has something to weigh

@@ -47,6 +47,7 @@ class LossConfig:
     tau_cr: float = 0.1
     tau_se: float = 0.1
     se_features: str = "fused"  # fused: f_ma; decoder: the head's stride-4 features
+    distill_warmup: float = 0.0  # fraction of the steps over which w_cr, w_se ramp up from 0
     ohem: bool = False
     ohem_thresh: float = 0.7
     ohem_min_fraction: float = 1 / 16
@@ -65,10 +66,23 @@ class LossConfig:
             where.number(name, getattr(self, name), 0, lo_open=True,
                          why="a softmax temperature")
         where.one_of("se_features", self.se_features, ("fused", "decoder"))
+        where.number("distill_warmup", self.distill_warmup, 0, 1,
+                     why="a fraction of the training steps")
         where.number("ohem_thresh", self.ohem_thresh, 0, 1, lo_open=True,
                      why="a probability")
         where.number("ohem_min_fraction", self.ohem_min_fraction, 0, 1, lo_open=True,
                      why="a fraction of the labelled pixels")
+
+
+def distill_ramp(step: int, steps: int, warmup: float) -> float:
+    """The factor on w_cr and w_se at `step` (0-based): linear from 0 to 1 over the first
+    `warmup * steps` steps, so a randomly initialised student can first fit the labels
+    before it is asked to match the teacher's structure (not in the paper, off by default).
+    A function of the step only, so a resumed run weighs each step as an uninterrupted one."""
+    ramp_steps = warmup * steps
+    if ramp_steps <= 0:
+        return 1.0
+    return min(1.0, (step + 1) / ramp_steps)
 
 
 def supervised(logits: torch.Tensor, label: torch.Tensor, cfg: LossConfig,
