@@ -215,6 +215,12 @@ def main() -> None:
     parser.add_argument("--loss", action="append", default=[], metavar="KEY=VALUE",
                         help="train.loss setting for every row (default: params.yaml); "
                         f"w_code applies to the rows with codes only (default {DEFAULT_W_CODE})")
+    parser.add_argument("--teacher-frames", type=int, default=None, metavar="N",
+                        help="fit the teacher on another generated sample with N training "
+                        "frames (seed 1, scenes the student never sees) instead of the "
+                        "student's 120; the student still trains on its own sample")
+    parser.add_argument("--fit", action="append", default=[], metavar="KEY=VALUE",
+                        help="teacher.fit setting (default: params.yaml), e.g. image_epochs")
     parser.add_argument("--jobs", type=int, default=1, help="trainings at once")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per training")
     parser.add_argument("--workers", type=int, default=1, help="data workers per training")
@@ -249,16 +255,20 @@ def main() -> None:
     from fitted_sample import build_cache, fitted_sample, store_path
 
     from pipeline.config import load_params
+    from pipeline.datasets.sample import SampleSpec
 
     params = load_params(args.params)
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         work = args.work or tmp
-        sample = fitted_sample(work, params, args.root)
+        fit_spec = (None if args.teacher_frames is None else
+                    SampleSpec(train=args.teacher_frames, test=0, seed=1))
+        sample = fitted_sample(work, params, args.root, fit_spec=fit_spec,
+                               fit_overrides=pairs(args.fit))
         print(sample.describe_quality(), flush=True)
         # one cache for every row; with codes its pooled targets equal a plain cache's
-        cache = store_path(work, dense_k)
+        cache = store_path(work, dense_k, sample.tag)
         build_cache(sample, cache, dense_k)
         base_mff = {**((params.get("student") or {}).get("mff") or {}), **pairs(args.mff)}
         base_loss = {**((params.get("train") or {}).get("loss") or {}), **pairs(args.loss)}
@@ -324,6 +334,9 @@ def main() -> None:
         "loss": base_loss, "dense_k": dense_k, "w_code_of_code_rows": w_code if dense_k else None,
         "cpu_count": os.cpu_count(), "machine": platform.machine(),
         "total_minutes": round(total, 2), "teacher_quality": sample.quality,
+        "teacher_fitted_on": ({"train_frames": args.teacher_frames, "seed": 1,
+                               "fit": pairs(args.fit)} if args.teacher_frames else
+                              {"train_frames": "the student's sample", "fit": pairs(args.fit)}),
         "table": table, "codealign_target": target, "rows": rows}, indent=2) + "\n")
     print(f"wrote {out}")
 

@@ -24,31 +24,47 @@ class FittedSample:
     teacher: TeacherConfig  # params.yaml's stage one, reading the fitted teacher
     quality: dict[str, Any]  # teacher.json's quality on val
     random_init_quality: dict[str, Any]
+    tag: str = ""  # "" or the fit sample's name when the teacher was fitted on other frames
 
     def describe_quality(self) -> str:
         return format_quality(self.quality, self.random_init_quality)
 
 
 def fitted_sample(work: Path, params: dict[str, Any], root: Path | None = None,
-                  spec: SampleSpec | None = None) -> FittedSample:
+                  spec: SampleSpec | None = None, fit_spec: SampleSpec | None = None,
+                  fit_overrides: dict[str, Any] | None = None) -> FittedSample:
     """Generate the sample (default `work/deliver-sample`, kept if it already matches) and
-    fit the default teacher into `work/teacher` with params.yaml's `teacher.fit`,
-    `teacher.modality_branch` and `teacher.class_prompt` (kept if already fitted so)."""
+    fit the default teacher into `work/teacher` with params.yaml's `teacher.fit` (plus
+    `fit_overrides`), `teacher.modality_branch` and `teacher.class_prompt` (kept if already
+    fitted so).
+
+    With `fit_spec` the teacher is fitted on another generated sample (its own scenes,
+    e.g. more training frames than the student's) in `work/teacher-<name>`: a teacher that
+    knows frames the student never sees, as LanguageBind knows data beyond DELIVER. Its
+    quality figures are then measured on that sample's val split."""
     root = root or work / "deliver-sample"
     make_sample(root, spec or SampleSpec())
     teacher = TeacherConfig.from_params(params, {"dataset": "sample", "root": str(root)})
-    fit = build(FitConfig, dict((params.get("teacher") or {}).get("fit") or {}), "teacher.fit")
-    fitted = fit_default_teacher(root, work / "teacher", fit, teacher.branch_map(),
+    fit = build(FitConfig, {**((params.get("teacher") or {}).get("fit") or {}),
+                            **(fit_overrides or {})}, "teacher.fit")
+    tag, fit_root = "", root
+    if fit_spec is not None:
+        tag = f"fit{fit_spec.train}-seed{fit_spec.seed}"
+        fit_root = work / f"sample-{tag}"
+        make_sample(fit_root, fit_spec)
+    teacher_dir = work / (f"teacher-{tag}" if tag else "teacher")
+    fitted = fit_default_teacher(fit_root, teacher_dir, fit, teacher.branch_map(),
                                  teacher.class_prompt, progress=False)
-    teacher.teacher_root = str(work / "teacher")
+    teacher.teacher_root = str(teacher_dir)
     return FittedSample(root, teacher, fitted.manifest["quality"],
-                        fitted.manifest["random_init_quality"])
+                        fitted.manifest["random_init_quality"], tag)
 
 
-def store_path(work: Path, dense_k: int | None = None) -> Path:
+def store_path(work: Path, dense_k: int | None = None, tag: str = "") -> Path:
     """Where a stage-one store of the fitted teacher lives in `work`: one name per kind of
-    store, so each script finds what another one built."""
-    return work / (f"codes{dense_k}.zarr" if dense_k else "sample.zarr")
+    store (and per teacher, `FittedSample.tag`), so each script finds what another built."""
+    name = f"codes{dense_k}" if dense_k else "sample"
+    return work / (f"{name}-{tag}.zarr" if tag else f"{name}.zarr")
 
 
 def build_cache(sample: FittedSample, out: Path, dense_k: int | None = None,
