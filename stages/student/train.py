@@ -44,6 +44,7 @@ from stages.student.evaluate import evaluate, evaluation_loader
 from stages.student.losses import (
     LossConfig,
     correlation_kl,
+    distill_ramp,
     gap_correlation,
     semantic,
     supervised,
@@ -544,8 +545,9 @@ def train(student: StudentConfig, cfg: TrainConfig, progress: bool = True,
                 terms["L_code"] = code_loss(translators, upcast(output.feats[-1]), present,
                                             batch["codes"].to(device, non_blocking=True),
                                             world.total)
-        weights = {"L_sup": loss_cfg.w_sup, "L_cr": loss_cfg.w_cr, "L_se": loss_cfg.w_se,
-                   "L_code": loss_cfg.w_code}
+        ramp = distill_ramp(step, steps, loss_cfg.distill_warmup)
+        weights = {"L_sup": loss_cfg.w_sup, "L_cr": loss_cfg.w_cr * ramp,
+                   "L_se": loss_cfg.w_se * ramp, "L_code": loss_cfg.w_code}
         for name, value in terms.items():
             if not torch.isfinite(value):
                 raise PipelineError(f"non-finite loss at step {step}: {name} = {value.item()}; "
