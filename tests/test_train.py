@@ -240,3 +240,25 @@ def test_distill_warmup_ramps_the_lscd_weights(sample_cache, tmp_path):
         want = logged["L_sup"][step] + factor * (logged["L_cr"][step] + logged["L_se"][step])
         assert logged["loss"][step] == pytest.approx(want, rel=1e-5)
     assert logged["L_cr"][0] + logged["L_se"][0] > 1e-3  # the ramp has something to weigh
+
+
+def test_se_target_identity_replaces_the_class_embeddings(sample_cache, tmp_path, monkeypatch):
+    """`train.loss.se_target: identity` is the control for the language prior: L_se's target
+    is the identity (prototypes kept apart), not E_C's structure; `teacher` reads E_C."""
+    from stages.student import train as train_module
+    from stages.student.losses import semantic
+
+    seen = []
+
+    def recording(fused, label, class_embeddings, *args, **kw):
+        seen.append(class_embeddings.detach().clone())
+        return semantic(fused, label, class_embeddings, *args, **kw)
+
+    monkeypatch.setattr(train_module, "semantic", recording)
+    root, cache = sample_cache
+    for target in ("identity", "teacher"):
+        train(TINY_STUDENT, tiny(root, cache, tmp_path / target, steps=1, checkpoint_every=1,
+                                 loss={"se_target": target}), progress=False)
+    identity, teacher = seen
+    assert torch.equal(identity, torch.eye(25))
+    assert teacher.shape[0] == 25 and not torch.equal(teacher, torch.eye(25))

@@ -48,6 +48,7 @@ class LossConfig:
     tau_se: float = 0.1
     se_features: str = "fused"  # fused: f_ma; decoder: the head's stride-4 features
     distill_warmup: float = 0.0  # fraction of the steps over which w_cr, w_se ramp up from 0
+    se_target: str = "teacher"  # teacher: E_C's structure; identity: prototypes kept apart only
     ohem: bool = False
     ohem_thresh: float = 0.7
     ohem_min_fraction: float = 1 / 16
@@ -68,6 +69,7 @@ class LossConfig:
         where.one_of("se_features", self.se_features, ("fused", "decoder"))
         where.number("distill_warmup", self.distill_warmup, 0, 1,
                      why="a fraction of the training steps")
+        where.one_of("se_target", self.se_target, ("teacher", "identity"))
         where.number("ohem_thresh", self.ohem_thresh, 0, 1, lo_open=True,
                      why="a probability")
         where.number("ohem_min_fraction", self.ohem_min_fraction, 0, 1, lo_open=True,

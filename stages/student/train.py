@@ -460,6 +460,8 @@ def train(student: StudentConfig, cfg: TrainConfig, progress: bool = True,
                                 warmup_t=int(cfg.warmup * steps),
                                 warmup_lr_init=cfg.lr * cfg.warmup_ratio, t_in_epochs=False)
     classes = torch.from_numpy(targets.classes).to(device, dtype)
+    if loss_cfg.se_target == "identity":  # a control: L_se without the language prior
+        classes = torch.eye(len(classes), device=device, dtype=dtype)
 
     # -- resume ----------------------------------------------------------------------------
     out.mkdir(parents=True, exist_ok=True)
