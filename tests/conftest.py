@@ -52,3 +52,14 @@ def sample_cache(teacher_sample, tmp_path_factory):
     cache_teacher(TeacherConfig(dataset="sample", root=str(root), out=str(out),
                                 teacher_root=str(root / "teacher"), rows_per_shard=16))
     return root, out
+
+
+@pytest.fixture
+def own_sample(teacher_sample, tmp_path):
+    """A private copy of the small sample and its teacher (for tests that edit its files)."""
+    import shutil
+
+    root, _ = teacher_sample
+    copy = tmp_path / "sample"
+    shutil.copytree(root, copy)
+    return copy

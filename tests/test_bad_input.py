@@ -16,6 +16,7 @@ from pipeline import datasets
 from pipeline.cli import main
 from pipeline.errors import DatasetError, PipelineError
 from tests.layouts import FRAMES, save
+from tests.tiny_run import nan_scene_copy
 
 SCENE = "cloud/train/MAP_1_point1"
 
@@ -375,18 +376,11 @@ def test_datasets_check_names_an_empty_split(deliver_root, capsys):
 
 
 def test_non_finite_teacher_targets_are_named_with_the_fix(sample_cache, tmp_path):
-    import zarr
-
     from stages.student.model import StudentConfig
     from stages.student.train import TrainConfig, train
 
     root, cache = sample_cache
-    broken = tmp_path / "nan.zarr"
-    shutil.copytree(cache, broken)
-    group = zarr.open_group(str(broken), mode="r+")
-    scene = group["scene"][:]
-    scene[:] = np.nan
-    group["scene"][:] = scene
+    broken = nan_scene_copy(cache, tmp_path / "nan.zarr")
     cfg = TrainConfig(dataset="sample", root=str(root), cache=str(broken),
                       out=str(tmp_path / "run"), steps=2, batch_size=2, crop=64, workers=0,
                       val_limit=1)

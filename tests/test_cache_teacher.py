@@ -78,6 +78,11 @@ def test_other_teacher_settings_are_refused_then_overwritten(teacher_sample, tmp
     after = open_cache(out)
     assert after.teacher_fingerprint["modality_branch"]["depth"] == "image"
     assert not np.array_equal(before, after.group["visual/depth"][:])
+    # --on-mismatch rebuild (the DVC stage's choice): back to the first teacher, no refusal
+    report = cache_teacher(config(root, out, split=["val"], rows_per_shard=8,
+                                  on_mismatch="rebuild"))
+    assert report.status == "written" and report.computed_rows == len(before)
+    np.testing.assert_array_equal(open_cache(out).group["visual/depth"][:], before)
 
 
 def test_resume_after_sigkill_gives_identical_arrays(teacher_sample, tmp_path):
@@ -192,15 +197,6 @@ def test_cli_cache_teacher_and_cache_info(teacher_sample, tmp_path, capsys, monk
 
 
 # -- content-aware reruns, damage and repair ---------------------------------------------------
-@pytest.fixture
-def own_sample(teacher_sample, tmp_path):
-    """A private copy of the small sample (these tests edit its files)."""
-    root, _ = teacher_sample
-    copy = tmp_path / "sample"
-    shutil.copytree(root, copy)
-    return copy
-
-
 def edit_image(path):
     from PIL import Image
 

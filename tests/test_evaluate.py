@@ -44,21 +44,20 @@ def test_protocol_and_missing_reach_the_outputs(checkpoint, tmp_path, monkeypatc
         return draw(examples, *args)
 
     monkeypatch.setattr(pictures, "predictions_grid", spy)
-    out = tmp_path / "official"
-    run_cli(["--checkpoint", str(ckpt), "--root", str(root), "--protocol", "official",
-             "--limit", "2", "--examples", "1", "--out", str(out)])
-    report = (out / "report.md").read_text()
-    assert "Protocol `official`" in report and "(`black`)" in report
-    assert drawn[-1] == [(96, 96)] and Image.open(out / "plots" / "predictions.png").size
-    sensor = json.loads((out / "sensor.json").read_text())
-    assert sensor["whole_split_mIoU"] == json.loads((out / "mss.json").read_text())["mIoU"]
-
-    native = tmp_path / "native"
-    run_cli(["--checkpoint", str(ckpt), "--root", str(root), "--setting", "mss",
-             "--limit", "1", "--examples", "1", "--out", str(native)])
-    report = (native / "report.md").read_text()
-    assert "Protocol `native`" in report and "(`exclude`)" in report
-    assert drawn[-1] == [(64, 64)] and Image.open(native / "plots" / "predictions.png").size
+    runs = [  # arguments -> the protocol, missing mode and drawing size the run reports
+        (["--protocol", "official", "--limit", "2"], "official", "black", (96, 96)),
+        (["--setting", "mss", "--limit", "1"], "native", "exclude", (64, 64)),
+    ]
+    for args, protocol, missing, size in runs:
+        out = tmp_path / protocol
+        run_cli(["--checkpoint", str(ckpt), "--root", str(root), *args, "--examples", "1",
+                 "--out", str(out)])
+        report = (out / "report.md").read_text()
+        assert f"Protocol `{protocol}`" in report and f"(`{missing}`)" in report
+        assert drawn[-1] == [size] and Image.open(out / "plots" / "predictions.png").size
+    official = tmp_path / "official"
+    sensor = json.loads((official / "sensor.json").read_text())
+    assert sensor["whole_split_mIoU"] == json.loads((official / "mss.json").read_text())["mIoU"]
 
     params = tmp_path / "params.yaml"
     params.write_text("eval: {protocol: official, missing: zero-fill, setting: mss}\n")

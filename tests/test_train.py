@@ -13,15 +13,7 @@ from pipeline.errors import PipelineError
 from stages.student.evaluate import load_checkpoint, subsets
 from stages.student.model import StudentConfig
 from stages.student.train import TrainConfig, train
-
-TINY_STUDENT = StudentConfig(backbone="mit_b0", embed_dim=32)
-
-
-def tiny(root, cache, out, **kw):
-    base = dict(dataset="sample", root=str(root), cache=str(cache), out=str(out), steps=8,
-                batch_size=2, crop=64, lr=2e-3, workers=0, checkpoint_every=4, val_limit=2,
-                seed=7)
-    return TrainConfig(**{**base, **kw})
+from tests.tiny_run import TINY_STUDENT, logged, nan_scene_copy, tiny
 
 
 def test_a_few_steps_lower_the_loss(sample_cache, tmp_path):
@@ -73,8 +65,6 @@ def test_resume_after_kill_ends_at_the_same_weights(sample_cache, tmp_path):
     for key in a:
         assert torch.equal(a[key], b[key]), key
     # dvclive: each step logged once, validation at the same steps, the real last step
-    from tests.test_train_cache import logged
-
     killed, straight = logged(tmp_path / "killed"), logged(tmp_path / "straight")
     assert killed["train/loss"]["steps"] == list(range(40))
     assert killed["val/mIoU"]["steps"] == straight["val/mIoU"]["steps"] == [9, 19, 29, 39]
@@ -123,17 +113,8 @@ def test_refusals(sample_cache, tmp_path):
 
 
 def test_non_finite_loss_names_step_and_term(sample_cache, tmp_path):
-    import shutil
-
-    import zarr
-
     root, cache = sample_cache
-    broken = tmp_path / "nan.zarr"
-    shutil.copytree(cache, broken)
-    group = zarr.open_group(str(broken), mode="r+")
-    scene = group["scene"][:]
-    scene[:] = np.nan  # a damaged cache: the teacher's E_S is NaN
-    group["scene"][:] = scene
+    broken = nan_scene_copy(cache, tmp_path / "nan.zarr")
     with pytest.raises(PipelineError, match="non-finite loss at step 0: L_cr = nan"):
         train(TINY_STUDENT, tiny(root, broken, tmp_path / "r", steps=3), progress=False)
     with pytest.raises(PipelineError, match="train.lr must be a finite number > 0"):

@@ -1,7 +1,6 @@
 """Training against the teacher cache: damage, skipped samples, a cache that changed under
 a run, and what a resumed run logs."""
 
-import csv
 import json
 import shutil
 
@@ -11,32 +10,15 @@ import torch
 
 from pipeline.errors import PipelineError
 from pipeline.store import StoreDamage
-from stages.student.model import StudentConfig
-from stages.student.train import TrainConfig, train
+from stages.student.train import train
 from stages.teacher.run import TeacherConfig, cache_teacher
-
-TINY_STUDENT = StudentConfig(backbone="mit_b0", embed_dim=32)
+from tests.tiny_run import TINY_STUDENT, logged
+from tests.tiny_run import tiny as tiny_run
 
 
 def tiny(root, cache, out, **kw):
-    base = dict(dataset="sample", root=str(root), cache=str(cache), out=str(out), steps=6,
-                batch_size=2, crop=64, lr=2e-3, workers=0, checkpoint_every=2, val_limit=2,
-                seed=7)
-    return TrainConfig(**{**base, **kw})
-
-
-def logged(run):
-    """Every dvclive metric of a run: {name: {"steps": [...], "values": [...]}}, summary."""
-    out = {}
-    base = run / "dvclive" / "plots" / "metrics"
-    for tsv in sorted(base.rglob("*.tsv")):
-        with open(tsv, newline="") as f:
-            rows = list(csv.DictReader(f, delimiter="\t"))
-        name = str(tsv.relative_to(base).with_suffix(""))
-        out[name] = {"steps": [int(r["step"]) for r in rows],
-                     "values": [r[tsv.stem] for r in rows]}
-    out["summary"] = json.loads((run / "dvclive" / "metrics.json").read_text())
-    return out
+    """The shared tiny run, 6 steps with a checkpoint every 2 (so a kill lands after one)."""
+    return tiny_run(root, cache, out, **{"steps": 6, "checkpoint_every": 2, **kw})
 
 
 class Killed(Exception):
@@ -62,11 +44,9 @@ def run_until(monkeypatch, cfg, steps_done):
 
 
 @pytest.fixture
-def own(teacher_sample, tmp_path):
+def own(own_sample, tmp_path):
     """A private copy of the sample and a teacher cache of its train split."""
-    root, _ = teacher_sample
-    copy = tmp_path / "sample"
-    shutil.copytree(root, copy)
+    copy = own_sample
     cache = tmp_path / "c.zarr"
     cache_teacher(TeacherConfig(dataset="sample", root=str(copy), out=str(cache),
                                 teacher_root=str(copy / "teacher"), split=["train"],

@@ -14,6 +14,7 @@ arithmetic that never overflows, so it gives the same bits on CPU and CUDA.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -88,6 +89,17 @@ def _keys_for(x: torch.Tensor) -> torch.Tensor | None:
     return keys
 
 
+def keyed_keep(x: torch.Tensor, p: float, salt: int, dims: int) -> torch.Tensor | None:
+    """Boolean keep mask over the first `dims` axes of x (1: rows, 2: channels, x.dim():
+    elements), broadcastable to x, drawn from the current keys; None outside `using`."""
+    keys = _keys_for(x)
+    if keys is None:
+        return None
+    shape = tuple(x.shape[:dims])
+    keep = uniform(keys, salt, math.prod(shape[1:])).view(shape) >= p
+    return keep.view(*shape, *([1] * (x.dim() - dims)))
+
+
 class KeyedDropout(nn.Module):
     """Dropout of elements (`channels=False`) or of whole channels (Dropout2d)."""
 
@@ -98,15 +110,10 @@ class KeyedDropout(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0:
             return x
-        keys = _keys_for(x)
-        if keys is None:
+        keep = keyed_keep(x, self.p, self.salt, 2 if self.channels else x.dim())
+        if keep is None:
             fallback = nn.functional.dropout2d if self.channels else nn.functional.dropout
             return fallback(x, self.p, True)
-        shape = (x.shape[0], x.shape[1]) if self.channels else tuple(x.shape)
-        n = shape[1] if self.channels else x[0].numel()
-        keep = uniform(keys, self.salt, n).view(shape) >= self.p
-        if self.channels:
-            keep = keep.view(*shape, *([1] * (x.dim() - 2)))
         return x * keep.to(x.dtype) / (1 - self.p)
 
     def extra_repr(self) -> str:
@@ -123,12 +130,11 @@ class KeyedDropPath(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0:
             return x
-        keys = _keys_for(x)
-        if keys is None:
+        keep = keyed_keep(x, self.p, self.salt, 1)
+        if keep is None:
             u = torch.rand(x.shape[0], device=x.device)
-        else:
-            u = uniform(keys, self.salt, 1)[:, 0]
-        keep = (u >= self.p).to(x.dtype).view(-1, *([1] * (x.dim() - 1)))
+            keep = (u >= self.p).view(-1, *([1] * (x.dim() - 1)))
+        keep = keep.to(x.dtype)
         return x * keep / (1 - self.p) if self.scale_by_keep else x * keep
 
     def extra_repr(self) -> str:
