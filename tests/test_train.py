@@ -206,21 +206,18 @@ def test_every_mff_variant_trains_with_all_three_losses_and_evaluates(
 def test_distill_warmup_ramps_the_lscd_weights(sample_cache, tmp_path):
     """`train.loss.distill_warmup`: step s (0-based) of the ramp weighs L_cr and L_se by
     (s + 1) / (warmup * steps); L_sup keeps its weight. Read back from the logged terms."""
-    import csv
-
     root, cache = sample_cache
     out = tmp_path / "run"
     train(TINY_STUDENT, tiny(root, cache, out, steps=4, checkpoint_every=4,
                              loss={"distill_warmup": 0.5}), progress=False)
-    logged = {}
-    for name in ("loss", "L_sup", "L_cr", "L_se"):
-        with open(out / "dvclive" / "plots" / "metrics" / "train" / f"{name}.tsv") as f:
-            logged[name] = [float(row[name]) for row in csv.DictReader(f, delimiter="\t")]
-    assert len(logged["loss"]) == 4
+    run = logged(out)
+    terms = {name: [float(v) for v in run[f"train/{name}"]["values"]]
+             for name in ("loss", "L_sup", "L_cr", "L_se")}
+    assert len(terms["loss"]) == 4
     for step, factor in enumerate((0.5, 1.0, 1.0, 1.0)):
-        want = logged["L_sup"][step] + factor * (logged["L_cr"][step] + logged["L_se"][step])
-        assert logged["loss"][step] == pytest.approx(want, rel=1e-5)
-    assert logged["L_cr"][0] + logged["L_se"][0] > 1e-3  # the ramp has something to weigh
+        want = terms["L_sup"][step] + factor * (terms["L_cr"][step] + terms["L_se"][step])
+        assert terms["loss"][step] == pytest.approx(want, rel=1e-5)
+    assert terms["L_cr"][0] + terms["L_se"][0] > 1e-3  # the ramp has something to weigh
 
 
 def test_se_target_identity_replaces_the_class_embeddings(sample_cache, tmp_path, monkeypatch):
