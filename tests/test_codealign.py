@@ -14,12 +14,14 @@ from stages.student.codes import (
     CodeTranslators,
     code_loss,
     code_map,
+    decoded_loss,
     isolated_modality,
 )
 from stages.student.data import AugmentConfig, ScheduleSampler, StudentData, augment
 from stages.teacher.codebook import SphericalKMeans, assign, decode, parse_dense
 from stages.teacher.run import TeacherConfig, cache_teacher
 from tests.killing import kill_after_first_rows
+from tests.tiny_run import logged
 
 PLAIN_ARRAYS = ["caption", "class_names", "classes", "done", "input_hash", "sample_id", "scene",
                 "visual/depth", "visual/event", "visual/lidar", "visual/rgb"]
@@ -243,6 +245,54 @@ def test_code_loss_gives_absent_modalities_zero_gradient():
     assert not torch.isclose(code_loss(tr, feats.detach(), present, codes2), loss.detach())
 
 
+def test_decoded_loss_is_zero_when_all_mass_is_on_the_teachers_code():
+    """softmax(logits) @ codebook against codebook[code]: one-hot logits on the teacher's
+    code decode to exactly its vector (1 - cos = 0); anything else is > 0."""
+    torch.manual_seed(0)
+    mods, k = ["rgb", "depth"], 6
+    books = torch.nn.functional.normalize(torch.randn(2, k, 4), dim=-1).half().float()
+    tr = CodeTranslators(mods, k, k, books)
+    with torch.no_grad():  # identity translators: logits = features
+        for conv in tr.translate.values():
+            conv.weight.copy_(torch.eye(k)[:, :, None, None])
+            conv.bias.zero_()
+    cell = torch.randint(0, k, (3, 2, 2))  # the same codes for both modalities
+    codes = cell.repeat_interleave(4, -1).repeat_interleave(4, -2)[:, None].repeat(1, 2, 1, 1)
+    codes[0, :, :4, :4] = NO_CODE  # a cell outside the teacher's view is ignored
+    onehot = torch.nn.functional.one_hot(cell, k).permute(0, 3, 1, 2).float() * 60.0
+    feats = onehot[:, None].repeat(1, 2, 1, 1, 1)
+    present = torch.ones(3, 2, dtype=torch.bool)
+
+    def loss(f):
+        with torch.no_grad():
+            return float(decoded_loss(tr, f, present, codes))
+
+    assert loss(feats) < 1e-6
+    wrong = torch.nn.functional.one_hot((cell + 1) % k, k).permute(0, 3, 1, 2).float() * 60.0
+    assert loss(wrong[:, None].repeat(1, 2, 1, 1, 1)) > 0.05
+    assert loss(torch.randn(3, 2, k, 2, 2)) > 0.05
+
+
+def test_decoded_loss_gives_absent_modalities_zero_gradient():
+    torch.manual_seed(0)
+    mods = ["rgb", "depth", "event"]
+    tr = CodeTranslators(mods, 8, 5, torch.randn(3, 5, 6))
+    feats = torch.randn(4, 3, 8, 2, 2, requires_grad=True)
+    present = torch.tensor([[1, 0, 1], [1, 0, 0], [1, 0, 1], [0, 0, 1]], dtype=torch.bool)
+    codes = torch.randint(0, 5, (4, 3, 8, 8))
+    loss = decoded_loss(tr, feats, present, codes)
+    loss.backward()
+    grad = feats.grad
+    assert (grad[~present] == 0).all() and (grad[present].abs().sum((-1, -2, -3)) > 0).all()
+    for t in mods:  # depth is absent everywhere: none of its source translators learn
+        w = tr.translate[f"depth->{t}"].weight.grad
+        assert w is None or (w == 0).all()
+        assert tr.translate[f"rgb->{t}"].weight.grad.abs().sum() > 0
+    other = feats.detach().clone()
+    other[~present] = 100.0
+    assert torch.equal(decoded_loss(tr, other, present, codes), loss.detach())
+
+
 def test_isolated_mode_never_shows_two_modalities(small_sample):
     from pipeline import datasets
 
@@ -288,6 +338,17 @@ def test_training_with_codes_and_isolation(dense_cache, sample_cache, tmp_path):
     assert best["translators"] is None  # the student evaluated is the plain student
     code = (tmp_path / "iso" / "dvclive" / "plots" / "metrics" / "train" / "L_code.tsv")
     assert code.is_file()
+    # the decoded-code target alone: translators built, L_decoded logged, no L_code
+    with pytest.raises(PipelineError, match="w_decoded > 0 needs dense codes"):
+        train(student, cfg(sample_cache[1], "plain2", loss={"w_decoded": 1.0}), progress=False)
+    result = train(student, cfg(out, "dec", loss={"w_decoded": 1.0}), progress=False)
+    assert result["status"] == "trained" and np.isfinite(result["last_loss"])
+    metrics = logged(tmp_path / "dec")
+    decoded = [float(v) for v in metrics["train/L_decoded"]["values"]]
+    assert len(decoded) == 2 and all(0 < v <= 2 for v in decoded)
+    assert "train/L_code" not in metrics
+    ckpt = torch.load(tmp_path / "dec" / "last.pt", weights_only=False)
+    assert any(k.startswith("translate.rgb->depth") for k in ckpt["translators"])
     with pytest.raises(PipelineError, match="train.modality_dropout"):
         TrainConfig(dataset="sample", steps=1, isolation=True, modality_dropout=0.5).validate()
 

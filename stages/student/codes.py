@@ -11,12 +11,14 @@
   codebook.
 - `code_loss`: cross-entropy to the teacher's codes, over present source modalities only,
   so an absent modality gets exactly zero gradient.
+- `decoded_loss` (`train.loss.w_decoded`): 1 - cosine between the soft-decoded vectors and
+  the teacher's code vectors, a dense feature-space target over the same cells.
 - `isolated_modality`: the one modality a training sample shows under `train.isolation`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from functools import lru_cache
 
 import numpy as np
@@ -93,19 +95,17 @@ class CodeTranslators(nn.Module):
         return torch.einsum("bkhw,kd->bdhw", logits.softmax(1), book)
 
 
-def code_loss(translators: CodeTranslators, feats: torch.Tensor, present: torch.Tensor,
-              codes: torch.Tensor, total: Total = local) -> torch.Tensor:
-    """Mean cross-entropy of every (present source -> target) translation against the
-    teacher's codes of the target modality, at the feature grid.
+def _translations(translators: CodeTranslators, feats: torch.Tensor, present: torch.Tensor,
+                  codes: torch.Tensor) -> Iterator[tuple[str, torch.Tensor, torch.Tensor,
+                                                      torch.Tensor]]:
+    """Every (present source -> target) translation at the feature grid: (target, logits
+    (B', K, h, w), teacher codes (B', h, w) clamped to >= 0, valid (B', h, w) bool).
 
-    feats (B, M, C, h, w) last-stage student features; present (B, M) bool; codes
-    (B, M, H, W) long pixel codes (NO_CODE ignored). Pixels of an absent source are
-    ignored, so absent modalities contribute nothing and get no gradient. The mean runs over
-    the global batch (`total`: sums over data-parallel ranks)."""
-    b, m, _, h, w = feats.shape
+    Only the batch items where the source is present are translated, so an absent source
+    contributes nothing and gets no gradient; cells outside the teacher's view are not
+    valid. The one masking rule of every code term."""
+    _, _, _, h, w = feats.shape
     target = at_features(codes, (h, w))  # (B, M, h, w)
-    ce_sum = feats.new_zeros(())
-    count = feats.new_zeros(())
     for i, source in enumerate(translators.modalities):
         keep = present[:, i]
         if not bool(keep.any()):
@@ -116,8 +116,43 @@ def code_loss(translators: CodeTranslators, feats: torch.Tensor, present: torch.
             valid = y != NO_CODE
             if not bool(valid.any()):
                 continue
-            logits = translators(f, source, name)
-            ce = F.cross_entropy(upcast(logits), y.clamp(min=0), reduction="none")
-            ce_sum = ce_sum + (ce * valid).sum()
-            count = count + valid.sum()
+            yield name, translators(f, source, name), y.clamp(min=0), valid
+
+
+def code_loss(translators: CodeTranslators, feats: torch.Tensor, present: torch.Tensor,
+              codes: torch.Tensor, total: Total = local) -> torch.Tensor:
+    """Mean cross-entropy of every (present source -> target) translation against the
+    teacher's codes of the target modality, at the feature grid.
+
+    feats (B, M, C, h, w) last-stage student features; present (B, M) bool; codes
+    (B, M, H, W) long pixel codes (NO_CODE ignored). Pixels of an absent source are
+    ignored, so absent modalities contribute nothing and get no gradient. The mean runs over
+    the global batch (`total`: sums over data-parallel ranks)."""
+    ce_sum = feats.new_zeros(())
+    count = feats.new_zeros(())
+    for _, logits, y, valid in _translations(translators, feats, present, codes):
+        ce = F.cross_entropy(upcast(logits), y, reduction="none")
+        ce_sum = ce_sum + (ce * valid).sum()
+        count = count + valid.sum()
     return total(ce_sum) / total(count).clamp(min=1)
+
+
+def decoded_loss(translators: CodeTranslators, feats: torch.Tensor, present: torch.Tensor,
+                 codes: torch.Tensor, total: Total = local) -> torch.Tensor:
+    """Mean (1 - cosine) between each translation's soft-decoded vector (softmax over the
+    codes times the frozen codebook: code -> feature) and the teacher's code vector
+    codebook[code], over the same (source, target, cell) set as `code_loss`.
+
+    A dense target in the teacher's feature space: unlike the cross-entropy it does not
+    punish a near-miss code whose vector is close to the teacher's. Same arguments, masking
+    and global-batch mean as `code_loss`."""
+    loss_sum = feats.new_zeros(())
+    count = feats.new_zeros(())
+    for name, logits, y, valid in _translations(translators, feats, present, codes):
+        pred = translators.decode(upcast(logits), name)  # (B', D, h, w)
+        book = upcast(translators.codebooks[translators.modalities.index(name)])
+        teacher = book[y].permute(0, 3, 1, 2)  # (B', D, h, w)
+        cos = F.cosine_similarity(pred, teacher.to(pred), dim=1, eps=1e-8)
+        loss_sum = loss_sum + ((1 - cos) * valid).sum()
+        count = count + valid.sum()
+    return total(loss_sum) / total(count).clamp(min=1)

@@ -37,7 +37,7 @@ from pipeline.store import (
     sample_list_fingerprint,
 )
 from stages.student import distributed, noise
-from stages.student.codes import CodeTranslators, code_loss
+from stages.student.codes import CodeTranslators, code_loss, decoded_loss
 from stages.student.data import IGNORE, AugmentConfig, ScheduleSampler, StudentData, Targets
 from stages.student.encoder import min_input_size
 from stages.student.evaluate import evaluate, evaluation_loader
@@ -267,14 +267,14 @@ def cache_fingerprints(cache: TeacherCache) -> dict[str, Any]:
             "codebook_fingerprint": cache.codebook_fingerprint}
 
 
-def load_codes(cache: TeacherCache, targets: Targets, ids: list[str], modalities: list[str]
-               ) -> torch.Tensor:
+def load_codes(cache: TeacherCache, targets: Targets, ids: list[str], modalities: list[str],
+               key: str = "w_code") -> torch.Tensor:
     """Put the teacher's patch codes into `targets`; return the frozen codebooks
-    (M, K, D) for code -> feature decoding."""
+    (M, K, D) for code -> feature decoding. `key`: the train.loss weight that asked."""
     if cache.dense is None:
-        raise PipelineError(f"train.loss.w_code > 0 needs dense codes, and {cache.path} has "
+        raise PipelineError(f"train.loss.{key} > 0 needs dense codes, and {cache.path} has "
                             "none; rebuild it with `pipeline cache-teacher --dense codebook:K` "
-                            "(teacher.dense in params.yaml) or set train.loss.w_code: 0")
+                            f"(teacher.dense in params.yaml) or set train.loss.{key}: 0")
     targets.codes = cache.codes(ids, modalities)
     targets.code_image_size = int(cache.dense["image_size"])
     books = torch.from_numpy(np.stack([cache.codebook(m) for m in modalities]).astype(np.float32))
@@ -338,7 +338,7 @@ def save_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
                     translators: torch.nn.Module | None = None) -> None:
     """Atomic write (temporary file + rename). With the optimizer and every RNG state for
     `last.pt` (resume); weights and metadata only for `best.pt`. Code translators (a
-    training-only part, `train.loss.w_code`) go beside the model, never into it, so
+    training-only part, `train.loss.w_code` / `w_decoded`) go beside the model, never into it, so
     evaluation loads the same student either way."""
     state = {
         "version": CHECKPOINT_VERSION, "step": step, "best": best, "meta": meta,
@@ -429,7 +429,8 @@ def train(student: StudentConfig, cfg: TrainConfig, progress: bool = True,
         raise PipelineError("train.loss.se_features: decoder needs MFF before the head; under "
                             "student.mff.variant author f_ma is the fused class-score map: "
                             "use fused")
-    codebooks = load_codes(cache, targets, train_set.ids, modalities) if loss_cfg.w_code \
+    code_key = "w_code" if loss_cfg.w_code else "w_decoded" if loss_cfg.w_decoded else None
+    codebooks = load_codes(cache, targets, train_set.ids, modalities, code_key) if code_key \
         else None
     steps = cfg.steps or math.ceil(cfg.epochs * max(1, len(train_set) // cfg.batch_size))
     meta = {"student": asdict(student), "train": cfg.settings(), "modalities": modalities,
@@ -544,12 +545,17 @@ def train(student: StudentConfig, cfg: TrainConfig, progress: bool = True,
                 se_input = upcast(output.decoded) if loss_cfg.se_features == "decoder" else fused
                 terms["L_se"] = semantic(se_input, label, classes, loss_cfg.tau_se, world.total)
             if translators is not None:
-                terms["L_code"] = code_loss(translators, upcast(output.feats[-1]), present,
-                                            batch["codes"].to(device, non_blocking=True),
-                                            world.total)
+                codes = batch["codes"].to(device, non_blocking=True)
+                if loss_cfg.w_code:
+                    terms["L_code"] = code_loss(translators, upcast(output.feats[-1]), present,
+                                                codes, world.total)
+                if loss_cfg.w_decoded:  # the codes decoded: a dense feature-space target
+                    terms["L_decoded"] = decoded_loss(translators, upcast(output.feats[-1]),
+                                                      present, codes, world.total)
         ramp = distill_ramp(step, steps, loss_cfg.distill_warmup)
         weights = {"L_sup": loss_cfg.w_sup, "L_cr": loss_cfg.w_cr * ramp,
-                   "L_se": loss_cfg.w_se * ramp, "L_code": loss_cfg.w_code}
+                   "L_se": loss_cfg.w_se * ramp, "L_code": loss_cfg.w_code,
+                   "L_decoded": loss_cfg.w_decoded}
         for name, value in terms.items():
             if not torch.isfinite(value):
                 raise PipelineError(f"non-finite loss at step {step}: {name} = {value.item()}; "
