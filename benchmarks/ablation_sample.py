@@ -29,6 +29,15 @@ short runs). Every other row trains with w_code = 0. Beside the gaps to "CE only
 CodeAlign rows are compared with "full model", and "isolated + codes" with "isolated":
 the issue's target is isolated training with codes closer to full training than without,
 beyond the seed spread (MISS mean).
+
+The row "+ decoded codes" (not in a group; name it in --variants) is "+ codes" plus issue
+17's decoded-code target, train.loss.w_decoded: 1 - cosine between each translation's
+soft-decoded vector (softmax over the codes times the frozen codebook) and the teacher's
+code vector. `--loss w_decoded=...` sets its weight, default 1.0: the term lies in [0, 2]
+and starts below 1 (a near-uniform soft assignment decodes to the codebook's mean, which
+already points roughly along most code vectors), so at 1.0 it starts well under L_sup (3.2)
+and the code term (0.5 x 5.5), adding a feature-space pull without outweighing either. It
+is compared with "+ codes". Every other row trains with w_decoded = 0.
 """
 
 from __future__ import annotations
@@ -57,6 +66,7 @@ class Variant:
     student: dict[str, Any] = field(default_factory=dict)  # other student settings
     isolation: bool = False  # train.isolation: one modality per training sample
     codes: bool = False  # the FCF code loss (w_code > 0; needs a cache with dense codes)
+    decoded: bool = False  # the decoded-code target too (w_decoded > 0; needs codes)
 
 
 VARIANTS: dict[str, Variant] = {
@@ -70,6 +80,7 @@ VARIANTS: dict[str, Variant] = {
     "MFF paper": Variant(mff={"variant": "paper"}),
     "MFF pixel": Variant(mff={"variant": "pixel"}),
     "+ codes": Variant(codes=True),
+    "+ decoded codes": Variant(codes=True, decoded=True),
     "isolated": Variant(isolation=True),
     "isolated + codes": Variant(isolation=True, codes=True),
     # issue 14's search for an LSCD setting that helps (weights, ramp, temperature)
@@ -90,9 +101,11 @@ GROUPS = {
 BASELINE = "CE only"
 # CodeAlign's comparisons (row, reference), beside every row's gap to BASELINE
 COMPARISONS = (("+ codes", "full model"), ("isolated", "full model"),
-               ("isolated + codes", "full model"), ("isolated + codes", "isolated"))
+               ("isolated + codes", "full model"), ("isolated + codes", "isolated"),
+               ("+ decoded codes", "+ codes"))
 DEFAULT_DENSE_K = 256
 DEFAULT_W_CODE = 0.5  # see the module docstring
+DEFAULT_W_DECODED = 1.0  # see the module docstring
 METRICS = ("mss_mIoU", "miss_mean_mIoU")
 
 
@@ -215,7 +228,8 @@ def main() -> None:
                         help="student.mff setting for every row (default: params.yaml)")
     parser.add_argument("--loss", action="append", default=[], metavar="KEY=VALUE",
                         help="train.loss setting for every row (default: params.yaml); "
-                        f"w_code applies to the rows with codes only (default {DEFAULT_W_CODE})")
+                        f"w_code applies to the rows with codes only (default {DEFAULT_W_CODE}), "
+                        f"w_decoded to '+ decoded codes' only (default {DEFAULT_W_DECODED})")
     parser.add_argument("--teacher-frames", type=int, default=None, metavar="N",
                         help="fit the teacher on another generated sample with N training "
                         "frames (seed 1, scenes the student never sees) instead of the "
@@ -253,6 +267,11 @@ def main() -> None:
     if dense_k and not (isinstance(w_code, int | float) and w_code > 0):
         parser.error(f"--loss w_code={w_code} turns the code loss of the code rows off; "
                      "give a weight > 0 or leave the code rows out of --variants")
+    w_decoded = pairs(args.loss).get("w_decoded", DEFAULT_W_DECODED)
+    decoded = any(VARIANTS[v].decoded for v in variants)
+    if decoded and not (isinstance(w_decoded, int | float) and w_decoded > 0):
+        parser.error(f"--loss w_decoded={w_decoded} turns the decoded-code target of "
+                     "'+ decoded codes' off; give a weight > 0 or leave that row out")
     from fitted_sample import build_cache, fitted_sample, store_path
 
     from pipeline.config import load_params
@@ -282,7 +301,8 @@ def main() -> None:
                  "crop": args.crop, "threads": args.threads, "workers": args.workers,
                  "val_stride": args.val_stride,
                  "loss": {**base_loss, **VARIANTS[v].loss,
-                          "w_code": w_code if VARIANTS[v].codes else 0.0},
+                          "w_code": w_code if VARIANTS[v].codes else 0.0,
+                          "w_decoded": w_decoded if VARIANTS[v].decoded else 0.0},
                  "mff": {**base_mff, **VARIANTS[v].mff}}
                 for s in range(args.seeds) for v in variants]
         rows = []
@@ -302,6 +322,7 @@ def main() -> None:
           f"batch 4 x 4 modalities, crop {args.crop}, val every {args.val_stride}, "
           f"MFF {default_variant} unless named, "
           + (f"codes K = {dense_k}, w_code {w_code}, " if dense_k else "")
+          + (f"w_decoded {w_decoded}, " if decoded else "")
           + f"{args.jobs} job(s) x {args.threads} thread(s), {os.cpu_count()} cores, "
           f"{total:.1f} min in all")
     with_base = any("miss_mean_mIoU_gap" in t for t in table)
@@ -333,6 +354,7 @@ def main() -> None:
         "crop": args.crop, "val_stride": args.val_stride, "jobs": args.jobs,
         "threads": args.threads, "mff": base_mff,
         "loss": base_loss, "dense_k": dense_k, "w_code_of_code_rows": w_code if dense_k else None,
+        "w_decoded_of_decoded_rows": w_decoded if decoded else None,
         "cpu_count": os.cpu_count(), "machine": platform.machine(),
         "total_minutes": round(total, 2), "teacher_quality": sample.quality,
         "teacher_fitted_on": ({"train_frames": args.teacher_frames, "seed": 1,

@@ -221,6 +221,7 @@ CASES = [
     ("train", {"train.loss": "strong"}, [], ["train.loss must be a mapping"]),
     ("train", {"train.loss.w_cr": NAN}, [], ["train.loss.w_cr", "finite", ">= 0"]),
     ("train", {"train.loss.w_se": -1.0}, [], ["train.loss.w_se", ">= 0"]),
+    ("train", {"train.loss.w_decoded": NAN}, [], ["train.loss.w_decoded", "finite", ">= 0"]),
     ("train", {"train.loss.w_sup": 0, "train.loss.w_cr": 0, "train.loss.w_se": 0}, [],
      ["train.loss.w_sup", "nothing would be trained"]),
     ("train", {"train.loss.tau_cr": 0}, [], ["train.loss.tau_cr", "> 0"]),
