@@ -86,8 +86,8 @@ VARIANTS: dict[str, Variant] = {
     # issue 14's search for an LSCD setting that helps (weights, ramp, temperature)
     "LSCD x0.3": Variant(loss={"w_cr": 0.3, "w_se": 0.3}),
     "LSCD x0.1": Variant(loss={"w_cr": 0.1, "w_se": 0.1}),
-    "LSCD, warm-up 0.5": Variant(loss={"distill_warmup": 0.5}),
-    "LSCD x0.3, warm-up 0.5": Variant(loss={"w_cr": 0.3, "w_se": 0.3, "distill_warmup": 0.5}),
+    "LSCD warm-up 0.5": Variant(loss={"distill_warmup": 0.5}),
+    "LSCD x0.3 warm-up 0.5": Variant(loss={"w_cr": 0.3, "w_se": 0.3, "distill_warmup": 0.5}),
     "L_cr only x0.3": Variant(loss={"w_cr": 0.3, "w_se": 0.0}),
     "L_se with identity target": Variant(loss={"se_target": "identity"}),
 }
@@ -95,8 +95,8 @@ GROUPS = {
     "default": ("full model", "CE only", "no L_cr", "no L_se", "mean fusion (no MFF)",
                 "MFF without selection", "MFF author", "MFF paper", "MFF pixel"),
     "codealign": ("full model", "+ codes", "isolated", "isolated + codes"),
-    "lscd": ("CE only", "full model", "LSCD x0.3", "LSCD x0.1", "LSCD, warm-up 0.5",
-             "LSCD x0.3, warm-up 0.5", "L_cr only x0.3", "L_se with identity target"),
+    "lscd": ("CE only", "full model", "LSCD x0.3", "LSCD x0.1", "LSCD warm-up 0.5",
+             "LSCD x0.3 warm-up 0.5", "L_cr only x0.3", "L_se with identity target"),
 }
 BASELINE = "CE only"
 # CodeAlign's comparisons (row, reference), beside every row's gap to BASELINE
