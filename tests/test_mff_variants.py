@@ -193,6 +193,7 @@ def test_deliver_preset_is_a_complete_params_file_with_the_authors_recipe():
 
     length = {"train.steps", "train.epochs"}  # the preset counts epochs, the sample steps
     assert keys(preset) - length == keys(params) - length  # usable with dvc.yaml as it is
+    assert set(preset["train"]["loss"]) == set(params["train"]["loss"])  # every loss key
     student, cfg = TrainConfig.from_params(preset, {})
     TeacherConfig.from_params(preset, {})
     assert (student.backbone, student.embed_dim, student.mff_config().variant) == \
