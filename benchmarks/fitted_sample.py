@@ -53,7 +53,7 @@ def fitted_sample(work: Path, params: dict[str, Any], root: Path | None = None,
         fit_root = work / f"sample-{tag}"
         make_sample(fit_root, fit_spec)
     teacher_dir = work / (f"teacher-{tag}" if tag else "teacher")
-    fitted = fit_default_teacher(fit_root, teacher_dir, fit, teacher.branch_map(),
+    fitted = fit_default_teacher(fit_root, teacher_dir, fit, teacher.branch_map(fitting=True),
                                  teacher.class_prompt, progress=False)
     teacher.teacher_root = str(teacher_dir)
     return FittedSample(root, teacher, fitted.manifest["quality"],

@@ -428,8 +428,9 @@ def _option_value(text: str) -> Any:
               "feeds BGR by default, as upstream (Image.fromarray(cv2.imread(...))); "
               "bgr=false feeds RGB.")
 @click.option("--modality-branch", multiple=True, metavar="MODALITY=BRANCH",
-              help="LanguageBind branch for a modality (repeatable).  [default: rgb=image "
-              "depth=depth event=image lidar=image]")
+              help="LanguageBind branch for a modality (repeatable).  [default: "
+              "teacher.modality_branch, auto: a modality's own LanguageBind_<Modality>/ when "
+              "the teacher root has it, else the image branch]")
 @click.option("--class-prompt", default=None,
               help="Prompt for class names, {} is the name.  [default: {}]")
 @click.option("--batch-size", type=int, default=None, help="Samples per model batch.  "
@@ -563,8 +564,8 @@ def fit_teacher_cmd(root: Path, out: Path, seed: int | None, overwrite: bool,
         fit["seed"] = seed
     cfg = build(FitConfig, fit, f"{source} (teacher.fit)")
     teacher = TeacherConfig.from_params(params, {"dataset": "sample", "root": str(root)}, source)
-    result = fit_default_teacher(root, out, cfg, teacher.branch_map(), teacher.class_prompt,
-                                 overwrite=overwrite)
+    result = fit_default_teacher(root, out, cfg, teacher.branch_map(fitting=True),
+                                 teacher.class_prompt, overwrite=overwrite)
     record = result.manifest
     if as_json:
         click.echo(json.dumps(record, indent=2))

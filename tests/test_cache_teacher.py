@@ -11,7 +11,7 @@ from pipeline.datasets import Sample
 from pipeline.errors import PipelineError
 from pipeline.store import open_cache
 from stages.teacher import captioners
-from stages.teacher.run import TeacherConfig, cache_teacher, model_input
+from stages.teacher.run import TeacherConfig, cache_teacher, model_input, teacher_fingerprint
 from tests.killing import kill_after_first_rows
 
 ARRAYS = ("sample_id", "caption", "done", "scene", "classes", "class_names", "visual/rgb",
@@ -153,9 +153,13 @@ def test_bad_configuration_is_refused(teacher_sample, tmp_path):
                                modality_branch={"nir": "image"}).branch_map()
     with pytest.raises(PipelineError, match="names 'nri', which no registered dataset has"):
         cache_teacher(config(root, tmp_path / "a.zarr", modality_branch={"nri": "image"}))
-    with pytest.raises(PipelineError, match="no LanguageBind_Depth"):
+    with pytest.raises(PipelineError, match="no LanguageBind_Image"):  # auto: all to image
         cache_teacher(TeacherConfig(dataset="sample", root=str(root), out=str(tmp_path / "b"),
                                     teacher_root=str(tmp_path)))
+    with pytest.raises(PipelineError, match="no LanguageBind_Depth"):  # named: must exist
+        cache_teacher(TeacherConfig(dataset="sample", root=str(root), out=str(tmp_path / "b"),
+                                    teacher_root=str(tmp_path), modality_branch={"depth":
+                                                                                 "depth"}))
     with pytest.raises(PipelineError, match=r"params.yaml: teacher: unknown key 'batchsize'"):
         TeacherConfig.from_params({"teacher": {"batchsize": 4}}, {})
     with pytest.raises(PipelineError, match="teacher.batch_size must be an integer"):
@@ -348,3 +352,51 @@ def test_out_that_is_a_file_is_named(teacher_sample, tmp_path, capsys):
     assert exit_info.value.code == 1 and err.count("\n") == 1
     assert "--out is a file, not a folder" in err and "store folder" in err
     assert "Errno" not in err and target.read_text() == "not a store"
+
+
+def test_auto_branches_follow_the_teacher_folders(teacher_sample, tmp_path):
+    """`auto`: a modality's own branch where the teacher root has it (the fitted default
+    teacher's event / LiDAR), else image, said once; an explicit missing branch fails."""
+    import logging
+    import shutil
+
+    from stages.teacher.checkpoints import BRANCH_FOLDERS
+
+    root, _ = teacher_sample  # the teacher has LanguageBind_Image and _Depth only
+    cfg = config(root, tmp_path / "a.zarr")
+    assert cfg.modality_branch == "auto"
+    assert cfg.branch_map() == {"rgb": "image", "depth": "depth", "event": "image",
+                                "lidar": "image"}
+    assert cfg.auto_fallbacks() == [
+        f"event -> image: no LanguageBind_Event under {root / 'teacher'}",
+        f"lidar -> image: no LanguageBind_Lidar under {root / 'teacher'}"]
+    assert cfg.branch_map(fitting=True)["event"] == "event"  # fit-teacher makes them
+    own = tmp_path / "teacher"
+    shutil.copytree(root / "teacher", own)
+    shutil.copytree(own / BRANCH_FOLDERS["image"], own / BRANCH_FOLDERS["lidar"])
+    mixed = TeacherConfig(dataset="sample", root=str(root), out=str(tmp_path / "b.zarr"),
+                          teacher_root=str(own), modality_branch={"depth": "image"})
+    assert mixed.branch_map() == {"rgb": "image", "depth": "image", "event": "image",
+                                  "lidar": "lidar"}
+    fingerprint = teacher_fingerprint(mixed, ["a"])
+    assert fingerprint["modality_branch"] == mixed.branch_map()
+    assert set(fingerprint["checkpoints"]) == {"image", "lidar"}
+    with pytest.raises(PipelineError, match="no LanguageBind_Event/ under teacher root"):
+        teacher_fingerprint(config(root, tmp_path / "c.zarr", modality_branch={"event": "event"}),
+                            ["a"])
+    with pytest.raises(PipelineError, match="must be auto or a mapping"):
+        config(root, tmp_path / "d.zarr", modality_branch="own").validate()
+    log = logging.getLogger("pipeline.teacher")
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    level = log.level
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    try:
+        cache_teacher(config(root, tmp_path / "e.zarr", split=["val"]))
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
+    notes = [r.getMessage() for r in records if "-> image" in r.getMessage()]
+    assert len(notes) == 2 and notes[0].startswith("event -> image: no LanguageBind_Event")

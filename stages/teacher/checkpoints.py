@@ -71,7 +71,43 @@ def resolve_branch_dir(teacher_root: str | Path, branch: str) -> Path:
     raise PipelineError(
         f"no {folder}/ under teacher root {teacher_root}; download it with "
         f"`huggingface-cli download LanguageBind/{folder} --local-dir "
-        f"{Path(teacher_root) / folder}` (or, for the sample, run `pipeline make-sample`)")
+        f"{Path(teacher_root) / folder}` (or, for the sample, fit the default teacher with "
+        f"`pipeline fit-teacher --out {teacher_root}`)")
+
+
+def own_branch(modality: str) -> str | None:
+    """The LanguageBind branch named after a modality (rgb -> image), None if there is none."""
+    branch = "image" if modality == "rgb" else modality
+    return branch if branch in BRANCH_FOLDERS else None
+
+
+def branch_available(teacher_root: str | Path, branch: str) -> bool:
+    """Whether `resolve_branch_dir` finds `branch` here without downloading anything: the
+    folder under the root, or, for a hub namespace, a snapshot in the local cache."""
+    folder = BRANCH_FOLDERS[branch]
+    if (Path(teacher_root) / folder).is_dir():
+        return True
+    root_str = str(teacher_root)
+    if branch not in PUBLISHED or Path(teacher_root).exists() or "/" in root_str:
+        return False
+    try:
+        from huggingface_hub import snapshot_download
+
+        snapshot_download(f"{root_str}/{folder}", local_files_only=True)
+    except Exception:  # noqa: BLE001 - not cached (or no hub client): not available
+        return False
+    return True
+
+
+def auto_branch(teacher_root: str | Path, modality: str) -> tuple[str, str | None]:
+    """`modality_branch: auto` for one modality: its own `LanguageBind_<Modality>` branch
+    when the teacher has one, else the image branch; with the reason for a fallback."""
+    own = own_branch(modality)
+    if own is None:  # no branch by that name exists anywhere: image is the only reading
+        return "image", None
+    if own == "image" or branch_available(teacher_root, own):
+        return own, None
+    return "image", f"{modality} -> image: no {BRANCH_FOLDERS[own]} under {teacher_root}"
 
 
 def weights_file(folder: Path) -> Path:

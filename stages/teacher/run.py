@@ -46,7 +46,13 @@ from pipeline.store import (
     writer_lock,
 )
 from stages.teacher import captioners
-from stages.teacher.checkpoints import BRANCH_FOLDERS, checkpoint_fingerprint, resolve_branch_dir
+from stages.teacher.checkpoints import (
+    BRANCH_FOLDERS,
+    auto_branch,
+    checkpoint_fingerprint,
+    own_branch,
+    resolve_branch_dir,
+)
 from stages.teacher.codebook import (
     DENSE_FORMS,
     SphericalKMeans,
@@ -62,8 +68,7 @@ log = logging.getLogger("pipeline.teacher")
 
 PREPROCESS_VERSION = ("openai-mean-std bicubic-antialias short-side centre-crop; depth mm->m; "
                       "non-8-bit images over their value range; text ftfy+html+space clean v2")
-DEFAULT_BRANCH = {"rgb": "image", "depth": "depth", "event": "image", "lidar": "image",
-                  "aolp": "image", "dolp": "image", "nir": "image", "thermal": "thermal"}
+AUTO = "auto"  # modality_branch (whole or per modality): own branch if present, else image
 STORE_DTYPES = ("float16", "float32")
 DENSE_TOKENS = ("last-layer patch tokens -> post_layernorm -> visual_projection -> L2; "
                 "spherical mini-batch k-means, float16 codebook")
@@ -86,7 +91,7 @@ class TeacherConfig:
     teacher_root: str = "data/deliver-sample/teacher"
     captioner: str = "template"
     captioner_options: dict[str, Any] = field(default_factory=dict)
-    modality_branch: dict[str, str] = field(default_factory=dict)
+    modality_branch: dict[str, str] | str = AUTO
     class_prompt: str = "{}"
     batch_size: int = 16
     rows_per_shard: int = 64
@@ -135,7 +140,7 @@ class TeacherConfig:
             if key == "modality_branch":  # each side named as the user set it
                 _check_branches(Where("teacher", source), cfg.modality_branch)
                 cfg._check_modalities(where, "modality_branch", list(value))
-                value = {**cfg.modality_branch, **value}
+                value = {**cfg.explicit_branches(), **value}
             setattr(cfg, key, value)
         cfg.validate(where)
         return cfg
@@ -198,20 +203,39 @@ class TeacherConfig:
         return list(preset("datasets", self.dataset).get("modalities")
                     or datasets.get(self.dataset).modalities)
 
-    def branch_map(self) -> dict[str, str]:
+    def explicit_branches(self) -> dict[str, str]:
+        """The modality -> branch entries set by name (`auto` ones and `auto` itself: none)."""
+        if isinstance(self.modality_branch, str):
+            return {}
+        return {m: b for m, b in self.modality_branch.items() if b != AUTO}
+
+    def branch_map(self, fitting: bool = False) -> dict[str, str]:
         """Modality -> LanguageBind branch for the modalities of this run (entries of
-        `modality_branch` for other modalities do not matter)."""
-        mapping = {}
+        `modality_branch` for other modalities do not matter). A modality left to `auto`
+        takes its own branch when the teacher root has it, else the image branch; when
+        `fitting` the default teacher, its own branch (the fit makes it)."""
+        return self._branches(fitting)[0]
+
+    def auto_fallbacks(self) -> list[str]:
+        """One line per modality that `auto` maps to the image branch, and why."""
+        return self._branches()[1]
+
+    def _branches(self, fitting: bool = False) -> tuple[dict[str, str], list[str]]:
+        explicit = self.explicit_branches()
+        mapping, notes = {}, []
         for m in self.resolved_modalities():
-            branch = self.modality_branch.get(m, DEFAULT_BRANCH.get(m))
-            if branch is None:
-                raise PipelineError(f"no LanguageBind branch for modality {m!r}; map it with "
-                                    f"--modality-branch {m}=image")
+            branch = explicit.get(m)
+            if branch is None and fitting:
+                branch = own_branch(m) or "image"
+            elif branch is None:
+                branch, note = auto_branch(self.teacher_root, m)
+                if note:
+                    notes.append(note)
             if branch not in BRANCH_FOLDERS:
                 raise PipelineError(f"modality {m} maps to unknown branch {branch!r}; "
                                     f"branches: {', '.join(BRANCH_FOLDERS)}")
             mapping[m] = branch
-        return mapping
+        return mapping, notes
 
     def resolved_device(self) -> str:
         return resolve_device(self.device)
@@ -220,12 +244,20 @@ class TeacherConfig:
         return parse_dense(self.dense) if self.dense else None
 
 
-def _check_branches(where: Where, modality_branch: dict[str, str]) -> None:
-    """Known branches, for modalities that some registered dataset has: an entry for another
-    dataset's modality is fine (params.yaml serves several), a typo is not."""
-    every = {m for name in datasets.available() for m in datasets.get(name).modalities}
+def _check_branches(where: Where, modality_branch: dict[str, str] | str) -> None:
+    """`auto`, or known branches (or `auto`) for modalities that some registered dataset
+    has: an entry for another dataset's modality is fine (params.yaml serves several), a
+    typo is not."""
     key = where.key("modality_branch")
+    if isinstance(modality_branch, str):
+        if modality_branch != AUTO:
+            raise PipelineError(f"{key} must be auto or a mapping of modality to branch "
+                                f"({', '.join(BRANCH_FOLDERS)}), got {modality_branch!r}")
+        return
+    every = {m for name in datasets.available() for m in datasets.get(name).modalities}
     for modality, branch in modality_branch.items():
+        if branch == AUTO:
+            continue
         if modality not in every:
             raise PipelineError(f"{key} names {modality!r}, which no registered dataset has "
                                 f"(modalities: {', '.join(sorted(every))})")
@@ -523,6 +555,8 @@ def cache_teacher(cfg: TeacherConfig,
             if writer.batch_size != cfg.batch_size:
                 log.info("updating with the store's batch_size=%d (the batches it was built "
                          "with, so recomputed rows equal a clean build)", writer.batch_size)
+        for note in cfg.auto_fallbacks():  # once, where models are about to be loaded
+            log.info(note)
         device = cfg.resolved_device()
         if cfg.scheduler:
             report = _run_distributed(cfg, samples, spec, writer, todo, input_hashes, out,
