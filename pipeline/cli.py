@@ -219,12 +219,9 @@ def datasets_group() -> None:
 
 
 def _dataset_root(dataset: str, root: Path | None) -> Path:
-    from pipeline import datasets
-    from pipeline.config import preset
+    from pipeline.config import dataset_root
 
-    if root is not None:
-        return root
-    return Path(preset("datasets", dataset).get("root") or datasets.get(dataset).default_root)
+    return dataset_root(dataset, root)
 
 
 _DATASET = click.option("--dataset", type=DATASET, required=True,

@@ -1,7 +1,8 @@
 """Presets under `configs/`: plain YAML data that the CLI reads for its defaults.
 
-The folder is looked up in `$ANY2SEG_CONFIGS`, then `./configs`, then next to the
-installed package (an editable install or a source checkout).
+The folder is looked up in `$ANY2SEG_CONFIGS`, then `./configs`, then beside the package
+(a source checkout or an editable install), then inside it (`pipeline/configs`, where a
+wheel installs the top-level `configs/`: see setup.py).
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ def configs_dir() -> Path | None:
     candidates = []
     if os.environ.get("ANY2SEG_CONFIGS"):
         candidates.append(Path(os.environ["ANY2SEG_CONFIGS"]))
-    candidates += [Path.cwd() / "configs", Path(__file__).resolve().parents[1] / "configs"]
+    here = Path(__file__).resolve().parent
+    candidates += [Path.cwd() / "configs", here.parent / "configs", here / "configs"]
     for path in candidates:
         if path.is_dir():
             return path
@@ -43,13 +45,41 @@ def load_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
+def preset_path(kind: str, name: str) -> Path | None:
+    """`configs/<kind>/<name>.yaml` where it exists, else None."""
+    base = configs_dir()
+    path = None if base is None else base / kind / f"{name}.yaml"
+    return path if path is not None and path.is_file() else None
+
+
 def preset(kind: str, name: str) -> dict[str, Any]:
-    """`configs/<kind>/<name>.yaml`, or {} when there is no such preset."""
+    """`configs/<kind>/<name>.yaml`; a missing one is an error naming what there is (an
+    installation without its presets must not run on silent defaults)."""
+    path = preset_path(kind, name)
+    if path is not None:
+        return load_yaml(path)
     base = configs_dir()
     if base is None:
-        return {}
-    path = base / kind / f"{name}.yaml"
-    return load_yaml(path) if path.is_file() else {}
+        raise PipelineError(f"no presets folder: neither $ANY2SEG_CONFIGS, ./configs nor the "
+                            f"installed package's configs/ exists, so preset {kind}/{name} "
+                            "cannot be read; reinstall any2seg-pipeline or set ANY2SEG_CONFIGS")
+    known = sorted(p.stem for p in (base / kind).glob("*.yaml"))
+    raise PipelineError(f"no preset {base / kind / name}.yaml; {kind} presets: "
+                        f"{', '.join(known) or 'none'}")
+
+
+def dataset_root(dataset: str, root: str | Path | None) -> Path:
+    """The one rule for a dataset's folder: the root given (flag or params.yaml's
+    dataset.root), else the root of configs/datasets/DATASET.yaml, else the reader's."""
+    from pipeline import datasets
+
+    if root:
+        return Path(root)
+    if preset_path("datasets", dataset) is not None:
+        found = preset("datasets", dataset).get("root")
+        if found:
+            return Path(found)
+    return Path(datasets.get(dataset).default_root)
 
 
 def load_params(path: Path | str | None = None) -> dict[str, Any]:

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from pipeline import datasets
-from pipeline.config import Where, build, preset
+from pipeline.config import Where, build, dataset_root
 from pipeline.devices import DEVICE_FORMS, is_device, resolve_device
 from pipeline.errors import PipelineError
 from pipeline.precision import upcast
@@ -197,8 +197,7 @@ class TrainConfig:
         return cfg
 
     def resolved_root(self) -> Path:
-        return Path(self.root or preset("datasets", self.dataset).get("root")
-                    or datasets.get(self.dataset).default_root)
+        return dataset_root(self.dataset, self.root)
 
     def resolved_cache(self) -> Path:
         return Path(self.cache or f"cache/{self.dataset}.zarr")

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from pipeline import datasets
-from pipeline.config import Where, build, preset
+from pipeline.config import Where, build, dataset_root, preset, preset_path
 from pipeline.content import FileHashes
 from pipeline.datasets import Sample, SampleSequence
 from pipeline.devices import DEVICE_FORMS, is_device, resolve_device
@@ -189,10 +189,7 @@ class TeacherConfig:
                                 f"{', '.join(known)}")
 
     def resolved_root(self) -> Path:
-        if self.root:
-            return Path(self.root)
-        return Path(preset("datasets", self.dataset).get("root")
-                    or datasets.get(self.dataset).default_root)
+        return dataset_root(self.dataset, self.root)
 
     def resolved_out(self) -> Path:
         return Path(self.out or f"cache/{self.dataset}.zarr")
@@ -200,8 +197,9 @@ class TeacherConfig:
     def resolved_modalities(self) -> list[str]:
         if self.modalities:
             return list(self.modalities)
-        return list(preset("datasets", self.dataset).get("modalities")
-                    or datasets.get(self.dataset).modalities)
+        found = preset("datasets", self.dataset) if preset_path("datasets", self.dataset) \
+            else {}
+        return list(found.get("modalities") or datasets.get(self.dataset).modalities)
 
     def explicit_branches(self) -> dict[str, str]:
         """The modality -> branch entries set by name (`auto` ones and `auto` itself: none)."""
