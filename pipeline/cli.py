@@ -500,11 +500,14 @@ def cache_teacher_cmd(dataset: str | None, root: Path | None, split: str | None,
     cfg = TeacherConfig.from_params(params, overrides, str(params_path or "params.yaml"),
                                     _flags(overrides, {"captioner_options": "--captioner-option"}))
     bar = None
+    import time
+
+    begun = time.monotonic()  # the bar appears at the first rows; its time counts from here
 
     def progress(done: int, total: int) -> None:
         nonlocal bar
         if bar is None:
-            bar = progress_bar(total=total, desc="caching teacher", unit="sample")
+            bar = progress_bar(total=total, desc="caching teacher", unit="sample", start=begun)
         bar.update(done - bar.n)
 
     try:
@@ -833,6 +836,7 @@ def _evaluate_here(world: Any, cfg: Any, where: Any, checkpoint: Path, dataset: 
     model.missing = cfg.resolved_missing(name, model.missing)
     samples = datasets.load(name, _dataset_root(name, root), cfg.split,
                             modalities=meta["modalities"])
+    in_split = len(samples)
     if cfg.limit is not None:
         samples = samples[: cfg.limit]
     if list(samples.classes) != list(meta["classes"]):
@@ -842,7 +846,13 @@ def _evaluate_here(world: Any, cfg: Any, where: Any, checkpoint: Path, dataset: 
                       protocol=cfg.resolved_protocol(name), world=world)
     if not world.main:
         return
-    written = write_outputs(result, out, [tuple(c) for c in meta["palette"]])
+    from stages.student.evaluate import SENSOR_GROUPS
+    from stages.student.provenance import provenance
+
+    facts = provenance(checkpoint, meta.get("step"), name, _dataset_root(name, root), cfg.split,
+                       samples, in_split, result.protocol, result.missing, cfg.mode,
+                       SENSOR_GROUPS)
+    written = write_outputs(result, out, [tuple(c) for c in meta["palette"]], facts)
     click.echo(describe(result) + "\n")
     click.echo(markdown(flat_metrics(result)))
     click.echo("wrote " + ", ".join(str(p) for p in written))

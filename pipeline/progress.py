@@ -4,13 +4,15 @@ On a terminal: tqdm, redrawn in place. Anywhere else (DVC, CI, `> log 2>&1`) tqd
 write hundreds of carriage-return updates into the file, so a plain line is printed
 instead at each further 10 % of the work (but not within 1 s of the previous line, so work
 that takes a second prints only its final line), or after 10 s without one, and once at
-the end.
+the end. With `heartbeat` a thread prints the 10 s line even while one item takes
+minutes (a validation frame at 1024 px), so a log never goes silent; lines carry an ETA.
 """
 
 from __future__ import annotations
 
 import os
 import sys
+import threading
 import time
 from collections.abc import Iterable, Iterator
 from typing import IO, Any
@@ -45,7 +47,8 @@ class LineProgress:
 
     def __init__(self, iterable: Iterable[Any] | None = None, *, total: int | None = None,
                  desc: str = "", unit: str = "it", initial: int = 0,
-                 stream: IO[str] | None = None, clock: Any = time.monotonic) -> None:
+                 stream: IO[str] | None = None, clock: Any = time.monotonic,
+                 heartbeat: bool = False, start: float | None = None) -> None:
         self.iterable = iterable
         if total is None and iterable is not None and hasattr(iterable, "__len__"):
             total = len(iterable)  # type: ignore[arg-type]
@@ -53,11 +56,22 @@ class LineProgress:
         self.n = self.start_n = initial
         self.stream = stream or sys.stderr
         self.clock = clock
-        self.t0 = self.last_t = clock()
+        self.t0 = clock() if start is None else start  # `start`: when the work began
+        self.last_t = clock()
         self.last_step = self._step(initial)
         self.postfix = ""
         self.closed = False
         self.lines = 0
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        if heartbeat:
+            threading.Thread(target=self._beat, daemon=True, name=f"progress {desc}").start()
+
+    def _beat(self) -> None:
+        while not self._stop.wait(LINE_EVERY_S / 4):
+            with self._lock:
+                if not self.closed and self.clock() - self.last_t >= LINE_EVERY_S:
+                    self._emit()
 
     def _step(self, n: int) -> int:
         if not self.total:
@@ -71,7 +85,10 @@ class LineProgress:
         count = f"{self.n}/{self.total}" if self.total else f"{self.n}"
         pct = f" ({100 * self.n / self.total:.0f}%)" if self.total else ""
         post = f" {self.postfix}" if self.postfix else ""
-        return f"{self.desc}: {count} {self.unit}{pct} in {elapsed:.0f} s{rate}{post}"
+        eta = ""
+        if self.total and done and self.n < self.total and elapsed >= 1:
+            eta = f", ETA {(self.total - self.n) * elapsed / done:.0f} s"
+        return f"{self.desc}: {count} {self.unit}{pct} in {elapsed:.0f} s{rate}{eta}{post}"
 
     def _emit(self) -> None:
         print(self._line(), file=self.stream, flush=True)
@@ -80,22 +97,25 @@ class LineProgress:
         self.last_step = self._step(self.n)
 
     def update(self, n: int = 1) -> None:
-        self.n += n
-        if self.total and self.n >= self.total:
-            return  # the final line comes from close()
-        since = self.clock() - self.last_t
-        if (self._step(self.n) > self.last_step and since >= LINE_GAP_S) \
-                or since >= LINE_EVERY_S:
-            self._emit()
+        with self._lock:
+            self.n += n
+            if self.total and self.n >= self.total:
+                return  # the final line comes from close()
+            since = self.clock() - self.last_t
+            if (self._step(self.n) > self.last_step and since >= LINE_GAP_S) \
+                    or since >= LINE_EVERY_S:
+                self._emit()
 
     def set_postfix(self, **values: Any) -> None:
         self.postfix = " ".join(f"{k}={v}" for k, v in values.items())
 
     def close(self) -> None:
-        if not self.closed:
-            self.closed = True
-            if self.n > self.start_n or not self.total:
-                self._emit()
+        self._stop.set()
+        with self._lock:
+            if not self.closed:
+                self.closed = True
+                if self.n > self.start_n or not self.total:
+                    self._emit()
 
     def __iter__(self) -> Iterator[Any]:
         try:
@@ -114,9 +134,11 @@ class LineProgress:
 
 def progress(iterable: Iterable[Any] | None = None, *, total: int | None = None,
              desc: str = "", unit: str = "it", initial: int = 0, leave: bool = True,
-             enabled: bool = True, stream: IO[str] | None = None) -> Any:
-    """A tqdm bar on a terminal, a `LineProgress` elsewhere, a silent pass-through when
-    not `enabled`."""
+             enabled: bool = True, stream: IO[str] | None = None,
+             start: float | None = None) -> Any:
+    """A tqdm bar on a terminal, a `LineProgress` with a heartbeat elsewhere, a silent
+    pass-through when not `enabled`. `start` (time.monotonic) is when the work began, for a
+    bar made when the first progress report arrives."""
     if not enabled:
         from tqdm.auto import tqdm
 
@@ -124,7 +146,10 @@ def progress(iterable: Iterable[Any] | None = None, *, total: int | None = None,
     if interactive(stream):
         from tqdm.auto import tqdm
 
-        return tqdm(iterable, total=total, desc=desc, unit=unit, initial=initial, leave=leave,
-                    file=stream)
+        bar = tqdm(iterable, total=total, desc=desc, unit=unit, initial=initial, leave=leave,
+                   file=stream)
+        if start is not None:
+            bar.start_t = start - time.monotonic() + bar._time()
+        return bar
     return LineProgress(iterable, total=total, desc=desc, unit=unit, initial=initial,
-                        stream=stream)
+                        stream=stream, heartbeat=True, start=start)

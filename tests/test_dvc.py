@@ -56,6 +56,8 @@ def repo(tmp_path_factory):
         shutil.copy(ROOT / name, repo / name)
     shutil.copytree(ROOT / ".dvc", repo / ".dvc", ignore=shutil.ignore_patterns("tmp", "cache"))
     shutil.copytree(ROOT / "configs", repo / "configs")
+    for code in ("pipeline", "stages"):  # the stages' code deps
+        shutil.copytree(ROOT / code, repo / code, ignore=shutil.ignore_patterns("__pycache__"))
     edit_params(repo, dataset__sample__size=64, dataset__sample__train=8,
                 dataset__sample__val=4, dataset__sample__test=2,
                 dataset__sample__frames_per_scene=2, train__steps=3, train__batch_size=2,
@@ -129,6 +131,31 @@ def test_a_params_edit_reruns_exactly_the_stages_that_read_it(repo, edit, invali
     finally:
         params.write_text(original)
     assert (repo / "dvc.lock").read_text() == lock  # a dry run records nothing
+
+
+# a code edit -> the stages whose listed code folder holds the file, then downstream
+CODE_EDITS = {
+    "student loss": ("stages/student/losses.py", {"train", "evaluate"}, {"train", "evaluate"}),
+    "teacher": ("stages/teacher/run.py", {"teacher", "cache_teacher"}, STAGES - {"sample"}),
+}
+
+
+@pytest.mark.parametrize("path, invalidated, reruns", CODE_EDITS.values(), ids=CODE_EDITS)
+def test_a_code_edit_reruns_exactly_the_stages_that_run_it(repo, path, invalidated, reruns):
+    """Stale results after a method change are the failure this guards: editing the
+    student's losses must rerun train and evaluate, and never stage one."""
+    source, lock = repo / path, (repo / "dvc.lock").read_text()
+    original = source.read_text()
+    source.write_text(original + "\n# an edit\n")
+    try:
+        status = json.loads(run(repo, "dvc", "status", "--json"))
+        assert set(status) == invalidated, status
+        out = run(repo, "dvc", "repro", "--dry", "--force-downstream")
+        assert ran(out) == reruns, out
+    finally:
+        source.write_text(original)
+    assert (repo / "dvc.lock").read_text() == lock
+    assert not json.loads(run(repo, "dvc", "status", "--json"))  # back to up to date
 
 
 def test_experiment_reruns_train_and_evaluate_and_records_different_metrics(repo):

@@ -83,3 +83,27 @@ def test_terminal_gets_tqdm_and_disabled_bars_print_nothing():
     quiet = io.StringIO()
     assert list(progress(range(3), enabled=False, stream=quiet)) == [0, 1, 2]
     assert quiet.getvalue() == ""
+
+
+def test_heartbeat_prints_while_one_item_takes_long(monkeypatch):
+    """A validation frame at 1024 px can take minutes: the log still gets a line every
+    LINE_EVERY_S, with the ETA, although no update arrives."""
+    import time
+
+    from pipeline import progress as progress_module
+
+    monkeypatch.setattr(progress_module, "LINE_EVERY_S", 0.05)
+    out = io.StringIO()
+    bar = LineProgress(total=4, desc="evaluating", unit="batch", stream=out, heartbeat=True,
+                       start=time.monotonic() - 2.0)
+    bar.update(1)
+    time.sleep(0.4)  # one long item: no update
+    lines = out.getvalue().splitlines()
+    bar.close()
+    assert len(lines) >= 2, lines
+    assert all(line.startswith("evaluating: 1/4 batch (25%) in ") for line in lines)
+    assert "ETA 6 s" in lines[0]  # 1 of 4 in 2 s: 3 more take 6 s
+    final = out.getvalue().splitlines()[-1]
+    assert final.startswith("evaluating: 1/4 batch (25%) in 2 s")  # counted from `start`
+    time.sleep(0.2)
+    assert out.getvalue().splitlines()[-1] == final  # closed: the thread has stopped

@@ -345,21 +345,28 @@ def markdown(flat: dict[str, dict[str, float | None]]) -> str:
         keys = [k for k in values if not k.startswith("IoU_")]
         lines.append(f"| {setting} | " + " | ".join(keys) + " |")
         lines.append("|---|" + "---:|" * len(keys))
-        lines.append("| % | " + " | ".join(
+        lines.append("| score (%) | " + " | ".join(
             "n/a" if values[k] is None else f"{values[k]:.2f}" for k in keys) + " |")
         lines.append("")
     return "\n".join(lines)
 
 
-def write_outputs(result: EvalResult, out: Path, palette: list[tuple[int, int, int]]) -> list[Path]:
+def write_outputs(result: EvalResult, out: Path, palette: list[tuple[int, int, int]],
+                  provenance: dict[str, Any] | None = None) -> list[Path]:
     """metrics/*.json, confusion.npz (every matrix), the MISS bar chart, the per-class IoU
-    chart and prediction pictures."""
+    chart and prediction pictures; with `provenance` (stages.student.provenance) the report
+    opens with it and provenance.json records it."""
+    from stages.student.provenance import provenance_markdown
     from stages.student.report import per_class_chart, predictions_grid, subset_chart
 
     out.mkdir(parents=True, exist_ok=True)
     flat = flat_metrics(result)
-    (out / "report.md").write_text(describe(result) + "\n\n" + markdown(flat) + "\n")
+    head = provenance_markdown(provenance) + "\n\n" if provenance else ""
+    (out / "report.md").write_text(head + describe(result) + "\n\n" + markdown(flat) + "\n")
     written = [out / "report.md"]
+    if provenance:
+        (out / "provenance.json").write_text(json.dumps(provenance, indent=2) + "\n")
+        written.append(out / "provenance.json")
     for stem, values in flat.items():
         path = out / f"{stem}.json"
         path.write_text(json.dumps(values, indent=2) + "\n")

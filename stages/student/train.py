@@ -580,7 +580,7 @@ def train(student: StudentConfig, cfg: TrainConfig, progress: bool = True,
         if (cfg.val_every and done % cfg.val_every == 0) or done == steps:
             model.eval()
             val_miou = evaluate(model, val_set, ("mss",), device=device, world=world,
-                                loader=val_loader).mss["mIoU"]
+                                loader=val_loader, progress=progress).mss["mIoU"]
             model.train()
             live.log_metric("val/mIoU", val_miou)
             if not math.isnan(val_miou) and val_miou > best:

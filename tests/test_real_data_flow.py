@@ -1,0 +1,96 @@
+"""The README's real-data path, end to end, on a DELIVER-layout fixture and a
+LanguageBind-format teacher that has only Image and Depth towers (as the real downloads):
+stage one exactly as the README prints it, the DELIVER preset pipeline with a tiny recipe,
+one experiment, and the evaluation of every setting."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.layouts import write_deliver
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+STAGE_ONE = "pipeline cache-teacher --dataset deliver --root data/DELIVER --teacher-root weights"
+REPRO = "dvc repro pipelines/deliver/dvc.yaml"
+EXPERIMENT = ("dvc exp run pipelines/deliver/dvc.yaml -S "
+              "pipelines/deliver/params.yaml:train.loss.w_cr=0")
+EVALUATE = ("pipeline evaluate --checkpoint runs/deliver/best.pt --params "
+            "pipelines/deliver/params.yaml --root data/DELIVER --setting all "
+            "--out metrics/deliver-all")
+TINY = {"student": {"backbone": "mit_b0", "pretrained": None, "embed_dim": 16},
+        "train": {"epochs": None, "steps": 2, "batch_size": 2, "crop": 32, "workers": 0,
+                  "val_every": 0, "val_limit": 1, "checkpoint_every": 2},
+        "eval": {"protocol": "native", "examples": 1}}
+
+
+def sh(repo, command):
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+           "DVC_NO_ANALYTICS": "1", "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t",
+           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+    result = subprocess.run(command, shell=True, cwd=repo, env=env, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, f"{command} exited {result.returncode}:\n" \
+                                   f"{result.stdout}\n{result.stderr}"
+    return result.stdout + result.stderr
+
+
+def ran(output):
+    return {line.split("'")[1] for line in output.splitlines()
+            if line.startswith("Running stage")}
+
+
+def test_readme_real_data_flow(tmp_path):
+    from stages.teacher.default_teacher import write_default_teacher
+
+    readme = (ROOT / "README.md").read_text()
+    for command in (STAGE_ONE, REPRO, EXPERIMENT, EVALUATE):
+        assert command in readme, command  # the test runs what the README prints
+    repo = tmp_path / "project"
+    repo.mkdir()
+    for name in ("dvc.yaml", "params.yaml", ".gitignore", ".dvcignore"):
+        shutil.copy(ROOT / name, repo / name)
+    shutil.copytree(ROOT / ".dvc", repo / ".dvc", ignore=shutil.ignore_patterns("tmp", "cache"))
+    for folder in ("configs", "pipelines", "pipeline", "stages"):
+        shutil.copytree(ROOT / folder, repo / folder,
+                        ignore=shutil.ignore_patterns("__pycache__"))
+    write_deliver(repo / "data" / "DELIVER")
+    write_default_teacher(repo / "weights")  # LanguageBind_Image and _Depth, nothing else
+    assert sorted(p.name for p in (repo / "weights").iterdir() if p.is_dir()) == \
+        ["LanguageBind_Depth", "LanguageBind_Image"]
+    params = repo / "pipelines" / "deliver" / "params.yaml"
+    recipe = yaml.safe_load(params.read_text())
+    for group, values in TINY.items():
+        recipe[group].update(values)
+    params.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    sh(repo, "git init -q && git add -A && git commit -qm project")
+
+    out = sh(repo, STAGE_ONE)
+    assert "event -> image: no LanguageBind_Event under weights" in out
+    assert "computed 12 of 12 rows" in out
+    out = sh(repo, REPRO)
+    assert ran(out) == {"cache_teacher", "train", "evaluate"}  # no sample / teacher stage
+    assert "computed 0 of 12 rows" in out  # stage one's store, reused
+    report = (repo / "metrics" / "deliver" / "report.md").read_text()
+    assert "Checkpoint `runs/deliver/best.pt`" in report and "step 2" in report
+    assert "4 of 4 frames scored" in report
+    sh(repo, "git add -A && git commit -qm lock")
+    store = repo / "cache" / "deliver.zarr" / "zarr.json"
+    before = store.stat().st_mtime_ns
+    out = sh(repo, EXPERIMENT)
+    assert ran(out) == {"train", "evaluate"}
+    assert store.stat().st_mtime_ns == before
+    out = sh(repo, EVALUATE)
+    assert "| miss | mean_mIoU |" in out
+    facts = json.loads((repo / "metrics" / "deliver-all" / "provenance.json").read_text())
+    assert facts["checkpoint"]["path"] == "runs/deliver/best.pt"
+    assert len(facts["checkpoint"]["sha256"]) == 12
+    assert (facts["frames_scored"], facts["frames_in_split"]) == (4, 4)
+    assert facts["sensor_groups"]["fog"] == 4 and facts["sensor_groups"]["lidarjitter"] == 2
