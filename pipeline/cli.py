@@ -19,6 +19,7 @@ import click
 from pipeline import __version__
 from pipeline.devices import DEVICE_FORMS, is_device
 from pipeline.errors import PipelineError, ReportedError
+from pipeline.help_defaults import Tunable
 
 _ARGV: list[str] | None = None  # the command line, for `--nproc` to start it once per rank
 CONTEXT = {"show_default": True, "help_option_names": ["-h", "--help"], "max_content_width": 100,
@@ -119,6 +120,25 @@ def _missing_modes() -> list[str]:
 
 DATASET = Registered(_datasets)
 DEVICE = Registered(lambda: DEVICE_FORMS, is_device)
+
+
+class LimitType(click.ParamType):
+    """`--limit N` (>= 1 is checked with the config) or `--limit all`, which overrides a
+    params.yaml `eval.limit` with every sample."""
+
+    name = "N|all"
+
+    def convert(self, value: Any, param: click.Parameter | None,
+                ctx: click.Context | None) -> Any:
+        if value == "all" or value == ALL:
+            return ALL
+        try:
+            return int(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not an integer or all", param, ctx)
+
+
+ALL = -1  # LimitType's value for `all`
 
 
 def _flags(overrides: dict[str, Any], aliases: dict[str, str] | None = None) -> dict[str, str]:
@@ -406,8 +426,8 @@ def _option_value(text: str) -> Any:
 
 
 @cli.command("cache-teacher", context_settings=CONTEXT)
-@click.option("--dataset", type=DATASET, default=None, help="Dataset.  [default: dataset.name "
-              "in params.yaml, else sample]")
+@click.option("--dataset", type=DATASET, default=None, help="Dataset.",
+              cls=Tunable, key="dataset.name")
 @_ROOT
 @click.option("--split", default=None, help="Comma-separated splits to cache.  "
               "[default: train,val,test]")
@@ -417,33 +437,35 @@ def _option_value(text: str) -> Any:
               help="The zarr store.  [default: cache/DATASET.zarr]")
 @click.option("--teacher-root", default=None, help="Folder with LanguageBind_Image/, "
               "LanguageBind_Depth/ ... (hub folder names), or a hub namespace such as "
-              "LanguageBind.  [default: teacher.root in params.yaml]")
+              "LanguageBind.", cls=Tunable, key="teacher.root")
 @click.option("--captioner", type=Registered(_captioners), default=None,
-              help="A registered captioner.  [default: template]")
+              help="A registered captioner.", cls=Tunable, key="teacher.captioner")
 @click.option("--captioner-option", multiple=True, metavar="KEY=VALUE",
               help="Option for the captioner (repeatable; values are YAML). llama-adapter "
               "feeds BGR by default, as upstream (Image.fromarray(cv2.imread(...))); "
               "bgr=false feeds RGB.")
 @click.option("--modality-branch", multiple=True, metavar="MODALITY=BRANCH",
-              help="LanguageBind branch for a modality (repeatable).  [default: "
-              "teacher.modality_branch, auto: a modality's own LanguageBind_<Modality>/ when "
-              "the teacher root has it, else the image branch]")
+              help="LanguageBind branch for a modality (repeatable); auto: a modality's "
+              "own LanguageBind_<Modality>/ when the teacher root has it, else image.",
+              cls=Tunable, key="teacher.modality_branch")
 @click.option("--class-prompt", default=None,
-              help="Prompt for class names, {} is the name.  [default: {}]")
-@click.option("--batch-size", type=int, default=None, help="Samples per model batch.  "
-              "[default: 16]")
+              help="Prompt for class names, {} is the name.",
+              cls=Tunable, key="teacher.class_prompt")
+@click.option("--batch-size", type=int, default=None, help="Samples per model batch.",
+              cls=Tunable, key="teacher.batch_size")
 @click.option("--rows-per-shard", type=int, default=None, help="Rows per zarr shard (the "
-              "unit of resume and of scale-out).  [default: 64]")
-@click.option("--device", type=DEVICE, default=None, help="auto: cuda when available.  "
-              "[default: auto]")
+              "unit of resume and of scale-out).", cls=Tunable, key="teacher.rows_per_shard")
+@click.option("--device", type=DEVICE, default=None, help="auto: cuda when available.",
+              cls=Tunable, key="teacher.device")
 @click.option("--dtype", type=Registered(_store_dtypes), default=None,
-              help="Stored embedding dtype.  [default: float16]")
+              help="Stored embedding dtype.", cls=Tunable, key="teacher.dtype")
 @click.option("--scheduler", default=None, metavar="[local:N|tcp://HOST:PORT]",
               help="local:N for N worker processes, or "
-              "tcp://HOST:PORT of a dask.distributed scheduler.  [default: single process]")
+              "tcp://HOST:PORT of a dask.distributed scheduler.",
+              cls=Tunable, key="teacher.scheduler")
 @click.option("--decode-workers", type=int, default=None,
               help="Threads decoding and preprocessing ahead of the model; 0 = max(4, CPU "
-              "cores).  [default: 0]")
+              "cores).", cls=Tunable, key="teacher.decode_workers")
 @click.option("--skip-bad", is_flag=True, default=None,
               help="Log and skip samples with missing or broken files.")
 @click.option("--overwrite", is_flag=True, default=None,
@@ -456,8 +478,8 @@ def _option_value(text: str) -> Any:
               "refuse it, or rebuild it (what dvc.yaml runs).  [default: refuse]")
 @click.option("--dense", default=None, metavar="codebook:K",
               help="Also store dense targets: a K-code codebook per modality fitted on the "
-              "teacher's patch tokens, and each sample's patch codes (CodeAlign).  "
-              "[default: off]")
+              "teacher's patch tokens, and each sample's patch codes (CodeAlign).",
+              cls=Tunable, key="teacher.dense")
 @click.option("--params", "params_path", type=click.Path(path_type=Path), default=None,
               help="Parameters file.  [default: ./params.yaml if present]")
 @click.option("--json", "as_json", is_flag=True, help="Print the run report as JSON.")
@@ -661,31 +683,36 @@ def cache_verify_cmd(path: Path, as_json: bool) -> None:
 # stage two
 # ---------------------------------------------------------------------------------------
 @cli.command("train", context_settings=CONTEXT)
-@click.option("--dataset", type=DATASET, default=None, help="Dataset.  [default: dataset.name "
-              "in params.yaml, else sample]")
+@click.option("--dataset", type=DATASET, default=None, help="Dataset.",
+              cls=Tunable, key="dataset.name")
 @_ROOT
 @click.option("--cache", default=None, help="Teacher cache.  [default: cache/DATASET.zarr]")
 @click.option("--out", default=None, help="Run folder (checkpoints, dvclive).  "
               "[default: runs/DATASET]")
 @click.option("--variant", type=Registered(_backbones, _is_backbone), default=None,
-              help="Backbone (timm:NAME: any timm model with features_only).  "
-              "[default: student.backbone, mit_b0]")
+              help="Backbone (timm:NAME: any timm model with features_only).",
+              cls=Tunable, key="student.backbone")
 @click.option("--pretrained", default=None, help="Local folder of pretrained MiT weights "
-              "(e.g. a downloaded nvidia/mit-b2).  [default: random init]")
-@click.option("--steps", type=int, default=None, help="Optimiser steps (>= 1).  "
-              "[default: train.steps]")
-@click.option("--epochs", type=float, default=None, help="Epochs (> 0, instead of --steps).")
-@click.option("--batch-size", type=int, default=None, help="Samples per step.  [default: 8]")
+              "(e.g. a downloaded nvidia/mit-b2); null: random init.",
+              cls=Tunable, key="student.pretrained")
+@click.option("--steps", type=int, default=None, help="Optimiser steps (>= 1).",
+              cls=Tunable, key="train.steps")
+@click.option("--epochs", type=float, default=None, help="Epochs (> 0, instead of --steps).",
+              cls=Tunable, key="train.epochs")
+@click.option("--batch-size", type=int, default=None, help="Samples per step.",
+              cls=Tunable, key="train.batch_size")
 @click.option("--crop", type=int, default=None, help="Training crop side; any size the backbone "
-              "accepts, no multiple of 32 needed.  [default: train.crop, 512]")
-@click.option("--lr", type=float, default=None, help="Peak learning rate.  [default: 6e-5]")
-@click.option("--workers", type=int, default=None, help="Data loader workers.  [default: 2]")
-@click.option("--device", type=DEVICE, default=None, help="auto: cuda when available.  "
-              "[default: auto]")
-@click.option("--seed", type=int, default=None, help="Seed.  [default: 3407]")
+              "accepts, no multiple of 32 needed.", cls=Tunable, key="train.crop")
+@click.option("--lr", type=float, default=None, help="Peak learning rate.",
+              cls=Tunable, key="train.lr")
+@click.option("--workers", type=int, default=None, help="Data loader workers.",
+              cls=Tunable, key="train.workers")
+@click.option("--device", type=DEVICE, default=None, help="auto: cuda when available.",
+              cls=Tunable, key="train.device")
+@click.option("--seed", type=int, default=None, help="Seed.", cls=Tunable, key="train.seed")
 @click.option("--nproc", type=int, default=None, help="Processes on this machine (one per "
               "GPU; gloo ranks on CPU), started through torch's elastic launcher; "
-              "--batch-size is the global batch.  [default: train.nproc, 1]")
+              "--batch-size is the global batch.", cls=Tunable, key="train.nproc")
 @click.option("--resume", is_flag=True, help="Continue from OUT/last.pt.")
 @click.option("--params", "params_path", type=click.Path(path_type=Path), default=None,
               help="Parameters file.  [default: ./params.yaml if present]")
@@ -748,29 +775,32 @@ def train_cmd(dataset: str | None, root: Path | None, cache: str | None, out: st
 @click.option("--dataset", type=DATASET, default=None, help="Dataset.  [default: the "
               "checkpoint's]")
 @_ROOT
-@click.option("--split", default=None, help="Split to evaluate.  [default: val]")
+@click.option("--split", default=None, help="Split to evaluate.", cls=Tunable, key="eval.split")
 @click.option("--setting", type=Registered(_settings), default=None,
               help="MSS (all modalities), MISS (every modality subset), sensor (per weather "
-              "and failure case), or all.  [default: all]")
+              "and failure case), or all.", cls=Tunable, key="eval.setting")
 @click.option("--mode", type=Registered(_modes), default=None,
-              help="Whole-image or sliding-window inference.  [default: whole]")
-@click.option("--crop", type=int, default=None, help="Sliding-window size.  [default: 1024]")
-@click.option("--stride", type=int, default=None, help="Sliding-window stride.  [default: 683]")
+              help="Whole-image or sliding-window inference.", cls=Tunable, key="eval.mode")
+@click.option("--crop", type=int, default=None, help="Sliding-window size.",
+              cls=Tunable, key="eval.crop")
+@click.option("--stride", type=int, default=None, help="Sliding-window stride.",
+              cls=Tunable, key="eval.stride")
 @click.option("--protocol", type=Registered(_protocols), default=None,
               help="official: resize and score as the dataset's official evaluation code "
-              "(DELIVER: 1024 short side); native: as stored.  [default: official for "
-              "deliver and mcubes, native for sample]")
+              "(DELIVER: 1024 short side); native: as stored; null: official for deliver "
+              "and mcubes, native for sample.", cls=Tunable, key="eval.protocol")
 @click.option("--missing", type=Registered(_missing_modes), default=None,
               help="Absent modalities: black frames (MISS), zeros after normalisation, or "
-              "left out of the fusion.  [default: black under --protocol official, else the "
-              "checkpoint's]")
-@click.option("--limit", type=int, default=None, help="Evaluate only the first N (>= 1) "
-              "samples.  [default: eval.limit, all]")
+              "left out of the fusion; null: black under --protocol official, else the "
+              "checkpoint's.", cls=Tunable, key="eval.missing")
+@click.option("--limit", type=LimitType(), default=None, help="Evaluate only the first N (>= 1) "
+              "samples; all: every sample, whatever eval.limit says.", cls=Tunable,
+              key="eval.limit")
 @click.option("--examples", type=int, default=None,
-              help="Samples drawn in predictions.png.  [default: 4]")
+              help="Samples drawn in predictions.png.", cls=Tunable, key="eval.examples")
 @click.option("--device", type=DEVICE, default="auto", help="auto: cuda when available.")
 @click.option("--nproc", type=int, default=None, help="Processes on this machine, each "
-              "scoring a share of the samples (one per GPU).  [default: eval.nproc, 1]")
+              "scoring a share of the samples (one per GPU).", cls=Tunable, key="eval.nproc")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("metrics"),
               help="Folder for report.md, *.json and plots/.")
 @click.option("--params", "params_path", type=click.Path(path_type=Path), default=None,
@@ -800,6 +830,8 @@ def evaluate_cmd(checkpoint: Path, dataset: str | None, root: Path | None, split
     for key, value in overrides.items():
         if value is not None:
             setattr(cfg, key, value)
+    if limit == ALL:
+        cfg.limit = None
     where = Where("eval", source, _flags(overrides))
     cfg.validate(where)
     if cfg.nproc > 1 and not distributed.launched():

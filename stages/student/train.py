@@ -82,7 +82,7 @@ class TrainConfig:
     loss: dict[str, Any] = field(default_factory=dict)
     val_every: int = 0  # 0: only after the last step
     val_limit: int | None = None  # None: the whole val split
-    checkpoint_every: int = 100
+    checkpoint_every: int = 50  # as params.yaml
     device: str = "auto"
     skip_bad: bool = False
     dtype: str = "float32"  # float64: a reference run (numerical checks), not for speed

@@ -88,7 +88,7 @@ class TeacherConfig:
     split: list[str] = field(default_factory=lambda: ["train", "val", "test"])
     modalities: list[str] | None = None
     out: str | None = None
-    teacher_root: str = "data/deliver-sample/teacher"
+    teacher_root: str = "data/sample-teacher"  # as params.yaml (the fitted default teacher)
     captioner: str = "template"
     captioner_options: dict[str, Any] = field(default_factory=dict)
     modality_branch: dict[str, str] | str = AUTO
