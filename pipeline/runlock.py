@@ -57,3 +57,12 @@ def check_run_folder(path: Path, option: str = "--out") -> None:
     if long:
         raise PipelineError(f"{option} {path}: the name {long[0][:40]}... is longer than the "
                             f"{limit} bytes the filesystem allows; choose a shorter {option}")
+
+
+def check_outside(path: Path, forbidden: Path, option: str, what: str) -> None:
+    """Refuse an output folder inside (or equal to) an input folder: writing there would
+    mix results into the data."""
+    out, inner = path.resolve(), forbidden.resolve()
+    if out == inner or inner in out.parents:
+        raise PipelineError(f"{option} {path} is inside {what} {forbidden}; write the results "
+                            f"elsewhere (choose another {option})")

@@ -12,7 +12,7 @@ from stages.student import train as train_module
 from stages.student.train import train
 from tests.tiny_run import TINY_STUDENT, tiny
 
-KW = dict(steps=8, checkpoint_every=4, val_every=0)
+KW = dict(steps=4, checkpoint_every=2, val_every=0)
 
 
 @pytest.fixture(scope="module")
@@ -100,10 +100,10 @@ def test_full_disk_while_checkpointing_keeps_the_last_checkpoint(sample_cache, s
     assert f"no space left on the disk of {out}" in msg and "needs about" in msg, msg
     assert "\n" not in msg
     assert not [p for p in out.iterdir() if ".tmp" in p.name]
-    assert torch.load(out / "last.pt", weights_only=False)["step"] == 4  # kept intact
+    assert torch.load(out / "last.pt", weights_only=False)["step"] == 2  # kept intact
     monkeypatch.undo()  # space freed: --resume ends where an uninterrupted run ends
     summary = train(TINY_STUDENT, tiny(root, cache, out, **KW), progress=False, resume=True)
-    assert summary["start"] == 4
+    assert summary["start"] == 2
     assert_same_weights(out, straight)
 
 
@@ -113,3 +113,30 @@ def test_disk_full_is_recognised_through_wrappers():
     wrapped.__cause__ = OSError(errno.EDQUOT, "Disk quota exceeded")
     assert diskspace.is_disk_full(wrapped)
     assert not diskspace.is_disk_full(OSError(errno.EACCES, "Permission denied"))
+
+
+@pytest.mark.parametrize("how", ["fails mid-write", "too little free space"])
+def test_full_disk_while_packing_is_one_line_and_leaves_no_file(deliver_root, tmp_path,
+                                                                 monkeypatch, capsys, how):
+    import h5py
+
+    from tests.test_bad_input import assert_one_line_error, run_cli
+
+    root, _ = deliver_root
+    out = tmp_path / "packs" / "deliver.h5"
+    if how == "fails mid-write":
+        real = h5py.Dataset.__setitem__
+
+        def setitem(self, key, value):  # the error h5py raises when HDF5's write(2) fails
+            if self.name.endswith("/bytes"):
+                raise OSError(errno.ENOSPC, "Can't write data (file write failed: errno = 28, "
+                              "error message = 'No space left on device')")
+            return real(self, key, value)
+        monkeypatch.setattr(h5py.Dataset, "__setitem__", setitem)
+    else:
+        monkeypatch.setattr(diskspace, "free_bytes", lambda folder: 1000)
+    code, _, err = run_cli(capsys, ["pack", "--dataset", "deliver", "--root", root,
+                                    "--out", out])
+    assert_one_line_error(code, err, f"no space left on the disk of {out.parent}",
+                          "needs about")
+    assert not out.parent.exists() or list(out.parent.iterdir()) == []
