@@ -6,6 +6,7 @@ non-zero exit; `pipeline --debug ...` shows the traceback instead.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -734,6 +735,9 @@ def train_cmd(dataset: str | None, root: Path | None, cache: str | None, out: st
 
     if params_path is not None and not params_path.is_file():
         raise PipelineError(f"parameters file {params_path} does not exist")
+    if steps is not None and epochs is not None:
+        raise PipelineError("--steps and --epochs are both given; give one: --steps counts "
+                            "optimiser steps, --epochs passes over the train split")
     overrides = {"dataset": dataset, "root": str(root) if root else None, "cache": cache,
                  "out": out, "backbone": variant, "pretrained": pretrained, "steps": steps,
                  "epochs": epochs, "batch_size": batch_size, "crop": crop, "lr": lr,
@@ -848,6 +852,7 @@ def _evaluate_here(world: Any, cfg: Any, where: Any, checkpoint: Path, dataset: 
                    root: Path | None, out: Path) -> None:
     """`evaluate` in this process (one rank of several, or the only one)."""
     from pipeline import datasets
+    from pipeline.runlock import check_outside, check_run_folder
     from stages.student.encoder import min_input_size
     from stages.student.evaluate import (
         describe,
@@ -858,6 +863,7 @@ def _evaluate_here(world: Any, cfg: Any, where: Any, checkpoint: Path, dataset: 
         write_outputs,
     )
 
+    check_run_folder(out)
     dev = world.device
     model, meta = load_checkpoint(checkpoint, dev)
     backbone = meta["student"]["backbone"]
@@ -866,6 +872,7 @@ def _evaluate_here(world: Any, cfg: Any, where: Any, checkpoint: Path, dataset: 
         where.integer("crop", cfg.crop, smallest, why=f"the smallest input {backbone} accepts")
     name = dataset or meta["dataset"]
     model.missing = cfg.resolved_missing(name, model.missing)
+    check_outside(out, _dataset_root(name, root), "--out", "the data set root")
     samples = datasets.load(name, _dataset_root(name, root), cfg.split,
                             modalities=meta["modalities"])
     in_split = len(samples)
@@ -919,9 +926,15 @@ def main(argv: list[str] | None = None) -> None:
     _ARGV = args
     debug = "--debug" in args
     message, code = None, 0
+    from pipeline import diskspace, failures
+
+    command = failures.command_of(args, list(cli.commands))
     # exit outside the except clauses: a SystemExit raised inside one would carry the error
     # and its frames (open files, repositories) into interpreter shutdown
     try:
+        empty = failures.empty_argument(args)
+        if empty is not None:
+            raise PipelineError(f"{empty} is empty; give a value or leave the option out")
         result = cli.main(args=args, prog_name="pipeline", standalone_mode=False)
         code = result if isinstance(result, int) else 0
     except click.exceptions.Abort:
@@ -939,12 +952,22 @@ def main(argv: list[str] | None = None) -> None:
         message, code = str(exc), 1
     except KeyboardInterrupt:
         message, code = "interrupted", 130
+    except MemoryError:
+        if debug:
+            raise
+        message, code = failures.memory_line(command), 1
     except OSError as exc:
         if debug:
             raise
-        message, code = f"{exc} (rerun with --debug for a traceback)", 1
-    except Exception:
-        if not _report_here():  # a rank that failed because another one did
+        line = failures.os_error_line(exc, command, args)
+        message, code = line or f"{exc} (rerun with --debug for a traceback)", 1
+    except Exception as exc:
+        if failures.is_out_of_memory(exc) and not debug:
+            message, code = failures.memory_line(command), 1
+        elif diskspace.is_disk_full(exc) and not debug:  # wrapped by torch / h5py
+            message, code = failures.os_error_line(OSError(errno.ENOSPC, str(exc)), command,
+                                                   args), 1
+        elif not _report_here():  # a rank that failed because another one did
             code = 1
         else:
             raise

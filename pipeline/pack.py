@@ -25,6 +25,7 @@ import numpy as np
 
 from pipeline import __version__
 from pipeline.datasets.packed import EXTRA, FORMAT, VERSION, Pack, is_pack
+from pipeline.diskspace import check_free_space, full_disk_error, is_disk_full
 from pipeline.errors import DatasetError, PipelineError
 
 PREFETCH = 16  # files read ahead of the writer
@@ -235,6 +236,9 @@ def pack(dataset: str, root: Path | str, out: Path | str,
                 "bytes": out.stat().st_size, "seconds": round(time.perf_counter() - start, 2)}
 
     _remove_stale_tmp(out)
+    # HDF5 may crash (SIGSEGV) rather than fail on a full disk: refuse before it starts
+    needed = _pack_bytes(stats)
+    check_free_space(out.parent, needed, f"the pack {out.name}")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     try:
@@ -246,11 +250,22 @@ def pack(dataset: str, root: Path | str, out: Path | str,
         finally:
             os.close(fd)
         os.replace(tmp, out)
-    except BaseException:
+    except BaseException as exc:
         tmp.unlink(missing_ok=True)
+        if isinstance(exc, Exception) and is_disk_full(exc):
+            raise full_disk_error(out.parent, needed, f"the pack {out.name}") from exc
+        if isinstance(exc, OSError) and (exc.filename is None or str(tmp) in str(exc)):
+            # h5py's write errors carry HDF5's whole error stack: keep its first line
+            raise PipelineError(f"could not write --out {out} ({str(exc).splitlines()[0]}); "
+                                "nothing was left there: check the disk and rerun") from exc
         raise
     return {**report, **written, "status": "written", "bytes": out.stat().st_size,
             "seconds": round(time.perf_counter() - start, 2)}
+
+
+def _pack_bytes(stats: dict[str, tuple[int, int]]) -> int:
+    """Bytes the pack takes, near enough: the files it copies, plus 5% and a table row each."""
+    return int(sum(max(size, 0) for size, _ in stats.values()) * 1.05) + 256 * len(stats)
 
 
 def _differs(stored: dict[str, Any], dataset: str, splits: Sequence[str],

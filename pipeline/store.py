@@ -28,10 +28,8 @@ command; `TeacherCache.verify` checks a whole store.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
-import os
 import shutil
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -44,10 +42,10 @@ from typing import Any
 import numpy as np
 
 from pipeline.errors import PipelineError
+from pipeline.runlock import LOCK_NAME, folder_lock
 
 FORMAT = "any2seg-teacher-cache"
 SCHEMA_VERSION = 2
-LOCK_NAME = ".lock"
 HASHES_NAME = ".input-hashes.json"  # remembered file digests (pipeline.content)
 DTYPES = ("float16", "float32")
 CHECKSUM = "crc32c per chunk (zarr crc32c codec inside each shard)"
@@ -134,24 +132,8 @@ def check_out_path(path: Path) -> None:
 def writer_lock(path: Path) -> Iterator[None]:
     """Exclusive lock on the store for one run; released by the kernel even on SIGKILL."""
     check_out_path(path)
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
-    except PermissionError as exc:
-        raise PipelineError(f"{path} is not writable ({exc.strerror}); make it writable or "
-                            "choose another --out") from None
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
-            raise PipelineError(f"{path} is being written by {holder}; wait for it to finish "
-                                "(two writers on one store are refused)") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} on {os.uname().nodename}".encode(), 0)
+    with folder_lock(path, "wait for it to finish (two writers on one store are refused)"):
         yield
-    finally:
-        os.close(fd)
 
 
 # ---------------------------------------------------------------------------------------

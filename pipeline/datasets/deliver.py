@@ -203,15 +203,22 @@ class DeliverReader(DatasetReader):
             stored = read_png(path)
             if stored.dtype == np.uint16:
                 raw[m] = stored
-            img = to_rgb3(stored, path, keep_16bit=True)  # MISS: read_image keeps uint16
+            images[m] = to_rgb3(stored, path, keep_16bit=True)  # MISS: read_image keeps uint16
+        sizes = {img.shape[:2] for m, img in images.items() if m != "event"}
+        if len(sizes) == 1 and sizes != {(height, width)}:  # the images agree: the label is off
+            (h, w), = sizes
+            raise DatasetError(
+                f"label {record.files['label']} is {width}x{height} but its images are {w}x{h}; "
+                "the label must match the image size")
+        for m, img in images.items():
             if img.shape[:2] != (height, width):
                 if m == "event":
-                    img = resize_nearest(img, height, width)
+                    images[m] = resize_nearest(img, height, width)
                 else:
                     raise DatasetError(
-                        f"{m} image {path} is {img.shape[1]}x{img.shape[0]} but the label is "
-                        f"{width}x{height}; all modalities but event must match the label size")
-            images[m] = img
+                        f"{m} image {record.files[m]} is {img.shape[1]}x{img.shape[0]} but the "
+                        f"label is {width}x{height}; all modalities but event must match the "
+                        "label size")
         return Sample(id=record.id, modalities=images, label=label,
                       condition=record.condition, case=record.case, files=dict(record.files),
                       raw=raw)

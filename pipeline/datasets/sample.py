@@ -43,6 +43,11 @@ _C = {name: i for i, name in enumerate(CLASSES)}
 _FAR = np.float32(1e4)  # "infinite" depth for the sky
 
 
+# what can be generated in reasonable time and memory: DELIVER's own frames are 1042 px
+MAX_SIZE = 4096
+MAX_FRAMES = 100_000
+
+
 @dataclass(frozen=True)
 class SampleSpec:
     """What to generate; also recorded in `sample.json` to recognise an existing sample."""
@@ -55,15 +60,18 @@ class SampleSpec:
     seed: int = 0
 
     def validate(self) -> None:
-        if self.size < 64 or self.size % 2:
-            raise PipelineError(f"--size must be an even number >= 64, got {self.size}")
+        if self.size < 64 or self.size % 2 or self.size > MAX_SIZE:
+            raise PipelineError(f"--size must be an even number in [64, {MAX_SIZE}], got "
+                                f"{self.size}")
         for split in ("train", "val", "test"):
-            if getattr(self, split) < 0:
-                raise PipelineError(f"--{split} must be >= 0")
+            if not 0 <= getattr(self, split) <= MAX_FRAMES:
+                raise PipelineError(f"--{split} must be in [0, {MAX_FRAMES}], got "
+                                    f"{getattr(self, split)}")
         if self.train + self.val + self.test == 0:
             raise PipelineError("nothing to generate: --train, --val and --test are all 0")
-        if self.frames_per_scene < 1:
-            raise PipelineError("--frames-per-scene must be >= 1")
+        if not 1 <= self.frames_per_scene <= MAX_FRAMES:
+            raise PipelineError(f"--frames-per-scene must be in [1, {MAX_FRAMES}], got "
+                                f"{self.frames_per_scene}")
 
 
 # ---------------------------------------------------------------------------------------
@@ -733,6 +741,8 @@ def make_sample(out: Path | str, spec: SampleSpec = SampleSpec(), *, overwrite: 
     folder is only replaced with `overwrite`.
     """
     spec.validate()
+    if workers is not None and workers < 1:
+        raise PipelineError(f"--workers must be >= 1 (1 renders in this process), got {workers}")
     out = Path(out)
     existing = read_manifest(out)
     if existing is not None and existing.get("generator") == GENERATOR and \

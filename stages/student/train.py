@@ -27,9 +27,11 @@ import torch
 from pipeline import datasets
 from pipeline.config import Where, build, dataset_root
 from pipeline.devices import DEVICE_FORMS, is_device, resolve_device
+from pipeline.diskspace import write_atomic
 from pipeline.errors import PipelineError
 from pipeline.precision import upcast
 from pipeline.progress import progress as progress_bar
+from pipeline.runlock import check_run_folder, folder_lock
 from pipeline.store import (
     TeacherCache,
     fingerprint_diff,
@@ -348,9 +350,25 @@ def save_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
                 "python": random.getstate(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
     }
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    write_atomic(path, lambda tmp: torch.save(state, tmp), _state_bytes(state),
+                 f"the checkpoint {path.name} of the run folder")
+
+
+def _state_bytes(state: Any) -> int:
+    """The size a checkpoint takes on disk, near enough: its tensors' bytes plus 5%."""
+    total = 0
+    stack = [state]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, torch.Tensor):
+            total += node.numel() * node.element_size()
+        elif isinstance(node, dict):
+            stack.extend(node.values())
+        elif isinstance(node, (list, tuple)):
+            stack.extend(node)
+        elif isinstance(node, np.ndarray):
+            total += node.nbytes
+    return int(total * 1.05) + 4096
 
 
 def _closes_dvc_repo(live: Any) -> weakref.finalize:
@@ -391,8 +409,20 @@ def _likely_cause(term: str, batch: dict[str, torch.Tensor], output: Any, target
 
 def train(student: StudentConfig, cfg: TrainConfig, progress: bool = True,
           resume: bool = False) -> dict[str, Any]:
+    """Train under a lock on the run folder (only the rank that writes takes it): a second
+    trainer on the same --out is refused instead of renaming checkpoints under the first."""
     student.validate()
     cfg.validate(backbone=student.backbone)
+    if os.environ.get("RANK", "0") != "0":
+        return _train(student, cfg, progress, resume)
+    check_run_folder(cfg.resolved_out())
+    with folder_lock(cfg.resolved_out(), "wait for it to finish or choose another --out "
+                     "(two trainers on one run folder are refused)"):
+        return _train(student, cfg, progress, resume)
+
+
+def _train(student: StudentConfig, cfg: TrainConfig, progress: bool,
+           resume: bool) -> dict[str, Any]:
     # -- this process's place in the job (torchrun: one rank per GPU) ------------------------
     world = distributed.join(resolve_device(cfg.device))
     device, local_batch = world.device, world.split(cfg.batch_size)
@@ -470,8 +500,12 @@ def train(student: StudentConfig, cfg: TrainConfig, progress: bool = True,
     if resume and last.is_file():
         ckpt = torch.load(last, map_location="cpu", weights_only=False)
         if ckpt["meta"]["student"] != meta["student"] or ckpt["meta"]["train"] != meta["train"]:
-            raise PipelineError(f"{last} was written with other settings; resume with the "
-                                "same parameters or start a new --out")
+            differ = fingerprint_diff(
+                {"student": ckpt["meta"]["student"], "train": ckpt["meta"]["train"]},
+                {"student": meta["student"], "train": meta["train"]})
+            differ = [d.replace(" in the store,", " in the checkpoint,") for d in differ]
+            raise PipelineError(f"{last} was written with other settings ({'; '.join(differ)}); "
+                                "resume with the same parameters or start a new --out")
         if int(ckpt["step"]) >= steps:
             return {"out": str(out), "steps": steps, "start": int(ckpt["step"]),
                     "status": "finished", "best_val_mIoU": float(ckpt["best"])}

@@ -36,6 +36,9 @@ def resolve_branch_dir(teacher_root: str | Path, branch: str) -> Path:
         raise PipelineError(f"unknown LanguageBind branch {branch!r}; branches: "
                             f"{', '.join(BRANCH_FOLDERS)}")
     folder = BRANCH_FOLDERS[branch]
+    if Path(teacher_root).is_file():
+        raise PipelineError(f"teacher root {teacher_root} (--teacher-root or teacher.root) is "
+                            f"a file, not a folder; give the folder holding {folder}/")
     local = Path(teacher_root) / folder
     if local.is_dir():
         return local

@@ -63,6 +63,12 @@ WEATHER = tuple(OPENINGS)  # cloud, fog, night, rain, sun
 MAX_LOGIT_SCALE = math.log(100.0)  # CLIP's clamp
 
 
+# upper bounds of the fit's sizes: far above the default, below what exhausts a machine
+FIT_LIMITS = {"hidden": 4096, "layers": 48, "heads": 64, "projection": 4096,
+              "image_size": 1024, "batch_size": 4096, "lora_r": 1024, "image_lora_r": 1024,
+              "threads": 1024}
+
+
 @dataclass
 class FitConfig:
     """The `teacher.fit` group of params.yaml (the embedded default only)."""
@@ -95,6 +101,10 @@ class FitConfig:
                      "batch_size", "lora_r", "image_lora_r", "threads"):
             if getattr(self, name) < 1:
                 raise PipelineError(f"teacher.fit.{name} must be >= 1")
+        for name, hi in FIT_LIMITS.items():  # a tiny CPU-fitted teacher: larger runs out of
+            if getattr(self, name) > hi:  # memory (or years) before it finishes
+                raise PipelineError(f"teacher.fit.{name} must be <= {hi} (the embedded "
+                                    f"teacher is fitted on CPU), got {getattr(self, name)}")
         if self.image_epochs < 0 or self.branch_epochs < 0:
             raise PipelineError("teacher.fit.image_epochs and branch_epochs must be >= 0")
         if self.hidden % self.heads:

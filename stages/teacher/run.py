@@ -148,7 +148,7 @@ class TeacherConfig:
     def validate(self, where: Where | None = None) -> None:
         """Every value checked before a model is loaded or a store is touched."""
         w = where or Where("teacher", None)
-        w.integer("batch_size", self.batch_size, 1, why="samples per model batch")
+        w.integer("batch_size", self.batch_size, 1, 65536, why="samples per model batch")
         w.integer("rows_per_shard", self.rows_per_shard, 1)
         w.integer("decode_workers", self.decode_workers, 0, why="0: max(4, CPU cores)")
         w.one_of("dtype", self.dtype, STORE_DTYPES)
