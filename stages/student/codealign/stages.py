@@ -10,8 +10,10 @@ stage 2  translators only (everything else frozen, in eval mode so BatchNorm sta
          stay too), source-group frames only, through the target's frozen code-space
          heads and back-end, CE
 
-Checkpoints: out/stage{N}.pt when a stage is done, out/stage{N}.last.pt every
-`checkpoint_every` steps (model, optimiser, step, the split); a rerun resumes from it.
+Checkpoints: out/stage{N}.pt when a stage is done; inside it, per trained part (a
+group, the joint model, a translator) out/stage{N}/<part>.last.pt every
+`checkpoint_every` steps (model, optimiser, step, the settings and split); a rerun
+resumes from it, a finished part is not trained again.
 """
 
 from __future__ import annotations
@@ -118,14 +120,16 @@ class CodeAlignRun:
         return group_indices(self.assignment, group)
 
     def load(self, stage: int) -> None:
-        path = self.out / f"stage{stage}.pt"
+        self.load_file(self.out / f"stage{stage}.pt", f"stage{stage}")
+
+    def load_file(self, path: Path, stage: str | None = None) -> None:
+        stage = stage or path.stem
         if not path.is_file():
-            raise PipelineError(f"{path} is missing: run `pipeline codealign stage{stage}` "
-                                f"first")
+            raise PipelineError(f"{path} is missing: run `pipeline codealign {stage}` first")
         state = torch.load(path, map_location="cpu", weights_only=False)
         if state["meta"] != self.meta:
             raise PipelineError(f"{path} was written for other codealign/student settings; "
-                                f"rerun stage{stage}")
+                                f"rerun {stage}")
         self.system.load_state_dict(state["model"])
         if "joint" in state:
             self.joint.load_state_dict(state["joint"])
@@ -141,7 +145,7 @@ class CodeAlignRun:
                 return seg_loss(student(batch["images"]).logits, batch["label"])
 
             losses[f"group{g}"] = run_steps(
-                f"stage0.group{g}", self.out, self.system, [student],
+                f"stage0/group{g}", self.out, self.system, [student],
                 lambda s, mods=mods, idx=idx, g=g: group_loader(
                     self.samples, mods, idx, cfg, cfg.stage0_steps, s, g),
                 step, cfg.stage0_steps, cfg, self.meta)
@@ -162,7 +166,7 @@ class CodeAlignRun:
             return seg_loss(self.joint(batch["images"], present).logits, batch["label"])
 
         every = list(range(len(self.samples)))
-        return run_steps("stage0.joint", self.out, self.joint, [self.joint],
+        return run_steps("stage0/joint", self.out, self.joint, [self.joint],
                          lambda s: group_loader(self.samples, mods, every, cfg,
                                                 cfg.stage0_steps, s, 99),
                          step, cfg.stage0_steps, cfg, self.meta)
@@ -178,14 +182,10 @@ class CodeAlignRun:
 
             def step(batch: dict[str, torch.Tensor], gen: torch.Generator,
                      gm: Any = gm) -> torch.Tensor:
-                logits, decoded, _ = gm.coded(batch["images"], gen)
-                loss = seg_loss(logits, batch["label"])
-                if decoded[0].shape[1] > 1 and cfg.w_intra:
-                    loss = loss + cfg.w_intra * intra_l2(decoded)
-                return loss
+                return self.stage1_loss(gm, batch, gen)
 
             losses[f"group{g}"] = run_steps(
-                f"stage1.group{g}", self.out, self.system, trainable,
+                f"stage1/group{g}", self.out, self.system, trainable,
                 lambda s, mods=mods, g=g: group_loader(
                     self.samples, mods, self.indices(g), cfg, cfg.stage1_steps, s, 10 + g),
                 step, cfg.stage1_steps, cfg, self.meta)
@@ -193,24 +193,37 @@ class CodeAlignRun:
               "meta": self.meta}, self.out / "stage1.pt")
         return losses
 
-    def stage2(self, control: bool = False) -> dict[str, list[float]]:
-        """`control`: every label replaced by another frame's (a shuffled-label run)."""
+    def stage1_loss(self, gm: Any, batch: dict[str, torch.Tensor],
+                    gen: torch.Generator) -> torch.Tensor:
+        """CE through the code space, + w_intra x the intra-group L2 where the group has
+        several modalities; nothing else reaches the codebook (no commitment term)."""
+        logits, decoded, _ = gm.coded(batch["images"], gen)
+        loss = seg_loss(logits, batch["label"])
+        if decoded[0].shape[1] > 1 and self.cfg.w_intra:
+            loss = loss + self.cfg.w_intra * intra_l2(decoded)
+        return loss
+
+    def stage2(self, control: bool = False, only: list[str] | None = None
+               ) -> dict[str, list[float]]:
+        """`control`: the label pixels of every frame shuffled (a fresh permutation per
+        step): same class frequencies, no image-label correspondence. `only`: train just
+        these translators (pair names `source->target group`)."""
         self.load(1)
         cfg, losses = self.cfg, {}
         for a, mods in enumerate(cfg.groups):
             for m in mods:
                 for b in range(len(cfg.groups)):
-                    if b == a:
-                        continue
                     name = pair_name(m, b)
+                    if b == a or (only is not None and name not in only):
+                        continue
 
                     def step(batch: dict[str, torch.Tensor], gen: torch.Generator,
                              m: str = m, b: int = b) -> torch.Tensor:
-                        label = batch["label"].roll(1, 0) if control else batch["label"]
+                        label = shuffled(batch["label"], gen) if control else batch["label"]
                         logits = self.system.translate(m, b, batch["images"][:, 0], gen)
                         return seg_loss(logits, label)
 
-                    tag = f"stage2{'.control' if control else ''}.{m}-{b}"
+                    tag = f"stage2{'.control' if control else ''}/{m}-{b}"
                     losses[name] = run_steps(
                         tag, self.out, self.system, [self.system.translators[name]],
                         lambda s, m=m, a=a: group_loader(
@@ -220,6 +233,11 @@ class CodeAlignRun:
         save({"model": self.system.state_dict(), "joint": self.joint.state_dict(),
               "meta": self.meta}, self.out / f"stage2{'.control' if control else ''}.pt")
         return losses
+
+
+def shuffled(label: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    flat = label.flatten(1)
+    return flat[:, torch.randperm(flat.shape[1], generator=gen)].view_as(label)
 
 
 def intra_l2(decoded: list[torch.Tensor]) -> torch.Tensor:
