@@ -872,6 +872,11 @@ def _report_here() -> bool:
     return first_to_fail()
 
 
+from pipeline.codealign_cli import codealign_group  # noqa: E402  (CodeAlign's stages)
+
+cli.add_command(codealign_group)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry: run the click group and turn user errors into one line."""
     global _ARGV

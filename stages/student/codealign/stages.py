@@ -33,6 +33,13 @@ from stages.student.codealign.split import GroupData, assign_groups, group_indic
 from stages.student.data import AugmentConfig, ScheduleSampler, StudentData
 from stages.student.model import StudentConfig, build_student
 
+# the `codealign` keys each stage reads (besides `student`); checkpoint_every changes nothing
+STAGE_KEYS = {
+    0: ("groups", "seed", "stage0_steps", "batch_size", "crop", "lr", "weight_decay",
+        "train_seed"),
+    1: ("codes", "temperature", "gumbel_tau", "aligner_blocks", "w_intra", "stage1_steps"),
+    2: ("translator_dim", "translator_blocks", "stage2_steps"),
+}
 Step = Callable[[dict[str, torch.Tensor], torch.Generator], torch.Tensor]
 
 
@@ -113,8 +120,7 @@ class CodeAlignRun:
         self.system = CodeAlignSystem(student, cfg, len(self.samples.classes))
         self.joint = build_student(student, [m for g in cfg.groups for m in g],
                                    len(self.samples.classes))
-        self.meta = {"codealign": vars(cfg), "student": vars(student),
-                     "split": dict(zip(self.samples.ids, self.assignment, strict=True))}
+        self.split = dict(zip(self.samples.ids, self.assignment, strict=True))
 
     def indices(self, group: int) -> list[int]:
         return group_indices(self.assignment, group)
@@ -122,15 +128,29 @@ class CodeAlignRun:
     def load(self, stage: int) -> None:
         self.load_file(self.out / f"stage{stage}.pt", f"stage{stage}")
 
+    def meta(self, stage: int) -> dict[str, Any]:
+        """What shaped stage `stage`'s weights: the split, `student` and the `codealign`
+        keys read by stages 0..stage (so a later stage's key leaves earlier ones valid)."""
+        keys = [k for n in range(stage + 1) for k in STAGE_KEYS[n]]
+        return {"split": self.split, "student": vars(self.student),
+                "codealign": {k: getattr(self.cfg, k) for k in keys}}
+
     def load_file(self, path: Path, stage: str | None = None) -> None:
+        """Weights of a finished stage: only what that stage (and earlier ones) trained,
+        so modules a later stage builds afresh (another translator width) still fit."""
         stage = stage or path.stem
+        number = int(stage[5])
         if not path.is_file():
             raise PipelineError(f"{path} is missing: run `pipeline codealign {stage}` first")
         state = torch.load(path, map_location="cpu", weights_only=False)
-        if state["meta"] != self.meta:
-            raise PipelineError(f"{path} was written for other codealign/student settings; "
-                                f"rerun {stage}")
-        self.system.load_state_dict(state["model"])
+        if state["meta"] != self.meta(number):
+            raise PipelineError(f"{path} was written for other codealign/student settings or "
+                                f"another split; rerun `pipeline codealign {stage}`")
+        prefix = ("groups.",) if number == 1 else \
+            tuple(f"groups.{g}.student." for g in range(len(self.cfg.groups)))
+        model = {k: v for k, v in state["model"].items()
+                 if number == 2 or k.startswith(prefix)}
+        self.system.load_state_dict(model, strict=False)
         if "joint" in state:
             self.joint.load_state_dict(state["joint"])
 
@@ -148,10 +168,10 @@ class CodeAlignRun:
                 f"stage0/group{g}", self.out, self.system, [student],
                 lambda s, mods=mods, idx=idx, g=g: group_loader(
                     self.samples, mods, idx, cfg, cfg.stage0_steps, s, g),
-                step, cfg.stage0_steps, cfg, self.meta)
+                step, cfg.stage0_steps, cfg, self.meta(0))
         losses["joint"] = self.train_joint()
         save({"model": self.system.state_dict(), "joint": self.joint.state_dict(),
-              "meta": self.meta}, self.out / "stage0.pt")
+              "meta": self.meta(0)}, self.out / "stage0.pt")
         return losses
 
     def train_joint(self) -> list[float]:
@@ -169,7 +189,7 @@ class CodeAlignRun:
         return run_steps("stage0/joint", self.out, self.joint, [self.joint],
                          lambda s: group_loader(self.samples, mods, every, cfg,
                                                 cfg.stage0_steps, s, 99),
-                         step, cfg.stage0_steps, cfg, self.meta)
+                         step, cfg.stage0_steps, cfg, self.meta(0))
 
     def stage1(self) -> dict[str, list[float]]:
         self.load(0)
@@ -188,9 +208,9 @@ class CodeAlignRun:
                 f"stage1/group{g}", self.out, self.system, trainable,
                 lambda s, mods=mods, g=g: group_loader(
                     self.samples, mods, self.indices(g), cfg, cfg.stage1_steps, s, 10 + g),
-                step, cfg.stage1_steps, cfg, self.meta)
+                step, cfg.stage1_steps, cfg, self.meta(1))
         save({"model": self.system.state_dict(), "joint": self.joint.state_dict(),
-              "meta": self.meta}, self.out / "stage1.pt")
+              "meta": self.meta(1)}, self.out / "stage1.pt")
         return losses
 
     def stage1_loss(self, gm: Any, batch: dict[str, torch.Tensor],
@@ -229,9 +249,9 @@ class CodeAlignRun:
                         lambda s, m=m, a=a: group_loader(
                             self.samples, [m], self.indices(a), cfg, cfg.stage2_steps, s,
                             20 + a),
-                        step, cfg.stage2_steps, cfg, self.meta)
+                        step, cfg.stage2_steps, cfg, self.meta(2))
         save({"model": self.system.state_dict(), "joint": self.joint.state_dict(),
-              "meta": self.meta}, self.out / f"stage2{'.control' if control else ''}.pt")
+              "meta": self.meta(2)}, self.out / f"stage2{'.control' if control else ''}.pt")
         return losses
 
 
