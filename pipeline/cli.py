@@ -458,7 +458,8 @@ def _option_value(text: str) -> Any:
               "refuse it, or rebuild it (what dvc.yaml runs).  [default: refuse]")
 @click.option("--dense", default=None, metavar="codebook:K",
               help="Also store dense targets: a K-code codebook per modality fitted on the "
-              "teacher's patch tokens, and each sample's patch codes (CodeAlign).  "
+              "teacher's patch tokens, and each sample's patch codes (teacher-code "
+              "compression, not CodeAlign).  "
               "[default: off]")
 @click.option("--params", "params_path", type=click.Path(path_type=Path), default=None,
               help="Parameters file.  [default: ./params.yaml if present]")

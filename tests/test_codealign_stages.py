@@ -195,3 +195,25 @@ def test_stage_resumes_where_it_stopped(tmp_path):
     ca_stages.run_steps("s", tmp_path / "b", net, [net], loader_at, step, 6, cfg, {})
     for k in straight:
         assert torch.equal(net.state_dict()[k], straight[k]), k
+
+
+@pytest.mark.parametrize("params, named", [
+    ({"groups": [["rgb", "depth"], ["depth"]]}, "params.yaml: codealign.groups"),
+    ({"groups": [["rgb", "depth", "event", "lidar"]]}, "params.yaml: codealign.groups"),
+    ({"codes": 1}, "params.yaml: codealign.codes"),
+    ({"stage2_steps": "many"}, "codealign.stage2_steps"),
+    ({"codebook": 16}, "codealign: unknown key 'codebook'"),
+])
+def test_bad_codealign_params_name_the_key(params, named):
+    from pipeline.errors import PipelineError
+
+    with pytest.raises(PipelineError, match=named.replace(".", r"\.")):
+        CodeAlignConfig.from_params({"codealign": params})
+
+
+def test_groups_must_name_the_data_sets_modalities():
+    from pipeline.errors import PipelineError
+
+    with pytest.raises(PipelineError, match="codealign.groups names thermal"):
+        CodeAlignConfig(groups=[["rgb"], ["thermal"]]).validate(
+            modalities=["rgb", "depth", "event", "lidar"])

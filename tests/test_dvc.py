@@ -58,6 +58,10 @@ def repo(tmp_path_factory):
         shutil.copy(ROOT / name, repo / name)
     shutil.copytree(ROOT / ".dvc", repo / ".dvc", ignore=shutil.ignore_patterns("tmp", "cache"))
     shutil.copytree(ROOT / "configs", repo / "configs")
+    # the CodeAlign stages list their modules as deps (the code runs from the checkout)
+    shutil.copytree(ROOT / "stages" / "student" / "codealign",
+                    repo / "stages" / "student" / "codealign",
+                    ignore=shutil.ignore_patterns("__pycache__"))
     edit_params(repo, dataset__sample__size=64, dataset__sample__train=8,
                 dataset__sample__val=4, dataset__sample__test=2,
                 dataset__sample__frames_per_scene=2, train__steps=3, train__batch_size=2,
