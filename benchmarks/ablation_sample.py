@@ -14,30 +14,30 @@ Markdown table of mean ± sample std over seeds, the gaps to "CE only" with whet
 exceed two standard deviations, and writes JSON (default
 benchmarks/results/ablation_sample.json).
 
-`--variants codealign` runs issue 17's four rows: "full model", "+ codes" (the full model
-plus the own and cross-modal FCF code loss), "isolated" (train.isolation: one modality per
+`--variants teacher_codes` runs issue 17's four rows: "full model", "+ codes" (the full model
+plus the own and cross-modal FCF code loss), "isolated" (train.single_modality: one modality per
 training sample, no codes) and "isolated + codes". When a selected row has codes the cache
 is built once with `--dense K` patch codes (`codebook:K`; default 256: on the fitted
 teacher its held-out reconstruction cosine is 0.969 mean, 0.953 for the worst modality,
-benchmarks/codealign.py). The pooled targets of such a store are bit for bit those of a
+benchmarks/teacher_codes.py). The pooled targets of such a store are bit for bit those of a
 plain one (tests/test_codealign.py), so the rows without codes train on exactly what they
 would read from a plain cache. The code rows use
-`--loss w_code=...`, default 0.5: the code cross-entropy starts at ln K = 5.5 for K = 256,
+`--loss w_teacher_code=...`, default 0.5: the code cross-entropy starts at ln K = 5.5 for K = 256,
 against ln 25 = 3.2 for L_sup, so 0.5 starts the code term at about the size of L_sup
 instead of 1.7x it (with w_cr = w_se = 1 the distillation terms already compete with CE on
-short runs). Every other row trains with w_code = 0. Beside the gaps to "CE only", the
+short runs). Every other row trains with w_teacher_code = 0. Beside the gaps to "CE only", the
 CodeAlign rows are compared with "full model", and "isolated + codes" with "isolated":
 the issue's target is isolated training with codes closer to full training than without,
 beyond the seed spread (MISS mean).
 
 The row "+ decoded codes" (not in a group; name it in --variants) is "+ codes" plus issue
-17's decoded-code target, train.loss.w_decoded: 1 - cosine between each translation's
+17's decoded-code target, train.loss.w_teacher_decoded: 1 - cosine between each translation's
 soft-decoded vector (softmax over the codes times the frozen codebook) and the teacher's
-code vector. `--loss w_decoded=...` sets its weight, default 1.0: the term lies in [0, 2]
+code vector. `--loss w_teacher_decoded=...` sets its weight, default 1.0: the term lies in [0, 2]
 and starts below 1 (a near-uniform soft assignment decodes to the codebook's mean, which
 already points roughly along most code vectors), so at 1.0 it starts well under L_sup (3.2)
 and the code term (0.5 x 5.5), adding a feature-space pull without outweighing either. It
-is compared with "+ codes". Every other row trains with w_decoded = 0.
+is compared with "+ codes". Every other row trains with w_teacher_decoded = 0.
 """
 
 from __future__ import annotations
@@ -64,9 +64,9 @@ class Variant:
     mff: dict[str, Any] = field(default_factory=dict)  # student.mff
     loss: dict[str, Any] = field(default_factory=dict)  # train.loss
     student: dict[str, Any] = field(default_factory=dict)  # other student settings
-    isolation: bool = False  # train.isolation: one modality per training sample
-    codes: bool = False  # the FCF code loss (w_code > 0; needs a cache with dense codes)
-    decoded: bool = False  # the decoded-code target too (w_decoded > 0; needs codes)
+    single_modality: bool = False  # train.single_modality: one modality per training sample
+    codes: bool = False  # the FCF code loss (w_teacher_code > 0; needs a cache with dense codes)
+    decoded: bool = False  # the decoded-code target too (w_teacher_decoded > 0; needs codes)
 
 
 VARIANTS: dict[str, Variant] = {
@@ -81,8 +81,8 @@ VARIANTS: dict[str, Variant] = {
     "MFF pixel": Variant(mff={"variant": "pixel"}),
     "+ codes": Variant(codes=True),
     "+ decoded codes": Variant(codes=True, decoded=True),
-    "isolated": Variant(isolation=True),
-    "isolated + codes": Variant(isolation=True, codes=True),
+    "isolated": Variant(single_modality=True),
+    "isolated + codes": Variant(single_modality=True, codes=True),
     # issue 14's search for an LSCD setting that helps (weights, ramp, temperature)
     "LSCD x0.3": Variant(loss={"w_cr": 0.3, "w_se": 0.3}),
     "LSCD x0.1": Variant(loss={"w_cr": 0.1, "w_se": 0.1}),
@@ -94,12 +94,12 @@ VARIANTS: dict[str, Variant] = {
 GROUPS = {
     "default": ("full model", "CE only", "no L_cr", "no L_se", "mean fusion (no MFF)",
                 "MFF without selection", "MFF author", "MFF paper", "MFF pixel"),
-    "codealign": ("full model", "+ codes", "isolated", "isolated + codes"),
+    "teacher_codes": ("full model", "+ codes", "isolated", "isolated + codes"),
     "lscd": ("CE only", "full model", "LSCD x0.3", "LSCD x0.1", "LSCD warm-up 0.5",
              "LSCD x0.3 warm-up 0.5", "L_cr only x0.3", "L_se with identity target"),
 }
 BASELINE = "CE only"
-# CodeAlign's comparisons (row, reference), beside every row's gap to BASELINE
+# the teacher-code rows' comparisons (row, reference), beside every row's gap to BASELINE
 COMPARISONS = (("+ codes", "full model"), ("isolated", "full model"),
                ("isolated + codes", "full model"), ("isolated + codes", "isolated"),
                ("+ decoded codes", "+ codes"))
@@ -124,7 +124,7 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
     cfg = TrainConfig(dataset="sample", root=job["root"], cache=job["cache"], out=job["out"],
                       steps=job["steps"], batch_size=4, crop=job["crop"], lr=1e-3,
                       workers=job["workers"], checkpoint_every=job["steps"], val_limit=1,
-                      seed=job["seed"], loss=job["loss"], isolation=variant.isolation)
+                      seed=job["seed"], loss=job["loss"], single_modality=variant.single_modality)
     t0 = time.perf_counter()
     summary = train(student, cfg, progress=False)
     model, meta = load_checkpoint(Path(cfg.out) / "last.pt")
@@ -177,7 +177,7 @@ def summarise(rows: list[dict[str, Any]], variants: list[str]) -> list[dict[str,
     return table
 
 
-def codealign_target(table: list[dict[str, Any]], key: str = "miss_mean_mIoU"
+def teacher_codes_target(table: list[dict[str, Any]], key: str = "miss_mean_mIoU"
                      ) -> dict[str, Any] | None:
     """The issue's target on `key`: is "isolated + codes" closer to "full model" than
     "isolated" is, and are the two isolated rows apart by more than 2 std? None unless all
@@ -228,8 +228,9 @@ def main() -> None:
                         help="student.mff setting for every row (default: params.yaml)")
     parser.add_argument("--loss", action="append", default=[], metavar="KEY=VALUE",
                         help="train.loss setting for every row (default: params.yaml); "
-                        f"w_code applies to the rows with codes only (default {DEFAULT_W_CODE}), "
-                        f"w_decoded to '+ decoded codes' only (default {DEFAULT_W_DECODED})")
+                        f"w_teacher_code applies to the rows with codes only (default "
+                        f"{DEFAULT_W_CODE}), w_teacher_decoded to '+ decoded codes' only "
+                        f"(default {DEFAULT_W_DECODED})")
     parser.add_argument("--teacher-frames", type=int, default=None, metavar="N",
                         help="fit the teacher on another generated sample with N training "
                         "frames (seed 1, scenes the student never sees) instead of the "
@@ -243,7 +244,7 @@ def main() -> None:
                         help="teacher.fit / modality_branch / class_prompt and train.loss")
     parser.add_argument("--out", type=Path, default=None,
                         help="JSON result (default: benchmarks/results/ablation_sample.json, "
-                        "or ablation_codealign.json when a row has codes or isolation)")
+                        "or ablation_teacher_codes.json when a row has codes or single_modality)")
     args = parser.parse_args()
     variants = [v for name in args.variants.split(",") for v in GROUPS.get(name, (name,))]
     unknown = [v for v in variants if v not in VARIANTS]
@@ -259,19 +260,19 @@ def main() -> None:
     def pairs(items: list[str]) -> dict[str, Any]:
         return {k: yaml.safe_load(v) for k, _, v in (i.partition("=") for i in items)}
 
-    codealign = any(VARIANTS[v].codes or VARIANTS[v].isolation for v in variants)
+    codealign = any(VARIANTS[v].codes or VARIANTS[v].single_modality for v in variants)
     out = args.out or Path("benchmarks/results/" + (
-        "ablation_codealign.json" if codealign else "ablation_sample.json"))
+        "ablation_teacher_codes.json" if codealign else "ablation_sample.json"))
     dense_k = args.dense if any(VARIANTS[v].codes for v in variants) else None
-    w_code = pairs(args.loss).get("w_code", DEFAULT_W_CODE)
-    if dense_k and not (isinstance(w_code, int | float) and w_code > 0):
-        parser.error(f"--loss w_code={w_code} turns the code loss of the code rows off; "
-                     "give a weight > 0 or leave the code rows out of --variants")
-    w_decoded = pairs(args.loss).get("w_decoded", DEFAULT_W_DECODED)
+    w_teacher_code = pairs(args.loss).get("w_teacher_code", DEFAULT_W_CODE)
+    if dense_k and not (isinstance(w_teacher_code, int | float) and w_teacher_code > 0):
+        parser.error(f"--loss w_teacher_code={w_teacher_code} turns the code loss of the code "
+                     "rows off; give a weight > 0 or leave the code rows out of --variants")
+    w_teacher_decoded = pairs(args.loss).get("w_teacher_decoded", DEFAULT_W_DECODED)
     decoded = any(VARIANTS[v].decoded for v in variants)
-    if decoded and not (isinstance(w_decoded, int | float) and w_decoded > 0):
-        parser.error(f"--loss w_decoded={w_decoded} turns the decoded-code target of "
-                     "'+ decoded codes' off; give a weight > 0 or leave that row out")
+    if decoded and not (isinstance(w_teacher_decoded, int | float) and w_teacher_decoded > 0):
+        parser.error(f"--loss w_teacher_decoded={w_teacher_decoded} turns the decoded-code "
+                     "target of '+ decoded codes' off; give a weight > 0 or leave that row out")
     from fitted_sample import build_cache, fitted_sample, store_path
 
     from pipeline.config import load_params
@@ -301,8 +302,8 @@ def main() -> None:
                  "crop": args.crop, "threads": args.threads, "workers": args.workers,
                  "val_stride": args.val_stride,
                  "loss": {**base_loss, **VARIANTS[v].loss,
-                          "w_code": w_code if VARIANTS[v].codes else 0.0,
-                          "w_decoded": w_decoded if VARIANTS[v].decoded else 0.0},
+                          "w_teacher_code": w_teacher_code if VARIANTS[v].codes else 0.0,
+                          "w_teacher_decoded": w_teacher_decoded if VARIANTS[v].decoded else 0.0},
                  "mff": {**base_mff, **VARIANTS[v].mff}}
                 for s in range(args.seeds) for v in variants]
         rows = []
@@ -317,12 +318,12 @@ def main() -> None:
                 print(rows[-1], flush=True)
     total = (time.perf_counter() - start) / 60
     table = summarise(rows, variants)
-    target = codealign_target(table)
+    target = teacher_codes_target(table)
     print(f"\n{args.seeds} seeds x {len(variants)} variants, {args.steps} steps each, mit_b0, "
           f"batch 4 x 4 modalities, crop {args.crop}, val every {args.val_stride}, "
           f"MFF {default_variant} unless named, "
-          + (f"codes K = {dense_k}, w_code {w_code}, " if dense_k else "")
-          + (f"w_decoded {w_decoded}, " if decoded else "")
+          + (f"codes K = {dense_k}, w_teacher_code {w_teacher_code}, " if dense_k else "")
+          + (f"w_teacher_decoded {w_teacher_decoded}, " if decoded else "")
           + f"{args.jobs} job(s) x {args.threads} thread(s), {os.cpu_count()} cores, "
           f"{total:.1f} min in all")
     with_base = any("miss_mean_mIoU_gap" in t for t in table)
@@ -353,14 +354,15 @@ def main() -> None:
         "benchmark": "ablation_sample", "seeds": args.seeds, "steps": args.steps,
         "crop": args.crop, "val_stride": args.val_stride, "jobs": args.jobs,
         "threads": args.threads, "mff": base_mff,
-        "loss": base_loss, "dense_k": dense_k, "w_code_of_code_rows": w_code if dense_k else None,
-        "w_decoded_of_decoded_rows": w_decoded if decoded else None,
+        "loss": base_loss, "dense_k": dense_k,
+        "w_code_of_code_rows": w_teacher_code if dense_k else None,
+        "w_decoded_of_decoded_rows": w_teacher_decoded if decoded else None,
         "cpu_count": os.cpu_count(), "machine": platform.machine(),
         "total_minutes": round(total, 2), "teacher_quality": sample.quality,
         "teacher_fitted_on": ({"train_frames": args.teacher_frames, "seed": 1,
                                "fit": pairs(args.fit)} if args.teacher_frames else
                               {"train_frames": "the student's sample", "fit": pairs(args.fit)}),
-        "table": table, "codealign_target": target, "rows": rows}, indent=2) + "\n")
+        "table": table, "teacher_codes_target": target, "rows": rows}, indent=2) + "\n")
     print(f"wrote {out}")
 
 

@@ -2,7 +2,7 @@
 and its cache, all kept in one work folder so a second run (or another script given the
 same folder) reuses them instead of fitting the teacher again (about 2 minutes on 2 cores).
 
-Used by `ablation_sample.py` and `codealign.py`; imported as a sibling module (both run as
+Used by `ablation_sample.py` and `teacher_codes.py`; imported as a sibling module (both run as
 `python benchmarks/<script>.py`, which puts this folder on `sys.path`).
 """
 

@@ -479,8 +479,8 @@ def _option_value(text: str) -> Any:
               "refuse it, or rebuild it (what dvc.yaml runs).  [default: refuse]")
 @click.option("--dense", default=None, metavar="codebook:K",
               help="Also store dense targets: a K-code codebook per modality fitted on the "
-              "teacher's patch tokens, and each sample's patch codes (CodeAlign).",
-              cls=Tunable, key="teacher.dense")
+              "teacher's patch tokens, and each sample's patch codes (teacher-code "
+              "compression, not CodeAlign).", cls=Tunable, key="teacher.dense")
 @click.option("--params", "params_path", type=click.Path(path_type=Path), default=None,
               help="Parameters file.  [default: ./params.yaml if present]")
 @click.option("--json", "as_json", is_flag=True, help="Print the run report as JSON.")
@@ -917,6 +917,11 @@ def _report_here() -> bool:
     from stages.student.distributed import first_to_fail
 
     return first_to_fail()
+
+
+from pipeline.codealign_cli import codealign_group  # noqa: E402  (CodeAlign's stages)
+
+cli.add_command(codealign_group)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -571,7 +571,8 @@ class TeacherCache:
         if self.dense is None:
             raise PipelineError(f"{self.path} holds no dense codes; build it with "
                                 "`pipeline cache-teacher --dense codebook:K` (or set "
-                                "teacher.dense), or set train.loss.w_code and w_decoded to 0")
+                                "teacher.dense), or set train.loss.w_teacher_code and "
+                                "w_teacher_decoded to 0")
         if modality not in self.modalities:
             raise PipelineError(f"{self.path} has no modality {modality!r}; it holds "
                                 f"{', '.join(self.modalities)}")

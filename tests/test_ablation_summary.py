@@ -1,5 +1,5 @@
 """The seeded ablation's summary (benchmarks/ablation_sample.py): gaps to the baseline and
-CodeAlign's comparisons, with whether they exceed twice the larger seed spread."""
+the teacher-code rows' comparisons, with whether they exceed twice the larger seed spread."""
 
 import importlib.util
 import math
@@ -46,7 +46,7 @@ def test_gaps_to_the_baseline_and_between_codealign_rows():
         "mss_mIoU": {"gap": -5.0, "beyond_2std": True},
         "miss_mean_mIoU": {"gap": -5.0, "beyond_2std": True}}}
     assert "vs" not in table["full model"]
-    target = ablation.codealign_target(list(table.values()))
+    target = ablation.teacher_codes_target(list(table.values()))
     assert target["isolated_vs_full"] == -5.0 and target["isolated_codes_vs_full"] == -1.5
     assert target["closer"] and target["beyond_2std"] and target["met"] is True
 
@@ -56,10 +56,10 @@ def test_gaps_to_the_baseline_and_between_codealign_rows():
     ([2.0, 3.0, 4.0], False, True),   # apart beyond noise, but farther from the full model
     ([15.0, 16.0, 17.0], False, True),  # overshoots the full model by more than isolated misses it
 ])
-def test_the_codealign_target_needs_closer_and_beyond_the_spread(with_codes, closer, beyond):
+def test_the_teacher_codes_target_needs_closer_and_beyond_the_spread(with_codes, closer, beyond):
     table = ablation.summarise(rows({**ROWS, "isolated + codes": with_codes}),
                                [*ROWS, "isolated + codes"])
-    target = ablation.codealign_target(table)
+    target = ablation.teacher_codes_target(table)
     assert (target["closer"], target["beyond_2std"], target["met"]) == (closer, beyond, False)
 
 
@@ -67,6 +67,6 @@ def test_one_seed_or_a_missing_row_decides_nothing():
     one = {name: values[:1] for name, values in {**ROWS, "isolated + codes": [9.0]}.items()}
     table = ablation.summarise(rows(one), list(one))
     assert math.isnan(table[0]["miss_mean_mIoU"][1])
-    target = ablation.codealign_target(table)
+    target = ablation.teacher_codes_target(table)
     assert target["closer"] is True and target["beyond_2std"] is None and target["met"] is None
-    assert ablation.codealign_target(ablation.summarise(rows(ROWS), list(ROWS))) is None
+    assert ablation.teacher_codes_target(ablation.summarise(rows(ROWS), list(ROWS))) is None

@@ -111,7 +111,7 @@ def test_two_ranks_train_the_weights_of_one_process(two_ranks):
 
 @pytest.mark.slow
 def test_two_ranks_train_the_code_loss_as_one_process(teacher_sample, tmp_path):
-    """CodeAlign's translators live outside the DDP module: their gradients are averaged
+    """the teacher-code translators live outside the DDP module: their gradients are averaged
     by hand and their losses (L_code, L_decoded) are the global batch's mean, as the
     student's terms are."""
     from stages.teacher.run import cache_teacher
@@ -121,7 +121,7 @@ def test_two_ranks_train_the_code_loss_as_one_process(teacher_sample, tmp_path):
     cache = tmp_path / "dense.zarr"
     cache_teacher(config(root, cache, split=["train", "val"], rows_per_shard=16,
                          dense="codebook:16", dense_passes=1))
-    kw = {"steps": 3, "val_every": 0, "loss": {"w_code": 1.0, "w_decoded": 1.0}}
+    kw = {"steps": 3, "val_every": 0, "loss": {"w_teacher_code": 1.0, "w_teacher_decoded": 1.0}}
     params = _params(tmp_path / "p.yaml", root, cache, tmp_path / "two", **kw)
     done = _pipeline("train", "--params", params, "--nproc", 2)
     assert done.returncode == 0, done.stderr

@@ -12,7 +12,9 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
-STAGES = {"sample", "teacher", "cache_teacher", "train", "evaluate"}
+ANY2SEG = {"sample", "teacher", "cache_teacher", "train", "evaluate"}
+CODEALIGN = {"codealign_stage0", "codealign_stage1", "codealign_stage2", "codealign_evaluate"}
+STAGES = ANY2SEG | CODEALIGN
 
 
 def run(repo, *args, check=True):
@@ -66,7 +68,10 @@ def repo(tmp_path_factory):
                 eval__limit=2, eval__examples=1, teacher__rows_per_shard=8,
                 teacher__fit__hidden=16, teacher__fit__layers=1, teacher__fit__projection=16,
                 teacher__fit__image_size=32, teacher__fit__image_epochs=1,
-                teacher__fit__branch_epochs=1)
+                teacher__fit__branch_epochs=1, codealign__stage0_steps=2,
+                codealign__stage1_steps=2, codealign__stage2_steps=2, codealign__batch_size=2,
+                codealign__translator_dim=8, codealign__translator_blocks=1,
+                codealign__aligner_blocks=1)
     run(repo, "git", "init", "-q")
     run(repo, "git", "add", "-A")
     run(repo, "git", "commit", "-qm", "tiny pipeline")
@@ -108,7 +113,12 @@ EDITS = {
                       {"cache_teacher", "train", "evaluate"}),
     # the class prompt is read by the fit (prompts vs class regions) and by stage one
     "teacher.class_prompt": ({"teacher__class_prompt": "a photo of a {}."},
-                             {"teacher", "cache_teacher"}, STAGES - {"sample"}),
+                             {"teacher", "cache_teacher"}, ANY2SEG - {"sample"}),
+    # CodeAlign: a stage-2 key reruns the translators and their evaluation only
+    "codealign.stage2_steps": ({"codealign__stage2_steps": 3}, {"codealign_stage2"},
+                               {"codealign_stage2", "codealign_evaluate"}),
+    "codealign.codes": ({"codealign__codes": 8}, {"codealign_stage1"},
+                        CODEALIGN - {"codealign_stage0"}),
 }
 
 
@@ -164,7 +174,7 @@ def test_experiment_reruns_train_and_evaluate_and_records_different_metrics(repo
     before = store.stat().st_mtime_ns
     out = run(repo, "dvc", "exp", "run", "-S", "train.loss.w_cr=0", "-S", "train.steps=5")
     assert ran(out) == {"train", "evaluate"}
-    assert skipped(out) == {"sample", "teacher", "cache_teacher"}
+    assert skipped(out) == STAGES - {"train", "evaluate"}
     assert store.stat().st_mtime_ns == before  # stage one never ran
     table = json.loads(run(repo, "dvc", "exp", "show", "--json"))
     found = json.dumps(table)

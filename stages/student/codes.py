@@ -1,19 +1,22 @@
-"""CodeAlign in stage two: teacher patch codes as dense targets, FCF translators, isolation.
+"""Teacher-code distillation in stage two (not CodeAlign, which is stages.student.codealign):
+teacher patch codes as dense targets, code translators, single-modality training.
 
 - `code_map` puts a sample's cached code grid onto its image pixels through the teacher's
   own view (short side resized to the branch's input size, centre crop, grid x grid
   patches), so the student's augmentation (resize, crop, flip) moves codes with labels.
 - `CodeTranslators`: one 1x1 convolution per (source modality -> target codebook) from
   the student's last-stage features to code logits (feature -> code). Own-modality
-  translators distil the modality's code space; cross-modal ones are CodeAlign's FCF
-  translation (predict depth's codes from RGB features). `decode` turns logits back into
-  code vectors of the target space (code -> feature) by soft assignment over the frozen
-  codebook.
-- `code_loss`: cross-entropy to the teacher's codes, over present source modalities only,
-  so an absent modality gets exactly zero gradient.
-- `decoded_loss` (`train.loss.w_decoded`): 1 - cosine between the soft-decoded vectors and
-  the teacher's code vectors, a dense feature-space target over the same cells.
-- `isolated_modality`: the one modality a training sample shows under `train.isolation`.
+  translators distil the modality's code space; cross-modal ones predict depth's codes
+  from RGB features, supervised by the teacher's depth codes of the *same frame* (so not
+  CodeAlign's FCF translation, which never sees a co-occurring frame). `decode` turns
+  logits back into code vectors of the target space (code -> feature) by soft assignment
+  over the frozen codebook.
+- `code_loss` (`train.loss.w_teacher_code`): cross-entropy to the teacher's codes, over
+  present source modalities only, so an absent modality gets exactly zero gradient.
+- `decoded_loss` (`train.loss.w_teacher_decoded`): 1 - cosine between the soft-decoded
+  vectors and the teacher's code vectors, a dense feature-space target over the same cells.
+- `isolated_modality`: the one modality a training sample shows under
+  `train.single_modality`.
 """
 
 from __future__ import annotations
@@ -57,7 +60,7 @@ def code_map(codes: np.ndarray, h: int, w: int, image_size: int) -> torch.Tensor
 
 
 def isolated_modality(seed: int, step: int, index: int, n_modalities: int) -> int:
-    """The modality sample `index` shows at `step` under isolation: a pure function of
+    """The modality sample `index` shows at `step` under single_modality: a pure function of
     (seed, step, index), never of a process RNG, so workers and resumes agree."""
     return int(np.random.default_rng([seed, step, index, 0x150]).integers(n_modalities))
 

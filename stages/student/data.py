@@ -140,13 +140,13 @@ class Targets:
     visual: np.ndarray  # (N, M, D) float32
     scene: np.ndarray  # (N, D)
     classes: np.ndarray  # (K, D)
-    codes: np.ndarray | None = None  # (N, M, g, g) uint16 teacher patch codes (CodeAlign)
+    codes: np.ndarray | None = None  # (N, M, g, g) uint16 teacher patch codes (not CodeAlign)
     code_image_size: int = 224  # the teacher's input size the code grid covers
 
 
 class StudentData(torch.utils.data.Dataset):
     """Item key (epoch, index[, step]) -> one sample's tensors; epoch -1 means no
-    augmentation. With `isolation`, a training item shows exactly one modality, drawn
+    augmentation. With `single_modality`, a training item shows exactly one modality, drawn
     from (seed, step, index) (`codes.isolated_modality`); with cached codes, a training
     item carries them per pixel (`codes`, (M, crop, crop), -1 where none).
 
@@ -156,7 +156,7 @@ class StudentData(torch.utils.data.Dataset):
     def __init__(self, samples: SampleSequence, modalities: Sequence[str],
                  targets: Targets | None, crop: int | None, augment_cfg: AugmentConfig,
                  seed: int, modality_dropout: float = 0.0,
-                 transform: Transform | None = None, isolation: bool = False) -> None:
+                 transform: Transform | None = None, single_modality: bool = False) -> None:
         self.samples = samples
         self.modalities = list(modalities)
         self.targets = targets
@@ -165,7 +165,7 @@ class StudentData(torch.utils.data.Dataset):
         self.seed = seed
         self.modality_dropout = modality_dropout
         self.transform = transform
-        self.isolation = isolation
+        self.single_modality = single_modality
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -199,7 +199,7 @@ class StudentData(torch.utils.data.Dataset):
                 keep = rng.choice(len(self.modalities), size=k, replace=False)
                 present = torch.zeros_like(present)
                 present[torch.from_numpy(keep)] = True
-            if self.isolation:
+            if self.single_modality:
                 if len(key) < 3:
                     raise ValueError("isolated training needs (epoch, index, step) keys")
                 present = torch.zeros_like(present)

@@ -43,8 +43,8 @@ class LossConfig:
     w_sup: float = 1.0
     w_cr: float = 1.0
     w_se: float = 1.0
-    w_code: float = 0.0  # CodeAlign code / FCF loss (`stages.student.codes`); 0: off
-    w_decoded: float = 0.0  # 1 - cos of the soft-decoded code vectors to the teacher's; 0: off
+    w_teacher_code: float = 0.0  # teacher-code distillation (`stages.student.codes`); 0: off
+    w_teacher_decoded: float = 0.0  # 1 - cos of soft-decoded codes to the teacher's; 0: off
     tau_cr: float = 0.1
     tau_se: float = 0.1
     se_features: str = "fused"  # fused: f_ma; decoder: the head's stride-4 features
@@ -58,12 +58,13 @@ class LossConfig:
         """Refused before a step is taken: a NaN weight or a zero temperature would only
         show up later as a non-finite loss."""
         where = where or Where("train.loss", None)
-        for name in ("w_sup", "w_cr", "w_se", "w_code", "w_decoded"):
+        for name in ("w_sup", "w_cr", "w_se", "w_teacher_code", "w_teacher_decoded"):
             where.number(name, getattr(self, name), 0, why="a loss weight; 0 switches the "
                          "term off")
-        if not (self.w_sup or self.w_cr or self.w_se or self.w_code or self.w_decoded):
-            where.fail("w_sup", "> 0 when w_cr, w_se, w_code and w_decoded are 0 (nothing would "
-                       "be trained)", self.w_sup)
+        if not (self.w_sup or self.w_cr or self.w_se or self.w_teacher_code or
+                self.w_teacher_decoded):
+            where.fail("w_sup", "> 0 when w_cr, w_se, w_teacher_code and w_teacher_decoded "
+                       "are 0 (nothing would be trained)", self.w_sup)
         for name in ("tau_cr", "tau_se"):
             where.number(name, getattr(self, name), 0, lo_open=True,
                          why="a softmax temperature")

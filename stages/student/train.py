@@ -79,7 +79,7 @@ class TrainConfig:
     seed: int = 3407
     workers: int = 2
     modality_dropout: float = 0.0
-    isolation: bool = False  # every training sample shows exactly one modality (CodeAlign)
+    single_modality: bool = False  # every training sample shows exactly one modality
     augment: dict[str, Any] = field(default_factory=dict)
     loss: dict[str, Any] = field(default_factory=dict)
     val_every: int = 0  # 0: only after the last step
@@ -152,11 +152,11 @@ class TrainConfig:
         w.integer("seed", self.seed, 0, 2 ** 32 - 1, why="numpy's seed range")
         w.integer("workers", self.workers, 0, why="0 loads in the training process")
         w.number("modality_dropout", self.modality_dropout, 0, 1, why="a probability")
-        if not isinstance(self.isolation, bool):
-            w.fail("isolation", "true or false", self.isolation)
-        if self.isolation and self.modality_dropout:
-            w.fail("modality_dropout", "0 with train.isolation: true (isolation already shows "
-                   "one modality per sample)", self.modality_dropout)
+        if not isinstance(self.single_modality, bool):
+            w.fail("single_modality", "true or false", self.single_modality)
+        if self.single_modality and self.modality_dropout:
+            w.fail("modality_dropout", "0 with train.single_modality: true (that already "
+                   "shows one modality per sample)", self.modality_dropout)
         w.integer("val_every", self.val_every, 0, why="0 validates only after the last step")
         if self.val_limit is not None:
             w.integer("val_limit", self.val_limit, 1,
@@ -269,7 +269,7 @@ def cache_fingerprints(cache: TeacherCache) -> dict[str, Any]:
 
 
 def load_codes(cache: TeacherCache, targets: Targets, ids: list[str], modalities: list[str],
-               key: str = "w_code") -> torch.Tensor:
+               key: str = "w_teacher_code") -> torch.Tensor:
     """Put the teacher's patch codes into `targets`; return the frozen codebooks
     (M, K, D) for code -> feature decoding. `key`: the train.loss weight that asked."""
     if cache.dense is None:
@@ -339,8 +339,8 @@ def save_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
                     translators: torch.nn.Module | None = None) -> None:
     """Atomic write (temporary file + rename). With the optimizer and every RNG state for
     `last.pt` (resume); weights and metadata only for `best.pt`. Code translators (a
-    training-only part, `train.loss.w_code` / `w_decoded`) go beside the model, never into it, so
-    evaluation loads the same student either way."""
+    training-only part, `train.loss.w_teacher_code` / `w_teacher_decoded`) go beside the
+    model, never into it, so evaluation loads the same student either way."""
     state = {
         "version": CHECKPOINT_VERSION, "step": step, "best": best, "meta": meta,
         "model": model.state_dict(),
@@ -458,7 +458,8 @@ def _train(student: StudentConfig, cfg: TrainConfig, progress: bool,
         raise PipelineError("train.loss.se_features: decoder needs MFF before the head; under "
                             "student.mff.variant author f_ma is the fused class-score map: "
                             "use fused")
-    code_key = "w_code" if loss_cfg.w_code else "w_decoded" if loss_cfg.w_decoded else None
+    code_key = "w_teacher_code" if loss_cfg.w_teacher_code else \
+        "w_teacher_decoded" if loss_cfg.w_teacher_decoded else None
     codebooks = load_codes(cache, targets, train_set.ids, modalities, code_key) if code_key \
         else None
     steps = cfg.steps or math.ceil(cfg.epochs * max(1, len(train_set) // cfg.batch_size))
@@ -480,7 +481,7 @@ def _train(student: StudentConfig, cfg: TrainConfig, progress: bool,
         model = model.to(memory_format=torch.channels_last)
     net = distributed.parallel(model, world, cfg.compile)  # DDP over the ranks, compiled
     groups = param_groups(model, cfg.weight_decay)
-    if translators is not None:  # CodeAlign's translators: the same rule
+    if translators is not None:  # the teacher-code translators: the same rule
         for group, extra in zip(groups, param_groups(translators, cfg.weight_decay), strict=True):
             group["params"] += extra["params"]
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr)
@@ -524,7 +525,7 @@ def _train(student: StudentConfig, cfg: TrainConfig, progress: bool,
         raise PipelineError(f"nothing to resume: {last} does not exist")
 
     data = StudentData(train_set, modalities, targets, cfg.crop, cfg.augment_config(),
-                       cfg.seed, cfg.modality_dropout, isolation=cfg.isolation)
+                       cfg.seed, cfg.modality_dropout, single_modality=cfg.single_modality)
     sampler = ScheduleSampler(len(data), cfg.batch_size, steps, cfg.seed, start, world.rank,
                               world.size)
     loader = torch.utils.data.DataLoader(
@@ -579,16 +580,16 @@ def _train(student: StudentConfig, cfg: TrainConfig, progress: bool,
                 terms["L_se"] = semantic(se_input, label, classes, loss_cfg.tau_se, world.total)
             if translators is not None:
                 codes = batch["codes"].to(device, non_blocking=True)
-                if loss_cfg.w_code:
+                if loss_cfg.w_teacher_code:
                     terms["L_code"] = code_loss(translators, upcast(output.feats[-1]), present,
                                                 codes, world.total)
-                if loss_cfg.w_decoded:  # the codes decoded: a dense feature-space target
+                if loss_cfg.w_teacher_decoded:  # the codes decoded: a dense feature-space target
                     terms["L_decoded"] = decoded_loss(translators, upcast(output.feats[-1]),
                                                       present, codes, world.total)
         ramp = distill_ramp(step, steps, loss_cfg.distill_warmup)
         weights = {"L_sup": loss_cfg.w_sup, "L_cr": loss_cfg.w_cr * ramp,
-                   "L_se": loss_cfg.w_se * ramp, "L_code": loss_cfg.w_code,
-                   "L_decoded": loss_cfg.w_decoded}
+                   "L_se": loss_cfg.w_se * ramp, "L_code": loss_cfg.w_teacher_code,
+                   "L_decoded": loss_cfg.w_teacher_decoded}
         for name, value in terms.items():
             if not torch.isfinite(value):
                 raise PipelineError(f"non-finite loss at step {step}: {name} = {value.item()}; "

@@ -1,4 +1,5 @@
-"""CodeAlign: dense codebook targets in stage one, FCF code loss and isolation in stage two."""
+"""Teacher-code compression in stage one, teacher-code distillation and single-modality
+training in stage two (not CodeAlign: that is tests/test_codealign_stages.py)."""
 
 import json
 import sys
@@ -280,8 +281,8 @@ def test_isolated_mode_never_shows_two_modalities(small_sample):
     root, _ = small_sample
     mods = ["rgb", "depth", "event", "lidar"]
     samples = datasets.load("sample", root, "train", modalities=mods)
-    data = StudentData(samples, mods, None, 32, AugmentConfig(), seed=11, isolation=True)
-    again = StudentData(samples, mods, None, 32, AugmentConfig(), seed=11, isolation=True)
+    data = StudentData(samples, mods, None, 32, AugmentConfig(), seed=11, single_modality=True)
+    again = StudentData(samples, mods, None, 32, AugmentConfig(), seed=11, single_modality=True)
     shown = []
     for batch in ScheduleSampler(len(samples), 4, 6, seed=11):
         for key in batch:
@@ -307,9 +308,9 @@ def test_training_with_codes_and_isolation(dense_cache, sample_cache, tmp_path):
                            val_limit=1, checkpoint_every=1, **kw)
 
     student = StudentConfig(embed_dim=16)
-    with pytest.raises(PipelineError, match="w_code > 0 needs dense codes"):
-        train(student, cfg(sample_cache[1], "plain", loss={"w_code": 1.0}), progress=False)
-    result = train(student, cfg(out, "iso", loss={"w_code": 1.0}, isolation=True),
+    with pytest.raises(PipelineError, match="w_teacher_code > 0 needs dense codes"):
+        train(student, cfg(sample_cache[1], "plain", loss={"w_teacher_code": 1.0}), progress=False)
+    result = train(student, cfg(out, "iso", loss={"w_teacher_code": 1.0}, single_modality=True),
                    progress=False)
     assert result["status"] == "trained" and np.isfinite(result["last_loss"])
     ckpt = torch.load(tmp_path / "iso" / "last.pt", weights_only=False)
@@ -320,9 +321,10 @@ def test_training_with_codes_and_isolation(dense_cache, sample_cache, tmp_path):
     code = (tmp_path / "iso" / "dvclive" / "plots" / "metrics" / "train" / "L_code.tsv")
     assert code.is_file()
     # the decoded-code target alone: translators built, L_decoded logged, no L_code
-    with pytest.raises(PipelineError, match="w_decoded > 0 needs dense codes"):
-        train(student, cfg(sample_cache[1], "plain2", loss={"w_decoded": 1.0}), progress=False)
-    result = train(student, cfg(out, "dec", loss={"w_decoded": 1.0}), progress=False)
+    with pytest.raises(PipelineError, match="w_teacher_decoded > 0 needs dense codes"):
+        train(student, cfg(sample_cache[1], "plain2", loss={"w_teacher_decoded": 1.0}),
+              progress=False)
+    result = train(student, cfg(out, "dec", loss={"w_teacher_decoded": 1.0}), progress=False)
     assert result["status"] == "trained" and np.isfinite(result["last_loss"])
     metrics = logged(tmp_path / "dec")
     decoded = [float(v) for v in metrics["train/L_decoded"]["values"]]
@@ -331,5 +333,6 @@ def test_training_with_codes_and_isolation(dense_cache, sample_cache, tmp_path):
     ckpt = torch.load(tmp_path / "dec" / "last.pt", weights_only=False)
     assert any(k.startswith("translate.rgb->depth") for k in ckpt["translators"])
     with pytest.raises(PipelineError, match="train.modality_dropout"):
-        TrainConfig(dataset="sample", steps=1, isolation=True, modality_dropout=0.5).validate()
+        TrainConfig(dataset="sample", steps=1, single_modality=True,
+                    modality_dropout=0.5).validate()
 

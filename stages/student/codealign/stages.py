@@ -1,0 +1,272 @@
+"""CodeAlign's stages on an isolated split, each resumable from its own checkpoint.
+
+stage 0  each group's student (encoder + MFF + head) on its group's frames only, CE; and
+         the naive-joint reference: one student on all modalities, every frame showing
+         only its group's modalities (the same isolated split)
+stage 1  per-modality aligners + per-group code spaces, encoder frozen (and the back-end
+         of single-modality groups, as the official fix_backend); CE + w_intra x the L2
+         between decoded features of a group's modalities on the same frame
+stage 2  translators only (everything else frozen, in eval mode so BatchNorm statistics
+         stay too), source-group frames only, through the target's frozen code-space
+         heads and back-end, CE
+
+Checkpoints: out/stage{N}.pt when a stage is done; inside it, per trained part (a
+group, the joint model, a translator) out/stage{N}/<part>.last.pt every
+`checkpoint_every` steps (model, optimiser, step, the settings and split); a rerun
+resumes from it, a finished part is not trained again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from pipeline import datasets
+from pipeline.errors import PipelineError
+from stages.student.codealign.config import CodeAlignConfig
+from stages.student.codealign.model import CodeAlignSystem, pair_name, seg_loss
+from stages.student.codealign.split import GroupData, assign_groups, group_indices
+from stages.student.data import AugmentConfig, ScheduleSampler, StudentData
+from stages.student.model import StudentConfig, build_student
+
+# the `codealign` keys each stage reads (besides `student`); checkpoint_every changes nothing
+STAGE_KEYS = {
+    0: ("groups", "seed", "stage0_steps", "batch_size", "crop", "lr", "weight_decay",
+        "train_seed"),
+    1: ("codes", "temperature", "gumbel_tau", "aligner_blocks", "w_intra", "stage1_steps"),
+    2: ("translator_dim", "translator_blocks", "stage2_steps"),
+}
+Step = Callable[[dict[str, torch.Tensor], torch.Generator], torch.Tensor]
+
+
+def group_loader(samples: datasets.SampleSequence, modalities: list[str],
+                 indices: list[int], cfg: CodeAlignConfig, steps: int, start: int = 0,
+                 seed_offset: int = 0) -> torch.utils.data.DataLoader:
+    """Batches of `indices`' frames showing only `modalities`, for steps start..steps-1."""
+    seed = cfg.train_seed + seed_offset
+    base = StudentData(samples, modalities, None, cfg.crop, AugmentConfig(), seed)
+    sampler = ScheduleSampler(len(indices), cfg.batch_size, steps, seed, start)
+    return torch.utils.data.DataLoader(GroupData(base, indices), batch_sampler=sampler,
+                                       num_workers=0)
+
+
+def freeze_all_but(model: nn.Module, trainable: Iterable[nn.Module]) -> list[nn.Parameter]:
+    """requires_grad and train mode only for `trainable`; the rest frozen in eval mode."""
+    model.eval()
+    model.requires_grad_(False)
+    params = []
+    for m in trainable:
+        m.train()
+        m.requires_grad_(True)
+        params += list(m.parameters())
+    return params
+
+
+def run_steps(name: str, out: Path, system: nn.Module, trainable: list[nn.Module],
+              loader_at: Callable[[int], torch.utils.data.DataLoader], step_fn: Step,
+              steps: int, cfg: CodeAlignConfig, meta: dict[str, Any]) -> list[float]:
+    """Train `trainable` for `steps`, resuming from out/{name}.last.pt; returns losses."""
+    params = freeze_all_but(system, trainable)
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    last, done = out / f"{name}.last.pt", out / f"{name}.pt"
+    start = 0
+    if last.is_file():
+        state = torch.load(last, map_location="cpu", weights_only=False)
+        if state["meta"] != meta:
+            raise PipelineError(f"{last} was written for other codealign settings or another "
+                                f"split; delete it (or the run folder) to start {name} again")
+        system.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        start = state["step"]
+    losses: list[float] = []
+    gen = torch.Generator()
+    for step, batch in enumerate(loader_at(start), start):
+        gen.manual_seed(cfg.train_seed * 1_000_003 + step)
+        torch.manual_seed(cfg.train_seed * 1_000_003 + step)
+        loss = step_fn(batch, gen)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == steps:
+            save({"model": system.state_dict(), "optimizer": opt.state_dict(),
+                  "step": step + 1, "meta": meta}, last)
+    save({"model": system.state_dict(), "meta": meta, "losses": losses}, done)
+    return losses
+
+
+def save(obj: dict[str, Any], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(obj, tmp)
+    tmp.replace(path)
+
+
+class CodeAlignRun:
+    """One run folder: the data, the split, the system and the stage entry points."""
+
+    def __init__(self, dataset: str, root: str | Path, out: str | Path,
+                 student: StudentConfig, cfg: CodeAlignConfig) -> None:
+        self.samples = datasets.load(dataset, root, "train")
+        cfg.validate(modalities=list(self.samples.modalities))
+        self.dataset, self.root, self.out = dataset, str(root), Path(out)
+        self.student, self.cfg = student, cfg
+        self.assignment = assign_groups(self.samples.ids, len(cfg.groups), cfg.seed)
+        torch.manual_seed(cfg.train_seed)
+        self.system = CodeAlignSystem(student, cfg, len(self.samples.classes))
+        self.joint = build_student(student, [m for g in cfg.groups for m in g],
+                                   len(self.samples.classes))
+        self.split = dict(zip(self.samples.ids, self.assignment, strict=True))
+
+    def indices(self, group: int) -> list[int]:
+        return group_indices(self.assignment, group)
+
+    def load(self, stage: int) -> None:
+        self.load_file(self.out / f"stage{stage}.pt", f"stage{stage}")
+
+    def meta(self, stage: int) -> dict[str, Any]:
+        """What shaped stage `stage`'s weights: the split, `student` and the `codealign`
+        keys read by stages 0..stage (so a later stage's key leaves earlier ones valid)."""
+        keys = [k for n in range(stage + 1) for k in STAGE_KEYS[n]]
+        return {"split": self.split, "student": vars(self.student),
+                "codealign": {k: getattr(self.cfg, k) for k in keys}}
+
+    def load_file(self, path: Path, stage: str | None = None) -> None:
+        """Weights of a finished stage: only what that stage (and earlier ones) trained,
+        so modules a later stage builds afresh (another translator width) still fit."""
+        stage = stage or path.stem
+        number = int(stage[5])
+        if not path.is_file():
+            raise PipelineError(f"{path} is missing: run `pipeline codealign {stage}` first")
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        if state["meta"] != self.meta(number):
+            raise PipelineError(f"{path} was written for other codealign/student settings or "
+                                f"another split; rerun `pipeline codealign {stage}`")
+        prefix = ("groups.",) if number == 1 else \
+            tuple(f"groups.{g}.student." for g in range(len(self.cfg.groups)))
+        model = {k: v for k, v in state["model"].items()
+                 if number == 2 or k.startswith(prefix)}
+        self.system.load_state_dict(model, strict=False)
+        if "joint" in state:
+            self.joint.load_state_dict(state["joint"])
+
+    def stage0(self) -> dict[str, list[float]]:
+        cfg, losses = self.cfg, {}
+        for g, mods in enumerate(cfg.groups):
+            student = self.system.groups[g].student
+            idx = self.indices(g)
+
+            def step(batch: dict[str, torch.Tensor], _: torch.Generator,
+                     student: nn.Module = student) -> torch.Tensor:
+                return seg_loss(student(batch["images"]).logits, batch["label"])
+
+            losses[f"group{g}"] = run_steps(
+                f"stage0/group{g}", self.out, self.system, [student],
+                lambda s, mods=mods, idx=idx, g=g: group_loader(
+                    self.samples, mods, idx, cfg, cfg.stage0_steps, s, g),
+                step, cfg.stage0_steps, cfg, self.meta(0))
+        losses["joint"] = self.train_joint()
+        save({"model": self.system.state_dict(), "joint": self.joint.state_dict(),
+              "meta": self.meta(0)}, self.out / "stage0.pt")
+        return losses
+
+    def train_joint(self) -> list[float]:
+        """The naive reference: one student, every frame with only its group's
+        modalities present (the isolated split, no code spaces, no translators)."""
+        cfg, mods = self.cfg, self.joint.modalities
+        group_mask = torch.tensor([[m in g for m in mods] for g in cfg.groups])
+        assignment = torch.tensor(self.assignment)
+
+        def step(batch: dict[str, torch.Tensor], _: torch.Generator) -> torch.Tensor:
+            present = group_mask[assignment[batch["frame"]]]
+            return seg_loss(self.joint(batch["images"], present).logits, batch["label"])
+
+        every = list(range(len(self.samples)))
+        return run_steps("stage0/joint", self.out, self.joint, [self.joint],
+                         lambda s: group_loader(self.samples, mods, every, cfg,
+                                                cfg.stage0_steps, s, 99),
+                         step, cfg.stage0_steps, cfg, self.meta(0))
+
+    def stage1(self) -> dict[str, list[float]]:
+        self.load(0)
+        cfg, losses = self.cfg, {}
+        for g, mods in enumerate(cfg.groups):
+            gm = self.system.groups[g]
+            trainable: list[nn.Module] = [gm.aligners, gm.quantisers]
+            if len(mods) > 1:
+                trainable += gm.backend()
+
+            def step(batch: dict[str, torch.Tensor], gen: torch.Generator,
+                     gm: Any = gm) -> torch.Tensor:
+                return self.stage1_loss(gm, batch, gen)
+
+            losses[f"group{g}"] = run_steps(
+                f"stage1/group{g}", self.out, self.system, trainable,
+                lambda s, mods=mods, g=g: group_loader(
+                    self.samples, mods, self.indices(g), cfg, cfg.stage1_steps, s, 10 + g),
+                step, cfg.stage1_steps, cfg, self.meta(1))
+        save({"model": self.system.state_dict(), "joint": self.joint.state_dict(),
+              "meta": self.meta(1)}, self.out / "stage1.pt")
+        return losses
+
+    def stage1_loss(self, gm: Any, batch: dict[str, torch.Tensor],
+                    gen: torch.Generator) -> torch.Tensor:
+        """CE through the code space, + w_intra x the intra-group L2 where the group has
+        several modalities; nothing else reaches the codebook (no commitment term)."""
+        logits, decoded, _ = gm.coded(batch["images"], gen)
+        loss = seg_loss(logits, batch["label"])
+        if decoded[0].shape[1] > 1 and self.cfg.w_intra:
+            loss = loss + self.cfg.w_intra * intra_l2(decoded)
+        return loss
+
+    def stage2(self, control: bool = False, only: list[str] | None = None
+               ) -> dict[str, list[float]]:
+        """`control`: the label pixels of every frame shuffled (a fresh permutation per
+        step): same class frequencies, no image-label correspondence. `only`: train just
+        these translators (pair names `source->target group`)."""
+        self.load(1)
+        cfg, losses = self.cfg, {}
+        for a, mods in enumerate(cfg.groups):
+            for m in mods:
+                for b in range(len(cfg.groups)):
+                    name = pair_name(m, b)
+                    if b == a or (only is not None and name not in only):
+                        continue
+
+                    def step(batch: dict[str, torch.Tensor], gen: torch.Generator,
+                             m: str = m, b: int = b) -> torch.Tensor:
+                        label = shuffled(batch["label"], gen) if control else batch["label"]
+                        logits = self.system.translate(m, b, batch["images"][:, 0], gen)
+                        return seg_loss(logits, label)
+
+                    tag = f"stage2{'.control' if control else ''}/{m}-{b}"
+                    losses[name] = run_steps(
+                        tag, self.out, self.system, [self.system.translators[name]],
+                        lambda s, m=m, a=a: group_loader(
+                            self.samples, [m], self.indices(a), cfg, cfg.stage2_steps, s,
+                            20 + a),
+                        step, cfg.stage2_steps, cfg, self.meta(2))
+        save({"model": self.system.state_dict(), "joint": self.joint.state_dict(),
+              "meta": self.meta(2)}, self.out / f"stage2{'.control' if control else ''}.pt")
+        return losses
+
+
+def shuffled(label: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    flat = label.flatten(1)
+    return flat[:, torch.randperm(flat.shape[1], generator=gen)].view_as(label)
+
+
+def intra_l2(decoded: list[torch.Tensor]) -> torch.Tensor:
+    """Mean squared difference between every pair of a group's modalities' decoded
+    features, per stage (the official masked L2; every cell is valid: pixel-aligned
+    inputs need no warping mask)."""
+    total = decoded[0].new_zeros(())
+    for d in decoded:
+        m = d.shape[1]
+        pairs = [(i, j) for i in range(m) for j in range(i + 1, m)]
+        total = total + sum(((d[:, i] - d[:, j]) ** 2).mean() for i, j in pairs) / len(pairs)
+    return total / len(decoded)
