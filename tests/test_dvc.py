@@ -107,7 +107,9 @@ def test_repro_produces_every_declared_output(repo):
 # a params.yaml edit -> the stages that list it in dvc.yaml, then those plus what depends on them
 EDITS = {
     "train.seed": ({"train__seed": 11}, {"train"}, {"train", "evaluate"}),
-    "student.mff.select": ({"student__mff__select": False}, {"train"}, {"train", "evaluate"}),
+    # CodeAlign's stage 0 builds its per-group students from the same student.* keys
+    "student.mff.select": ({"student__mff__select": False}, {"train", "codealign_stage0"},
+                           {"train", "evaluate"} | CODEALIGN),
     "eval.examples": ({"eval__examples": 2}, {"evaluate"}, {"evaluate"}),
     "teacher.dtype": ({"teacher__dtype": "float32"}, {"cache_teacher"},
                       {"cache_teacher", "train", "evaluate"}),
@@ -145,8 +147,9 @@ def test_a_params_edit_reruns_exactly_the_stages_that_read_it(repo, edit, invali
 
 # a code edit -> the stages whose listed code folder holds the file, then downstream
 CODE_EDITS = {
-    "student loss": ("stages/student/losses.py", {"train", "evaluate"}, {"train", "evaluate"}),
-    "teacher": ("stages/teacher/run.py", {"teacher", "cache_teacher"}, STAGES - {"sample"}),
+    "student loss": ("stages/student/losses.py", {"train", "evaluate"} | CODEALIGN,
+                     {"train", "evaluate"} | CODEALIGN),
+    "teacher": ("stages/teacher/run.py", {"teacher", "cache_teacher"}, ANY2SEG - {"sample"}),
 }
 
 
