@@ -96,3 +96,5 @@ def test_readme_real_data_flow(tmp_path, monkeypatch):
     assert len(facts["checkpoint"]["sha256"]) == 12
     assert (facts["frames_scored"], facts["frames_in_split"]) == (4, 4)
     assert facts["sensor_groups"]["fog"] == 4 and facts["sensor_groups"]["lidarjitter"] == 2
+    assert facts["inputs"] == {"depth": "HHA"}  # predictions.png titles its depth column so
+    assert (repo / "metrics" / "deliver-all" / "plots" / "sensor.png").is_file()

@@ -390,6 +390,8 @@ def write_outputs(result: EvalResult, out: Path, palette: list[tuple[int, int, i
         written.append(sensor_chart({g: v["mIoU"] for g, v in result.sensor.items()},
                                     provenance["sensor_groups"], plots / "sensor.png", note))
     if result.examples:
+        titles = {m: f"{m} ({kind})" for m, kind in
+                  ((provenance or {}).get("inputs") or {}).items()}
         written.append(predictions_grid(result.examples, result.modalities, palette,
-                                        result.classes, plots / "predictions.png"))
+                                        result.classes, plots / "predictions.png", titles))
     return written

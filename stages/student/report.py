@@ -101,11 +101,12 @@ def _wrap_id(sample_id: str, width: int = 18) -> str:
 
 
 def predictions_figure(examples: list[dict[str, Any]], modalities: list[str],
-                       palette: list[tuple[int, int, int]], classes: list[str]) -> Figure:
+                       palette: list[tuple[int, int, int]], classes: list[str],
+                       titles: dict[str, str] | None = None) -> Figure:
     """One row per sample (its id and weather / failure case on the left): every input
     modality, the ground truth and the prediction under titled columns, and a legend of the
     colours of the classes that appear in the drawn labels and predictions."""
-    columns = [*modalities, "ground truth", "prediction"]
+    columns = [*((titles or {}).get(m, m) for m in modalities), "ground truth", "prediction"]
     h, w = examples[0]["label"].shape
     tile = min(3.0, max(1.6, w / 100))  # inches per tile
     fig, axes = plt.subplots(len(examples), len(columns), squeeze=False, layout="constrained",
@@ -138,9 +139,9 @@ def predictions_figure(examples: list[dict[str, Any]], modalities: list[str],
 
 def predictions_grid(examples: list[dict[str, Any]], modalities: list[str],
                      palette: list[tuple[int, int, int]], classes: list[str],
-                     path: Path) -> Path:
-    """`predictions_figure` saved as a PNG."""
-    fig = predictions_figure(examples, modalities, palette, classes)
+                     path: Path, titles: dict[str, str] | None = None) -> Path:
+    """`predictions_figure` saved as a PNG (`titles`: column titles, e.g. depth (HHA))."""
+    fig = predictions_figure(examples, modalities, palette, classes, titles)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
