@@ -79,7 +79,7 @@ def test_readme_real_data_flow(tmp_path, monkeypatch):
     assert "computed 12 of 12 rows" in out
     out = sh(repo, REPRO)
     assert ran(out) == {"cache_teacher", "train", "evaluate"}  # no sample / teacher stage
-    assert "computed 0 of 12 rows" in out  # stage one's store, reused
+    assert "cache/deliver.zarr is complete (12 rows, inputs unchanged)" in out  # reused
     report = (repo / "metrics" / "deliver" / "report.md").read_text()
     assert "Checkpoint `runs/deliver/best.pt`" in report and "step 2" in report
     assert "4 of 4 frames scored" in report
