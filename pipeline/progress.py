@@ -70,7 +70,9 @@ class LineProgress:
     def _beat(self) -> None:
         while not self._stop.wait(LINE_EVERY_S / 4):
             with self._lock:
-                if not self.closed and self.clock() - self.last_t >= LINE_EVERY_S:
+                finished = bool(self.total) and self.n >= self.total  # close() says it
+                if not self.closed and not finished and \
+                        self.clock() - self.last_t >= LINE_EVERY_S:
                     self._emit()
 
     def _step(self, n: int) -> int:

@@ -13,8 +13,6 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.layouts import write_deliver
-
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
@@ -43,12 +41,16 @@ def sh(repo, command):
 
 
 def ran(output):
-    return {line.split("'")[1] for line in output.splitlines()
+    return {line.split("'")[1].rsplit(":", 1)[-1] for line in output.splitlines()
             if line.startswith("Running stage")}
 
 
-def test_readme_real_data_flow(tmp_path):
+def test_readme_real_data_flow(tmp_path, monkeypatch):
     from stages.teacher.default_teacher import write_default_teacher
+    from tests import layouts
+
+    monkeypatch.setattr(layouts, "H", 48)  # large enough for MiT's stride-32 stages at
+    monkeypatch.setattr(layouts, "W", 64)  # native size (the evaluation below)
 
     readme = (ROOT / "README.md").read_text()
     for command in (STAGE_ONE, REPRO, EXPERIMENT, EVALUATE):
@@ -61,7 +63,7 @@ def test_readme_real_data_flow(tmp_path):
     for folder in ("configs", "pipelines", "pipeline", "stages"):
         shutil.copytree(ROOT / folder, repo / folder,
                         ignore=shutil.ignore_patterns("__pycache__"))
-    write_deliver(repo / "data" / "DELIVER")
+    layouts.write_deliver(repo / "data" / "DELIVER")
     write_default_teacher(repo / "weights")  # LanguageBind_Image and _Depth, nothing else
     assert sorted(p.name for p in (repo / "weights").iterdir() if p.is_dir()) == \
         ["LanguageBind_Depth", "LanguageBind_Image"]
@@ -77,7 +79,7 @@ def test_readme_real_data_flow(tmp_path):
     assert "computed 12 of 12 rows" in out
     out = sh(repo, REPRO)
     assert ran(out) == {"cache_teacher", "train", "evaluate"}  # no sample / teacher stage
-    assert "computed 0 of 12 rows" in out  # stage one's store, reused
+    assert "cache/deliver.zarr is complete (12 rows, inputs unchanged)" in out  # reused
     report = (repo / "metrics" / "deliver" / "report.md").read_text()
     assert "Checkpoint `runs/deliver/best.pt`" in report and "step 2" in report
     assert "4 of 4 frames scored" in report
@@ -94,3 +96,5 @@ def test_readme_real_data_flow(tmp_path):
     assert len(facts["checkpoint"]["sha256"]) == 12
     assert (facts["frames_scored"], facts["frames_in_split"]) == (4, 4)
     assert facts["sensor_groups"]["fog"] == 4 and facts["sensor_groups"]["lidarjitter"] == 2
+    assert facts["inputs"] == {"depth": "HHA"}  # predictions.png titles its depth column so
+    assert (repo / "metrics" / "deliver-all" / "plots" / "sensor.png").is_file()

@@ -60,3 +60,23 @@ def test_grid_is_written_as_a_png(tmp_path):
     with Image.open(path) as image:
         width, height = image.size
     assert image.format == "PNG" and width > height > 2 * 40
+
+
+def test_zero_iou_and_absent_classes_are_drawn_differently(tmp_path):
+    """A class scored 0 gets a red marker; an absent one (NaN) a grey stub, no marker."""
+    import numpy as np
+    from PIL import Image
+
+    from stages.student.report import per_class_chart, sensor_chart
+
+    def red_pixels(path):
+        rgb = np.asarray(Image.open(path).convert("RGB")).astype(int)
+        return int(((rgb[..., 0] > 180) & (rgb[..., 1] < 90) & (rgb[..., 2] < 60)).sum())
+
+    zero = per_class_chart({"road": 50.0, "car": 0.0}, tmp_path / "zero.png", "protocol x")
+    absent = per_class_chart({"road": 50.0, "car": float("nan")}, tmp_path / "absent.png")
+    assert red_pixels(zero) > 20 and red_pixels(absent) == 0
+    assert not np.array_equal(np.asarray(Image.open(zero)), np.asarray(Image.open(absent)))
+    chart = sensor_chart({"fog": 40.0, "night": 20.0}, {"fog": 4, "night": 2},
+                         tmp_path / "sensor.png", "protocol native")
+    assert Image.open(chart).size[0] > 300

@@ -357,7 +357,12 @@ def write_outputs(result: EvalResult, out: Path, palette: list[tuple[int, int, i
     chart and prediction pictures; with `provenance` (stages.student.provenance) the report
     opens with it and provenance.json records it."""
     from stages.student.provenance import provenance_markdown
-    from stages.student.report import per_class_chart, predictions_grid, subset_chart
+    from stages.student.report import (
+        per_class_chart,
+        predictions_grid,
+        sensor_chart,
+        subset_chart,
+    )
 
     out.mkdir(parents=True, exist_ok=True)
     flat = flat_metrics(result)
@@ -375,12 +380,18 @@ def write_outputs(result: EvalResult, out: Path, palette: list[tuple[int, int, i
     written.append(out / "confusion.npz")
     plots = out / "plots"
     plots.mkdir(exist_ok=True)
+    note = f"protocol {result.protocol}, missing sensors: {result.missing}"
     if result.miss:
         written.append(subset_chart({k: v["mIoU"] for k, v in result.miss.items()},
-                                    plots / "miss.png"))
+                                    plots / "miss.png", note))
     if result.mss is not None:
-        written.append(per_class_chart(result.mss["IoU"], plots / "per_class_iou.png"))
+        written.append(per_class_chart(result.mss["IoU"], plots / "per_class_iou.png", note))
+    if result.sensor and provenance:
+        written.append(sensor_chart({g: v["mIoU"] for g, v in result.sensor.items()},
+                                    provenance["sensor_groups"], plots / "sensor.png", note))
     if result.examples:
+        titles = {m: f"{m} ({kind})" for m, kind in
+                  ((provenance or {}).get("inputs") or {}).items()}
         written.append(predictions_grid(result.examples, result.modalities, palette,
-                                        result.classes, plots / "predictions.png"))
+                                        result.classes, plots / "predictions.png", titles))
     return written

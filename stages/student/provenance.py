@@ -27,13 +27,16 @@ def provenance(checkpoint: Path, step: int | None, dataset: str, root: Path, spl
                mode: str, groups: tuple[str, ...]) -> dict[str, Any]:
     """The facts behind a set of scores, as report.md and provenance.json state them."""
     counts = Counter(g for r in scored.records for g in (r.condition, r.case) if g)
+    first = scored.records[0].files if len(scored) else {}
+    # what a depth column shows: DELIVER-format readers serve HHA from hha/ by default
+    inputs = {m: "HHA" for m, f in first.items() if m == "depth" and "hha" in Path(f).parts}
     present = [g for g in groups if counts.get(g)]
     return {
         "checkpoint": {"path": str(checkpoint), "sha256": sha256_prefix(checkpoint),
                        "step": step},
         "dataset": dataset, "root": str(root), "split": split,
         "frames_scored": len(scored), "frames_in_split": in_split,
-        "protocol": protocol, "missing": missing, "mode": mode,
+        "protocol": protocol, "missing": missing, "mode": mode, "inputs": inputs,
         "sensor_groups": {g: counts.get(g, 0) for g in groups},
         "averaging": {"mIoU": "mean over all classes (absent classes count 0)",
                       "miss.mean_mIoU": "mean over the modality subsets",
