@@ -259,7 +259,7 @@ CASES = [
      ["--modality-branch", "rgb=image"], ["teacher.modality_branch", "branch 'radar'"]),
     ("cache-teacher", {}, ["--modality-branch", "lidar=radar"], ["--modality-branch",
                                                                  "branch 'radar'"]),
-    ("cache-teacher", {"teacher.batch_size": 0}, [], ["teacher.batch_size", ">= 1"]),
+    ("cache-teacher", {"teacher.batch_size": 0}, [], ["teacher.batch_size", "[1, 65536]"]),
     ("cache-teacher", {"teacher.dtype": "bfloat16"}, [], ["teacher.dtype", "float16"]),
     ("cache-teacher", {"teacher.class_prompt": "a photo"}, [], ["teacher.class_prompt", "{}"]),
     ("cache-teacher", {"teacher.root": 3}, [], ["teacher.root must be a string"]),
@@ -269,7 +269,53 @@ CASES = [
     # a dataset given on the command line does not inherit params' root of another one
     ("cache-teacher", {}, ["--dataset", "mcubes"], ["data/MCubeS/multimodal_dataset",
                                                     "does not exist"]),
+    # sizes that would exhaust the memory are bounded where they are read
+    ("cache-teacher", {"teacher.batch_size": 1000000000000}, [],
+     ["teacher.batch_size", "[1, 65536]"]),
+    # an empty value is an error, never the default in disguise
+    ("train", {}, ["--cache", ""], ["--cache is empty"]),
+    ("train", {}, ["--out="], ["--out is empty"]),
+    ("cache-teacher", {}, ["--split", ""], ["--split is empty"]),
+    ("evaluate", {}, ["--out", ""], ["--out is empty"]),
+    ("train", {}, ["--steps", "2", "--epochs", "1"], ["--steps and --epochs", "give one"]),
+    ("train", {}, ["--out", "x" * 300], ["--out", "longer than the filesystem allows"]),
+    ("evaluate", {}, ["--out", "x" * 300], ["--out", "longer than the filesystem allows"]),
 ]
+
+# commands without a params file: (arguments, texts the error must contain)
+FLAG_CASES = [
+    (["make-sample", "--size", "1000000000"], ["--size", "[64, 4096]"]),
+    (["make-sample", "--train", "1000000000"], ["--train", "[0, 100000]"]),
+    (["make-sample", "--val", "-1"], ["--val", "[0, 100000]"]),
+    (["make-sample", "--frames-per-scene", "1000000000"], ["--frames-per-scene"]),
+    (["make-sample", "--workers", "0"], ["--workers", ">= 1"]),
+    (["make-sample", "--workers", "-3"], ["--workers", ">= 1"]),
+    (["make-sample", "--out", ""], ["--out is empty"]),
+    (["cache-info", ""], ["argument 2 is empty"]),
+    (["pack", "--split", ""], ["--split is empty"]),
+]
+
+
+@pytest.mark.parametrize("key,value", [("hidden", 10000000), ("image_size", 100000),
+                                       ("batch_size", 10**9)])
+def test_fit_sizes_are_bounded(key, value, capsys, tmp_path, monkeypatch):
+    """teacher.fit.hidden 10000000 ended in a 41-line allocator traceback."""
+    monkeypatch.chdir(tmp_path)
+    params = params_with(tmp_path, {f"teacher.fit.{key}": value})
+    code, _, err = run_cli(capsys, ["fit-teacher", "--params", params])
+    assert_one_line_error(code, err, f"teacher.fit.{key} must be <=", str(value))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]
+
+
+@pytest.mark.parametrize("case", FLAG_CASES, ids=[" ".join(c[0]) for c in FLAG_CASES])
+def test_bad_flag_is_one_line_naming_it(case, capsys, tmp_path, monkeypatch):
+    args, named = case
+    monkeypatch.chdir(tmp_path)
+    start = time.perf_counter()
+    code, _, err = run_cli(capsys, args)
+    assert_one_line_error(code, err, *named)
+    assert time.perf_counter() - start < 30  # refused, not started (it used to hang)
+    assert list(tmp_path.iterdir()) == []
 
 
 def _case_id(case):
@@ -574,3 +620,107 @@ def test_unpublished_branch_missing_from_the_teacher_folder_is_named(teacher_sam
             "rgb": "image", "depth": "depth", "event": "image", "lidar": "lidar"}})])
     assert_one_line_error(code, err, "LanguageBind_Lidar", "lidar=image", "fit-teacher")
     assert not (out / "zarr.json").exists()
+
+
+# ---------------------------------------------------------------------------------------
+# paths the filesystem refuses, failures outside the input: one line naming what to change
+# ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("command", ["train", "evaluate"])
+def test_out_that_is_or_lies_under_a_file_is_named(command, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    params = params_with(tmp_path, {})
+    afile = tmp_path / "afile.txt"
+    afile.write_text("not a folder")
+    extra = ["--checkpoint", tmp_path / "best.pt"] if command == "evaluate" else []
+    for out, named in ((afile, "is a file, not a folder"),
+                       (afile / "sub", f"({afile} above it)")):
+        code, _, err = run_cli(capsys, [command, "--params", params, *extra, "--out", out])
+        assert_one_line_error(code, err, f"--out {out}", named)
+    assert afile.read_text() == "not a folder"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile.txt", "params.yaml"]
+
+
+def test_label_of_the_wrong_size_is_named(deliver_root):
+    root, _ = deliver_root
+    victim = path(root, "semantic", "semantic")
+    save(victim, np.zeros((12, 16, 3), np.uint8))
+    with pytest.raises(DatasetError) as err:
+        datasets.load("deliver", root, "train")[0]
+    assert f"label {victim} is 16x12" in str(err.value) and "32x24" in str(err.value)
+
+
+def test_teacher_root_that_is_a_file_is_named(teacher_sample, tmp_path, capsys):
+    root, _ = teacher_sample
+    afile = tmp_path / "teacher.txt"
+    afile.write_text("")
+    code, _, err = run_cli(capsys, [
+        "cache-teacher", "--root", root, "--teacher-root", afile, "--out", tmp_path / "c.zarr",
+        "--params", params_with(tmp_path, {})])
+    assert_one_line_error(code, err, f"teacher root {afile}", "is a file, not a folder")
+
+
+@pytest.mark.parametrize("error", [MemoryError(), RuntimeError(
+    "[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: "
+    "you tried to allocate 400000000000 bytes. Error code 12 (Cannot allocate memory)")])
+def test_out_of_memory_names_the_setting_to_lower(error, capsys, tmp_path, monkeypatch):
+    from pipeline.datasets import sample
+
+    def exhausted(*args, **kw):
+        raise error
+    monkeypatch.setattr(sample, "make_sample", exhausted)
+    code, _, err = run_cli(capsys, ["make-sample", "--out", tmp_path / "s"])
+    assert_one_line_error(code, err, "out of memory", "lower --size or --workers")
+
+
+def _cache_teacher_failing_with(monkeypatch, error):
+    from stages.teacher import run
+
+    def failing(*args, **kw):
+        raise error
+    monkeypatch.setattr(run, "cache_teacher", failing)
+
+
+@pytest.mark.parametrize("errno_, named", [
+    (28, ["no space left on the device while writing --out", "free space there",
+          "keeps every finished row"]),
+    (30, ["is on a read-only filesystem", "make it writable", "keeps every finished row"])])
+def test_full_or_read_only_store_names_the_path_and_the_remedy(teacher_sample, tmp_path, capsys,
+                                                               monkeypatch, errno_, named):
+    root, _ = teacher_sample
+    out = tmp_path / "c.zarr"
+    _cache_teacher_failing_with(monkeypatch, OSError(errno_, os.strerror(errno_),
+                                                     str(out / "scene" / "c" / "0")))
+    code, _, err = run_cli(capsys, ["cache-teacher", "--root", root, "--teacher-root",
+                                    root / "teacher", "--out", out,
+                                    "--params", params_with(tmp_path, {})])
+    assert_one_line_error(code, err, str(out / "scene" / "c" / "0"), *named)
+
+
+def test_read_only_store_lock_names_the_store(tmp_path, monkeypatch):
+    from pipeline import runlock
+    from pipeline.store import writer_lock
+
+    def read_only(*args, **kw):
+        raise OSError(30, "Read-only file system", str(tmp_path / "s.zarr" / ".lock"))
+    monkeypatch.setattr(runlock.os, "open", read_only)
+    with pytest.raises(PipelineError) as err:
+        with writer_lock(tmp_path / "s.zarr"):
+            pass
+    assert f"--out {tmp_path / 's.zarr'} is not writable (Read-only file system)" in \
+        str(err.value) and "make it writable" in str(err.value)
+
+
+def test_vanished_dask_scheduler_is_named_with_what_a_rerun_does(teacher_sample, tmp_path,
+                                                                 capsys, monkeypatch):
+    from distributed.comm.core import CommClosedError
+
+    root, _ = teacher_sample
+    _cache_teacher_failing_with(monkeypatch, CommClosedError(
+        "in <TCP (closed) ConnectionPool.gather local=tcp://127.0.0.1:50000 "
+        "remote=tcp://127.0.0.1:8786>: Stream is closed"))
+    code, _, err = run_cli(capsys, ["cache-teacher", "--root", root, "--teacher-root",
+                                    root / "teacher", "--out", tmp_path / "c.zarr",
+                                    "--scheduler", "tcp://127.0.0.1:8786",
+                                    "--params", params_with(tmp_path, {})])
+    assert_one_line_error(code, err, "dask scheduler at tcp://127.0.0.1:8786 went away",
+                          "keeps every finished row", "rerun continues")

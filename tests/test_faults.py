@@ -12,7 +12,7 @@ from stages.student import train as train_module
 from stages.student.train import train
 from tests.tiny_run import TINY_STUDENT, tiny
 
-KW = dict(steps=4, checkpoint_every=2, val_every=0)
+KW = dict(steps=2, checkpoint_every=1, val_every=0)
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +21,9 @@ def straight(sample_cache, tmp_path_factory):
     root, cache = sample_cache
     out = tmp_path_factory.mktemp("straight")
     train(TINY_STUDENT, tiny(root, cache, out, **KW), progress=False)
-    return torch.load(out / "last.pt", weights_only=False)
+    ckpt = torch.load(out / "last.pt", weights_only=False)
+    ckpt["out"] = out
+    return ckpt
 
 
 def assert_same_weights(run, reference):
@@ -100,11 +102,12 @@ def test_full_disk_while_checkpointing_keeps_the_last_checkpoint(sample_cache, s
     assert f"no space left on the disk of {out}" in msg and "needs about" in msg, msg
     assert "\n" not in msg
     assert not [p for p in out.iterdir() if ".tmp" in p.name]
-    assert torch.load(out / "last.pt", weights_only=False)["step"] == 2  # kept intact
-    monkeypatch.undo()  # space freed: --resume ends where an uninterrupted run ends
-    summary = train(TINY_STUDENT, tiny(root, cache, out, **KW), progress=False, resume=True)
-    assert summary["start"] == 2
-    assert_same_weights(out, straight)
+    assert torch.load(out / "last.pt", weights_only=False)["step"] == 1  # kept intact
+    if how == "fails mid-write":  # space freed: --resume ends where an uninterrupted run ends
+        monkeypatch.undo()
+        summary = train(TINY_STUDENT, tiny(root, cache, out, **KW), progress=False, resume=True)
+        assert summary["start"] == 1
+        assert_same_weights(out, straight)
 
 
 def test_disk_full_is_recognised_through_wrappers():
@@ -140,3 +143,32 @@ def test_full_disk_while_packing_is_one_line_and_leaves_no_file(deliver_root, tm
     assert_one_line_error(code, err, f"no space left on the disk of {out.parent}",
                           "needs about")
     assert not out.parent.exists() or list(out.parent.iterdir()) == []
+
+
+def test_resume_with_other_settings_names_them(sample_cache, straight, tmp_path):
+    import shutil
+    from dataclasses import replace
+
+    root, cache = sample_cache
+    out = tmp_path / "run"
+    shutil.copytree(straight["out"], out)
+    other = replace(TINY_STUDENT, embed_dim=16)
+    with pytest.raises(PipelineError) as err:
+        train(other, tiny(root, cache, out, **{**KW, "steps": 3, "lr": 1e-3}), progress=False,
+              resume=True)
+    msg = str(err.value)
+    assert "student.embed_dim (32 in the checkpoint, 16 now)" in msg, msg
+    assert "train.lr (0.002 in the checkpoint, 0.001 now)" in msg, msg
+    assert "train.steps" in msg and "\n" not in msg
+
+
+def test_evaluate_out_inside_the_data_set_is_refused(sample_cache, straight, capsys):
+    from tests.test_bad_input import assert_one_line_error, run_cli
+
+    root, _ = sample_cache
+    before = sorted(root.rglob("*"))
+    for out in (root, root / "metrics"):
+        code, _, err = run_cli(capsys, ["evaluate", "--checkpoint", straight["out"] / "best.pt",
+                                        "--root", root, "--out", out, "--device", "cpu"])
+        assert_one_line_error(code, err, f"--out {out} is inside the data set root {root}")
+    assert sorted(root.rglob("*")) == before
