@@ -46,7 +46,7 @@ class Setup:
     pipeline: Path  # dvc.yaml
     params_path: Path
     params: dict[str, Any]
-    rows: dict[str, dict[str, Any]]  # row -> overrides (baseline first)
+    rows: dict[str, dict[str, Any]]  # row -> its own overrides (baseline first)
     seeds: list[int]
     metrics: list[tuple[str, str]]  # (file stem, key)
     metric_files: dict[str, str]  # stem -> path relative to the repository root
@@ -61,7 +61,8 @@ class Setup:
         return [(row, seed) for seed in self.seeds for row in self.rows]
 
     def overrides(self, row: str, seed: int) -> dict[str, Any]:
-        return {**self.rows[row], "train.seed": seed}
+        """What the run sets: the -S overrides, the row's own and its seed."""
+        return {**self.extra, **self.rows[row], "train.seed": seed}
 
     @property
     def out(self) -> Path:
@@ -125,7 +126,7 @@ def prepare(plan_name: str, seeds: int, rows: str | None, sets: list[str] | tupl
     extra = parse_set(sets)
     selected = [r.strip() for r in rows.split(",") if r.strip()] if rows else []
     checked = check_rows(plan, selected, extra, params, stage_params(spec), rel_params)
-    _check_values(checked, params, rel_params)
+    _check_values({r: {**extra, **o} for r, o in checked.items()}, params, rel_params)
     wanted = list(HEADLINE.items())
     for name in metrics:
         stem, dot, key = name.partition(".")
@@ -146,7 +147,6 @@ def prepare(plan_name: str, seeds: int, rows: str | None, sets: list[str] | tupl
     if not isinstance(base_seed, int) or isinstance(base_seed, bool):
         raise PipelineError(f"{rel_params}: train.seed must be an integer, got {base_seed!r}")
     extra.pop("train.seed", None)
-    checked = {r: {k: v for k, v in o.items() if k != "train.seed"} for r, o in checked.items()}
     return Setup(plan, root, dvc_yaml, params_path, params, checked,
                  [base_seed + i for i in range(seeds)], wanted, files, extra=extra)
 
@@ -241,7 +241,7 @@ def run_params(setup: Setup, commit: str) -> dict[str, Any]:
 def check_finished(setup: Setup, name: str, commit: str, row: str, seed: int) -> None:
     """A finished run of that name must have the params this row asks for."""
     recorded = run_params(setup, commit)
-    for key, value in {**setup.extra, **setup.overrides(row, seed)}.items():
+    for key, value in setup.overrides(row, seed).items():
         found, have = lookup(recorded, key)
         if not found or have != value:
             raise PipelineError(f"experiment {name!r} exists with {key}={have!r}, the plan "
@@ -276,7 +276,7 @@ def run_one(setup: Setup, row: str, seed: int, gpu: str | None, log_dir: Path) -
     cmd = [_dvc_bin(), "--wait-for-lock", "exp", "run", "--temp", "--name", name]
     if _git(setup.root, "ls-files", _rel(setup, lock)).strip() == "":
         cmd += ["-C", _rel(setup, lock)]  # untracked: copy the record of stage one in
-    cmd += _set_args(setup, {**setup.extra, **setup.overrides(row, seed)})
+    cmd += _set_args(setup, setup.overrides(row, seed))
     if setup.pipeline.parent != setup.root:
         cmd.append(_rel(setup, setup.pipeline))
     env = dict(os.environ)

@@ -145,7 +145,7 @@ def check_rows(plan: Plan, selected: list[str], extra: dict[str, Any], params: d
     """Every selected row's overrides (with `extra`, the command line's -S, added), checked
     against params.yaml and the pipeline: keys that exist, that only the student stages
     read (stage one never reruns), and rows that really differ from the baseline and from
-    each other. Returns {row: overrides} for the selected rows, baseline first."""
+    each other. Returns {row: its own overrides} for the selected rows, baseline first."""
     where = plan.path
     unknown_rows = [r for r in selected if r not in plan.rows]
     if unknown_rows:
@@ -177,6 +177,9 @@ def check_rows(plan: Plan, selected: list[str], extra: dict[str, Any], params: d
     for row in names:
         overrides = plan.rows[row]
         for key in overrides:
+            if key == "train.seed":
+                raise PipelineError(f"{where}: row {row!r} sets train.seed; the seeds come "
+                                    "from --seeds (train.seed, train.seed + 1, ...)")
             check_key(key, f"{where}: row {row!r}")
             if key in extra:
                 raise PipelineError(f"-S {key} conflicts with row {row!r} of {where}, which "
@@ -191,5 +194,5 @@ def check_rows(plan: Plan, selected: list[str], extra: dict[str, Any], params: d
             raise PipelineError(f"{where}: row {row!r} sets the same values as row "
                                 f"{seen[signature]!r}; drop one of them")
         seen[signature] = row
-        out[row] = {**extra, **overrides}
+        out[row] = dict(overrides)
     return out

@@ -79,6 +79,8 @@ BAD_PLANS = {
     "a stage-one key": ({"baseline": "full", "rows": {"full": {}, "x": {"teacher.dtype":
                                                                         "float32"}}},
                         "'teacher.dtype' cannot be ablated (stage 'cache_teacher' reads it)"),
+    "a seed in a row": ({"baseline": "full", "rows": {"full": {}, "x": {"train.seed": 1}}},
+                        "row 'x' sets train.seed; the seeds come from --seeds"),
     "value out of range": ({"baseline": "full", "rows": {"full": {}, "x": {"train.crop": 7}}},
                            "row 'x': params.yaml: train.crop must be an integer >= 29"),
 }
@@ -117,7 +119,7 @@ TINY = ("-S", "train.steps=2", "-S", "eval.limit=1")
 
 @pytest.fixture(scope="session")
 def ablated(tmp_path_factory):
-    """A tiny pipeline reproduced once (dvc.lock left uncommitted, as after `make demo`),
+    """A tiny pipeline whose stage one ran (dvc.lock left uncommitted, as after `make demo`),
     then `pipeline ablate table5 --rows ce-only --seeds 2` killed after its first run and
     rerun. Returns (repo, outputs of both ablate calls, the workspace before)."""
     import shutil
@@ -140,9 +142,13 @@ def ablated(tmp_path_factory):
     run(repo, "git", "init", "-q")
     run(repo, "git", "add", "-A")
     run(repo, "git", "commit", "-qm", "tiny pipeline")
-    run(repo, "dvc", "repro")
-    before = {p: p.read_bytes() for p in sorted((repo / "metrics").rglob("*")) if p.is_file()}
-    before.update({p: p.read_bytes() for p in sorted((repo / "runs").rglob("*.pt"))})
+    run(repo, "dvc", "repro", "cache_teacher")  # stage one only: the runs train the rest
+    before = {}
+    for rel in ("metrics/mss.json", "metrics/report.md", "runs/sample/best.pt"):
+        path = repo / rel  # the workspace's own results: no run may overwrite them
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"the workspace's own " + rel.encode())
+        before[path] = path.read_bytes()
     store = repo / "cache" / "sample.zarr" / "zarr.json"
     mtime = store.stat().st_mtime_ns
     cmd = [sys.executable, "-m", "pipeline", "ablate", "table5", "--rows", "ce-only",
