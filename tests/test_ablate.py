@@ -256,3 +256,15 @@ def test_report_rerenders_without_training(ablated):
     assert again.returncode == 0, again.stderr
     assert "to run" not in again.stdout
     assert (repo / "ablations" / "table5" / "report.md").read_text() == md
+
+
+@pytest_slow
+def test_the_compact_exp_show_of_the_readme_has_the_baseline_and_headline_metrics(ablated):
+    readme = (ROOT / "README.md").read_text()
+    keep = readme.split("dvc exp show --drop '.*' --keep '", 1)[1].split("'", 1)[0]
+    csv = run(ablated["repo"], "dvc", "exp", "show", "--csv", "--drop", ".*", "--keep", keep)
+    header, *lines = [line.split(",") for line in csv.splitlines() if line.strip()]
+    assert {"mIoU", "mean_mIoU", "mean_of_groups_mIoU", "train.loss.w_cr"} <= set(header)
+    rows = {line[header.index("Experiment")]: line for line in lines}
+    base = rows["table5-full-s3407"]
+    assert float(base[header.index("mIoU")]) >= 0 and len(header) < 16
