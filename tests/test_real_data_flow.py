@@ -25,7 +25,8 @@ EVALUATE = ("pipeline evaluate --checkpoint runs/deliver/best.pt --params "
             "--out metrics/deliver-all")
 TINY = {"student": {"backbone": "mit_b0", "pretrained": None, "embed_dim": 16},
         "train": {"epochs": None, "steps": 2, "batch_size": 2, "crop": 32, "workers": 0,
-                  "val_every": 0, "val_limit": 1, "checkpoint_every": 2},
+                  "val_every": 0, "val_limit": 1, "val_protocol": "native",
+                  "checkpoint_every": 2},
         "eval": {"protocol": "native", "examples": 1}}
 
 

@@ -52,6 +52,7 @@ from stages.student.losses import (
     supervised,
 )
 from stages.student.model import StudentConfig, build_student
+from stages.student.protocol import PROTOCOLS
 
 CHECKPOINT_VERSION = 2  # 2: meta["cache"] holds the teacher cache's fingerprints
 
@@ -84,6 +85,7 @@ class TrainConfig:
     loss: dict[str, Any] = field(default_factory=dict)
     val_every: int = 0  # 0: only after the last step
     val_limit: int | None = None  # None: the whole val split
+    val_protocol: str | None = None  # None: the dataset's own, as `pipeline evaluate` scores
     checkpoint_every: int = 50  # as params.yaml
     device: str = "auto"
     skip_bad: bool = False
@@ -161,6 +163,8 @@ class TrainConfig:
         if self.val_limit is not None:
             w.integer("val_limit", self.val_limit, 1,
                       why="leave it unset (null) for the whole val split")
+        if self.val_protocol is not None:
+            w.one_of("val_protocol", self.val_protocol, PROTOCOLS)
         w.integer("checkpoint_every", self.checkpoint_every, 1)
         w.integer("nproc", self.nproc, 1, why="processes (GPUs) on this machine")
         w.one_of("dtype", self.dtype, ("float32", "float64"))
@@ -533,7 +537,8 @@ def _train(student: StudentConfig, cfg: TrainConfig, progress: bool,
         pin_memory=device.startswith("cuda"), generator=torch.Generator().manual_seed(cfg.seed),
         prefetch_factor=cfg.prefetch_factor if cfg.workers else None)
     val_loader = evaluation_loader(val_set, modalities, world, cfg.workers,
-                                   cfg.persistent_workers, cfg.prefetch_factor)
+                                   cfg.persistent_workers, cfg.prefetch_factor,
+                                   protocol=cfg.val_protocol)
 
     from dvclive import Live
 
@@ -615,7 +620,8 @@ def _train(student: StudentConfig, cfg: TrainConfig, progress: bool,
         if (cfg.val_every and done % cfg.val_every == 0) or done == steps:
             model.eval()
             val_miou = evaluate(model, val_set, ("mss",), device=device, world=world,
-                                loader=val_loader, progress=progress).mss["mIoU"]
+                                loader=val_loader, progress=progress,
+                                protocol=cfg.val_protocol).mss["mIoU"]
             model.train()
             live.log_metric("val/mIoU", val_miou)
             if not math.isnan(val_miou) and val_miou > best:
