@@ -519,6 +519,11 @@ def _ddp_steps(s: dict[str, Any], device: str, world: Any, ddp: bool
                ) -> tuple[list[float], torch.Tensor]:
     from stages.student import distributed
 
+    # float32 without TF32, deterministic kernels: the plain and the torchrun process
+    # then differ only where DDP / SyncBatchNorm compute differently
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+
     # the fuse layer's BatchNorm is what SyncBatchNorm replaces; dropout keyed
     model = student(s["backbone"], s["embed_dim"], variant="author").to(device)
     if device.startswith("cuda"):
@@ -539,12 +544,13 @@ def _torchrun_vs_plain(ctx: Context) -> dict[str, Any]:
     from stages.student.distributed import World
 
     s = ctx.sizes["student"]
-    tf32 = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    flags = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
+             torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
     try:
         plain_losses, plain = _ddp_steps(s, ctx.device, World(device=ctx.device), ddp=False)
     finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+        (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
+         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark) = flags
     out = ctx.scratch / "ddp.json"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]),
                                                         *sys.path]),
@@ -567,12 +573,16 @@ def _torchrun_vs_plain(ctx: Context) -> dict[str, Any]:
                    zip(plain_losses, got["losses"], strict=True))
     # one rank: DDP's all-reduce of one gradient and SyncBatchNorm's one-rank statistics
     # are exact, so only kernel non-determinism separates the runs (float32, no autocast)
-    ok = loss_rel <= 1e-5 and diff <= 1e-5
+    # (AdamW can still turn a last-bit difference of a near-zero gradient into an
+    # lr-sized step: the bound of `agreement`)
+    bound = 2 * 6e-5 * s["ddp_steps"]
+    ok = loss_rel <= 1e-5 and diff <= bound
     result = {"backend": got["backend"], "world_size": got["world_size"],
               "steps": s["ddp_steps"], "batch": s["ddp_batch"], "crop": s["ddp_crop"],
               "dtype": "float32, autocast off", "torchrun_s": round(seconds, 1),
               "losses_plain": plain_losses, "losses_torchrun": got["losses"],
-              "loss_rel": loss_rel, "params_max_abs": diff, "equal": ok}
+              "loss_rel": loss_rel, "params_max_abs": diff, "params_bound": bound,
+              "equal": ok}
     if not ok:
         raise AssertionError(f"torchrun --nproc-per-node 1 differs from the plain run: {result}")
     return result
