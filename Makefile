@@ -53,3 +53,8 @@ demo: $(STAMP)
 
 clean-demo:
 	rm -rf $(SAMPLE) data/sample-teacher cache/sample.zarr runs/sample metrics
+
+# the prepared GPU check (README: Performance); `make gpu-check ARGS="--sections training"`
+.PHONY: gpu-check
+gpu-check: $(STAMP)
+	@$(PY) benchmarks/gpu_check.py $(ARGS)

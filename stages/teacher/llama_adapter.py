@@ -349,9 +349,11 @@ def generate(model: LlamaAdapter, visual_query: torch.Tensor | None, prompts: li
             nxt = sample_top_p(torch.softmax(logits / temperature, dim=-1), top_p, generator)
         else:
             nxt = logits.argmax(-1)
+        # one device -> host copy per step, not two per sample (each a CUDA sync)
+        chosen, ended = nxt.tolist(), finished.tolist()
         for i in range(b):
-            if not finished[i] and int(nxt[i]) != eos_id:
-                out[i].append(int(nxt[i]))
+            if not ended[i] and chosen[i] != eos_id:
+                out[i].append(chosen[i])
         finished |= (nxt == eos_id) | (budget <= step + 1)
         if bool(finished.all()):
             break
