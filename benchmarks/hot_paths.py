@@ -213,7 +213,7 @@ def evaluation(samples: datasets.SampleSequence, backbone: str, variant: str,
                repeats: int) -> dict[str, list[float]]:
     """Per frame at the official 1024 px, black frames for missing sensors, all 15 subsets."""
     from pipeline.metrics import Confusion
-    from stages.student.evaluate import evaluation_loader, infer, subsets
+    from stages.student.evaluate import evaluation_loader, predict, subsets
     from stages.student.model import StudentConfig, build_student
 
     torch.manual_seed(0)
@@ -231,8 +231,7 @@ def evaluation(samples: datasets.SampleSequence, backbone: str, variant: str,
     def project() -> int:
         confusions = [Confusion(25) for _ in masks]
         for b in batches:
-            logits = infer(model, b["images"], mask_t, "whole", filler_cache=filler)
-            preds = logits.argmax(2)
+            preds = predict(model, b["images"], mask_t, "whole", filler_cache=filler)
             for i in range(len(masks)):
                 confusions[i].update(preds[i], b["label"])
         return len(batches)
