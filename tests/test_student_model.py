@@ -255,3 +255,26 @@ def test_predict_is_the_argmax_of_infer(mode):
     logits = infer(model, images, masks, mode, crop=64, stride=32)
     assert torch.equal(predict(model, images, masks, mode, crop=64, stride=32),
                        logits.argmax(2))
+
+
+def test_author_evaluation_runs_the_head_once_per_frame_kind_with_the_same_numbers():
+    """Under `author` with black frames, every subset's logits equal decoding the
+    substituted features (the path every other variant takes), bit for bit."""
+    from stages.student.evaluate import infer
+
+    torch.manual_seed(0)
+    mods = ["rgb", "depth", "event"]
+    model = Any2Seg(build_encoder("mit_b0"), mods, 5, embed_dim=16, missing="black",
+                    mff=MFFConfig(variant="author")).eval()
+    images = torch.randn(2, 3, 3, 64, 70)
+    masks = torch.tensor([[True, False, True], [False, True, False], [True, True, True]])
+    got = infer(model, images, masks)
+    with torch.no_grad():
+        feats = model.encode_all(images)
+        fill = model.encode_all(model.filler(images).expand_as(images[:1]).contiguous())
+        for i, mask in enumerate(masks):
+            f = [torch.where(mask[None, :, None, None, None], a, z.expand_as(a))
+                 for a, z in zip(feats, fill, strict=True)]
+            ref = F.interpolate(model.decode(f, torch.ones(2, 3, dtype=torch.bool)),
+                                size=(64, 70), mode="bilinear", align_corners=False)
+            assert torch.equal(got[i], ref)
