@@ -25,7 +25,7 @@ _LIBPNG_SAME = {(8, 0), (8, 2), (8, 4), (8, 6), (16, 0)}
 
 
 def _libpng(data: bytes) -> np.ndarray | None:
-    """`torchvision.io.decode_png` (libpng, the official DELIVER loader's decoder; 1.1-1.6x
+    """`torchvision.io.decode_png` (libpng, the official DELIVER loader's decoder; ~1.2x
     faster than PIL on 1042 px frames, benchmarks/hot_paths.py) where it returns the array
     PIL returns; None where PIL should decode (other kinds, or anything libpng refuses,
     so that a damaged file gets PIL's error)."""

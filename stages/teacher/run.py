@@ -653,7 +653,8 @@ def _run_local(cfg: TeacherConfig, samples: SampleSequence, spec: StoreSpec,
 
 def decode_threads(cfg: TeacherConfig) -> int:
     """Decode workers: `teacher.decode_workers`, or 0 for one per CPU core (at least
-    4). Threads: libpng, PIL's decoders and the torch resizes release the GIL."""
+    4). Threads: PIL's decoders, torch's resizes and its operator calls (libpng's
+    `decode_png`) release the GIL."""
     return cfg.decode_workers or max(4, os.cpu_count() or 1)
 
 
