@@ -549,7 +549,15 @@ def cache_teacher_cmd(dataset: str | None, root: Path | None, split: str | None,
                                               (report.repaired_rows, "repaired")) if n]
         click.echo(f"{report.out}: computed {report.computed_rows} of {report.rows} rows "
                    f"({', '.join(why) or 'none'}) in {report.seconds:.1f} s "
-                   f"({report.samples_per_s:.1f} samples/s)")
+                   f"({report.samples_per_s:.1f} samples/s)" + _waited(report.as_dict()))
+
+
+def _waited(run: dict[str, Any] | None) -> str:
+    """'; the model waited 12% of the loop for decoding (4 decode workers)', or ''."""
+    if not run or not run.get("decode_workers"):
+        return ""
+    return (f"; the model waited {100 * run['model_waited']:.0f}% of the loop for decoding "
+            f"({run['decode_workers']} decode workers)")
 
 
 @cli.command("fit-teacher", context_settings=CONTEXT)
@@ -618,6 +626,10 @@ def cache_info_cmd(path: Path, as_json: bool) -> None:
     click.echo(f"size {info['size_bytes'] / 1e6:.2f} MB in {info['files']} files, "
                f"{info['rows_per_shard']} rows per shard, schema v{info['schema_version']}, "
                f"updated {info['updated']}")
+    if info.get("last_run"):
+        run = info["last_run"]
+        click.echo(f"last run: {run['rows']} rows, model busy {100 * run['model_busy']:.0f}%"
+                   + _waited(run))
     skipped = f", {info['skipped']} samples skipped as bad" if info["skipped"] else ""
     click.echo(f"dataset fingerprint {info['dataset_fingerprint']} (sample list "
                f"{info['sample_list_fingerprint']}{skipped}); every chunk checksum verified")

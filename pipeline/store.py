@@ -620,6 +620,7 @@ def describe(path: Path | str, captions: int = 3) -> dict[str, Any]:
         "dataset_fingerprint": cache.dataset_fingerprint,
         "teacher_fingerprint": cache.teacher_fingerprint,
         "created": cache.attrs.get("created"), "updated": cache.attrs.get("updated"),
+        "last_run": cache.attrs.get("last_run"),  # throughput of the last build or update
         "size_bytes": sum(p.stat().st_size for p in files), "files": len(files),
         "captions": {cache.ids[i]: t for i, t in zip(first, texts, strict=True)},
         **({"dense": dense_summary(cache)} if cache.dense is not None else {}),

@@ -186,6 +186,9 @@ def test_cli_cache_teacher_and_cache_info(teacher_sample, tmp_path, capsys, monk
     assert code == 0, err
     report = json.loads(out)
     assert report["computed_rows"] == 12 and report["out"] == "cache/sample.zarr"
+    # the model's time splits into computing and waiting for the decode pool
+    assert report["decode_workers"] >= 4 and 0 < report["model_waited"] < 1
+    assert report["model_busy"] + report["model_waited"] <= 1
     code, out, _ = run("cache-teacher", "--split", "val")
     assert code == 0 and "complete (12 rows, inputs unchanged); nothing to do" in out
     code, out, _ = run("cache-info", "cache/sample.zarr", "--json")
@@ -194,6 +197,8 @@ def test_cli_cache_teacher_and_cache_info(teacher_sample, tmp_path, capsys, monk
     assert len(info["captions"]) == 3
     code, out, _ = run("cache-info", "cache/sample.zarr")
     assert code == 0 and "12/12 rows done" in out and "teacher fingerprint" in out
+    assert f"last run: 12 rows, model busy {100 * report['model_busy']:.0f}%" in out
+    assert f"the model waited {100 * report['model_waited']:.0f}% of the loop" in out
     code, _, err = run("cache-teacher", "--split", "val", "--modality-branch", "lidar")
     assert code == 2 and "NAME=VALUE" in err and err.count("\n") == 1
     code, _, err = run("cache-info", "nowhere.zarr")

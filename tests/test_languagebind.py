@@ -236,3 +236,31 @@ def test_float_images_enter_the_image_branch_over_their_value_range():
     sample = Sample(id="x", modalities={"aolp": aolp}, label=np.zeros((6, 8), np.int64),
                     ranges={"aolp": (-1.0, 1.0)})
     np.testing.assert_allclose(model_input(sample, "aolp", "image"), (aolp + 1) / 2, atol=1e-6)
+
+
+def test_image_preprocessing_is_languagebinds_torchvision_transform():
+    """LanguageBind's image processor: ToTensor, Resize(224, BICUBIC) on the tensor
+    (antialiased), CenterCrop(224), Normalize(OpenAI mean/std); bit for bit, down- and
+    upscaling, odd crop offsets."""
+    tv = pytest.importorskip("torchvision.transforms")
+    transform = tv.Compose([tv.ToTensor(), tv.Resize(224, tv.InterpolationMode.BICUBIC),
+                            tv.CenterCrop(224), tv.Normalize(OPENAI_MEAN, OPENAI_STD)])
+    for size in ((300, 451), (131, 90), (224, 224)):
+        img = np.random.default_rng(sum(size)).integers(0, 256, (*size, 3), dtype=np.uint8)
+        torch.testing.assert_close(preprocess_image(img), transform(img), rtol=0, atol=0)
+
+
+def test_depth_preprocessing_is_the_transform_of_the_repeated_depth_map():
+    """LanguageBind's depth processor: DepthNorm (mm -> m, clip 0.01..max_depth, / max),
+    repeat to 3 channels, then Resize / CenterCrop / Normalize; resizing one channel and
+    broadcasting must give the same numbers bit for bit."""
+    tv = pytest.importorskip("torchvision.transforms")
+    transform = tv.Compose([tv.Resize(224, tv.InterpolationMode.BICUBIC), tv.CenterCrop(224),
+                            tv.Normalize(OPENAI_MEAN, OPENAI_STD)])
+    mm = np.random.default_rng(5).integers(0, 30000, (150, 201)).astype(np.uint16)
+    metres = torch.from_numpy(mm.astype(np.float32)) / 1000.0
+    for max_depth in (10.0, 0.0):
+        d = metres.clamp(min=0.01)
+        d = d.clamp(max=max_depth) / max_depth if max_depth else d / d.max()
+        torch.testing.assert_close(preprocess_depth(mm, max_depth), transform(
+            d[None].repeat(3, 1, 1)), rtol=0, atol=0)

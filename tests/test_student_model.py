@@ -215,3 +215,66 @@ def test_black_missing_feeds_black_frames_and_evaluation_caches_them():
         torch.testing.assert_close(got[i], ref, rtol=1e-4, atol=1e-4)
     model.missing = "zero-fill"  # grey, not black, for RGB: other logits
     assert not torch.allclose(infer(model, images, masks), got, atol=1e-4)
+
+
+@pytest.mark.parametrize("variant", ["pixel", "author"])
+def test_all_present_step_uses_the_encoder_features_without_copies(variant):
+    """With nothing absent the features are the encoder's own tensors (no zeros tensor, no
+    scatter) and every output equals the gather / scatter path's."""
+    torch.manual_seed(0)
+    model = Any2Seg(build_encoder("mit_b0"), ["rgb", "depth", "event"], 5, embed_dim=16,
+                    mff=MFFConfig(variant=variant)).eval()
+    x = torch.randn(2, 3, 3, 64, 64)
+    present = torch.ones(2, 3, dtype=torch.bool)
+    stages = model.encoder(x.flatten(0, 1))
+    model.encoder.forward = lambda _: stages  # the features the forward pass receives
+    out = model(x, present)
+    assert [f.data_ptr() for f in out.feats] == [s.data_ptr() for s in stages]
+    keep = present.flatten().nonzero().squeeze(1)
+    scattered = []
+    for f in stages:  # what the general path builds
+        full = f.new_zeros((6, *f.shape[1:]))
+        full[keep] = f
+        scattered.append(full.view(2, 3, *f.shape[1:]))
+    if variant == "author":
+        head = model.head([f.flatten(0, 1)[keep] for f in scattered])
+        assert torch.equal(model.modality_logits(scattered, present), head.view(2, 3, 5, 16, 16))
+    assert torch.equal(out.logits, model.fuse(scattered, present)[0])
+
+
+@pytest.mark.parametrize("mode", ["whole", "slide"])
+def test_predict_is_the_argmax_of_infer(mode):
+    """Scoring each subset as soon as it is decoded gives infer's classes exactly."""
+    from stages.student.evaluate import infer, predict
+
+    torch.manual_seed(0)
+    model = Any2Seg(build_encoder("mit_b0"), ["rgb", "depth"], 5, embed_dim=16,
+                    missing="black").eval()
+    images = torch.randn(1, 2, 3, 64, 96)
+    masks = torch.tensor([[True, False], [False, True], [True, True]])
+    logits = infer(model, images, masks, mode, crop=64, stride=32)
+    assert torch.equal(predict(model, images, masks, mode, crop=64, stride=32),
+                       logits.argmax(2))
+
+
+def test_author_evaluation_runs_the_head_once_per_frame_kind_with_the_same_numbers():
+    """Under `author` with black frames, every subset's logits equal decoding the
+    substituted features (the path every other variant takes), bit for bit."""
+    from stages.student.evaluate import infer
+
+    torch.manual_seed(0)
+    mods = ["rgb", "depth", "event"]
+    model = Any2Seg(build_encoder("mit_b0"), mods, 5, embed_dim=16, missing="black",
+                    mff=MFFConfig(variant="author")).eval()
+    images = torch.randn(2, 3, 3, 64, 70)
+    masks = torch.tensor([[True, False, True], [False, True, False], [True, True, True]])
+    got = infer(model, images, masks)
+    with torch.no_grad():
+        feats = model.encode_all(images)
+        fill = model.encode_all(model.filler(images).expand_as(images[:1]).contiguous())
+        for i, mask in enumerate(masks):
+            f = [torch.where(mask[None, :, None, None, None], a, z.expand_as(a))
+                 for a, z in zip(feats, fill, strict=True)]
+            ref = F.interpolate(model.decode(f, torch.ones(2, 3, dtype=torch.bool)),
+                                size=(64, 70), mode="bilinear", align_corners=False)
+            assert torch.equal(got[i], ref)

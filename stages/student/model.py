@@ -90,8 +90,12 @@ class Any2Seg(nn.Module):
         """The shared head on every present modality alone: (B, M, K, H/4, W/4), zeros
         for absent ones."""
         b, m = present.shape
-        keep = present.flatten().nonzero().squeeze(1)
         keys = current()  # the head sees (sample, modality) rows, as the encoder does
+        if bool(present.all()):  # nothing absent: no gather, no scatter into zeros
+            with using(None if keys is None else row_keys(keys, m)):
+                out = self.head([f.flatten(0, 1) for f in feats])
+            return out.view(b, m, *out.shape[1:])
+        keep = present.flatten().nonzero().squeeze(1)
         with using(None if keys is None else row_keys(keys, m)[keep]):
             out = self.head([f.flatten(0, 1)[keep] for f in feats])
         full = out.new_zeros((b * m, *out.shape[1:]))
@@ -109,8 +113,14 @@ class Any2Seg(nn.Module):
             images = torch.where(present[:, :, None, None, None], images, self.filler(images))
             present = torch.ones_like(present)
         flat = images.flatten(0, 1)
-        keep = present.flatten().nonzero().squeeze(1)
         keys = current()  # per-sample noise keys (training): per (sample, modality) rows
+        if bool(present.all()):  # nothing absent: the encoder's features as they are
+            with using(None if keys is None else row_keys(keys, m)):
+                stages = self.encoder(flat)
+            feats = [f.view(b, m, *f.shape[1:]) for f in stages]
+            logits, fused, decoded = self.fuse(feats, present)
+            return StudentOutput(logits, feats, fused, present, decoded)
+        keep = present.flatten().nonzero().squeeze(1)
         with using(None if keys is None else row_keys(keys, m)[keep]):
             stages = self.encoder(flat[keep])
         feats = []

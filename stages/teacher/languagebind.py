@@ -181,7 +181,8 @@ def load_clip(folder: Path) -> tuple[CLIPModel, dict[str, Any]]:
 # ---------------------------------------------------------------------------------------
 def _resize_crop_normalise(x: torch.Tensor, size: int) -> torch.Tensor:
     """(3, H, W) float in 0..1 -> resize short side (bicubic, antialiased), centre crop,
-    OpenAI mean/std."""
+    OpenAI mean/std. A (1, H, W) image stands for its three equal channels: each channel
+    is resized alone, so resizing one and broadcasting gives the same numbers."""
     _, h, w = x.shape
     short, long = (h, w) if h <= w else (w, h)
     new_short, new_long = size, int(size * long / short)
@@ -204,9 +205,11 @@ def preprocess_image(img: np.ndarray, size: int = 224) -> torch.Tensor:
             img.dtype == np.uint8 or np.issubdtype(img.dtype, np.floating)):
         raise ValueError(f"expected H x W x 3 uint8 or float in [0, 1], got {img.shape} "
                          f"{img.dtype}")
-    x = torch.tensor(img).permute(2, 0, 1)
-    x = x.float() / 255.0 if img.dtype == np.uint8 else x.float()
-    return _resize_crop_normalise(x, size)
+    # one float copy of the H x W x 3 image (the official `ToTensor`'s x / 255 in float32,
+    # value for value), viewed as (3, H, W): the resize reads it in place
+    x = torch.from_numpy(np.ascontiguousarray(img))
+    x = x.float().div_(255.0) if img.dtype == np.uint8 else x.float()
+    return _resize_crop_normalise(x.permute(2, 0, 1), size)
 
 
 def preprocess_depth(depth_mm: np.ndarray, max_depth: float = 10.0,
@@ -216,13 +219,13 @@ def preprocess_depth(depth_mm: np.ndarray, max_depth: float = 10.0,
     when `max_depth` is 0), repeat to 3 channels, then resize/crop/normalise."""
     if depth_mm.ndim != 2:
         raise ValueError(f"expected an H x W depth map, got shape {depth_mm.shape}")
-    d = torch.from_numpy(depth_mm.astype(np.float32)) / 1000.0
-    d = d.clamp(min=0.01)
+    d = torch.from_numpy(depth_mm.astype(np.float32)).div_(1000.0)  # in place: one copy
+    d = d.clamp_(min=0.01)
     if max_depth:
-        d = d.clamp(max=max_depth) / max_depth
+        d = d.clamp_(max=max_depth).div_(max_depth)
     else:
-        d = d / d.max()
-    return _resize_crop_normalise(d[None].repeat(3, 1, 1), size)
+        d = d.div_(d.max())
+    return _resize_crop_normalise(d[None], size)  # the 3 repeated channels, resized once
 
 
 # ---------------------------------------------------------------------------------------

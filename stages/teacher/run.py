@@ -465,6 +465,8 @@ class RunReport:
     status: str
     samples_per_s: float = 0.0
     model_busy: float = 0.0
+    model_waited: float = 0.0  # share of the loop the model waited for decoded samples
+    decode_workers: int = 0
     new_rows: int = 0  # never computed before (or interrupted)
     changed_rows: int = 0  # recomputed because their files changed
     repaired_rows: int = 0  # recomputed because their chunks were damaged
@@ -625,8 +627,10 @@ def _repair_static(worker: ShardWorker | None, writer: CacheWriter, spec: StoreS
 
 
 def _prefetch(worker: ShardWorker, jobs: list[ShardJob], pool: ThreadPoolExecutor,
-              depth: int = 2) -> Iterator[tuple[ShardJob, list[Prepared]]]:
-    """Yield (job, prepared samples) while the next `depth` jobs decode in `pool`."""
+              depth: int = 2, waited: list[float] | None = None
+              ) -> Iterator[tuple[ShardJob, list[Prepared]]]:
+    """Yield (job, prepared samples) while the next `depth` jobs decode in `pool`;
+    `waited[0]` sums the seconds the caller (the model) waited for decoded samples."""
     queue: list[tuple[ShardJob, list[Future[Prepared]]]] = []
     it = iter(jobs)
 
@@ -640,7 +644,11 @@ def _prefetch(worker: ShardWorker, jobs: list[ShardJob], pool: ThreadPoolExecuto
     while queue:
         job, futures = queue.pop(0)
         submit()
-        yield job, [f.result() for f in futures]
+        start = time.perf_counter()
+        prepared = [f.result() for f in futures]
+        if waited is not None:
+            waited[0] += time.perf_counter() - start
+        yield job, prepared
 
 
 def _run_local(cfg: TeacherConfig, samples: SampleSequence, spec: StoreSpec,
@@ -658,17 +666,36 @@ def _run_local(cfg: TeacherConfig, samples: SampleSequence, spec: StoreSpec,
     total = sum(len(j.write) for j in jobs)
     done_rows = 0
     loop_start = time.perf_counter()
-    threads = cfg.decode_workers or max(4, os.cpu_count() or 1)
+    threads = decode_threads(cfg)
+    waited = [0.0]
     with ThreadPoolExecutor(threads) as pool:
-        for job, prepared in _prefetch(worker, jobs, pool):
+        for job, prepared in _prefetch(worker, jobs, pool, waited=waited):
             run_job(worker, writer, job, prepared)
             done_rows += len(job.write)
             if progress:
                 progress(done_rows, total)
-    writer.touch()
     loop = time.perf_counter() - loop_start
-    return RunReport(str(out), writer.n, done_rows, len(jobs), 0.0, worker.model_seconds,
-                     "written", model_busy=worker.model_seconds / loop if loop else 0.0)
+    report = RunReport(str(out), writer.n, done_rows, len(jobs), 0.0, worker.model_seconds,
+                       "written", model_busy=worker.model_seconds / loop if loop else 0.0,
+                       model_waited=waited[0] / loop if loop else 0.0, decode_workers=threads)
+    writer.touch()
+    record_run(writer, report)
+    return report
+
+
+def decode_threads(cfg: TeacherConfig) -> int:
+    """Decode workers: `teacher.decode_workers`, or 0 for one per CPU core (at least
+    4). Threads: PIL's decoders, torch's resizes and its operator calls (libpng's
+    `decode_png`) release the GIL."""
+    return cfg.decode_workers or max(4, os.cpu_count() or 1)
+
+
+def record_run(writer: CacheWriter, report: RunReport) -> None:
+    """The last run's throughput and the model's waiting share, for `cache-info`."""
+    writer.group.attrs["last_run"] = {
+        "rows": report.computed_rows, "model_busy": round(report.model_busy, 4),
+        "model_waited": round(report.model_waited, 4),
+        "decode_workers": report.decode_workers}
 
 
 # -- dask.distributed ---------------------------------------------------------------------
