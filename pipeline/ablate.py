@@ -277,8 +277,12 @@ def run_one(setup: Setup, row: str, seed: int, gpu: str | None, log_dir: Path) -
     if _git(setup.root, "ls-files", _rel(setup, lock)).strip() == "":
         cmd += ["-C", _rel(setup, lock)]  # untracked: copy the record of stage one in
     cmd += _set_args(setup, setup.overrides(row, seed))
+    # the target is evaluate (and what it needs): other stages of the pipeline, such as the
+    # CodeAlign chain of the root dvc.yaml, are not part of an ablation row
     if setup.pipeline.parent != setup.root:
-        cmd.append(_rel(setup, setup.pipeline))
+        cmd.append(f"{_rel(setup, setup.pipeline)}:evaluate")
+    else:
+        cmd.append("evaluate")
     env = dict(os.environ)
     if gpu is not None:
         env["CUDA_VISIBLE_DEVICES"] = gpu

@@ -66,9 +66,9 @@ def test_resume_after_kill_ends_at_the_same_weights(sample_cache, tmp_path):
         assert torch.equal(a[key], b[key]), key
     # dvclive: each step logged once, validation at the same steps, the real last step
     killed, straight = logged(tmp_path / "killed"), logged(tmp_path / "straight")
-    assert killed["train/loss"]["steps"] == list(range(40))
-    assert killed["val/mIoU"]["steps"] == straight["val/mIoU"]["steps"] == [9, 19, 29, 39]
-    assert killed["summary"]["step"] == straight["summary"]["step"] == 39
+    assert killed["train/loss"]["steps"] == list(range(1, 41))
+    assert killed["val/mIoU"]["steps"] == straight["val/mIoU"]["steps"] == [10, 20, 30, 40]
+    assert killed["summary"]["step"] == straight["summary"]["step"] == 40
 
 
 def test_refusals(sample_cache, tmp_path):

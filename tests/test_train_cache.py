@@ -62,16 +62,16 @@ def test_resumed_run_logs_each_step_once(sample_cache, tmp_path, monkeypatch):
     kw = dict(steps=6, checkpoint_every=2, val_every=3)
     run_until(monkeypatch, tiny(root, cache, tmp_path / "killed", **kw), steps_done=5)
     assert torch.load(tmp_path / "killed" / "last.pt", weights_only=False)["step"] == 4
-    assert logged(tmp_path / "killed")["train/loss"]["steps"] == list(range(5))
+    assert logged(tmp_path / "killed")["train/loss"]["steps"] == list(range(1, 6))
     resumed = train(TINY_STUDENT, tiny(root, cache, tmp_path / "killed", **kw), progress=False,
                     resume=True)
     assert resumed["start"] == 4
     train(TINY_STUDENT, tiny(root, cache, tmp_path / "straight", **kw), progress=False)
     killed, straight = logged(tmp_path / "killed"), logged(tmp_path / "straight")
-    assert killed["train/loss"]["steps"] == list(range(6))
-    assert killed["val/mIoU"]["steps"] == [2, 5]
+    assert killed["train/loss"]["steps"] == list(range(1, 7))
+    assert killed["val/mIoU"]["steps"] == [3, 6]
     assert killed == straight  # same steps, same values, same summary
-    assert killed["summary"]["step"] == 5
+    assert killed["summary"]["step"] == 6
 
 
 def test_resume_of_a_finished_run_says_so(sample_cache, tmp_path, capsys):

@@ -310,7 +310,7 @@ def check_same_cache(last: Path, recorded: dict[str, Any] | None, now: dict[str,
 
 def rewind_live(live_dir: Path, step: int) -> None:
     """Make dvclive's files say what a run stopped at `step` would have logged: drop the
-    rows of steps >= `step` (logged after the checkpoint by a killed run) and restore the
+    rows of steps > `step` (logged after the checkpoint by a killed run) and restore the
     summary from the rows kept, so a resumed run logs each step exactly once."""
     if not live_dir.is_dir():
         return
@@ -319,7 +319,7 @@ def rewind_live(live_dir: Path, step: int) -> None:
         with open(tsv, newline="") as f:
             reader = csv.DictReader(f, delimiter="\t")
             fields, rows = reader.fieldnames or [], list(reader)
-        kept = [r for r in rows if int(r["step"]) < step]
+        kept = [r for r in rows if int(r["step"]) <= step]
         tmp = tsv.with_suffix(".tmp")
         with open(tmp, "w", newline="") as f:
             writer = csv.DictWriter(f, fields, delimiter="\t", lineterminator=os.linesep)
@@ -334,7 +334,7 @@ def rewind_live(live_dir: Path, step: int) -> None:
             value = float(kept[-1][name])
             node[name] = value if math.isfinite(value) else str(value)
     if step > 0:
-        summary["step"] = step - 1
+        summary["step"] = step
     (live_dir / "metrics.json").write_text(json.dumps(summary, indent=4))
 
 
@@ -547,7 +547,9 @@ def _train(student: StudentConfig, cfg: TrainConfig, progress: bool,
     if world.main:
         live = Live(dir=str(out / "dvclive"), resume=start > 0, dvcyaml=False,
                     save_dvc_exp=False, report=None)
-        live.step = start  # dvclive's own resume guesses from metrics.json; the checkpoint knows
+        # dvclive's step = optimiser steps done (1-based, as "trained N steps" and the
+        # checkpoint's step); its own resume guesses from metrics.json, the checkpoint knows
+        live.step = start + 1
     else:
         live = distributed.NullLive()
     close_repo = _closes_dvc_repo(live)
