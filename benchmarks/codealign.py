@@ -77,7 +77,25 @@ def main() -> None:
     parser.add_argument("--stage1", type=int, default=40)
     parser.add_argument("--stage2", type=int, default=40)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/codealign.json"))
+    parser.add_argument("--merge", default=None, metavar="FILE,FILE",
+                        help="Combine the JSON of single-seed runs (run in parallel) into one "
+                        "table instead of training.")
     args = parser.parse_args()
+    if args.merge:
+        parts = [json.loads(Path(f).read_text()) for f in args.merge.split(",")]
+        first = parts[0]
+        for part in parts[1:]:
+            for key in ("size", "codealign", "student"):
+                if part[key] != first[key]:
+                    parser.error(f"--merge: {key} differs between the files")
+        cfg = CodeAlignConfig(**first["codealign"])
+        student = StudentConfig(**first["student"])
+        spec = SampleSpec(size=first["size"])
+        report([r for part in parts for r in part["per_seed"]],
+               [s for part in parts for s in part["seeds"]],
+               [t for part in parts for t in part["seconds_per_seed"]], cfg, student,
+               spec, args.out)
+        return
     torch.set_num_threads(1)
     params = load_params()
     student = build(StudentConfig, dict(params.get("student") or {}), Where("student"))
@@ -96,10 +114,16 @@ def main() -> None:
             per_seed.append(rows)
             times.append(seconds)
             print(f"seed {seed}: {seconds:.0f} s", flush=True)
+    report(per_seed, seeds, times, cfg, student, spec, args.out)
+
+
+def report(per_seed: list[list[dict[str, Any]]], seeds: list[int], times: list[float],
+           cfg: CodeAlignConfig, student: StudentConfig, spec: SampleSpec, out: Path) -> None:
     table = summarise(per_seed)
-    print(f"\nCodeAlign on the sample ({args.size} px, {spec.train} train / {spec.val} val "
-          f"frames), groups {cfg.groups}, K = {cfg.codes}, steps {args.stage0}/"
-          f"{args.stage1}/{args.stage2}, mIoU on val, mean +- std over seeds {seeds}\n")
+    print(f"\nCodeAlign on the sample ({spec.size} px, {spec.train} train / {spec.val} val "
+          f"frames), groups {cfg.groups}, K = {cfg.codes}, steps {cfg.stage0_steps}/"
+          f"{cfg.stage1_steps}/{cfg.stage2_steps}, mIoU on val, mean +- std over seeds "
+          f"{seeds}\n")
     print("| source -> target group | translated | target own | source own | naive joint |")
     print("|---|---|---|---|---|")
     for r in table:
@@ -116,10 +140,10 @@ def main() -> None:
     print(f"\npayload: {pay['code_bits_per_pixel']:.4f} bits per input pixel of codes "
           f"(sum_s log2 K / stride_s^2) vs {pay['float_bits_per_pixel']:.1f} of float32 "
           f"features (sum_s 32 C_s / stride_s^2): {pay['ratio']:.0f}x")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({
         "benchmark": "codealign", "cpu_count": os.cpu_count(), "platform": platform.platform(),
-        "torch_threads": 1, "size": args.size, "train": spec.train, "val": spec.val,
+        "torch_threads": 1, "size": spec.size, "train": spec.train, "val": spec.val,
         "seeds": seeds, "seconds_per_seed": [round(t, 1) for t in times],
         "codealign": vars(cfg), "student": vars(student),
         "payload": {k: pay[k] for k in ("code_bits_per_pixel", "float_bits_per_pixel",
