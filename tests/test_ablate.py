@@ -130,6 +130,8 @@ def ablated(tmp_path_factory):
         shutil.copy(ROOT / name, repo / name)
     shutil.copytree(ROOT / ".dvc", repo / ".dvc", ignore=shutil.ignore_patterns("tmp", "cache"))
     shutil.copytree(ROOT / "configs", repo / "configs")
+    for code in ("pipeline", "stages"):  # the stages' code deps
+        shutil.copytree(ROOT / code, repo / code, ignore=shutil.ignore_patterns("__pycache__"))
     edit_params(repo, dataset__sample__size=64, dataset__sample__train=8,
                 dataset__sample__val=4, dataset__sample__test=2,
                 dataset__sample__frames_per_scene=2, train__steps=3, train__batch_size=2,
