@@ -183,7 +183,10 @@ def check_stage_one(setup: Setup) -> dict[str, Any]:
         raise PipelineError(f"ablate needs the teacher cache recorded in {_rel(setup, lock)}: "
                             "run `dvc repro` once (committing dvc.lock is optional)")
     stages = yaml.safe_load(setup.pipeline.read_text())["stages"]
-    upstream = [s for s in stages if s not in STUDENT_STAGES]
+    # the stages before train (dvc.yaml lists a pipeline in order): stage one and what
+    # feeds it; later stages (evaluate, the CodeAlign chain) are not ablate's concern
+    names = list(stages)
+    upstream = names[:names.index("train")]
     prefix = "" if setup.pipeline.parent == setup.root else f"{_rel(setup, setup.pipeline)}:"
     result = _dvc(setup.root, "status", "--json", *[prefix + s for s in upstream])
     if result.returncode != 0:
