@@ -29,7 +29,8 @@ def provenance(checkpoint: Path, step: int | None, dataset: str, root: Path, spl
     counts = Counter(g for r in scored.records for g in (r.condition, r.case) if g)
     first = scored.records[0].files if len(scored) else {}
     # what a depth column shows: DELIVER-format readers serve HHA from hha/ by default
-    inputs = {m: "HHA" for m, f in first.items() if m == "depth" and "hha" in Path(f).parts}
+    inputs = {m: "HHA" for m, f in first.items()  # str(): a packed file is no PathLike
+              if m == "depth" and "hha" in Path(str(f)).parts}
     present = [g for g in groups if counts.get(g)]
     return {
         "checkpoint": {"path": str(checkpoint), "sha256": sha256_prefix(checkpoint),
