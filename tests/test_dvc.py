@@ -209,12 +209,12 @@ def test_editing_one_image_recomputes_that_row_only(repo):
     pixels = np.array(Image.open(image))
     Image.fromarray(255 - pixels).save(image)
     run(repo, "dvc", "commit", "-f", "-q", "sample")  # the edited frame is the data now
-    out = run(repo, "dvc", "repro")
+    out = run(repo, "dvc", "repro", "evaluate")  # the Any2Seg chain (CodeAlign's: not timed)
     # the teacher stage reads the sample too (its fit uses the train split)
-    assert ran(out) == STAGES - {"sample"}
+    assert ran(out) == ANY2SEG - {"sample"}
     assert f"computed 1 of {len(ids)} rows (1 whose inputs changed)" in out
     after = zarr.open_group(str(store), mode="r")["visual/rgb"][:]
     keep = [i for i in range(len(ids)) if i != row]
     np.testing.assert_array_equal(after[keep], before[keep])
     assert not np.array_equal(after[row], before[row])
-    assert json.loads(run(repo, "dvc", "status", "--json")) == {}
+    assert set(json.loads(run(repo, "dvc", "status", "--json"))) == CODEALIGN  # not asked for
