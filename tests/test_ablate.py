@@ -14,7 +14,7 @@ import yaml
 
 from pipeline.ablation_stats import paired, t_quantile
 from pipeline.cli import main
-from tests.test_dvc import ROOT, edit_params, run
+from tests.test_dvc import ROOT, copy_project, edit_params, run
 
 # 97.5 % quantiles of Student's t, solved at 40 digits with mpmath's regularised incomplete
 # beta (P(|T| > t) = I_{v/(v+t^2)}(v/2, 1/2)); df 1 is tan(0.475 pi) as well
@@ -122,16 +122,9 @@ def ablated(tmp_path_factory):
     """A tiny pipeline whose stage one ran (dvc.lock left uncommitted, as after `make demo`),
     then `pipeline ablate table5 --rows ce-only --seeds 2` killed after its first run and
     rerun. Returns (repo, outputs of both ablate calls, the workspace before)."""
-    import shutil
 
     repo = tmp_path_factory.mktemp("ablate") / "project"
-    repo.mkdir()
-    for name in ("dvc.yaml", "params.yaml", ".gitignore", ".dvcignore"):
-        shutil.copy(ROOT / name, repo / name)
-    shutil.copytree(ROOT / ".dvc", repo / ".dvc", ignore=shutil.ignore_patterns("tmp", "cache"))
-    shutil.copytree(ROOT / "configs", repo / "configs")
-    for code in ("pipeline", "stages"):  # the stages' code deps
-        shutil.copytree(ROOT / code, repo / code, ignore=shutil.ignore_patterns("__pycache__"))
+    copy_project(repo)
     edit_params(repo, dataset__sample__size=64, dataset__sample__train=8,
                 dataset__sample__val=4, dataset__sample__test=2,
                 dataset__sample__frames_per_scene=2, train__steps=3, train__batch_size=2,

@@ -50,9 +50,8 @@ def skipped(output):
             if line.startswith("Stage") and "didn't change, skipping" in line}
 
 
-@pytest.fixture(scope="module")
-def repo(tmp_path_factory):
-    repo = tmp_path_factory.mktemp("dvc") / "project"
+def copy_project(repo: Path) -> None:
+    """The project's pipeline files, presets and the code its stages depend on, into `repo`."""
     repo.mkdir()
     for name in ("dvc.yaml", "params.yaml", ".gitignore", ".dvcignore"):
         shutil.copy(ROOT / name, repo / name)
@@ -60,6 +59,12 @@ def repo(tmp_path_factory):
     shutil.copytree(ROOT / "configs", repo / "configs")
     for code in ("pipeline", "stages"):  # the stages' code deps
         shutil.copytree(ROOT / code, repo / code, ignore=shutil.ignore_patterns("__pycache__"))
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory):
+    repo = tmp_path_factory.mktemp("dvc") / "project"
+    copy_project(repo)
     edit_params(repo, dataset__sample__size=64, dataset__sample__train=8,
                 dataset__sample__val=4, dataset__sample__test=2,
                 dataset__sample__frames_per_scene=2, train__steps=3, train__batch_size=2,
