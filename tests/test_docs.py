@@ -93,6 +93,15 @@ def test_no_docs_page_is_orphaned():
     assert [p.name for p in DOCS if p.resolve() not in linked] == []
 
 
+def test_the_code_map_names_files_that_exist():
+    """The README's map answers "where is X" in one step only while its paths are real."""
+    text = (ROOT / "README.md").read_text()
+    named = set(re.findall(r"`((?:pipeline|pipelines|stages|configs|benchmarks|tests)/[^`\s]*)`",
+                           text))
+    assert len(named) > 20
+    assert sorted(p for p in named if not (ROOT / p.rstrip("/")).exists()) == []
+
+
 def test_slugs_follow_github():
     assert slug("Packed data sets: one HDF5 file instead of ~40,000 PNGs") == \
         "packed-data-sets-one-hdf5-file-instead-of-40000-pngs"
