@@ -7,6 +7,8 @@ PY     := $(VENV)/bin/python
 LOCK   := requirements.lock
 STAMP  := $(VENV)/.any2seg-installed
 SAMPLE ?= data/deliver-sample
+# pytest workers for `make test` (pytest-xdist): the budget is 10 minutes on 2 cores
+TEST_WORKERS ?= 2
 # pip's own constraint file where a machine has one (these machines cap torch at what lies
 # on disk); `make lock` honours it, as pip-compile does not read it from pip's config
 PIP_CONSTRAINT_FILE := $(shell $(PYTHON) -m pip config get global.constraint 2>/dev/null)
@@ -28,7 +30,7 @@ $(STAMP): $(LOCK) pyproject.toml
 test: $(STAMP)
 	@$(PY) tests/check_lock.py
 	@$(VENV)/bin/ruff check --quiet pipeline stages tests benchmarks
-	@$(PY) -m pytest
+	@$(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup
 
 # regenerate requirements.lock from pyproject.toml, keeping every pin that still fits;
 # lock-upgrade moves every package to the newest release the ranges allow
