@@ -276,7 +276,7 @@ def main() -> None:
     from fitted_sample import build_cache, fitted_sample, store_path
 
     from pipeline.config import load_params
-    from pipeline.datasets.sample import SampleSpec
+    from pipeline.synth import SampleSpec
 
     params = load_params(args.params)
     start = time.perf_counter()

@@ -138,7 +138,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp_name:
         root, cache = args.root, args.cache
         if root is None or cache is None:
-            from pipeline.datasets.sample import SampleSpec, make_sample
+            from pipeline.synth import SampleSpec, make_sample
             from stages.teacher.default_teacher import write_default_teacher
             from stages.teacher.run import TeacherConfig, cache_teacher
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import build
-from pipeline.datasets.sample import SampleSpec, make_sample
+from pipeline.synth import SampleSpec, make_sample
 from stages.teacher.fit import FitConfig, fit_default_teacher, format_quality
 from stages.teacher.run import RunReport, TeacherConfig, cache_teacher
 

@@ -118,7 +118,7 @@ class Context:
     def data(self) -> Path:
         """Generated DELIVER-layout frames (the `sample` reader is DELIVER's)."""
         if self._data is None:
-            from pipeline.datasets.sample import SampleSpec, make_sample
+            from pipeline.synth import SampleSpec, make_sample
 
             self._data = self.scratch / "frames"
             f = self.sizes["frames"]

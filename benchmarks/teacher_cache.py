@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pipeline.datasets.sample import SampleSpec, make_sample
+from pipeline.synth import SampleSpec, make_sample
 from stages.teacher.default_teacher import write_checkpoint, write_default_teacher
 from stages.teacher.run import TeacherConfig, cache_teacher
 

@@ -196,8 +196,8 @@ def make_sample_cmd(out: Path, size: int, n_train: int, n_val: int, n_test: int,
     default teacher on it.
     """
     from pipeline import datasets
-    from pipeline.datasets.sample import SampleSpec, make_sample
     from pipeline.progress import progress as progress_bar
+    from pipeline.synth import SampleSpec, make_sample
 
     spec = SampleSpec(size=size, train=n_train, val=n_val, test=n_test,
                       frames_per_scene=frames_per_scene, seed=seed)

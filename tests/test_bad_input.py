@@ -663,11 +663,11 @@ def test_teacher_root_that_is_a_file_is_named(teacher_sample, tmp_path, capsys):
     "[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: "
     "you tried to allocate 400000000000 bytes. Error code 12 (Cannot allocate memory)")])
 def test_out_of_memory_names_the_setting_to_lower(error, capsys, tmp_path, monkeypatch):
-    from pipeline.datasets import sample
+    from pipeline import synth
 
     def exhausted(*args, **kw):
         raise error
-    monkeypatch.setattr(sample, "make_sample", exhausted)
+    monkeypatch.setattr(synth, "make_sample", exhausted)
     code, _, err = run_cli(capsys, ["make-sample", "--out", tmp_path / "s"])
     assert_one_line_error(code, err, "out of memory", "lower --size or --workers")
 
