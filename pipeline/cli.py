@@ -743,7 +743,8 @@ def train_cmd(dataset: str | None, root: Path | None, cache: str | None, out: st
     from pipeline.config import load_params
     from pipeline.devices import resolve_device
     from stages.student import distributed
-    from stages.student.train import TrainConfig, train
+    from stages.student.config import TrainConfig
+    from stages.student.train import train
 
     if params_path is not None and not params_path.is_file():
         raise PipelineError(f"parameters file {params_path} does not exist")
