@@ -140,7 +140,7 @@ def main() -> None:
         root, cache = args.root, args.cache
         if root is None or cache is None:
             from pipeline.synth import SampleSpec, make_sample
-            from stages.teacher.default_teacher import write_default_teacher
+            from stages.teacher.default.folders import write_default_teacher
             from stages.teacher.run import TeacherConfig, cache_teacher
 
             root, cache = Path(tmp_name) / "deliver-sample", Path(tmp_name) / "sample.zarr"

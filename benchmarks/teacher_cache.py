@@ -27,7 +27,7 @@ import numpy as np
 from PIL import Image
 
 from pipeline.synth import SampleSpec, make_sample
-from stages.teacher.default_teacher import write_checkpoint, write_default_teacher
+from stages.teacher.default.folders import write_checkpoint, write_default_teacher
 from stages.teacher.run import TeacherConfig, cache_teacher
 
 BASE = dict(hidden=768, layers=12, heads=12, projection=512, patch=32)

@@ -583,7 +583,9 @@ def fit_teacher_cmd(root: Path, out: Path, seed: int | None, overwrite: bool,
     beside chance. Does nothing when an identical teacher is already at --out.
     """
     from pipeline.config import build, load_params
-    from stages.teacher.fit import FitConfig, fit_default_teacher, format_quality
+    from stages.teacher.default.config import FitConfig
+    from stages.teacher.default.fit import fit_default_teacher
+    from stages.teacher.default.quality import format_quality
     from stages.teacher.run import TeacherConfig
 
     if params_path is not None and not params_path.is_file():

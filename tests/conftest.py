@@ -35,7 +35,7 @@ def small_sample(tmp_path_factory):
 @pytest.fixture(scope="session")
 def teacher_sample(small_sample):
     """The small sample with the embedded LanguageBind-format teacher beside it."""
-    from stages.teacher.default_teacher import write_default_teacher
+    from stages.teacher.default.folders import write_default_teacher
 
     root, spec = small_sample
     write_default_teacher(root / "teacher")
