@@ -80,7 +80,6 @@ def shard_blocks(shards: Sequence[int]) -> list[list[int]]:
     return out
 
 
-
 class CheckedShards:
     """Checked reads by shard, mixed into `TeacherCache`: every chunk read is verified, and
     a shard that fails is reported as a `Damage` instead of being returned as zeros.

@@ -32,4 +32,3 @@ def writer_lock(path: Path) -> Iterator[None]:
     check_out_path(path)
     with folder_lock(path, "wait for it to finish (two writers on one store are refused)"):
         yield
-

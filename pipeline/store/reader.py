@@ -317,5 +317,3 @@ def dense_summary(cache: TeacherCache) -> dict[str, Any]:
         "reconstruction_cosine": d["reconstruction_cosine"],
         "heldout_samples": d["fit"]["heldout_samples"],
     }
-
-

@@ -83,4 +83,3 @@ def fingerprint_diff(stored: Any, requested: Any, prefix: str = "") -> list[str]
 
         return [f"{prefix[:-1]} ({show(stored)} in the store, {show(requested)} now)"]
     return []
-

@@ -45,7 +45,6 @@ def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
-
 @dataclass
 class StoreSpec:
     """What a run asks of a store; compared with what an existing store holds."""

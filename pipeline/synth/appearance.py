@@ -19,14 +19,12 @@ _SKY = {
 _FOG_AIR = np.array([190.0, 190.0, 195.0], dtype=np.float32)
 
 
-
 def _hash(a: np.ndarray, b: np.ndarray, salt: int = 0) -> np.ndarray:
     """Deterministic value noise in [0, 1) from integer lattice coordinates."""
     h = (a.astype(np.int64) * 73856093) ^ (b.astype(np.int64) * 19349663) ^ (salt * 83492791)
     h = (h ^ (h >> 13)) * 1274126177
     h = h ^ (h >> 16)
     return ((h & 0xFFFF).astype(np.float32)) / 65536.0
-
 
 
 def albedo(scene: Scene, fr: Frame) -> tuple[np.ndarray, np.ndarray]:
@@ -139,4 +137,3 @@ def apply_weather(scene: Scene, rgb: np.ndarray, glow: np.ndarray, z: np.ndarray
         out = np.where(sky[..., None], out, (0.7 * out + 0.3 * grey) * 0.72)
         out = out * np.array([0.95, 0.97, 1.05], np.float32)
     return np.clip(out, 0, 255)
-

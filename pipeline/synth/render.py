@@ -25,7 +25,6 @@ class Frame:
     upright: np.ndarray  # True where the surface is vertical (for HHA)
 
 
-
 def render(scene: Scene, t: int, size: int) -> Frame:
     """Rasterise the scene as seen after `t` forward steps of the ego vehicle."""
     H = W = size

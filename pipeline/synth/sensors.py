@@ -125,4 +125,3 @@ def semantic(fr: Frame) -> np.ndarray:
         (fr.inst & 0xFF).astype(np.uint8),
         ((fr.inst >> 8) & 0xFF).astype(np.uint8),
     ], axis=2)
-

@@ -71,4 +71,3 @@ def closes_dvc_repo(live: Any) -> weakref.finalize:
     printed "Exception ignored ... sys.meta_path is None". Calling the result closes now."""
     repo = getattr(live, "_dvc_repo", None)
     return weakref.finalize(live, repo.close if repo is not None else lambda: None)
-
