@@ -115,9 +115,10 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
 
     torch.set_num_threads(job["threads"])
     from pipeline import datasets
+    from stages.student.config import TrainConfig
     from stages.student.evaluate import evaluate, flat_metrics, load_checkpoint
     from stages.student.model import StudentConfig
-    from stages.student.train import TrainConfig, train
+    from stages.student.train import train
 
     variant = VARIANTS[job["variant"]]
     student = StudentConfig(backbone="mit_b0", embed_dim=128, mff=job["mff"], **variant.student)
@@ -276,7 +277,7 @@ def main() -> None:
     from fitted_sample import build_cache, fitted_sample, store_path
 
     from pipeline.config import load_params
-    from pipeline.datasets.sample import SampleSpec
+    from pipeline.synth import SampleSpec
 
     params = load_params(args.params)
     start = time.perf_counter()

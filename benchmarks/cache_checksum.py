@@ -32,8 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline import store
 from pipeline.store import CacheWriter, StoreSpec, open_cache
+from pipeline.store import writer as store_writer
 
 MODALITIES = ["rgb", "depth", "event", "lidar"]
 
@@ -53,9 +53,9 @@ class Clock:
 def build(path: Path, rows: int, dim: int, checksum: bool) -> Clock:
     from zarr.codecs import ZstdCodec
 
-    original = store._codecs
+    original = store_writer.chunk_codecs
     if not checksum:
-        store._codecs = lambda: [ZstdCodec()]
+        store_writer.chunk_codecs = lambda: [ZstdCodec()]
     try:
         ids = [f"cloud/train/scene/{i:06d}" for i in range(rows)]
         spec = StoreSpec(ids=ids, modalities=MODALITIES, teacher_fingerprint={"t": 1},
@@ -74,7 +74,7 @@ def build(path: Path, rows: int, dim: int, checksum: bool) -> Clock:
                                   [f"{i:032x}" for i in r])
         return clock
     finally:
-        store._codecs = original
+        store_writer.chunk_codecs = original
 
 
 def read_checked(path: Path) -> Clock:

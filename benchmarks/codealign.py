@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from pipeline.config import Where, build, load_params
-from pipeline.datasets.sample import SampleSpec, make_sample
+from pipeline.synth import SampleSpec, make_sample
 from stages.student.codealign.config import CodeAlignConfig
 from stages.student.codealign.evaluate import evaluate_run
 from stages.student.codealign.stages import CodeAlignRun

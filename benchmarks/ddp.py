@@ -43,10 +43,11 @@ def _rank(rank: int, size: int, threads: int, port: int, args: dict[str, Any],
     from pipeline import datasets
     from pipeline.precision import upcast
     from stages.student import distributed, noise
+    from stages.student.config import TrainConfig
     from stages.student.data import ScheduleSampler, StudentData
     from stages.student.losses import LossConfig, correlation, semantic, supervised
     from stages.student.model import StudentConfig, build_student
-    from stages.student.train import TrainConfig, load_targets, open_targets
+    from stages.student.train import load_targets, open_targets
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(size), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(size))
@@ -138,8 +139,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp_name:
         root, cache = args.root, args.cache
         if root is None or cache is None:
-            from pipeline.datasets.sample import SampleSpec, make_sample
-            from stages.teacher.default_teacher import write_default_teacher
+            from pipeline.synth import SampleSpec, make_sample
+            from stages.teacher.default.folders import write_default_teacher
             from stages.teacher.run import TeacherConfig, cache_teacher
 
             root, cache = Path(tmp_name) / "deliver-sample", Path(tmp_name) / "sample.zarr"

@@ -13,8 +13,10 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import build
-from pipeline.datasets.sample import SampleSpec, make_sample
-from stages.teacher.fit import FitConfig, fit_default_teacher, format_quality
+from pipeline.synth import SampleSpec, make_sample
+from stages.teacher.default.config import FitConfig
+from stages.teacher.default.fit import fit_default_teacher
+from stages.teacher.default.quality import format_quality
 from stages.teacher.run import RunReport, TeacherConfig, cache_teacher
 
 

@@ -118,7 +118,7 @@ class Context:
     def data(self) -> Path:
         """Generated DELIVER-layout frames (the `sample` reader is DELIVER's)."""
         if self._data is None:
-            from pipeline.datasets.sample import SampleSpec, make_sample
+            from pipeline.synth import SampleSpec, make_sample
 
             self._data = self.scratch / "frames"
             f = self.sizes["frames"]
@@ -356,7 +356,7 @@ def section_agreement(ctx: Context) -> dict[str, Any]:
 def write_teacher(root: Path, dims: dict[str, Any]) -> Path:
     """A random LanguageBind teacher of `dims` in the real on-disk format (config.json,
     peft LoRA `pytorch_model.bin`, tokenizer), image and depth branches."""
-    from stages.teacher.default_teacher import write_checkpoint
+    from stages.teacher.default.folders import write_checkpoint
 
     for i, branch in enumerate(("image", "depth")):
         write_checkpoint(root / f"LanguageBind_{branch.capitalize()}", branch, seed=100 + i,

@@ -57,7 +57,7 @@ import torch.nn.functional as F
 from pipeline import datasets
 from pipeline.content import file_digest
 from pipeline.datasets.decode import read_png
-from pipeline.datasets.sample import SampleSpec, make_sample
+from pipeline.synth import SampleSpec, make_sample
 
 MODALITIES = ["rgb", "depth", "event", "lidar"]
 TEACHER_BRANCH = {"rgb": "image", "depth": "depth", "event": "image", "lidar": "image"}

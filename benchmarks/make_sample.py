@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from pipeline import datasets
-from pipeline.datasets.sample import SampleSpec, make_sample
+from pipeline.synth import SampleSpec, make_sample
 
 
 def disk_bytes(root: Path) -> int:

@@ -39,8 +39,8 @@ import torch
 
 from pipeline import datasets
 from pipeline.datasets.packed import open_pack
-from pipeline.datasets.sample import SampleSpec, make_sample
 from pipeline.pack import pack
+from pipeline.synth import SampleSpec, make_sample
 
 _LIBC = ctypes.CDLL(None, use_errno=True)
 _LIBC.mmap.restype = ctypes.c_void_p

@@ -111,7 +111,7 @@ def main() -> None:
         CLIPVisionModelWithProjection,
     )
 
-    from stages.teacher.default_teacher import write_default_teacher
+    from stages.teacher.default.folders import write_default_teacher
 
     torch.manual_seed(0)
     rows = []

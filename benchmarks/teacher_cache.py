@@ -26,8 +26,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pipeline.datasets.sample import SampleSpec, make_sample
-from stages.teacher.default_teacher import write_checkpoint, write_default_teacher
+from pipeline.synth import SampleSpec, make_sample
+from stages.teacher.default.folders import write_checkpoint, write_default_teacher
 from stages.teacher.run import TeacherConfig, cache_teacher
 
 BASE = dict(hidden=768, layers=12, heads=12, projection=512, patch=32)

@@ -43,9 +43,10 @@ from pipeline import datasets
 from pipeline.config import load_params
 from pipeline.store import describe, open_cache
 from stages.student.codes import CodeTranslators, code_loss
+from stages.student.config import TrainConfig
 from stages.student.data import AugmentConfig, ScheduleSampler, StudentData
 from stages.student.model import StudentConfig, build_student
-from stages.student.train import TrainConfig, load_codes, load_targets
+from stages.student.train import load_codes, load_targets
 
 COSINE_TARGET = 0.9
 

@@ -196,8 +196,8 @@ def make_sample_cmd(out: Path, size: int, n_train: int, n_val: int, n_test: int,
     default teacher on it.
     """
     from pipeline import datasets
-    from pipeline.datasets.sample import SampleSpec, make_sample
     from pipeline.progress import progress as progress_bar
+    from pipeline.synth import SampleSpec, make_sample
 
     spec = SampleSpec(size=size, train=n_train, val=n_val, test=n_test,
                       frames_per_scene=frames_per_scene, seed=seed)
@@ -583,7 +583,9 @@ def fit_teacher_cmd(root: Path, out: Path, seed: int | None, overwrite: bool,
     beside chance. Does nothing when an identical teacher is already at --out.
     """
     from pipeline.config import build, load_params
-    from stages.teacher.fit import FitConfig, fit_default_teacher, format_quality
+    from stages.teacher.default.config import FitConfig
+    from stages.teacher.default.fit import fit_default_teacher
+    from stages.teacher.default.quality import format_quality
     from stages.teacher.run import TeacherConfig
 
     if params_path is not None and not params_path.is_file():
@@ -743,7 +745,8 @@ def train_cmd(dataset: str | None, root: Path | None, cache: str | None, out: st
     from pipeline.config import load_params
     from pipeline.devices import resolve_device
     from stages.student import distributed
-    from stages.student.train import TrainConfig, train
+    from stages.student.config import TrainConfig
+    from stages.student.train import train
 
     if params_path is not None and not params_path.is_file():
         raise PipelineError(f"parameters file {params_path} does not exist")

@@ -17,7 +17,7 @@ from pipeline.errors import PipelineError
 
 # params.yaml group -> (module, dataclass, {params key: field} where they differ)
 GROUPS = {
-    "train": ("stages.student.train", "TrainConfig", {}),
+    "train": ("stages.student.config", "TrainConfig", {}),
     "student": ("stages.student.model", "StudentConfig", {}),
     "eval": ("stages.student.evaluate", "EvalConfig", {}),
     "teacher": ("stages.teacher.run", "TeacherConfig", {"root": "teacher_root"}),

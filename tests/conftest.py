@@ -24,7 +24,7 @@ def mcubes_root(tmp_path):
 @pytest.fixture(scope="session")
 def small_sample(tmp_path_factory):
     """A small generated sample shared by the tests that only read it."""
-    from pipeline.datasets.sample import SampleSpec, make_sample
+    from pipeline.synth import SampleSpec, make_sample
 
     root = tmp_path_factory.mktemp("sample") / "deliver-sample"
     spec = SampleSpec(size=64, train=24, val=12, test=12, frames_per_scene=2, seed=3)
@@ -35,7 +35,7 @@ def small_sample(tmp_path_factory):
 @pytest.fixture(scope="session")
 def teacher_sample(small_sample):
     """The small sample with the embedded LanguageBind-format teacher beside it."""
-    from stages.teacher.default_teacher import write_default_teacher
+    from stages.teacher.default.folders import write_default_teacher
 
     root, spec = small_sample
     write_default_teacher(root / "teacher")

@@ -424,8 +424,9 @@ def test_datasets_check_names_an_empty_split(deliver_root, capsys):
 
 
 def test_non_finite_teacher_targets_are_named_with_the_fix(sample_cache, tmp_path):
+    from stages.student.config import TrainConfig
     from stages.student.model import StudentConfig
-    from stages.student.train import TrainConfig, train
+    from stages.student.train import train
 
     root, cache = sample_cache
     broken = nan_scene_copy(cache, tmp_path / "nan.zarr")
@@ -441,8 +442,9 @@ def test_non_finite_teacher_targets_are_named_with_the_fix(sample_cache, tmp_pat
 
 def test_library_calls_are_validated_too(sample_cache, tmp_path):
     """train() and cache_teacher() check their configs before touching anything."""
+    from stages.student.config import TrainConfig
     from stages.student.model import StudentConfig
-    from stages.student.train import TrainConfig, train
+    from stages.student.train import train
     from stages.teacher.run import TeacherConfig, cache_teacher
 
     root, cache = sample_cache
@@ -583,8 +585,9 @@ def test_non_finite_loss_causes_are_told_apart():
 
     import torch
 
+    from stages.student.config import TrainConfig
     from stages.student.data import Targets
-    from stages.student.train import TrainConfig, _likely_cause
+    from stages.student.train import _likely_cause
 
     targets = Targets(visual=np.zeros((2, 1, 4), np.float32),
                       scene=np.zeros((2, 4), np.float32), classes=np.ones((3, 4), np.float32))
@@ -663,11 +666,11 @@ def test_teacher_root_that_is_a_file_is_named(teacher_sample, tmp_path, capsys):
     "[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: "
     "you tried to allocate 400000000000 bytes. Error code 12 (Cannot allocate memory)")])
 def test_out_of_memory_names_the_setting_to_lower(error, capsys, tmp_path, monkeypatch):
-    from pipeline.datasets import sample
+    from pipeline import synth
 
     def exhausted(*args, **kw):
         raise error
-    monkeypatch.setattr(sample, "make_sample", exhausted)
+    monkeypatch.setattr(synth, "make_sample", exhausted)
     code, _, err = run_cli(capsys, ["make-sample", "--out", tmp_path / "s"])
     assert_one_line_error(code, err, "out of memory", "lower --size or --workers")
 

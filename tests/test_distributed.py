@@ -20,9 +20,10 @@ import torch
 
 from pipeline.cli import main
 from pipeline.datasets import load as load_dataset
+from stages.student.config import TrainConfig
 from stages.student.evaluate import evaluate, load_checkpoint
 from stages.student.model import StudentConfig
-from stages.student.train import TrainConfig, train
+from stages.student.train import train
 
 STEPS = 6
 TRAIN = {"steps": STEPS, "batch_size": 4, "crop": 32, "lr": 2e-3, "workers": 0,

@@ -5,10 +5,11 @@ import pytest
 from PIL import Image
 
 from pipeline import datasets
+from stages.student.config import TrainConfig
 from stages.student.evaluate import EvalConfig, evaluate, load_checkpoint
 from stages.student.model import StudentConfig
 from stages.student.protocol import official_resize
-from stages.student.train import TrainConfig, train
+from stages.student.train import train
 
 
 @pytest.fixture(scope="module")

@@ -12,8 +12,9 @@ from pipeline.cli import cli
 from pipeline.errors import PipelineError
 from pipeline.store import open_cache
 from stages.teacher.captioners.template import OPENINGS
-from stages.teacher.default_teacher import random_clip_state, save_branch
-from stages.teacher.fit import FitConfig, fit_default_teacher
+from stages.teacher.default.config import FitConfig
+from stages.teacher.default.fit import fit_default_teacher
+from stages.teacher.default.folders import random_clip_state, save_branch
 from stages.teacher.languagebind import LanguageBind
 from stages.teacher.run import TeacherConfig, cache_teacher, load_samples, model_input
 

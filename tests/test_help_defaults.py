@@ -29,8 +29,8 @@ def help_default(command, param):
 
 def resolved(key, params):
     """The value a run resolves for `key` with no flag given, through the real loaders."""
+    from stages.student.config import TrainConfig
     from stages.student.evaluate import EvalConfig
-    from stages.student.train import TrainConfig
     from stages.teacher.run import TeacherConfig
 
     group, name = key.split(".", 1)

@@ -7,7 +7,7 @@ from transformers import CLIPConfig, CLIPModel
 
 from pipeline.errors import PipelineError
 from stages.teacher.checkpoints import resolve_branch_dir
-from stages.teacher.default_teacher import write_checkpoint
+from stages.teacher.default.folders import write_checkpoint
 from stages.teacher.languagebind import (
     OPENAI_MEAN,
     OPENAI_STD,

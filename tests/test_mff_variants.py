@@ -177,7 +177,7 @@ def test_deliver_preset_is_a_complete_params_file_with_the_authors_recipe():
     import yaml
 
     from pipeline.config import load_yaml
-    from stages.student.train import TrainConfig
+    from stages.student.config import TrainConfig
     from stages.teacher.run import TeacherConfig
 
     root = Path(__file__).resolve().parents[1]

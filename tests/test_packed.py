@@ -299,8 +299,9 @@ def test_train_and_evaluate_read_the_pack_like_the_folder(sample_cache, tmp_path
     from the folder, and `pipeline evaluate --root PACK` the same metrics."""
     import json
 
+    from stages.student.config import TrainConfig
     from stages.student.model import StudentConfig
-    from stages.student.train import TrainConfig, train
+    from stages.student.train import train
 
     root, cache = sample_cache
     packed = tmp_path / "sample.h5"

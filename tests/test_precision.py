@@ -16,7 +16,7 @@ from stages.student.losses import LossConfig, correlation, semantic, supervised
 from stages.student.mff import MFF
 from stages.student.model import Any2Seg
 from stages.teacher import llama_adapter as la
-from stages.teacher.default_teacher import write_checkpoint
+from stages.teacher.default.folders import write_checkpoint
 from stages.teacher.languagebind import LanguageBind
 from tests.llama_files import VISUAL, write_llama_adapter
 

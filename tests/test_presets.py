@@ -22,7 +22,7 @@ PRESETS = sorted(p.relative_to(ROOT / "configs").as_posix()
 def test_preset_pipeline_params_equal_the_preset(name):
     """pipelines/NAME/params.yaml is what `dvc repro pipelines/NAME/dvc.yaml` runs; it must
     say the same as configs/params/NAME.yaml, which `pipeline train --params` reads."""
-    from stages.student.train import TrainConfig
+    from stages.student.config import TrainConfig
     from stages.teacher.run import TeacherConfig
 
     pipeline_params = yaml.safe_load((ROOT / "pipelines" / name / "params.yaml").read_text())

@@ -47,7 +47,7 @@ def ran(output):
 
 
 def test_readme_real_data_flow(tmp_path, monkeypatch):
-    from stages.teacher.default_teacher import write_default_teacher
+    from stages.teacher.default.folders import write_default_teacher
     from tests import layouts
 
     monkeypatch.setattr(layouts, "H", 48)  # large enough for MiT's stride-32 stages at

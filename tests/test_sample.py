@@ -7,7 +7,8 @@ from PIL import Image
 
 from pipeline import datasets
 from pipeline.datasets.deliver import CASES, CONDITIONS
-from pipeline.datasets.sample import (
+from pipeline.errors import PipelineError
+from pipeline.synth import (
     SampleSpec,
     albedo,
     apply_weather,
@@ -18,7 +19,6 @@ from pipeline.datasets.sample import (
     make_scene,
     render,
 )
-from pipeline.errors import PipelineError
 
 TINY = SampleSpec(size=64, train=6, val=2, test=2, frames_per_scene=2, seed=11)
 

@@ -297,8 +297,9 @@ def test_isolated_mode_never_shows_two_modalities(small_sample):
 
 
 def test_training_with_codes_and_isolation(dense_cache, sample_cache, tmp_path):
+    from stages.student.config import TrainConfig
     from stages.student.model import StudentConfig
-    from stages.student.train import TrainConfig, train
+    from stages.student.train import train
 
     root, out = dense_cache
 

@@ -10,9 +10,11 @@ import pytest
 import torch
 
 from pipeline.errors import PipelineError
+from stages.student.checkpoint import CHECKPOINT_VERSION
+from stages.student.config import TrainConfig
 from stages.student.evaluate import load_checkpoint, subsets
 from stages.student.model import StudentConfig
-from stages.student.train import TrainConfig, train
+from stages.student.train import train
 from tests.tiny_run import TINY_STUDENT, logged, nan_scene_copy, tiny
 
 
@@ -106,6 +108,16 @@ def test_refusals(sample_cache, tmp_path):
               progress=False)
     with pytest.raises(PipelineError, match="nothing to resume"):
         train(TINY_STUDENT, tiny(root, cache, tmp_path / "fresh"), progress=False, resume=True)
+    # a last.pt of another checkpoint format, or no checkpoint of ours at all
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    other = CHECKPOINT_VERSION + 1
+    for content, named in (({"version": other, "step": 1}, f"has format version {other}; "),
+                           ({"weight": torch.zeros(1)}, "no checkpoint format version")):
+        torch.save(content, foreign / "last.pt")
+        with pytest.raises(PipelineError, match=named) as refused:
+            train(TINY_STUDENT, tiny(root, cache, foreign), progress=False, resume=True)
+        assert "\n" not in str(refused.value) and "start a new --out" in str(refused.value)
     with pytest.raises(PipelineError, match="train.steps or train.epochs"):
         TrainConfig.from_params({}, {})
     with pytest.raises(PipelineError, match="train.loss: unknown key 'w_xx'"):

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
+from stages.student.config import TrainConfig
 from stages.student.model import StudentConfig
-from stages.student.train import TrainConfig
 
 TINY_STUDENT = StudentConfig(backbone="mit_b0", embed_dim=32)
 

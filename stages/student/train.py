@@ -1,23 +1,22 @@
 """Stage two: train the Any2Seg student from images, labels and the teacher cache.
 
-Read it top to bottom: configuration, data and cached targets, model and optimiser,
-resume, the loop (loss, step, log, validate, checkpoint). The teacher never runs here;
-its targets come from `pipeline.store.open_cache` (this module never imports
-`stages.teacher`). Under torchrun each rank runs this same loop on its slice of every
-global batch (`stages.student.distributed`); rank 0 alone writes files.
+Read it top to bottom: data and cached targets, model and optimiser, resume, the loop
+(loss, step, log, validate, checkpoint). Its settings are `TrainConfig`
+(`stages.student.config`), its checkpoints `stages.student.checkpoint`, its dvclive log
+`stages.student.tracking`. The teacher never runs here; its targets come from
+`pipeline.store.open_cache` (this module never imports `stages.teacher`). Under torchrun
+each rank runs this same loop on its slice of every global batch
+(`stages.student.distributed`); rank 0 alone writes files.
 """
 
 from __future__ import annotations
 
-import csv
-import json
 import logging
 import math
 import os
 import random
 import time
-import weakref
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -25,26 +24,26 @@ import numpy as np
 import torch
 
 from pipeline import datasets
-from pipeline.config import Where, build, dataset_root
-from pipeline.devices import DEVICE_FORMS, is_device, resolve_device
-from pipeline.diskspace import write_atomic
+from pipeline.devices import resolve_device
 from pipeline.errors import PipelineError
 from pipeline.precision import upcast
 from pipeline.progress import progress as progress_bar
 from pipeline.runlock import check_run_folder, folder_lock
-from pipeline.store import (
-    TeacherCache,
-    fingerprint_diff,
-    open_cache,
-    sample_list_fingerprint,
-)
+from pipeline.store import TeacherCache, open_cache, sample_list_fingerprint
 from stages.student import distributed, noise
+from stages.student.checkpoint import (
+    cache_fingerprints,
+    check_same_cache,
+    check_same_settings,
+    read_checkpoint,
+    restore,
+    save_checkpoint,
+)
 from stages.student.codes import CodeTranslators, code_loss, decoded_loss
-from stages.student.data import IGNORE, AugmentConfig, ScheduleSampler, StudentData, Targets
-from stages.student.encoder import min_input_size
+from stages.student.config import TrainConfig
+from stages.student.data import IGNORE, ScheduleSampler, StudentData, Targets
 from stages.student.evaluate import evaluate, evaluation_loader
 from stages.student.losses import (
-    LossConfig,
     correlation_kl,
     distill_ramp,
     gap_correlation,
@@ -52,164 +51,9 @@ from stages.student.losses import (
     supervised,
 )
 from stages.student.model import StudentConfig, build_student
-from stages.student.protocol import PROTOCOLS
-
-CHECKPOINT_VERSION = 2  # 2: meta["cache"] holds the teacher cache's fingerprints
+from stages.student.tracking import open_live
 
 log = logging.getLogger("pipeline.train")
-
-
-@dataclass
-class TrainConfig:
-    """The `train` group of params.yaml (plus the dataset it trains on)."""
-
-    dataset: str = "sample"
-    root: str | None = None
-    cache: str | None = None  # default cache/<dataset>.zarr
-    out: str | None = None  # default runs/<dataset>
-    modalities: list[str] | None = None  # default: those in the cache
-    steps: int | None = None
-    epochs: float | None = None
-    batch_size: int = 8
-    crop: int = 512
-    lr: float = 6e-5
-    weight_decay: float = 0.01
-    warmup: float = 0.1  # fraction of the steps
-    warmup_ratio: float = 0.1  # warm-up starts at lr * warmup_ratio
-    power: float = 0.9
-    seed: int = 3407
-    workers: int = 2
-    modality_dropout: float = 0.0
-    single_modality: bool = False  # every training sample shows exactly one modality
-    augment: dict[str, Any] = field(default_factory=dict)
-    loss: dict[str, Any] = field(default_factory=dict)
-    val_every: int = 0  # 0: only after the last step
-    val_limit: int | None = None  # None: the whole val split
-    val_protocol: str | None = None  # None: the dataset's own, as `pipeline evaluate` scores
-    checkpoint_every: int = 50  # as params.yaml
-    device: str = "auto"
-    skip_bad: bool = False
-    dtype: str = "float32"  # float64: a reference run (numerical checks), not for speed
-    nproc: int = 1  # processes (GPUs) on this machine; `pipeline train` launches them
-    compile: bool = False  # torch.compile the model
-    persistent_workers: bool = False  # keep the validation loader's workers between runs
-    prefetch_factor: int | None = None  # batches each loader worker prepares ahead
-
-    @classmethod
-    def from_params(cls, params: dict[str, Any], overrides: dict[str, Any],
-                    source: str = "params.yaml", flags: dict[str, str] | None = None
-                    ) -> tuple[StudentConfig, TrainConfig]:
-        """Defaults, then params.yaml (`dataset.name/root`, `student.*`, `train.*`), then the
-        command line's `overrides`; `flags` names the flag of each overridden field so that
-        an error names what the user typed."""
-        data = dict(params.get("train") or {})
-        ds = params.get("dataset") or {}
-        data.setdefault("dataset", ds.get("name", "sample"))
-        if "root" in ds:
-            data.setdefault("root", ds["root"])
-        cfg = build(cls, data, Where("train", source))
-        student = build(StudentConfig, dict(params.get("student") or {}),
-                        Where("student", source))
-        if overrides.get("dataset") not in (None, cfg.dataset) and \
-                overrides.get("root") is None:
-            cfg.root = None  # params' root belongs to params' dataset
-        for key, value in overrides.items():
-            if value is None:
-                continue
-            if hasattr(cfg, key):
-                setattr(cfg, key, value)
-            elif hasattr(student, key):
-                setattr(student, key, value)
-            else:
-                raise PipelineError(f"unknown option {key}")
-        flags = flags or {}
-        student.validate(Where("student", source, flags))
-        cfg.validate(Where("train", source, flags), student.backbone)
-        if student.mff_config().variant == "author" and \
-                cfg.loss_config().se_features == "decoder":
-            raise PipelineError(f"{source}: train.loss.se_features: decoder needs "
-                                "MFF before the head; under student.mff.variant author f_ma "
-                                "is the fused class-score map: use fused")
-        return student, cfg
-
-    def validate(self, where: Where | None = None, backbone: str | None = None) -> None:
-        """Every value in range before anything is loaded; errors name the key (or flag)."""
-        w = where or Where("train", None)
-        if self.steps is None and self.epochs is None:
-            raise PipelineError("set train.steps or train.epochs (or --steps / --epochs)")
-        if self.steps is not None:
-            w.integer("steps", self.steps, 1, why="optimiser steps")
-        if self.epochs is not None:
-            w.number("epochs", self.epochs, 0, lo_open=True, why="passes over the train split")
-        w.integer("batch_size", self.batch_size, 1)
-        smallest = min_input_size(backbone) if backbone else None
-        w.integer("crop", self.crop, smallest or 1,
-                  why=f"the smallest input {backbone} accepts; it need not be a multiple "
-                  "of 32" if smallest else "")
-        w.number("lr", self.lr, 0, lo_open=True)
-        w.number("weight_decay", self.weight_decay, 0)
-        w.number("warmup", self.warmup, 0, 1, hi_open=True, why="a fraction of the steps")
-        w.number("warmup_ratio", self.warmup_ratio, 0, 1, why="warm-up starts at lr * ratio")
-        w.number("power", self.power, 0, why="the poly schedule's exponent")
-        w.integer("seed", self.seed, 0, 2 ** 32 - 1, why="numpy's seed range")
-        w.integer("workers", self.workers, 0, why="0 loads in the training process")
-        w.number("modality_dropout", self.modality_dropout, 0, 1, why="a probability")
-        if not isinstance(self.single_modality, bool):
-            w.fail("single_modality", "true or false", self.single_modality)
-        if self.single_modality and self.modality_dropout:
-            w.fail("modality_dropout", "0 with train.single_modality: true (that already "
-                   "shows one modality per sample)", self.modality_dropout)
-        w.integer("val_every", self.val_every, 0, why="0 validates only after the last step")
-        if self.val_limit is not None:
-            w.integer("val_limit", self.val_limit, 1,
-                      why="leave it unset (null) for the whole val split")
-        if self.val_protocol is not None:
-            w.one_of("val_protocol", self.val_protocol, PROTOCOLS)
-        w.integer("checkpoint_every", self.checkpoint_every, 1)
-        w.integer("nproc", self.nproc, 1, why="processes (GPUs) on this machine")
-        w.one_of("dtype", self.dtype, ("float32", "float64"))
-        if self.prefetch_factor is not None:
-            w.integer("prefetch_factor", self.prefetch_factor, 1,
-                      why="batches each loader worker prepares ahead; null for torch's 2")
-        if not is_device(self.device):
-            w.fail("device", "one of " + ", ".join(DEVICE_FORMS), self.device)
-        if self.modalities is not None:
-            known = datasets.get(self.dataset).modalities
-            unknown = [m for m in self.modalities if m not in known]
-            if unknown:
-                raise PipelineError(f"{w.key('modalities')} names unknown modality "
-                                    f"{unknown[0]!r}; {self.dataset} has {', '.join(known)}")
-            if not self.modalities or len(set(self.modalities)) < len(self.modalities):
-                w.fail("modalities", "distinct modality names", self.modalities)
-        self.loss_config(w.sub("loss"))
-        self.augment_config(w.sub("augment"))
-
-    def settings(self) -> dict[str, Any]:
-        """What decides the weights (a resumed run must match): not how many processes
-        or loader workers compute them."""
-        run_only = ("nproc", "workers", "persistent_workers", "prefetch_factor")
-        return {k: v for k, v in asdict(self).items() if k not in run_only}
-
-    def loss_config(self, where: Where | None = None) -> LossConfig:
-        where = where or Where("train.loss", None)
-        cfg = build(LossConfig, self.loss, where)
-        cfg.validate(where)
-        return cfg
-
-    def augment_config(self, where: Where | None = None) -> AugmentConfig:
-        where = where or Where("train.augment", None)
-        cfg = build(AugmentConfig, self.augment, where)
-        cfg.validate(where)
-        return cfg
-
-    def resolved_root(self) -> Path:
-        return dataset_root(self.dataset, self.root)
-
-    def resolved_cache(self) -> Path:
-        return Path(self.cache or f"cache/{self.dataset}.zarr")
-
-    def resolved_out(self) -> Path:
-        return Path(self.out or f"runs/{self.dataset}")
 
 
 def open_targets(cache_path: Path, cfg: TrainConfig) -> TeacherCache:
@@ -265,13 +109,6 @@ def without_skipped(samples: datasets.SampleSequence, skipped: set[str],
                                    samples.classes, samples.modalities)
 
 
-def cache_fingerprints(cache: TeacherCache) -> dict[str, Any]:
-    """What a checkpoint records of the store it trained on, to refuse a changed one."""
-    return {"path": str(cache.path), "teacher_fingerprint": cache.teacher_fingerprint,
-            "dataset_fingerprint": cache.dataset_fingerprint,
-            "codebook_fingerprint": cache.codebook_fingerprint}
-
-
 def load_codes(cache: TeacherCache, targets: Targets, ids: list[str], modalities: list[str],
                key: str = "w_teacher_code") -> torch.Tensor:
     """Put the teacher's patch codes into `targets`; return the frozen codebooks
@@ -284,104 +121,6 @@ def load_codes(cache: TeacherCache, targets: Targets, ids: list[str], modalities
     targets.code_image_size = int(cache.dense["image_size"])
     books = torch.from_numpy(np.stack([cache.codebook(m) for m in modalities]).astype(np.float32))
     return books
-
-
-def check_same_cache(last: Path, recorded: dict[str, Any] | None, now: dict[str, Any]) -> None:
-    """Refuse to resume on targets other than those the run started with."""
-    if recorded is None:
-        raise PipelineError(f"{last} records no teacher cache fingerprints (written by an older "
-                            "version), so resuming cannot prove the targets are the same; "
-                            "start a new --out")
-    changed = [f"teacher {d}" for d in fingerprint_diff(recorded["teacher_fingerprint"],
-                                                         now["teacher_fingerprint"])]
-    if recorded.get("codebook_fingerprint") != now.get("codebook_fingerprint"):
-        changed.append(f"codebooks ({recorded.get('codebook_fingerprint')} at the checkpoint, "
-                       f"{now.get('codebook_fingerprint')} now)")
-    if recorded["dataset_fingerprint"] != now["dataset_fingerprint"]:
-        changed.append(f"dataset fingerprint ({recorded['dataset_fingerprint']} at the "
-                       f"checkpoint, {now['dataset_fingerprint']} now: rows were recomputed "
-                       "from changed files, or the store was rebuilt for other samples)")
-    if changed:
-        shown = "; ".join(changed[:4]).replace(" in the store, ", " at the checkpoint, ")
-        raise PipelineError(f"{now['path']} changed since {last} was written: {shown}; "
-                            "resuming would mix targets of two caches: start a new --out, or "
-                            "restore the cache the run started with")
-
-
-def rewind_live(live_dir: Path, step: int) -> None:
-    """Make dvclive's files say what a run stopped at `step` would have logged: drop the
-    rows of steps > `step` (logged after the checkpoint by a killed run) and restore the
-    summary from the rows kept, so a resumed run logs each step exactly once."""
-    if not live_dir.is_dir():
-        return
-    summary: dict[str, Any] = {}
-    for tsv in sorted((live_dir / "plots" / "metrics").rglob("*.tsv")):
-        with open(tsv, newline="") as f:
-            reader = csv.DictReader(f, delimiter="\t")
-            fields, rows = reader.fieldnames or [], list(reader)
-        kept = [r for r in rows if int(r["step"]) <= step]
-        tmp = tsv.with_suffix(".tmp")
-        with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fields, delimiter="\t", lineterminator=os.linesep)
-            writer.writeheader()
-            writer.writerows(kept)
-        os.replace(tmp, tsv)
-        if kept:
-            *groups, name = tsv.relative_to(live_dir / "plots" / "metrics").with_suffix("").parts
-            node = summary
-            for g in groups:
-                node = node.setdefault(g, {})
-            value = float(kept[-1][name])
-            node[name] = value if math.isfinite(value) else str(value)
-    if step > 0:
-        summary["step"] = step
-    (live_dir / "metrics.json").write_text(json.dumps(summary, indent=4))
-
-
-def save_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
-                    step: int, best: float, meta: dict[str, Any],
-                    translators: torch.nn.Module | None = None) -> None:
-    """Atomic write (temporary file + rename). With the optimizer and every RNG state for
-    `last.pt` (resume); weights and metadata only for `best.pt`. Code translators (a
-    training-only part, `train.loss.w_teacher_code` / `w_teacher_decoded`) go beside the
-    model, never into it, so evaluation loads the same student either way."""
-    state = {
-        "version": CHECKPOINT_VERSION, "step": step, "best": best, "meta": meta,
-        "model": model.state_dict(),
-        "translators": translators.state_dict() if translators is not None else None,
-        "optimizer": optimizer.state_dict() if optimizer is not None else None,
-        "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
-                "python": random.getstate(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
-    }
-    write_atomic(path, lambda tmp: torch.save(state, tmp), _state_bytes(state),
-                 f"the checkpoint {path.name} of the run folder")
-
-
-def _state_bytes(state: Any) -> int:
-    """The size a checkpoint takes on disk, near enough: its tensors' bytes plus 5%."""
-    total = 0
-    stack = [state]
-    while stack:
-        node = stack.pop()
-        if isinstance(node, torch.Tensor):
-            total += node.numel() * node.element_size()
-        elif isinstance(node, dict):
-            stack.extend(node.values())
-        elif isinstance(node, (list, tuple)):
-            stack.extend(node)
-        elif isinstance(node, np.ndarray):
-            total += node.nbytes
-    return int(total * 1.05) + 4096
-
-
-def _closes_dvc_repo(live: Any) -> weakref.finalize:
-    """Close the DVC repository dvclive opened (its git object store) when `live` goes away,
-    or at exit before the interpreter tears its modules down. dvclive never closes it, and a
-    failed run's traceback keeps `live` alive until shutdown, where dulwich's `__del__`
-    printed "Exception ignored ... sys.meta_path is None". Calling the result closes now."""
-    repo = getattr(live, "_dvc_repo", None)
-    return weakref.finalize(live, repo.close if repo is not None else lambda: None)
 
 
 def _likely_cause(term: str, batch: dict[str, torch.Tensor], output: Any, targets: Targets,
@@ -503,28 +242,13 @@ def _train(student: StudentConfig, cfg: TrainConfig, progress: bool,
     last, best_path = out / "last.pt", out / "best.pt"
     start, best = 0, -math.inf
     if resume and last.is_file():
-        ckpt = torch.load(last, map_location="cpu", weights_only=False)
-        if ckpt["meta"]["student"] != meta["student"] or ckpt["meta"]["train"] != meta["train"]:
-            differ = fingerprint_diff(
-                {"student": ckpt["meta"]["student"], "train": ckpt["meta"]["train"]},
-                {"student": meta["student"], "train": meta["train"]})
-            differ = [d.replace(" in the store,", " in the checkpoint,") for d in differ]
-            raise PipelineError(f"{last} was written with other settings ({'; '.join(differ)}); "
-                                "resume with the same parameters or start a new --out")
+        ckpt = read_checkpoint(last)  # refuses another format version
+        check_same_settings(last, ckpt["meta"], meta)
         if int(ckpt["step"]) >= steps:
             return {"out": str(out), "steps": steps, "start": int(ckpt["step"]),
                     "status": "finished", "best_val_mIoU": float(ckpt["best"])}
         check_same_cache(last, ckpt["meta"].get("cache"), meta["cache"])
-        model.load_state_dict(ckpt["model"])
-        if translators is not None:
-            translators.load_state_dict(ckpt["translators"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        start, best = int(ckpt["step"]), float(ckpt["best"])
-        torch.set_rng_state(ckpt["rng"]["torch"])
-        np.random.set_state(ckpt["rng"]["numpy"])
-        random.setstate(ckpt["rng"]["python"])
-        if ckpt["rng"]["cuda"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+        start, best = restore(ckpt, model, optimizer, translators)
     elif resume:
         raise PipelineError(f"nothing to resume: {last} does not exist")
 
@@ -540,19 +264,7 @@ def _train(student: StudentConfig, cfg: TrainConfig, progress: bool,
                                    cfg.persistent_workers, cfg.prefetch_factor,
                                    protocol=cfg.val_protocol)
 
-    from dvclive import Live
-
-    if start > 0 and world.main:  # steps logged after the checkpoint by a killed run
-        rewind_live(out / "dvclive", start)  # are logged again
-    if world.main:
-        live = Live(dir=str(out / "dvclive"), resume=start > 0, dvcyaml=False,
-                    save_dvc_exp=False, report=None)
-        # dvclive's step = optimiser steps done (1-based, as "trained N steps" and the
-        # checkpoint's step); its own resume guesses from metrics.json, the checkpoint knows
-        live.step = start + 1
-    else:
-        live = distributed.NullLive()
-    close_repo = _closes_dvc_repo(live)
+    live, close_repo = open_live(out / "dvclive", start, world)  # rewound to `start`
     bar = progress_bar(total=steps, initial=start, desc="training", unit="step",
                        enabled=progress and world.main)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16,

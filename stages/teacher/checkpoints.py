@@ -17,7 +17,7 @@ from pipeline.errors import PipelineError
 BRANCH_FOLDERS = {"image": "LanguageBind_Image", "depth": "LanguageBind_Depth",
                   "thermal": "LanguageBind_Thermal",
                   # no published LanguageBind tower exists for these two: the embedded
-                  # default teacher fits them (stages/teacher/fit.py) in the same format
+                  # default teacher fits them (stages/teacher/default/fit.py) in the same format
                   "event": "LanguageBind_Event", "lidar": "LanguageBind_Lidar"}
 PUBLISHED = ("image", "depth", "thermal")
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")

@@ -34,6 +34,7 @@ from pipeline.datasets import Sample, SampleSequence
 from pipeline.devices import DEVICE_FORMS, is_device, resolve_device
 from pipeline.errors import PipelineError
 from pipeline.store import (
+    DTYPES,
     HASHES_NAME,
     CacheWriter,
     Dense,
@@ -69,7 +70,7 @@ log = logging.getLogger("pipeline.teacher")
 PREPROCESS_VERSION = ("openai-mean-std bicubic-antialias short-side centre-crop; depth mm->m; "
                       "non-8-bit images over their value range; text ftfy+html+space clean v2")
 AUTO = "auto"  # modality_branch (whole or per modality): own branch if present, else image
-STORE_DTYPES = ("float16", "float32")
+STORE_DTYPES = DTYPES
 DENSE_TOKENS = ("last-layer patch tokens -> post_layernorm -> visual_projection -> L2; "
                 "spherical mini-batch k-means, float16 codebook")
 DENSE_VIEW = "short-side resize to image_size, centre crop, grid x grid patches"

@@ -6,7 +6,7 @@ embedded default writes `LanguageBind_<Branch>/` folders with a LanguageBind
 and CLIP BPE tokenizer files, at small dimensions. The stage-one loader reads them
 exactly as it reads the real folders. `write_default_teacher` writes random weights
 (fast; tests and benchmarks of the loading path); the embedded default of `make demo`
-is fitted on the sample by `stages.teacher.fit` and saved with `save_branch`.
+is fitted on the sample by `stages.teacher.default.fit` and saved with `save_branch`.
 """
 
 from __future__ import annotations

@@ -24,6 +24,10 @@ layout: the trained LoRA factors beside the frozen base), so stage one reads it 
 the unchanged loader. Quality is measured on the val split through that loader and
 recorded in `teacher.json`. Everything runs on CPU with a fixed thread count and
 deterministic kernels: one seed gives the same bytes on the same machine.
+
+Where the pieces live: `config` (FitConfig), `data` (the split as the fit sees it), `model`
+(LoRA, encoders, losses), `quality` (the figures), `folders` (the LanguageBind format);
+this module runs the two phases and writes the teacher.
 """
 
 from __future__ import annotations
@@ -41,219 +45,35 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from pipeline.errors import PipelineError
 from pipeline.publish import publish
-from stages.teacher.captioners.template import OPENINGS, TemplateCaptioner, compose
+from stages.teacher.captioners.template import compose
 from stages.teacher.checkpoints import BRANCH_FOLDERS
-from stages.teacher.default_teacher import (
+from stages.teacher.default.config import FitConfig
+from stages.teacher.default.data import SplitData, load_split
+from stages.teacher.default.folders import (
     clip_vocabulary,
     languagebind_config,
     random_clip_state,
     save_branch,
     write_tokenizer,
 )
+from stages.teacher.default.model import (
+    add_lora,
+    base_state,
+    contrastive,
+    encode_text,
+    encode_vision,
+    lora_factors,
+    region_loss,
+)
+from stages.teacher.default.quality import quality
 
 GENERATOR = "any2seg-pipeline fitted default LanguageBind teacher v1"
 MANIFEST = "teacher.json"
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
-WEATHER = tuple(OPENINGS)  # cloud, fog, night, rain, sun
 MAX_LOGIT_SCALE = math.log(100.0)  # CLIP's clamp
-
-
-# upper bounds of the fit's sizes: far above the default, below what exhausts a machine
-FIT_LIMITS = {"hidden": 4096, "layers": 48, "heads": 64, "projection": 4096,
-              "image_size": 1024, "batch_size": 4096, "lora_r": 1024, "image_lora_r": 1024,
-              "threads": 1024}
-
-
-@dataclass
-class FitConfig:
-    """The `teacher.fit` group of params.yaml (the embedded default only)."""
-
-    seed: int = 0
-    hidden: int = 64
-    layers: int = 2
-    heads: int = 2
-    projection: int = 64
-    image_size: int = 128
-    patch: int = 16
-    max_depth: float = 80.0  # metres; the sample's streets reach far beyond 10 m
-    image_epochs: int = 40
-    branch_epochs: int = 30
-    batch_size: int = 16
-    lr: float = 2e-3
-    branch_lr: float = 5e-3
-    weight_decay: float = 0.05
-    warmup: float = 0.1  # fraction of each phase's steps
-    region_weight: float = 1.0
-    caption_views: float = 0.5  # share of captions cut to the opening + a random class subset
-    lora_r: int = 8  # phase-2 branches
-    lora_alpha: int = 16
-    image_lora_r: int = 4  # the image branch is written with a LoRA split of this rank
-    threads: int = 1  # fixed, so that the bytes do not depend on the machine; one thread
-    # also keeps a shared CPU from thrashing (OpenMP threads spin on busy cores)
-
-    def validate(self) -> None:
-        for name in ("hidden", "layers", "heads", "projection", "image_size", "patch",
-                     "batch_size", "lora_r", "image_lora_r", "threads"):
-            if getattr(self, name) < 1:
-                raise PipelineError(f"teacher.fit.{name} must be >= 1")
-        for name, hi in FIT_LIMITS.items():  # a tiny CPU-fitted teacher: larger runs out of
-            if getattr(self, name) > hi:  # memory (or years) before it finishes
-                raise PipelineError(f"teacher.fit.{name} must be <= {hi} (the embedded "
-                                    f"teacher is fitted on CPU), got {getattr(self, name)}")
-        if self.image_epochs < 0 or self.branch_epochs < 0:
-            raise PipelineError("teacher.fit.image_epochs and branch_epochs must be >= 0")
-        if self.hidden % self.heads:
-            raise PipelineError("teacher.fit.hidden must be a multiple of teacher.fit.heads")
-        if self.image_size % self.patch:
-            raise PipelineError("teacher.fit.image_size must be a multiple of "
-                                "teacher.fit.patch")
-        if not (self.lr > 0 and self.branch_lr > 0 and 0 <= self.warmup < 1):
-            raise PipelineError("teacher.fit.lr and branch_lr must be > 0, warmup in [0, 1)")
-        if not 0 <= self.caption_views <= 1:
-            raise PipelineError("teacher.fit.caption_views must be in [0, 1]")
-
-
-# ---------------------------------------------------------------------------------------
-# data: every modality preprocessed exactly as stage one does, captions, class regions
-# ---------------------------------------------------------------------------------------
-@dataclass
-class SplitData:
-    pixels: dict[str, torch.Tensor]  # modality -> (N, 3, S, S) as the branch sees it
-    captions: list[str]
-    parts: list[tuple[str, list[str]]]  # the caption's opening and class names
-    conditions: list[str]
-    regions: torch.Tensor  # (N, K, P) share of each patch's pixels per class
-    labels: torch.Tensor  # (N, S, S) the label under the same resize/crop, 255 ignore
-
-
-def _label_view(label: np.ndarray, size: int) -> torch.Tensor:
-    """The label under the preprocessing's geometry (short side to `size`, centre crop),
-    nearest-neighbour."""
-    h, w = label.shape
-    short, long = min(h, w), max(h, w)
-    new_h, new_w = (size, int(size * long / short)) if h <= w else (int(size * long / short),
-                                                                    size)
-    t = torch.from_numpy(label.astype(np.int64))[None, None].float()
-    t = F.interpolate(t, size=(new_h, new_w), mode="nearest")[0, 0].long()
-    top, left = int(round((new_h - size) / 2.0)), int(round((new_w - size) / 2.0))
-    return t[top:top + size, left:left + size]
-
-
-def load_split(root: Path, split: str, branch_of: dict[str, str], num_classes: int,
-               cfg: FitConfig) -> SplitData:
-    from stages.teacher.languagebind import preprocess_depth, preprocess_image
-    from stages.teacher.run import TeacherConfig, load_samples, model_input
-
-    tcfg = TeacherConfig(dataset="sample", root=str(root), split=[split],
-                         modalities=list(branch_of), modality_branch=dict(branch_of))
-    samples = load_samples(tcfg)
-    if len(samples) == 0:
-        raise PipelineError(f"the sample at {root} has no {split} frames to fit the teacher on")
-    captioner = TemplateCaptioner(samples.classes)
-    pixels: dict[str, list[torch.Tensor]] = {m: [] for m in branch_of}
-    parts, conditions, labels = [], [], []
-    for sample in samples:
-        for m, b in branch_of.items():
-            x = model_input(sample, m, b)
-            pixels[m].append(preprocess_depth(x, cfg.max_depth, cfg.image_size) if b == "depth"
-                             else preprocess_image(x, cfg.image_size))
-        parts.append(captioner.parts(sample.label, sample.condition))
-        conditions.append(sample.condition or "")
-        labels.append(_label_view(sample.label, cfg.image_size))
-    label_t = torch.stack(labels)
-    onehot = F.one_hot(label_t.clamp(max=num_classes), num_classes + 1)[..., :num_classes]
-    grid = cfg.image_size // cfg.patch
-    regions = F.adaptive_avg_pool2d(onehot.permute(0, 3, 1, 2).float(), grid).flatten(2)
-    return SplitData({m: torch.stack(v) for m, v in pixels.items()},
-                     [compose(*p) for p in parts], parts, conditions, regions, label_t)
-
-
-# ---------------------------------------------------------------------------------------
-# model pieces
-# ---------------------------------------------------------------------------------------
-class LoRALinear(nn.Module):
-    """peft's LoRA on a frozen linear layer: y = W x + b + (B A x) * alpha / r."""
-
-    def __init__(self, base: nn.Linear, r: int, alpha: float, generator: torch.Generator) -> None:
-        super().__init__()
-        self.base = base
-        for p in base.parameters():
-            p.requires_grad_(False)
-        self.scale = alpha / r
-        a = torch.empty(r, base.in_features)
-        bound = 1 / math.sqrt(base.in_features)  # kaiming_uniform(a=sqrt(5)), as peft
-        a.uniform_(-bound, bound, generator=generator)
-        self.lora_A = nn.Parameter(a)
-        self.lora_B = nn.Parameter(torch.zeros(base.out_features, r))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.base(x) + (x @ self.lora_A.T @ self.lora_B.T) * self.scale
-
-
-def add_lora(vision: nn.Module, r: int, alpha: float, generator: torch.Generator) -> None:
-    for layer in vision.encoder.layers:
-        for name in LORA_TARGETS:
-            setattr(layer.self_attn, name,
-                    LoRALinear(getattr(layer.self_attn, name), r, alpha, generator))
-
-
-def lora_factors(vision: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """`layers.{i}.self_attn.{q,k,v,out}_proj -> (A, B)` as the checkpoint names them."""
-    out = {}
-    for i, layer in enumerate(vision.encoder.layers):
-        for name in LORA_TARGETS:
-            mod = getattr(layer.self_attn, name)
-            out[f"layers.{i}.self_attn.{name}"] = (mod.lora_A.detach(), mod.lora_B.detach())
-    return out
-
-
-def base_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The state dict with LoRA wrappers unwrapped to their frozen base weights."""
-    return {k.replace(".base.", "."): v.detach().clone() for k, v in model.state_dict().items()
-            if ".lora_" not in k}
-
-
-def encode_vision(model: nn.Module, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pooled embedding (as LanguageBind) and per-patch embeddings, both unnormalised."""
-    out = model.vision_model(pixel_values=pixels)
-    patches = model.vision_model.post_layernorm(out.last_hidden_state[:, 1:])
-    return model.visual_projection(out.pooler_output), model.visual_projection(patches)
-
-
-def encode_text(model: nn.Module, tokens: dict[str, torch.Tensor]) -> torch.Tensor:
-    out = model.text_model(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"])
-    return model.text_projection(out.pooler_output)
-
-
-def contrastive(image: torch.Tensor, text: torch.Tensor, caption_ids: torch.Tensor,
-                scale: torch.Tensor) -> torch.Tensor:
-    """Symmetric InfoNCE between B images and the U distinct captions of the batch
-    (`caption_ids` (B,) indexes them); frames sharing a caption are all positives."""
-    logits = scale * F.normalize(image, dim=-1) @ F.normalize(text, dim=-1).T  # (B, U)
-    i2t = F.cross_entropy(logits, caption_ids)
-    positives = F.one_hot(caption_ids, text.shape[0]).T.float()  # (U, B)
-    t2i = -(positives / positives.sum(1, keepdim=True) * F.log_softmax(logits.T, 1)).sum(1)
-    return (i2t + t2i.mean()) / 2
-
-
-def region_loss(patches: torch.Tensor, regions: torch.Tensor, classes: torch.Tensor,
-                scale: torch.Tensor, min_share: float = 0.25) -> torch.Tensor:
-    """Class regions vs class prompts: patch embeddings (B, P, D) averaged over each
-    class's pixels (regions (B, K, P)), for classes covering at least `min_share` of a
-    patch in total, classified among all K prompts (classes (K, D))."""
-    mass = regions.sum(-1)  # (B, K) in patches
-    b_idx, k_idx = (mass >= min_share).nonzero(as_tuple=True)
-    if b_idx.numel() == 0:
-        return patches.sum() * 0.0
-    weights = regions[b_idx, k_idx] / mass[b_idx, k_idx, None]  # (R, P)
-    pooled = torch.einsum("rp,rpd->rd", weights, patches[b_idx])
-    logits = scale * F.normalize(pooled, dim=-1) @ F.normalize(classes, dim=-1).T
-    return F.cross_entropy(logits, k_idx)
 
 
 def _schedule(step: int, total: int, warmup: float) -> float:
@@ -351,110 +171,6 @@ def _run_phase(phase: Phase, data: SplitData, tokenizer: Any, prompts: dict[str,
             phase.losses.append(loss.item())
             step += 1
             tick(phase.name, phase.losses[-1])
-
-
-# ---------------------------------------------------------------------------------------
-# quality, measured through the real loader
-# ---------------------------------------------------------------------------------------
-def _retrieval(text: torch.Tensor, frames: torch.Tensor, captions: list[str],
-               ks: tuple[int, ...] = (1, 5)) -> dict[str, float]:
-    """Caption -> frame retrieval over the distinct captions: a hit when one of the top-k
-    frames carries the query caption. Chance is exact (hypergeometric)."""
-    unique = list(dict.fromkeys(captions))
-    n = len(captions)
-    sims = F.normalize(text, dim=-1) @ F.normalize(frames, dim=-1).T  # (U, N)
-    out: dict[str, float] = {}
-    for k in ks:
-        k_eff = min(k, n)
-        top = sims.topk(k_eff, dim=1).indices
-        hits, chance = [], []
-        for u, caption in enumerate(unique):
-            owners = {i for i, c in enumerate(captions) if c == caption}
-            hits.append(any(int(i) in owners for i in top[u]))
-            chance.append(1 - math.comb(n - len(owners), k_eff) / math.comb(n, k_eff))
-        out[f"top{k}"] = float(np.mean(hits))
-        out[f"top{k}_chance"] = float(np.mean(chance))
-    return out
-
-
-def quality(teacher_root: Path, data: SplitData, branch_of: dict[str, str],
-            class_prompts: list[str]) -> dict[str, Any]:
-    """Zero-shot weather per modality, caption -> frame retrieval per modality and
-    per-pixel zero-shot class accuracy per modality (patch tokens vs class prompts), each
-    beside its chance level, using the folders at `teacher_root` through the real loader."""
-    from stages.teacher.languagebind import LanguageBind
-
-    teacher = LanguageBind(teacher_root, sorted(set(branch_of.values())))
-    weather_emb = teacher.encode_text([OPENINGS[w] for w in WEATHER])
-    caption_emb = teacher.encode_text(list(dict.fromkeys(data.captions)))
-    class_emb = teacher.encode_text(class_prompts)
-    truth = torch.tensor([WEATHER.index(c) if c in WEATHER else -1 for c in data.conditions])
-    counts = np.bincount(truth[truth >= 0].numpy(), minlength=len(WEATHER))
-    labels = data.labels
-    valid = labels != 255
-    k = len(class_prompts)
-    pixel_counts = torch.bincount(labels[valid], minlength=k).double()
-    out: dict[str, Any] = {
-        "frames": int(labels.shape[0]),
-        "weather_chance": 1 / len(WEATHER),
-        "weather_majority": float(counts.max() / max(1, counts.sum())),
-        "pixel_chance": 1 / k,
-        "pixel_majority": float(pixel_counts.max() / pixel_counts.sum()),
-        "modalities": {},
-    }
-    for m, b in branch_of.items():
-        model = teacher.branches[b].model
-        with torch.inference_mode():
-            frames, patches = encode_vision(model, data.pixels[m])
-        frames, patches = frames.float(), F.normalize(patches.float(), dim=-1)
-        guess = (F.normalize(frames, dim=-1) @ weather_emb.T).argmax(1)
-        weather = float((guess[truth >= 0] == truth[truth >= 0]).float().mean())
-        grid = int(math.isqrt(patches.shape[1]))
-        scores = (patches @ class_emb.T).transpose(1, 2).reshape(-1, k, grid, grid)
-        scores = F.interpolate(scores, size=labels.shape[-2:], mode="bilinear",
-                               align_corners=False)
-        pred = scores.argmax(1)
-        correct = (pred == labels) & valid
-        per_class = torch.bincount(labels[correct], minlength=k).double()
-        present = pixel_counts > 0
-        out["modalities"][m] = {
-            "branch": b,
-            "weather": weather,
-            "retrieval": _retrieval(caption_emb, frames, data.captions),
-            "pixel_accuracy": float(correct.sum() / valid.sum()),
-            "pixel_mean_class_accuracy": float((per_class[present] /
-                                                pixel_counts[present]).mean()),
-        }
-    return out
-
-
-def format_quality(q: dict[str, Any], initial: dict[str, Any] | None = None) -> str:
-    """The figures as a small table: fitted, random initialisation, chance."""
-    rows = [("", "fitted", "random init", "chance")]
-
-    def row(name: str, get: Callable[[dict[str, Any]], float], chance: str) -> None:
-        before = f"{get(initial):.3f}" if initial is not None else "-"
-        rows.append((name, f"{get(q):.3f}", before, chance))
-
-    for m in q["modalities"]:
-        row(f"zero-shot weather, {m}", lambda x, m=m: x["modalities"][m]["weather"],
-            f"{q['weather_chance']:.3f}")
-    for m in q["modalities"]:
-        ret = q["modalities"][m]["retrieval"]
-        row(f"caption->frame top-1, {m}",
-            lambda x, m=m: x["modalities"][m]["retrieval"]["top1"], f"{ret['top1_chance']:.3f}")
-        row(f"caption->frame top-5, {m}",
-            lambda x, m=m: x["modalities"][m]["retrieval"]["top5"], f"{ret['top5_chance']:.3f}")
-    for m in q["modalities"]:
-        row(f"per-pixel class accuracy, {m}",
-            lambda x, m=m: x["modalities"][m]["pixel_accuracy"],
-            f"{q['pixel_chance']:.3f} (majority {q['pixel_majority']:.3f})")
-        row(f"per-pixel mean class accuracy, {m}",
-            lambda x, m=m: x["modalities"][m]["pixel_mean_class_accuracy"],
-            f"{q['pixel_chance']:.3f}")
-    width = max(len(r[0]) for r in rows)
-    lines = [f"{r[0]:<{width}}  {r[1]:>7}  {r[2]:>11}  {r[3]}" for r in rows]
-    return f"teacher quality on {q['frames']} val frames\n" + "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------------------
