@@ -17,9 +17,32 @@ from pipeline.ablation_stats import mean_std, paired
 CONFIDENCE = 0.95
 
 
+def metric_value(data: Any, key: str) -> float:
+    """`key` of a metrics file's JSON: a top-level key (`mIoU`, `rgb-depth`), else a dotted
+    path; in a list of rows (CodeAlign's one row per translator) a part picks the row whose
+    `pair` or `name` it is, and `mean` averages the rest of the path over all rows. NaN
+    when the file has no such value."""
+    if isinstance(data, dict) and key in data:
+        value = data[key]
+        return float(value) if isinstance(value, int | float) and \
+            not isinstance(value, bool) else math.nan
+    part, dot, rest = key.partition(".")
+    if not dot:
+        return math.nan
+    if isinstance(data, dict):
+        return metric_value(data.get(part), rest)
+    if isinstance(data, list):
+        if part == "mean":
+            values = [metric_value(row, rest) for row in data]
+            return sum(values) / len(values) if values else math.nan
+        row = next((r for r in data if isinstance(r, dict) and
+                    part in (r.get("pair"), r.get("name"))), None)
+        return metric_value(row, rest)
+    return math.nan
+
+
 def _value(run: dict[str, Any], stem: str, key: str) -> float:
-    value = (run["metrics"].get(stem) or {}).get(key)
-    return float(value) if isinstance(value, int | float) else math.nan
+    return metric_value(run["metrics"].get(stem), key)
 
 
 def summarise(setup: Any, runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -49,6 +72,7 @@ def summarise(setup: Any, runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
         rows.append(entry)
     return {"plan": setup.plan.name, "plan_file": str(setup.plan.path),
             "description": setup.plan.description, "baseline": base,
+            "target": setup.plan.target, "seed_key": setup.plan.seed,
             "commit": setup.baseline_rev, "seeds": setup.seeds, "extra_overrides": setup.extra,
             "metrics": [f"{s}.{k}" for s, k in setup.metrics], "rows": rows,
             "runs": {name: {k: r[k] for k in ("row", "seed", "commit")}
@@ -79,11 +103,12 @@ def markdown(summary: dict[str, Any], context: dict[str, Any]) -> str:
     lines = [f"# Ablation `{summary['plan']}`: {summary['description']}", "",
              f"- commit `{summary['commit']}`, plan `{summary['plan_file']}`, baseline row "
              f"`{base}` (the unchanged params)",
-             f"- seeds: train.seed = {', '.join(map(str, summary['seeds']))} (the same seed "
-             "gives every row the same initial weights and batch order)",
-             f"- teacher cache `{context['teacher']['store']}`, teacher fingerprint sha256 "
-             f"`{context['teacher']['teacher_fingerprint_sha256']}`, dataset fingerprint "
-             f"`{context['teacher']['dataset_fingerprint']}`",
+             f"- seeds: {summary['seed_key']} = {', '.join(map(str, summary['seeds']))} (the "
+             "same seed gives every row the same initial weights and batch order)",
+             (f"- teacher cache `{context['teacher']['store']}`, teacher fingerprint sha256 "
+              f"`{context['teacher']['teacher_fingerprint_sha256']}`, dataset fingerprint "
+              f"`{context['teacher']['dataset_fingerprint']}`" if context["teacher"] else
+              f"- teacher cache: not read by `{summary['target']}`"),
              f"- evaluation: {context['protocol']}",
              "- every row: " + (", ".join(f"`{k}={v}`" for k, v in
                                           summary["extra_overrides"].items()) or "params.yaml"),
