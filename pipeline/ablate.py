@@ -18,6 +18,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -226,7 +227,34 @@ def check_stage_one(setup: Setup) -> dict[str, Any] | None:
             raise PipelineError(f"{what} not up to date with {_rel(setup, lock)} (dvc "
                                 f"status: {', '.join(changed)} changed); run `dvc repro "
                                 f"{setup.dag.address(frozen[-1])}` first, then ablate")
+    check_inputs(setup)
     return teacher_info(setup)
+
+
+def check_inputs(setup: Setup) -> None:
+    """Every input the target's stages read exists in the temporary copy each run works
+    in: `dvc exp run --temp` copies what git tracks and checks out the DVC outputs, nothing
+    else, so a data set or weights folder inside the repository but in neither (the DELIVER
+    preset's data/DELIVER and weights/) would be missing there (DVC records even an
+    absolute path inside the repository relative to it). Paths outside the repository are
+    read in place."""
+    outs = [o for stage in setup.dag.stages.values() for o in stage.outs]
+    for name in setup.dag.runs(setup.target):
+        for dep in setup.dag.stages[name].deps:
+            if dep == ".." or dep.startswith("../") or \
+                    any(dep == o or dep.startswith(o + "/") for o in outs):
+                continue
+            if not (setup.root / dep).exists() or \
+                    _git(setup.root, "ls-files", "--", dep).strip():
+                continue  # missing here too: dvc status reports it; tracked: in the copy
+            frozen = setup.dag.frozen(setup.target)
+            again = setup.dag.address(frozen[-1] if frozen else setup.target)
+            raise PipelineError(f"{dep} (read by stage {name}) is in the repository but "
+                                "neither in git nor a DVC output, so the temporary copy each "
+                                "run works in (dvc exp run --temp) would lack it; keep it "
+                                "outside the repository, set its params key (dataset.root, "
+                                f"teacher.root) in {_rel(setup, setup.params_path)} to that "
+                                f"absolute path, `dvc repro {again}` and commit")
 
 
 def teacher_info(setup: Setup) -> dict[str, Any] | None:
@@ -306,9 +334,10 @@ def _set_args(setup: Setup, overrides: dict[str, Any]) -> list[str]:
 
 
 def run_one(setup: Setup, row: str, seed: int, gpu: str | None, log_dir: Path,
-            threads: int | None = None) -> str:
-    """One `dvc exp run --temp`; returns the experiment name. Its output goes to a log, and
-    while it runs `<log_dir>/<name>.pid` names its process (see `clean_killed_runs`)."""
+            threads: int | None = None) -> tuple[str, float]:
+    """One `dvc exp run --temp`; returns the experiment name and its wall seconds. Its
+    output goes to a log, and while it runs `<log_dir>/<name>.pid` names its process (see
+    `clean_killed_runs`)."""
     name = setup.run_name(row, seed)
     lock = setup.pipeline.parent / "dvc.lock"
     cmd = [_dvc_bin(), "--wait-for-lock", "exp", "run", "--temp", "--name", name]
@@ -337,7 +366,10 @@ def run_one(setup: Setup, row: str, seed: int, gpu: str | None, log_dir: Path,
             code = proc.wait()
         finally:
             marker.unlink(missing_ok=True)
-    text = log.read_text()
+        seconds = time.time() - started
+        f.flush()
+        text = log.read_text()
+        f.write(f"ablate: {name} took {seconds:.1f} s (exit {code})\n")
     if code != 0:
         raise PipelineError(f"run {name} failed ({_last_line(text)}); full log: {log}")
     reran = [s for s in setup.dag.frozen(setup.target)
@@ -345,7 +377,7 @@ def run_one(setup: Setup, row: str, seed: int, gpu: str | None, log_dir: Path,
     if reran:  # the up-front check makes this impossible; say so loudly if it happens
         raise PipelineError(f"run {name} reran {reran[0]} (stage one must not rerun); "
                             f"log: {log}")
-    return name
+    return name, seconds
 
 
 MARKER = ".pid"  # <log_dir>/<run name>.pid: {"pid": its dvc process, "baseline", "started"}
@@ -475,22 +507,31 @@ def ablate(setup: Setup, jobs: int = 1, echo: Any = print) -> dict[str, str]:
         log_dir.mkdir(parents=True, exist_ok=True)
         gpus = _gpus() if jobs > 1 else []
         threads = None if gpus or jobs == 1 else max(1, (os.cpu_count() or 1) // jobs)
-        slots = list(range(jobs))
+        slots, count, lock = list(range(jobs)), [0], threading.Lock()
 
         def work(item: tuple[str, int]) -> str:
-            slot = slots.pop()
+            with lock:
+                slot = slots.pop()
             try:
                 gpu = gpus[slot % len(gpus)] if gpus else None
                 echo(f"started {setup.run_name(*item)}"
                      + (f" (CUDA_VISIBLE_DEVICES={gpu})" if gpu is not None else ""))
-                return run_one(setup, *item, gpu, log_dir, threads)
+                name, seconds = run_one(setup, *item, gpu, log_dir, threads)
+                with lock:  # said here, before this worker takes the next run
+                    count[0] += 1
+                    echo(f"finished {name} ({count[0]} of {len(todo)}, {seconds:.0f} s)")
+                return name
             finally:
-                slots.append(slot)
+                with lock:
+                    slots.append(slot)
 
-        with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
-            futures = [pool.submit(work, item) for item in todo]
-            for i, future in enumerate(concurrent.futures.as_completed(futures), 1):
-                echo(f"finished {future.result()} ({i} of {len(todo)})")
+        pool = concurrent.futures.ThreadPoolExecutor(jobs)
+        try:
+            for future in concurrent.futures.as_completed([pool.submit(work, item)
+                                                           for item in todo]):
+                future.result()  # the first failure stops ablate with its message
+        finally:  # after a failure no new run starts; the running ones end first
+            pool.shutdown(wait=True, cancel_futures=True)
     done = finished_runs(setup.root, setup.baseline_rev)
     return {setup.run_name(r, s): done[setup.run_name(r, s)] for r, s in setup.runs()
             if setup.run_name(r, s) in done}

@@ -316,9 +316,9 @@ def ablated(tmp_path_factory):
     exps = repo / ".dvc" / "tmp" / "exps"
     for line in proc.stdout:
         first.append(line)
-        if line.startswith("started ") and any(x.startswith("finished ") for x in first):
-            # kill once the second run is under way in its temp folder (dvc's info file
-            # says running): ablate and the dvc run it started
+        if sum(x.startswith("started ") for x in first) == 2:
+            # kill once the second run (it starts when the first has finished) is under way
+            # in its temp folder (dvc's info file says running): ablate and its dvc run
             name, deadline = line.split()[1], time.monotonic() + 120
             while leftover is None and time.monotonic() < deadline:
                 leftover = next((Path(info["root_dir"]) for info in dvc_infos(exps)
@@ -467,3 +467,34 @@ def test_the_compact_exp_show_of_the_readme_has_the_baseline_and_headline_metric
     rows = {line[header.index("Experiment")]: line for line in lines}
     base = rows["table5-full-s3407"]
     assert float(base[header.index("mIoU")]) >= 0 and len(header) < 16
+
+
+@pytest_slow
+def test_a_committed_dvc_lock_works_too(ablated):
+    """The same plan after `git add dvc.lock && git commit`: runs of the new commit (the
+    old commit's are not its), no `-C dvc.lock` (the commit has it), and the same numbers
+    (DVC restores train and evaluate from its run cache: same params, code and data). Runs
+    last: it moves HEAD, and puts it back."""
+    repo, env = ablated["repo"], ablated["env"]
+    before = exp_metrics(repo)  # the first commit's runs
+    run(repo, "git", "add", "dvc.lock")
+    run(repo, "git", "commit", "-qm", "record stage one")
+    try:
+        cmd = [*ablated["cmd"][:-len(TINY) - 2], "--seeds", "1", *TINY]
+        assert cmd[cmd.index("--seeds") - 1] == "ce-only", cmd
+        out = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True,
+                             timeout=600)
+        assert out.returncode == 0, out.stdout + out.stderr
+        assert "2 runs, 0 finished, 2 to run" in out.stdout, out.stdout
+        logs = repo / "ablations" / "table5" / "logs"
+        log = (logs / "table5-ce-only-s3407.log").read_text()
+        assert " -C " not in log.splitlines()[0] and "Running stage 'cache_teacher'" not in log
+        report = json.loads((repo / "ablations" / "table5" / "report.json").read_text())
+        assert report["commit"][:7] != ablated["second"].split("on commit ")[1][:7]
+        shown = exp_metrics(repo)  # the new commit's runs
+        for row in report["rows"]:
+            for metric, m in row["metrics"].items():
+                name = f"table5-{row['row']}-s3407"
+                assert m["values"] == [shown[name][metric]] == [before[name][metric]]
+    finally:
+        run(repo, "git", "reset", "-q", "HEAD~1")
