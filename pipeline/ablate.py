@@ -15,6 +15,7 @@ import concurrent.futures
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -30,6 +31,7 @@ from pipeline.ablation_dag import STAGE_ONE, Pipeline, load_pipeline
 from pipeline.ablation_plan import Plan, assign, check_rows, load_plan, lookup
 from pipeline.errors import PipelineError
 
+EXPONENT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 HEADLINE = {"mss": "mIoU", "miss": "mean_mIoU", "sensor": "mean_of_groups_mIoU"}
 
 
@@ -102,7 +104,10 @@ def parse_set(values: tuple[str, ...] | list[str], params_file: Path | None = No
                 Path(file).resolve() != params_file.resolve():
             raise PipelineError(f"-S {item}: {file} is not the pipeline's params file "
                                 f"({os.path.relpath(params_file)}); name that file or none")
-        out[key.strip()] = yaml.safe_load(value)
+        parsed = yaml.safe_load(value)
+        if isinstance(parsed, str) and EXPONENT.fullmatch(parsed.strip()):
+            parsed = float(parsed)  # 1e-4: a number in YAML 1.2 (DVC's), a string in 1.1
+        out[key.strip()] = parsed
     return out
 
 

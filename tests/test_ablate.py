@@ -177,7 +177,7 @@ def test_the_deliver_preset_resolves_its_own_params(project):
     file as `dvc exp run -S` does, and every DVC argument names it (no training here: the
     real run is in tests/test_real_data_flow.py)."""
     deliver = Path("pipelines/deliver/dvc.yaml")
-    setup = prepare("table5", 2, "no-Lcr", ["pipelines/deliver/params.yaml:train.lr=0.0001",
+    setup = prepare("table5", 2, "no-Lcr", ["pipelines/deliver/params.yaml:train.lr=1e-4",
                                              "eval.limit=4"], [], deliver)
     assert setup.params_path == project / "pipelines" / "deliver" / "params.yaml"
     assert setup.extra == {"train.lr": 0.0001, "eval.limit": 4}
