@@ -16,7 +16,6 @@ import hashlib
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import threading
@@ -28,6 +27,7 @@ from typing import Any
 import yaml
 
 from pipeline.ablation_dag import STAGE_ONE, Pipeline, load_pipeline
+from pipeline.ablation_leftovers import MARKER, clean_killed_runs
 from pipeline.ablation_plan import Plan, assign, check_rows, load_plan, lookup
 from pipeline.errors import PipelineError
 
@@ -385,109 +385,6 @@ def run_one(setup: Setup, row: str, seed: int, gpu: str | None, log_dir: Path,
     return name, seconds
 
 
-MARKER = ".pid"  # <log_dir>/<run name>.pid: {"pid": its dvc process, "baseline", "started"}
-FINISHED = 6  # dvc's TaskStatus.FINISHED: the executor collected and cleaned up
-
-
-def _alive(pid: int, name: str) -> bool:
-    """Whether process `pid` is still the `dvc exp run` of `name` (a reused pid is not)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    proc = Path(f"/proc/{pid}")
-    if not proc.is_dir():  # no procfs: a live pid counts as the run
-        return True
-    try:
-        if proc.joinpath("stat").read_text().rpartition(")")[2].split()[0] in "ZX":
-            return False  # exited, not yet reaped
-        argv = proc.joinpath("cmdline").read_bytes().decode(errors="replace").split("\0")
-    except (OSError, IndexError):  # gone meanwhile
-        return False
-    return argv == [""] or name in argv  # empty: still starting (exec), count it as alive
-
-
-def _dvc_infos(exps: Path) -> list[tuple[Path, dict[str, Any]]]:
-    """dvc's executor info files (run/<rev>/<rev>.run, standalone/run/<rev>/<rev>.run)."""
-    out = []
-    for path in [*exps.glob("run/*/*.run"), *exps.glob("*/run/*/*.run")]:
-        try:
-            out.append((path, json.loads(path.read_text())))
-        except (OSError, ValueError):
-            continue
-    return out
-
-
-def _bare(folder: Path) -> bool:
-    """A temp folder dvc was killed in while creating it: an empty git repository only."""
-    git = folder / ".git"
-    return [p.name for p in folder.iterdir()] == [".git"] and git.is_dir() and \
-        not (git / "packed-refs").exists() and \
-        not any(p.is_file() for p in (git / "refs").rglob("*"))
-
-
-BARE_AGE_S = 60  # a bare temp folder this old is no live run's (dvc fills it in seconds)
-
-
-def clean_killed_runs(root: Path, log_dir: Path, echo: Any = print) -> list[str]:
-    """Remove what the runs of a killed ablate left under .dvc/tmp/exps; returns their names.
-
-    `dvc exp run --temp` works in .dvc/tmp/exps/standalone/tmpXXXX and removes it when it
-    ends; a SIGKILL leaves it (a full checkout, the data and the teacher cache included)
-    and its `.run` info files, which `dvc exp show` then lists as running. Only runs this
-    plan started are touched (a `.pid` marker in its log folder), only when that process
-    is gone (a run still alive stops ablate with a message instead), and only folders an
-    info file of that run names, or, for a run killed in its first second before dvc wrote
-    one, bare folders (an empty git repository) created after it started and over a
-    minute old."""
-    exps = (root / ".dvc" / "tmp" / "exps").resolve()
-    cleaned = []
-    for marker in sorted(log_dir.glob(f"*{MARKER}")) if log_dir.is_dir() else []:
-        name = marker.name[:-len(MARKER)]
-        try:
-            info = json.loads(marker.read_text())
-            pid, baseline, started = int(info["pid"]), str(info["baseline"]), \
-                float(info["started"])
-        except (OSError, ValueError, KeyError, TypeError):
-            marker.unlink(missing_ok=True)  # half-written: its run never started
-            continue
-        if _alive(pid, name):
-            raise PipelineError(f"run {name} is still running (pid {pid}, started by an "
-                                f"earlier ablate); wait for it to end or stop it (kill {pid}), "
-                                "then rerun")
-        infos = _dvc_infos(exps) if exps.is_dir() else []
-        removed, found = [], False
-        for infofile, run in infos:
-            if run.get("name") != name or run.get("baseline_rev") != baseline or \
-                    run.get("status", 0) >= FINISHED:
-                continue
-            workdir = Path(run.get("root_dir") or "").resolve()
-            if workdir != exps and workdir.is_relative_to(exps) and workdir.is_dir():
-                shutil.rmtree(workdir, ignore_errors=True)
-                removed.append(workdir)
-            shutil.rmtree(infofile.parent, ignore_errors=True)
-            found = True
-        if not found:  # killed before dvc wrote its info file: at most a bare folder
-            named = {Path(run.get("root_dir") or "").resolve() for _, run in infos}
-            now = time.time()
-            for folder in exps.glob("*/tmp*") if exps.is_dir() else []:
-                age = folder.stat().st_mtime
-                if folder.is_dir() and folder.resolve() not in named and \
-                        started <= age <= now - BARE_AGE_S and _bare(folder):
-                    shutil.rmtree(folder, ignore_errors=True)
-                    removed.append(folder)
-        marker.unlink(missing_ok=True)
-        if not (found or removed):  # it ended (or never began) before its marker went
-            continue
-        cleaned.append(name)
-        echo(f"removed the leftovers of the killed run {name}"
-             + (f" ({', '.join(sorted(os.path.relpath(p, root) for p in removed))})"
-                if removed else ""))
-    return cleaned
-
-
 def ablate(setup: Setup, jobs: int = 1, echo: Any = print) -> dict[str, str]:
     """Run every missing (row, seed) and return {name: commit} of all of them."""
     if jobs < 1:
@@ -540,55 +437,3 @@ def ablate(setup: Setup, jobs: int = 1, echo: Any = print) -> dict[str, str]:
     done = finished_runs(setup.root, setup.baseline_rev)
     return {setup.run_name(r, s): done[setup.run_name(r, s)] for r, s in setup.runs()
             if setup.run_name(r, s) in done}
-
-
-def collect(setup: Setup) -> dict[str, dict[str, Any]]:
-    """Each finished run's metrics files, read from the experiment through DVC:
-    {name: {"row", "seed", "commit", "metrics": {stem: {...}}}}."""
-    import dvc.api
-
-    if not setup.baseline_rev:
-        setup.baseline_rev = baseline_rev(setup.root)
-    done = finished_runs(setup.root, setup.baseline_rev)
-    out = {}
-    for row, seed in setup.runs():
-        name = setup.run_name(row, seed)
-        if name not in done:
-            continue
-        check_finished(setup, name, done[name], row, seed)
-        files = {stem: json.loads(dvc.api.read(path, repo=str(setup.root), rev=done[name]))
-                 for stem, path in setup.metric_files.items()
-                 if stem in {s for s, _ in setup.metrics}}
-        out[name] = {"row": row, "seed": seed, "commit": done[name], "metrics": files}
-    return out
-
-
-def protocol(setup: Setup) -> str:
-    """The evaluation every run used: for `evaluate`, its params group with the -S
-    overrides; for another target, the stage's command."""
-    import copy
-
-    if setup.target != "evaluate":
-        return f"stage `{setup.target}`: `{setup.dag.stages[setup.target].cmd}`"
-    params = copy.deepcopy(setup.params)
-    for key, value in setup.extra.items():
-        assign(params, key, value)
-    ev = params.get("eval") or {}
-    shown = ", ".join(f"{k}={ev[k]}" for k in ("split", "setting", "protocol", "mode",
-                                                 "missing", "limit") if k in ev)
-    return (f"`pipeline evaluate` of each run's best.pt ({shown}; null protocol / missing: "
-            "the dataset's default, see metrics/report.md of any run)")
-
-
-def report(setup: Setup, check: bool = True) -> list[Path]:
-    """Render ablations/<plan>/report.{md,json} and plot.png from the finished runs."""
-    from pipeline import ablation_report
-
-    runs = collect(setup)
-    if not runs:
-        raise PipelineError(f"no finished run of plan {setup.plan.name!r} on commit "
-                            f"{setup.baseline_rev[:7]}; run `pipeline ablate "
-                            f"{setup.plan.name}` first")
-    context = {"teacher": teacher_info(setup), "protocol": protocol(setup)}
-    summary = ablation_report.summarise(setup, runs)
-    return ablation_report.write(summary, context, setup.out)

@@ -12,7 +12,10 @@ import math
 from pathlib import Path
 from typing import Any
 
+from pipeline.ablate import Setup, baseline_rev, check_finished, finished_runs, teacher_info
+from pipeline.ablation_plan import assign
 from pipeline.ablation_stats import mean_std, paired
+from pipeline.errors import PipelineError
 
 CONFIDENCE = 0.95
 
@@ -45,7 +48,7 @@ def _value(run: dict[str, Any], stem: str, key: str) -> float:
     return metric_value(run["metrics"].get(stem), key)
 
 
-def summarise(setup: Any, runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
+def summarise(setup: Setup, runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """The report's numbers: for each row and metric the per-seed values, mean, std, n and
     (not for the baseline) the paired difference over the seeds both rows finished."""
     base = setup.plan.baseline
@@ -166,3 +169,52 @@ def write(summary: dict[str, Any], context: dict[str, Any], out: Path) -> list[P
     js = out / "report.json"
     js.write_text(json.dumps({**summary, **context}, indent=2, allow_nan=True) + "\n")
     return [md, js, plot(summary, out / "plot.png")]
+
+
+def collect(setup: Setup) -> dict[str, dict[str, Any]]:
+    """Each finished run's metrics files, read from the experiment through DVC:
+    {name: {"row", "seed", "commit", "metrics": {stem: {...}}}}."""
+    import dvc.api
+
+    if not setup.baseline_rev:
+        setup.baseline_rev = baseline_rev(setup.root)
+    done = finished_runs(setup.root, setup.baseline_rev)
+    out = {}
+    for row, seed in setup.runs():
+        name = setup.run_name(row, seed)
+        if name not in done:
+            continue
+        check_finished(setup, name, done[name], row, seed)
+        files = {stem: json.loads(dvc.api.read(path, repo=str(setup.root), rev=done[name]))
+                 for stem, path in setup.metric_files.items()
+                 if stem in {s for s, _ in setup.metrics}}
+        out[name] = {"row": row, "seed": seed, "commit": done[name], "metrics": files}
+    return out
+
+
+def protocol(setup: Setup) -> str:
+    """The evaluation every run used: for `evaluate`, its params group with the -S
+    overrides; for another target, the stage's command."""
+    import copy
+
+    if setup.target != "evaluate":
+        return f"stage `{setup.target}`: `{setup.dag.stages[setup.target].cmd}`"
+    params = copy.deepcopy(setup.params)
+    for key, value in setup.extra.items():
+        assign(params, key, value)
+    ev = params.get("eval") or {}
+    shown = ", ".join(f"{k}={ev[k]}" for k in ("split", "setting", "protocol", "mode",
+                                                 "missing", "limit") if k in ev)
+    return (f"`pipeline evaluate` of each run's best.pt ({shown}; null protocol / missing: "
+            "the dataset's default, see metrics/report.md of any run)")
+
+
+def report(setup: Setup) -> list[Path]:
+    """Render ablations/<plan>/report.{md,json} and plot.png from the finished runs."""
+    runs = collect(setup)
+    if not runs:
+        raise PipelineError(f"no finished run of plan {setup.plan.name!r} on commit "
+                            f"{setup.baseline_rev[:7]}; run `pipeline ablate "
+                            f"{setup.plan.name}` first")
+    context = {"teacher": teacher_info(setup), "protocol": protocol(setup)}
+    return write(summarise(setup, runs), context, setup.out)

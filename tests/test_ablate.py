@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.ablate import BARE_AGE_S, clean_killed_runs, prepare
+from pipeline.ablate import prepare
+from pipeline.ablation_leftovers import BARE_AGE_S, clean_killed_runs
 from pipeline.ablation_report import metric_value
 from pipeline.ablation_stats import paired, t_quantile
 from pipeline.cli import main
