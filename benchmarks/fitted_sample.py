@@ -2,8 +2,9 @@
 and its cache, all kept in one work folder so a second run (or another script given the
 same folder) reuses them instead of fitting the teacher again (about 2 minutes on 2 cores).
 
-Used by `ablation_sample.py` and `teacher_codes.py`; imported as a sibling module (both run as
-`python benchmarks/<script>.py`, which puts this folder on `sys.path`).
+Used by `teacher_codes.py` (and by `ablation_sample.py` before it called `pipeline ablate`);
+imported as a sibling module (run as `python benchmarks/<script>.py`, which puts this folder
+on `sys.path`).
 """
 
 from __future__ import annotations

@@ -5,8 +5,8 @@ reconstruction, and the code loss's step cost.
                                    [--parts size,step] [--work DIR]
 
 Both parts read the **fitted** default teacher of params.yaml (`teacher.fit`), fitted on
-the default generated sample as `ablation_sample.py` does (`--work` keeps sample, teacher
-and stores for the next run of either script).
+the default generated sample (`--work` keeps sample, teacher and stores for the next
+run).
 
 1. size: for each K, `cache-teacher --dense codebook:K`; bytes per sample of the uint16
    codes (raw and on disk) against fp16 dense tokens, and the held-out reconstruction
@@ -19,7 +19,8 @@ and stores for the next run of either script).
    larger of what it would be against a full LSCD step (goal <= 15 %).
 
 The 4-row ablation (full, + codes, isolated, isolated + codes) is
-`python benchmarks/ablation_sample.py --variants teacher_codes`.
+`python benchmarks/ablation_sample.py --plan benchmarks/plans/teacher_codes.yaml
+--project-set teacher.dense=codebook:256` (`pipeline ablate` on the sample).
 Prints Markdown tables and writes benchmarks/results/teacher_codes.json after every part.
 """
 
@@ -139,7 +140,7 @@ def main() -> None:
     parts = args.parts.split(",")
     if set(parts) - {"size", "step"}:
         parser.error(f"--parts takes size and/or step, got {args.parts!r} (the ablation is "
-                     "ablation_sample.py --variants teacher_codes)")
+                     "ablation_sample.py --plan benchmarks/plans/teacher_codes.yaml)")
     ks = [int(k) for k in args.ks.split(",")]
     torch.set_num_threads(args.threads)
     result: dict[str, Any] = {"benchmark": "teacher_codes", "cpu_count": os.cpu_count(),

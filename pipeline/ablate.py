@@ -15,25 +15,23 @@ import concurrent.futures
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
+import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from pipeline.ablation_plan import (
-    STUDENT_STAGES,
-    Plan,
-    assign,
-    check_rows,
-    load_plan,
-    lookup,
-    stage_params,
-)
+from pipeline.ablation_dag import STAGE_ONE, Pipeline, load_pipeline
+from pipeline.ablation_leftovers import MARKER, clean_killed_runs
+from pipeline.ablation_plan import Plan, assign, check_rows, load_plan, lookup
 from pipeline.errors import PipelineError
 
+EXPONENT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 HEADLINE = {"mss": "mIoU", "miss": "mean_mIoU", "sensor": "mean_of_groups_mIoU"}
 
 
@@ -50,8 +48,13 @@ class Setup:
     seeds: list[int]
     metrics: list[tuple[str, str]]  # (file stem, key)
     metric_files: dict[str, str]  # stem -> path relative to the repository root
+    dag: Pipeline
     baseline_rev: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def target(self) -> str:
+        return self.plan.target
 
     def run_name(self, row: str, seed: int) -> str:
         return f"{self.plan.name}-{row}-s{seed}"
@@ -62,7 +65,7 @@ class Setup:
 
     def overrides(self, row: str, seed: int) -> dict[str, Any]:
         """What the run sets: the -S overrides, the row's own and its seed."""
-        return {**self.extra, **self.rows[row], "train.seed": seed}
+        return {**self.extra, **self.rows[row], self.plan.seed: seed}
 
     @property
     def out(self) -> Path:
@@ -86,14 +89,25 @@ def _dvc_bin() -> str:
     return str(here) if here.exists() else "dvc"
 
 
-def parse_set(values: tuple[str, ...] | list[str]) -> dict[str, Any]:
-    """`-S key=value` pairs; values are YAML, as DVC reads them."""
+def parse_set(values: tuple[str, ...] | list[str], params_file: Path | None = None
+              ) -> dict[str, Any]:
+    """`-S key=value` pairs; values are YAML, as DVC reads them. As with `dvc exp run`, a
+    key may name its params file (`pipelines/deliver/params.yaml:train.lr=1e-4`): it must
+    be the pipeline's own (`params_file`)."""
     out = {}
     for item in values:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise PipelineError(f"-S expects KEY=VALUE (a dotted params.yaml key), got {item!r}")
-        out[key.strip()] = yaml.safe_load(value)
+        file, colon, key = key.strip().rpartition(":")
+        if colon and params_file is not None and \
+                Path(file).resolve() != params_file.resolve():
+            raise PipelineError(f"-S {item}: {file} is not the pipeline's params file "
+                                f"({os.path.relpath(params_file)}); name that file or none")
+        parsed = yaml.safe_load(value)
+        if isinstance(parsed, str) and EXPONENT.fullmatch(parsed.strip()):
+            parsed = float(parsed)  # 1e-4: a number in YAML 1.2 (DVC's), a string in 1.1
+        out[key.strip()] = parsed
     return out
 
 
@@ -112,22 +126,31 @@ def prepare(plan_name: str, seeds: int, rows: str | None, sets: list[str] | tupl
         raise PipelineError(f"{dvc_yaml.parent} is not in a git repository; ablate records "
                             "runs as DVC experiments of a commit (git init, git add -A, "
                             "git commit)")
-    root = Path(top)
-    spec = yaml.safe_load(dvc_yaml.read_text()) or {}
-    missing = [s for s in STUDENT_STAGES if s not in (spec.get("stages") or {})]
-    if missing:
-        raise PipelineError(f"{dvc_yaml} has no stage {missing[0]!r}; ablate runs the "
-                            f"{' and '.join(STUDENT_STAGES)} stages")
+    root = Path(top).resolve()
     params_path = dvc_yaml.parent / "params.yaml"
     from pipeline.config import load_params
 
     params = load_params(params_path)
     rel_params = os.path.relpath(params_path, Path.cwd())
-    extra = parse_set(sets)
+    dag = load_pipeline(dvc_yaml, root, params, params_path)
+    if plan.target not in dag.stages:
+        raise PipelineError(f"{plan.path}: target {plan.target!r}: {dvc_yaml} has no such "
+                            f"stage (its stages: {', '.join(dag.stages)})")
+    extra = parse_set(sets, params_path)
     selected = [r.strip() for r in rows.split(",") if r.strip()] if rows else []
-    checked = check_rows(plan, selected, extra, params, stage_params(spec), rel_params)
-    _check_values({r: {**extra, **o} for r, o in checked.items()}, params, rel_params)
-    wanted = list(HEADLINE.items())
+    checked = check_rows(plan, selected, extra, params,
+                         {s: list(dag.stages[s].params) for s in dag.ablated(plan.target)},
+                         {s: list(dag.stages[s].params) for s in dag.frozen(plan.target)},
+                         rel_params)
+    _check_values({r: {**extra, **o} for r, o in checked.items()}, params, rel_params,
+                  dag.ablated(plan.target))
+    files = {Path(path).stem: path for path in dag.stages[plan.target].metrics}
+    if plan.metrics:
+        wanted = [tuple(m.split(".", 1)) for m in plan.metrics]
+    elif plan.target == "evaluate":
+        wanted = list(HEADLINE.items())
+    else:  # load_plan requires metrics for another target
+        wanted = []
     for name in metrics:
         stem, dot, key = name.partition(".")
         if not dot or not key:
@@ -135,28 +158,28 @@ def prepare(plan_name: str, seeds: int, rows: str | None, sets: list[str] | tupl
                                 f"mss.mAcc or miss.rgb-depth, got {name!r}")
         if (stem, key) not in wanted:
             wanted.append((stem, key))
-    files = {}
-    for entry in (spec["stages"]["evaluate"] or {}).get("metrics") or []:
-        path = next(iter(entry)) if isinstance(entry, dict) else entry
-        files[Path(path).stem] = os.path.relpath(dvc_yaml.parent / path, root)
     unknown = [s for s, _ in wanted if s not in files]
     if unknown:
-        raise PipelineError(f"--metric {unknown[0]}.*: the evaluate stage of {dvc_yaml} "
-                            f"writes no {unknown[0]}.json (it writes {', '.join(files)})")
-    base_seed = extra.get("train.seed", lookup(params, "train.seed")[1])
+        raise PipelineError(f"metric {unknown[0]}.*: the {plan.target} stage of {dvc_yaml} "
+                            f"writes no {unknown[0]}.json (it writes "
+                            f"{', '.join(files) or 'no metrics file'})")
+    base_seed = extra.get(plan.seed, lookup(params, plan.seed)[1])
     if not isinstance(base_seed, int) or isinstance(base_seed, bool):
-        raise PipelineError(f"{rel_params}: train.seed must be an integer, got {base_seed!r}")
-    extra.pop("train.seed", None)
+        raise PipelineError(f"{rel_params}: {plan.seed} must be an integer, got {base_seed!r}")
+    extra.pop(plan.seed, None)
     return Setup(plan, root, dvc_yaml, params_path, params, checked,
-                 [base_seed + i for i in range(seeds)], wanted, files, extra=extra)
+                 [base_seed + i for i in range(seeds)], wanted, files, dag, extra=extra)
 
 
-def _check_values(rows: dict[str, dict[str, Any]], params: dict[str, Any], source: str) -> None:
-    """Every row's values in range, by building the configs the stages build."""
+def _check_values(rows: dict[str, dict[str, Any]], params: dict[str, Any], source: str,
+                  stages: list[str]) -> None:
+    """Every row's values in range, by building the configs the ablated stages build."""
     import copy
 
     from pipeline.config import Where, build
+    from stages.student.codealign.config import CodeAlignConfig
     from stages.student.evaluate import EvalConfig
+    from stages.student.model import StudentConfig
     from stages.student.train import TrainConfig
 
     for row, overrides in rows.items():
@@ -164,9 +187,18 @@ def _check_values(rows: dict[str, dict[str, Any]], params: dict[str, Any], sourc
         for key, value in overrides.items():
             assign(merged, key, value)
         try:
-            TrainConfig.from_params(merged, {}, source)
-            cfg = build(EvalConfig, dict(merged.get("eval") or {}), Where("eval", source))
-            cfg.validate(Where("eval", source))
+            if "train" in stages:
+                TrainConfig.from_params(merged, {}, source)
+            if "evaluate" in stages:
+                cfg = build(EvalConfig, dict(merged.get("eval") or {}), Where("eval", source))
+                cfg.validate(Where("eval", source))
+            if any(s.startswith("codealign") for s in stages):
+                ca = build(CodeAlignConfig, dict(merged.get("codealign") or {}),
+                           Where("codealign", source))
+                ca.validate(Where("codealign", source))
+                st = build(StudentConfig, dict(merged.get("student") or {}),
+                           Where("student", source))
+                st.validate(Where("student", source))
         except PipelineError as exc:
             raise PipelineError(f"row {row!r}: {exc}") from exc
 
@@ -175,39 +207,73 @@ def _rel(setup: Setup, path: Path) -> str:
     return os.path.relpath(path, setup.root)
 
 
-def check_stage_one(setup: Setup) -> dict[str, Any]:
-    """The pipeline up to the teacher cache is recorded in dvc.lock and up to date; returns
-    the cache's fingerprints (read once, named in the report)."""
+def check_stage_one(setup: Setup) -> dict[str, Any] | None:
+    """The stages the target runs before the ablated ones (stage one and its inputs) are
+    recorded in dvc.lock and up to date; returns the teacher cache's fingerprints (read
+    once, named in the report), None when the target does not read the teacher cache."""
     lock = setup.pipeline.parent / "dvc.lock"
+    frozen = setup.dag.frozen(setup.target)
     if not lock.is_file():
-        raise PipelineError(f"ablate needs the teacher cache recorded in {_rel(setup, lock)}: "
-                            "run `dvc repro` once (committing dvc.lock is optional)")
-    stages = yaml.safe_load(setup.pipeline.read_text())["stages"]
-    # the stages before train (dvc.yaml lists a pipeline in order): stage one and what
-    # feeds it; later stages (evaluate, the CodeAlign chain) are not ablate's concern
-    names = list(stages)
-    upstream = names[:names.index("train")]
-    prefix = "" if setup.pipeline.parent == setup.root else f"{_rel(setup, setup.pipeline)}:"
-    result = _dvc(setup.root, "status", "--json", *[prefix + s for s in upstream])
-    if result.returncode != 0:
-        raise PipelineError(f"dvc status failed: {_last_line(result.stderr or result.stdout)}")
-    changed = json.loads(result.stdout or "{}")
-    if changed:
-        raise PipelineError(f"the teacher cache is not up to date with {_rel(setup, lock)} "
-                            f"(dvc status: {', '.join(changed)} changed); run `dvc repro "
-                            f"{prefix}{upstream[-1]}` first, then ablate")
+        what = "the teacher cache" if STAGE_ONE in frozen else \
+            f"the stages before {setup.target}"
+        first = setup.dag.address(frozen[-1] if frozen else setup.target)
+        raise PipelineError(f"ablate needs {what} recorded in {_rel(setup, lock)}: run "
+                            f"`dvc repro {first}` once (committing dvc.lock is optional)")
+    if frozen:
+        result = _dvc(setup.root, "status", "--json",
+                      *[setup.dag.address(s) for s in frozen])
+        if result.returncode != 0:
+            raise PipelineError(f"dvc status failed: "
+                                f"{_last_line(result.stderr or result.stdout)}")
+        changed = json.loads(result.stdout or "{}")
+        if changed:
+            what = "the teacher cache is" if STAGE_ONE in frozen else \
+                f"{', '.join(frozen)} {'is' if len(frozen) == 1 else 'are'}"
+            raise PipelineError(f"{what} not up to date with {_rel(setup, lock)} (dvc "
+                                f"status: {', '.join(changed)} changed); run `dvc repro "
+                                f"{setup.dag.address(frozen[-1])}` first, then ablate")
+    check_inputs(setup)
     return teacher_info(setup)
 
 
-def teacher_info(setup: Setup) -> dict[str, Any]:
-    """The teacher cache's fingerprints, as the report names them."""
+def check_inputs(setup: Setup) -> None:
+    """Every input the target's stages read exists in the temporary copy each run works
+    in: `dvc exp run --temp` copies what git tracks and checks out the DVC outputs, nothing
+    else, so a data set or weights folder inside the repository but in neither (the DELIVER
+    preset's data/DELIVER and weights/) would be missing there (DVC records even an
+    absolute path inside the repository relative to it). Paths outside the repository are
+    read in place."""
+    outs = [o for stage in setup.dag.stages.values() for o in stage.outs]
+    for name in setup.dag.runs(setup.target):
+        for dep in setup.dag.stages[name].deps:
+            if dep == ".." or dep.startswith("../") or \
+                    any(dep == o or dep.startswith(o + "/") for o in outs):
+                continue
+            if not (setup.root / dep).exists() or \
+                    _git(setup.root, "ls-files", "--", dep).strip():
+                continue  # missing here too: dvc status reports it; tracked: in the copy
+            frozen = setup.dag.frozen(setup.target)
+            again = setup.dag.address(frozen[-1] if frozen else setup.target)
+            raise PipelineError(f"{dep} (read by stage {name}) is in the repository but "
+                                "neither in git nor a DVC output, so the temporary copy each "
+                                "run works in (dvc exp run --temp) would lack it; keep it "
+                                "outside the repository, set its params key (dataset.root, "
+                                f"teacher.root) in {_rel(setup, setup.params_path)} to that "
+                                f"absolute path, `dvc repro {again}` and commit")
+
+
+def teacher_info(setup: Setup) -> dict[str, Any] | None:
+    """The teacher cache's fingerprints, as the report names them (None when the target
+    does not read the teacher cache)."""
     from pipeline.store import open_cache
 
-    dataset = lookup(setup.params, "dataset.name")[1] or "sample"
-    cache = open_cache(setup.pipeline.parent / "cache" / f"{dataset}.zarr")
+    if STAGE_ONE not in setup.dag.frozen(setup.target):
+        return None
+    store = next(o for o in setup.dag.stages[STAGE_ONE].outs if o.endswith(".zarr"))
+    cache = open_cache(setup.root / store)
     fingerprint = cache.teacher_fingerprint
     digest = hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:16]
-    return {"store": _rel(setup, cache.path), "teacher_fingerprint_sha256": digest,
+    return {"store": store, "teacher_fingerprint_sha256": digest,
             "teacher_fingerprint": fingerprint,
             "dataset_fingerprint": cache.dataset_fingerprint}
 
@@ -272,38 +338,51 @@ def _set_args(setup: Setup, overrides: dict[str, Any]) -> list[str]:
     return args
 
 
-def run_one(setup: Setup, row: str, seed: int, gpu: str | None, log_dir: Path) -> str:
-    """One `dvc exp run --temp`; returns the experiment name. Its output goes to a log."""
+def run_one(setup: Setup, row: str, seed: int, gpu: str | None, log_dir: Path,
+            threads: int | None = None) -> tuple[str, float]:
+    """One `dvc exp run --temp`; returns the experiment name and its wall seconds. Its
+    output goes to a log, and while it runs `<log_dir>/<name>.pid` names its process (see
+    `clean_killed_runs`)."""
     name = setup.run_name(row, seed)
     lock = setup.pipeline.parent / "dvc.lock"
     cmd = [_dvc_bin(), "--wait-for-lock", "exp", "run", "--temp", "--name", name]
     if _git(setup.root, "ls-files", _rel(setup, lock)).strip() == "":
         cmd += ["-C", _rel(setup, lock)]  # untracked: copy the record of stage one in
     cmd += _set_args(setup, setup.overrides(row, seed))
-    # the target is evaluate (and what it needs): other stages of the pipeline, such as the
-    # CodeAlign chain of the root dvc.yaml, are not part of an ablation row
-    if setup.pipeline.parent != setup.root:
-        cmd.append(f"{_rel(setup, setup.pipeline)}:evaluate")
-    else:
-        cmd.append("evaluate")
+    # the plan's target (and what it needs): other stages of the pipeline, such as the
+    # CodeAlign chain of the root dvc.yaml for an evaluate plan, are not part of a row
+    cmd.append(setup.dag.address(setup.target))
     env = dict(os.environ)
     if gpu is not None:
         env["CUDA_VISIBLE_DEVICES"] = gpu
+    if threads is not None:  # CPU runs side by side share the cores instead of each taking all
+        env.setdefault("OMP_NUM_THREADS", str(threads))
     log = log_dir / f"{name}.log"
+    marker = log_dir / f"{name}{MARKER}"
     with open(log, "w") as f:
         f.write("$ " + " ".join(cmd) + "\n")
         f.flush()
-        code = subprocess.run(cmd, cwd=setup.root, env=env, stdout=f,
-                              stderr=subprocess.STDOUT).returncode
-    text = log.read_text()
+        started = time.time()
+        proc = subprocess.Popen(cmd, cwd=setup.root, env=env, stdout=f,
+                                stderr=subprocess.STDOUT)
+        try:
+            marker.write_text(json.dumps({"pid": proc.pid, "baseline": setup.baseline_rev,
+                                          "started": started}))
+            code = proc.wait()
+        finally:
+            marker.unlink(missing_ok=True)
+        seconds = time.time() - started
+        f.flush()
+        text = log.read_text()
+        f.write(f"ablate: {name} took {seconds:.1f} s (exit {code})\n")
     if code != 0:
         raise PipelineError(f"run {name} failed ({_last_line(text)}); full log: {log}")
-    stages = yaml.safe_load(setup.pipeline.read_text())["stages"]
-    reran = [s for s in stages if s not in STUDENT_STAGES and f"Running stage '{s}'" in text]
+    reran = [s for s in setup.dag.frozen(setup.target)
+             if f"Running stage '{setup.dag.address(s)}'" in text]
     if reran:  # the up-front check makes this impossible; say so loudly if it happens
         raise PipelineError(f"run {name} reran {reran[0]} (stage one must not rerun); "
                             f"log: {log}")
-    return name
+    return name, seconds
 
 
 def ablate(setup: Setup, jobs: int = 1, echo: Any = print) -> dict[str, str]:
@@ -311,6 +390,7 @@ def ablate(setup: Setup, jobs: int = 1, echo: Any = print) -> dict[str, str]:
     if jobs < 1:
         raise PipelineError(f"--jobs must be an integer >= 1, got {jobs}")
     setup.baseline_rev = baseline_rev(setup.root)
+    clean_killed_runs(setup.root, setup.out / "logs", echo)
     done = finished_runs(setup.root, setup.baseline_rev)
     todo = []
     for row, seed in setup.runs():
@@ -320,76 +400,40 @@ def ablate(setup: Setup, jobs: int = 1, echo: Any = print) -> dict[str, str]:
         else:
             todo.append((row, seed))
     total = len(setup.runs())
-    echo(f"{setup.plan.name}: {len(setup.rows)} rows x {len(setup.seeds)} seeds = {total} "
+    seeds = f"{len(setup.seeds)} seed" + "s" * (len(setup.seeds) != 1)
+    echo(f"{setup.plan.name}: {len(setup.rows)} rows x {seeds} = {total} "
          f"runs, {total - len(todo)} finished, {len(todo)} to run on commit "
          f"{setup.baseline_rev[:7]}")
     if todo:
         log_dir = setup.out / "logs"
         log_dir.mkdir(parents=True, exist_ok=True)
         gpus = _gpus() if jobs > 1 else []
-        slots = list(range(jobs))
+        threads = None if gpus or jobs == 1 else max(1, (os.cpu_count() or 1) // jobs)
+        slots, count, lock = list(range(jobs)), [0], threading.Lock()
 
         def work(item: tuple[str, int]) -> str:
-            slot = slots.pop()
+            with lock:
+                slot = slots.pop()
             try:
                 gpu = gpus[slot % len(gpus)] if gpus else None
-                return run_one(setup, *item, gpu, log_dir)
+                echo(f"started {setup.run_name(*item)}"
+                     + (f" (CUDA_VISIBLE_DEVICES={gpu})" if gpu is not None else ""))
+                name, seconds = run_one(setup, *item, gpu, log_dir, threads)
+                with lock:  # said here, before this worker takes the next run
+                    count[0] += 1
+                    echo(f"finished {name} ({count[0]} of {len(todo)}, {seconds:.0f} s)")
+                return name
             finally:
-                slots.append(slot)
+                with lock:
+                    slots.append(slot)
 
-        with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
-            futures = [pool.submit(work, item) for item in todo]
-            for i, future in enumerate(concurrent.futures.as_completed(futures), 1):
-                echo(f"finished {future.result()} ({i} of {len(todo)})")
+        pool = concurrent.futures.ThreadPoolExecutor(jobs)
+        try:
+            for future in concurrent.futures.as_completed([pool.submit(work, item)
+                                                           for item in todo]):
+                future.result()  # the first failure stops ablate with its message
+        finally:  # after a failure no new run starts; the running ones end first
+            pool.shutdown(wait=True, cancel_futures=True)
     done = finished_runs(setup.root, setup.baseline_rev)
     return {setup.run_name(r, s): done[setup.run_name(r, s)] for r, s in setup.runs()
             if setup.run_name(r, s) in done}
-
-
-def collect(setup: Setup) -> dict[str, dict[str, Any]]:
-    """Each finished run's metrics files, read from the experiment through DVC:
-    {name: {"row", "seed", "commit", "metrics": {stem: {...}}}}."""
-    import dvc.api
-
-    if not setup.baseline_rev:
-        setup.baseline_rev = baseline_rev(setup.root)
-    done = finished_runs(setup.root, setup.baseline_rev)
-    out = {}
-    for row, seed in setup.runs():
-        name = setup.run_name(row, seed)
-        if name not in done:
-            continue
-        check_finished(setup, name, done[name], row, seed)
-        files = {stem: json.loads(dvc.api.read(path, repo=str(setup.root), rev=done[name]))
-                 for stem, path in setup.metric_files.items()
-                 if stem in {s for s, _ in setup.metrics}}
-        out[name] = {"row": row, "seed": seed, "commit": done[name], "metrics": files}
-    return out
-
-
-def protocol(setup: Setup) -> str:
-    """The evaluation every run used: the eval group of params with the -S overrides."""
-    import copy
-
-    params = copy.deepcopy(setup.params)
-    for key, value in setup.extra.items():
-        assign(params, key, value)
-    ev = params.get("eval") or {}
-    shown = ", ".join(f"{k}={ev[k]}" for k in ("split", "setting", "protocol", "mode",
-                                                 "missing", "limit") if k in ev)
-    return (f"`pipeline evaluate` of each run's best.pt ({shown}; null protocol / missing: "
-            "the dataset's default, see metrics/report.md of any run)")
-
-
-def report(setup: Setup, check: bool = True) -> list[Path]:
-    """Render ablations/<plan>/report.{md,json} and plot.png from the finished runs."""
-    from pipeline import ablation_report
-
-    runs = collect(setup)
-    if not runs:
-        raise PipelineError(f"no finished run of plan {setup.plan.name!r} on commit "
-                            f"{setup.baseline_rev[:7]}; run `pipeline ablate "
-                            f"{setup.plan.name}` first")
-    context = {"teacher": teacher_info(setup), "protocol": protocol(setup)}
-    summary = ablation_report.summarise(setup, runs)
-    return ablation_report.write(summary, context, setup.out)

@@ -9,8 +9,16 @@ every preset), so adding a row needs no code:
       full: {}                                  # the unchanged params
       no-Lcr: {train.loss.w_cr: 0.0}
 
-Keys are the dotted params.yaml keys `dvc exp run -S` takes. Every check here runs before
-anything trains, and each failure is one line naming the plan file and the row.
+Keys are the dotted params.yaml keys `dvc exp run -S` takes. A plan runs the `evaluate`
+stage and reports its headline metrics unless it names another target stage, its metrics
+and the key its seeds vary (CodeAlign is its own chain of stages):
+
+    target: codealign_evaluate
+    metrics: [codealign.mean.translated]        # FILE.KEY of the target's metrics files
+    seed: codealign.train_seed
+
+Every check here runs before anything trains, and each failure is one line naming the
+plan file and the row.
 """
 
 from __future__ import annotations
@@ -25,7 +33,7 @@ from pipeline.errors import PipelineError
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 NAME_RULE = "letters, digits, - and _ (it becomes part of a DVC experiment name)"
-STUDENT_STAGES = ("train", "evaluate")  # the stages an ablation may change
+PLAN_KEYS = ("description", "baseline", "rows", "target", "metrics", "seed")
 
 
 @dataclass(frozen=True)
@@ -37,6 +45,9 @@ class Plan:
     description: str
     baseline: str
     rows: dict[str, dict[str, Any]]
+    target: str = "evaluate"  # the stage each run reproduces (with what it depends on)
+    metrics: tuple[str, ...] = ()  # FILE.KEY; none: the evaluate stage's headline metrics
+    seed: str = "train.seed"  # the key --seeds varies
 
 
 def plan_file(name: str) -> Path:
@@ -65,10 +76,10 @@ def load_plan(name: str) -> Plan:
     stem = path.stem
     if not NAME.match(stem):
         raise PipelineError(f"{path}: the plan's file name must be {NAME_RULE}, got {stem!r}")
-    unknown = sorted(set(data) - {"description", "baseline", "rows"})
+    unknown = sorted(set(data) - set(PLAN_KEYS))
     if unknown:
-        raise PipelineError(f"{path}: unknown key {unknown[0]!r}; a plan has description, "
-                            "baseline and rows")
+        raise PipelineError(f"{path}: unknown key {unknown[0]!r}; a plan has "
+                            f"{', '.join(PLAN_KEYS)}")
     rows = data.get("rows")
     if not rows:
         raise PipelineError(f"{path}: the plan has no rows; give `rows:` with the baseline "
@@ -98,8 +109,22 @@ def load_plan(name: str) -> Plan:
     if len(rows) < 2:
         raise PipelineError(f"{path}: the plan holds only its baseline {baseline!r}; add a "
                             "row that changes something")
+    target, seed = data.get("target", "evaluate"), data.get("seed", "train.seed")
+    for key, value in (("target", target), ("seed", seed)):
+        if not isinstance(value, str) or not value:
+            raise PipelineError(f"{path}: {key} must be a "
+                                + ("stage name of dvc.yaml" if key == "target" else
+                                   "dotted params.yaml key") + f", got {value!r}")
+    metrics = data.get("metrics") or []
+    if not isinstance(metrics, list) or not all(
+            isinstance(m, str) and "." in m.strip(".") for m in metrics):
+        raise PipelineError(f"{path}: metrics must be a list of FILE.KEY (a key of the "
+                            f"target's metrics/FILE.json, e.g. mss.mIoU), got {metrics!r}")
+    if target != "evaluate" and not metrics:
+        raise PipelineError(f"{path}: a plan with target {target!r} must name its metrics "
+                            "(FILE.KEY of the metrics files that stage writes)")
     return Plan(stem, path, str(data.get("description") or ""), baseline,
-                {r: dict(o or {}) for r, o in rows.items()})
+                {r: dict(o or {}) for r, o in rows.items()}, target, tuple(metrics), seed)
 
 
 def lookup(params: dict[str, Any], key: str) -> tuple[bool, Any]:
@@ -125,26 +150,13 @@ def _under(key: str, entry: str) -> bool:
     return key == entry or key.startswith(entry + ".") or entry.startswith(key + ".")
 
 
-def stage_params(dvc_yaml: dict[str, Any]) -> dict[str, list[str]]:
-    """The params.yaml keys each stage of a dvc.yaml lists."""
-    out = {}
-    for stage, spec in (dvc_yaml.get("stages") or {}).items():
-        keys = []
-        for entry in (spec or {}).get("params") or []:
-            if isinstance(entry, str):
-                keys.append(entry)
-            elif isinstance(entry, dict):  # {params-file: [keys]}
-                keys += [k for ks in entry.values() for k in (ks or [])]
-        out[stage] = keys
-    return out
-
-
 def check_rows(plan: Plan, selected: list[str], extra: dict[str, Any], params: dict[str, Any],
-               stages: dict[str, list[str]], params_path: str = "params.yaml"
-               ) -> dict[str, dict[str, Any]]:
+               ablated: dict[str, list[str]], frozen: dict[str, list[str]],
+               params_path: str = "params.yaml") -> dict[str, dict[str, Any]]:
     """Every selected row's overrides (with `extra`, the command line's -S, added), checked
-    against params.yaml and the pipeline: keys that exist, that only the student stages
-    read (stage one never reruns), and rows that really differ from the baseline and from
+    against params.yaml and the pipeline: keys that exist, that only the stages the target
+    runs after stage one read (`ablated`: stage -> its params keys; `frozen`: stage one and
+    its inputs, which never rerun), and rows that really differ from the baseline and from
     each other. Returns {row: its own overrides} for the selected rows, baseline first."""
     where = plan.path
     unknown_rows = [r for r in selected if r not in plan.rows]
@@ -155,8 +167,8 @@ def check_rows(plan: Plan, selected: list[str], extra: dict[str, Any], params: d
     if len(names) < 2:
         raise PipelineError(f"--rows names only the baseline {plan.baseline!r}; add a row "
                             f"of {', '.join(r for r in plan.rows if r != plan.baseline)}")
-    student = [k for s in STUDENT_STAGES for k in stages.get(s, [])]
-    upstream = {k: s for s, keys in stages.items() if s not in STUDENT_STAGES for k in keys}
+    readable = [k for keys in ablated.values() for k in keys]
+    upstream = {k: s for s, keys in frozen.items() for k in keys}
 
     def check_key(key: str, origin: str) -> None:
         found, _ = lookup(params, key)
@@ -164,12 +176,17 @@ def check_rows(plan: Plan, selected: list[str], extra: dict[str, Any], params: d
             raise PipelineError(f"{origin}: unknown parameter {key!r}: {params_path} has no "
                                 "such key (keys are dotted, e.g. train.loss.w_cr)")
         clash = next((s for k, s in upstream.items() if _under(key, k)), None)
-        if clash is not None or not any(_under(key, k) for k in student):
-            why = f"stage {clash!r} reads it" if clash else "no student stage reads it"
-            raise PipelineError(f"{origin}: {key!r} cannot be ablated ({why}); ablations "
-                                f"change only what {' and '.join(STUDENT_STAGES)} read, so "
-                                "the teacher cache is never recomputed")
+        if clash is not None:
+            raise PipelineError(f"{origin}: {key!r} cannot be ablated (stage {clash!r} reads "
+                                f"it); ablations change only what {', '.join(ablated)} read, "
+                                f"so {', '.join(frozen)} never "
+                                f"{'reruns' if len(frozen) == 1 else 'rerun'}")
+        if not any(_under(key, k) for k in readable):
+            raise PipelineError(f"{origin}: {key!r} cannot be ablated: no stage that "
+                                f"{plan.target!r} runs reads it ({', '.join(ablated)}); "
+                                "give the plan the target stage that uses it")
 
+    check_key(plan.seed, f"{where}: seed")
     for key in extra:
         check_key(key, "-S")
     out: dict[str, dict[str, Any]] = {}
@@ -177,9 +194,9 @@ def check_rows(plan: Plan, selected: list[str], extra: dict[str, Any], params: d
     for row in names:
         overrides = plan.rows[row]
         for key in overrides:
-            if key == "train.seed":
-                raise PipelineError(f"{where}: row {row!r} sets train.seed; the seeds come "
-                                    "from --seeds (train.seed, train.seed + 1, ...)")
+            if key == plan.seed:
+                raise PipelineError(f"{where}: row {row!r} sets {key}; the seeds come "
+                                    f"from --seeds ({key}, {key} + 1, ...)")
             check_key(key, f"{where}: row {row!r}")
             if key in extra:
                 raise PipelineError(f"-S {key} conflicts with row {row!r} of {where}, which "

@@ -12,17 +12,43 @@ import math
 from pathlib import Path
 from typing import Any
 
+from pipeline.ablate import Setup, baseline_rev, check_finished, finished_runs, teacher_info
+from pipeline.ablation_plan import assign
 from pipeline.ablation_stats import mean_std, paired
+from pipeline.errors import PipelineError
 
 CONFIDENCE = 0.95
 
 
+def metric_value(data: Any, key: str) -> float:
+    """`key` of a metrics file's JSON: a top-level key (`mIoU`, `rgb-depth`), else a dotted
+    path; in a list of rows (CodeAlign's one row per translator) a part picks the row whose
+    `pair` or `name` it is, and `mean` averages the rest of the path over all rows. NaN
+    when the file has no such value."""
+    if isinstance(data, dict) and key in data:
+        value = data[key]
+        return float(value) if isinstance(value, int | float) and \
+            not isinstance(value, bool) else math.nan
+    part, dot, rest = key.partition(".")
+    if not dot:
+        return math.nan
+    if isinstance(data, dict):
+        return metric_value(data.get(part), rest)
+    if isinstance(data, list):
+        if part == "mean":
+            values = [metric_value(row, rest) for row in data]
+            return sum(values) / len(values) if values else math.nan
+        row = next((r for r in data if isinstance(r, dict) and
+                    part in (r.get("pair"), r.get("name"))), None)
+        return metric_value(row, rest)
+    return math.nan
+
+
 def _value(run: dict[str, Any], stem: str, key: str) -> float:
-    value = (run["metrics"].get(stem) or {}).get(key)
-    return float(value) if isinstance(value, int | float) else math.nan
+    return metric_value(run["metrics"].get(stem), key)
 
 
-def summarise(setup: Any, runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
+def summarise(setup: Setup, runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """The report's numbers: for each row and metric the per-seed values, mean, std, n and
     (not for the baseline) the paired difference over the seeds both rows finished."""
     base = setup.plan.baseline
@@ -49,6 +75,7 @@ def summarise(setup: Any, runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
         rows.append(entry)
     return {"plan": setup.plan.name, "plan_file": str(setup.plan.path),
             "description": setup.plan.description, "baseline": base,
+            "target": setup.plan.target, "seed_key": setup.plan.seed,
             "commit": setup.baseline_rev, "seeds": setup.seeds, "extra_overrides": setup.extra,
             "metrics": [f"{s}.{k}" for s, k in setup.metrics], "rows": rows,
             "runs": {name: {k: r[k] for k in ("row", "seed", "commit")}
@@ -79,11 +106,12 @@ def markdown(summary: dict[str, Any], context: dict[str, Any]) -> str:
     lines = [f"# Ablation `{summary['plan']}`: {summary['description']}", "",
              f"- commit `{summary['commit']}`, plan `{summary['plan_file']}`, baseline row "
              f"`{base}` (the unchanged params)",
-             f"- seeds: train.seed = {', '.join(map(str, summary['seeds']))} (the same seed "
-             "gives every row the same initial weights and batch order)",
-             f"- teacher cache `{context['teacher']['store']}`, teacher fingerprint sha256 "
-             f"`{context['teacher']['teacher_fingerprint_sha256']}`, dataset fingerprint "
-             f"`{context['teacher']['dataset_fingerprint']}`",
+             f"- seeds: {summary['seed_key']} = {', '.join(map(str, summary['seeds']))} (the "
+             "same seed gives every row the same initial weights and batch order)",
+             (f"- teacher cache `{context['teacher']['store']}`, teacher fingerprint sha256 "
+              f"`{context['teacher']['teacher_fingerprint_sha256']}`, dataset fingerprint "
+              f"`{context['teacher']['dataset_fingerprint']}`" if context["teacher"] else
+              f"- teacher cache: not read by `{summary['target']}`"),
              f"- evaluation: {context['protocol']}",
              "- every row: " + (", ".join(f"`{k}={v}`" for k, v in
                                           summary["extra_overrides"].items()) or "params.yaml"),
@@ -141,3 +169,52 @@ def write(summary: dict[str, Any], context: dict[str, Any], out: Path) -> list[P
     js = out / "report.json"
     js.write_text(json.dumps({**summary, **context}, indent=2, allow_nan=True) + "\n")
     return [md, js, plot(summary, out / "plot.png")]
+
+
+def collect(setup: Setup) -> dict[str, dict[str, Any]]:
+    """Each finished run's metrics files, read from the experiment through DVC:
+    {name: {"row", "seed", "commit", "metrics": {stem: {...}}}}."""
+    import dvc.api
+
+    if not setup.baseline_rev:
+        setup.baseline_rev = baseline_rev(setup.root)
+    done = finished_runs(setup.root, setup.baseline_rev)
+    out = {}
+    for row, seed in setup.runs():
+        name = setup.run_name(row, seed)
+        if name not in done:
+            continue
+        check_finished(setup, name, done[name], row, seed)
+        files = {stem: json.loads(dvc.api.read(path, repo=str(setup.root), rev=done[name]))
+                 for stem, path in setup.metric_files.items()
+                 if stem in {s for s, _ in setup.metrics}}
+        out[name] = {"row": row, "seed": seed, "commit": done[name], "metrics": files}
+    return out
+
+
+def protocol(setup: Setup) -> str:
+    """The evaluation every run used: for `evaluate`, its params group with the -S
+    overrides; for another target, the stage's command."""
+    import copy
+
+    if setup.target != "evaluate":
+        return f"stage `{setup.target}`: `{setup.dag.stages[setup.target].cmd}`"
+    params = copy.deepcopy(setup.params)
+    for key, value in setup.extra.items():
+        assign(params, key, value)
+    ev = params.get("eval") or {}
+    shown = ", ".join(f"{k}={ev[k]}" for k in ("split", "setting", "protocol", "mode",
+                                                 "missing", "limit") if k in ev)
+    return (f"`pipeline evaluate` of each run's best.pt ({shown}; null protocol / missing: "
+            "the dataset's default, see metrics/report.md of any run)")
+
+
+def report(setup: Setup) -> list[Path]:
+    """Render ablations/<plan>/report.{md,json} and plot.png from the finished runs."""
+    runs = collect(setup)
+    if not runs:
+        raise PipelineError(f"no finished run of plan {setup.plan.name!r} on commit "
+                            f"{setup.baseline_rev[:7]}; run `pipeline ablate "
+                            f"{setup.plan.name}` first")
+    context = {"teacher": teacher_info(setup), "protocol": protocol(setup)}
+    return write(summarise(setup, runs), context, setup.out)

@@ -20,6 +20,9 @@ STAGE_ONE = "pipeline cache-teacher --dataset deliver --root data/DELIVER --teac
 REPRO = "dvc repro pipelines/deliver/dvc.yaml"
 EXPERIMENT = ("dvc exp run pipelines/deliver/dvc.yaml -S "
               "pipelines/deliver/params.yaml:train.loss.w_cr=0")
+# the README's experiment as an ablation of the preset pipeline, its params file named
+ABLATE = ("pipeline ablate table5 --pipeline pipelines/deliver/dvc.yaml --rows no-Lcr "
+          "--seeds 1 -S pipelines/deliver/params.yaml:eval.examples=1")
 EVALUATE = ("pipeline evaluate --checkpoint runs/deliver/best.pt --params "
             "pipelines/deliver/params.yaml --root data/DELIVER --setting all "
             "--out metrics/deliver-all")
@@ -87,6 +90,18 @@ def test_readme_real_data_flow(tmp_path, monkeypatch):
     sh(repo, "git add -A && git commit -qm lock")
     store = repo / "cache" / "deliver.zarr" / "zarr.json"
     before = store.stat().st_mtime_ns
+    # `pipeline ablate` on the preset, dvc.lock committed: the plan's keys and the -S naming
+    # the preset's params file resolve, stage one is up to date, then ablate refuses in one
+    # line before any run: the temporary copy a run works in would lack data/DELIVER (a
+    # real run needs the data outside the repository; runs are tested in test_ablate.py)
+    refused = subprocess.run(ABLATE, shell=True, cwd=repo, capture_output=True, text=True,
+                             env={**os.environ, "DVC_NO_ANALYTICS": "1", "PATH":
+                                  f"{Path(sys.executable).parent}:{os.environ['PATH']}"})
+    assert refused.returncode == 1 and refused.stderr.count("\n") == 1, refused.stderr
+    assert refused.stderr.startswith("error: data/DELIVER (read by stage cache_teacher) is "
+                                     "in the repository but neither in git nor a DVC output")
+    assert "dvc repro pipelines/deliver/dvc.yaml:cache_teacher` and commit" in refused.stderr
+    assert not (repo / "ablations").exists() and not refused.stdout
     out = sh(repo, EXPERIMENT)
     assert ran(out) == {"train", "evaluate"}
     assert store.stat().st_mtime_ns == before
