@@ -360,6 +360,37 @@ def test_a_first_run_reads_each_input_file_once(teacher_sample, tmp_path, monkey
         assert (size, mtime, digest) == (st.st_size, st.st_mtime_ns, file_digest(path))
 
 
+@pytest.mark.parametrize("slow", ["decoding", "model"])
+def test_the_reported_waiting_share_is_the_decoding_the_model_waited_for(
+        teacher_sample, tmp_path, monkeypatch, slow):
+    """`model_waited` (final line, cache-info) is the share of the loop the model spent
+    waiting for decoded samples: near all of it when decoding is slow, little when the
+    model is (only the first job's decoding cannot overlap)."""
+    from stages.teacher.languagebind import LanguageBind
+    from stages.teacher.run import ShardWorker
+
+    root, _ = teacher_sample
+    prepare, encode = ShardWorker.prepare, LanguageBind.encode_pixels
+
+    def slow_prepare(self, *args, **kwargs):
+        time.sleep(0.15 if slow == "decoding" else 0.0)
+        return prepare(self, *args, **kwargs)
+
+    def slow_encode(self, *args, **kwargs):  # 4 modalities: 0.4 s per job
+        time.sleep(0.1 if slow == "model" else 0.0)
+        return encode(self, *args, **kwargs)
+
+    monkeypatch.setattr(ShardWorker, "prepare", slow_prepare)
+    monkeypatch.setattr(LanguageBind, "encode_pixels", slow_encode)
+    report = cache_teacher(config(root, tmp_path / "c.zarr", split=["val"], rows_per_shard=2,
+                                  decode_workers=1))
+    assert report.model_busy + report.model_waited <= 1
+    if slow == "decoding":  # 12 x 0.15 s of decoding in one worker: the model waits
+        assert report.model_waited > 0.6 and report.model_busy < 0.4, report
+    else:  # 6 jobs x 0.4 s in the model; decoding overlaps all but the first job
+        assert report.model_waited < 0.3 and report.model_busy > 0.6, report
+
+
 def test_a_complete_store_needs_no_lock_and_is_not_written(teacher_sample, tmp_path,
                                                           monkeypatch):
     """A read-only but complete store failed on its .lock even with nothing to do."""
