@@ -54,7 +54,7 @@ demo: $(STAMP)
 clean-demo:
 	rm -rf $(SAMPLE) data/sample-teacher cache/sample.zarr runs/sample metrics
 
-# the prepared GPU check (README: Performance); `make gpu-check ARGS="--sections training"`
+# the prepared GPU check (docs/performance.md); `make gpu-check ARGS="--sections training"`
 .PHONY: gpu-check
 gpu-check: $(STAMP)
 	@$(PY) benchmarks/gpu_check.py $(ARGS)

@@ -62,7 +62,7 @@ def _report(losses: dict[str, list[float]], as_json: bool) -> None:
 @click.group("codealign", context_settings=CONTEXT)
 def codealign_group() -> None:
     """CodeAlign (CVPR 2026) as its authors' code runs it: modality groups that never
-    share a frame, a code space per group, translators between them (README: CodeAlign)."""
+    share a frame, a code space per group, translators between them (docs/codealign.md)."""
 
 
 @codealign_group.command("stage0", context_settings=CONTEXT)

@@ -68,3 +68,25 @@ def test_unknown_section_is_refused(tmp_path):
     assert proc.returncode == 2
     assert "unknown section 'speed'" in proc.stderr
     assert not (tmp_path / "x.json").exists()
+
+
+def test_logit_agreement_absorbs_round_off_not_a_different_computation(monkeypatch):
+    """The agreement section's evaluation rule: kernel round-off (~1e-6) passes even where
+    it flips a near-tied pixel; a different computation (1e-2 of the scale) fails."""
+    import importlib.util
+
+    import torch
+
+    spec = importlib.util.spec_from_file_location("gpu_check", "benchmarks/gpu_check.py")
+    gpu_check = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "gpu_check", gpu_check)  # dataclasses look it up
+    spec.loader.exec_module(gpu_check)
+    ref = torch.tensor([[2.0, 0.0], [0.5, 0.5 - 1e-7]]).T.reshape(2, 1, 2)  # (K, H, W)
+    rounded = ref.clone()
+    rounded[1, 0, 1] += 1e-6  # the second pixel's near-tie flips
+    got = gpu_check.logit_agreement(ref, rounded)
+    assert got["ok"] and got["flipped"] == 1 and got["widest_flipped_margin"] < 1e-6
+    other = ref.clone()
+    other[1] += 0.02 * ref.abs().max()
+    got = gpu_check.logit_agreement(ref, other)
+    assert not got["ok"] and got["flipped"] == 1

@@ -1,5 +1,5 @@
 """Per-modality codebooks for dense teacher targets (teacher-code compression; not
-CodeAlign, see README).
+CodeAlign, see docs/codealign.md).
 
 Patch tokens are unit vectors in LanguageBind's joint space, so the codebook is fitted by
 spherical mini-batch k-means: a token goes to the code with the largest dot product,
