@@ -6,9 +6,10 @@ evaluation, per sample, at DELIVER's real 1042 x 1042.
 
 Paths (each timed per sample, variants interleaved within every repeat, so drift in the
 machine's speed hits them alike; median and min-max over the repeats):
-- (a) stage one preprocessing: hashing the input files, decoding them and preprocessing
-  every modality for its LanguageBind branch (what the decode pool of `cache-teacher`
-  does per sample), against the floor: decoding the same files and nothing else.
+- (a) stage one preprocessing: reading each input file once, hashing and decoding it,
+  and preprocessing every modality for its LanguageBind branch (what the decode pool of
+  `cache-teacher` does per sample), against the floor: decoding the same files and
+  nothing else.
 - (b) the training data path: `StudentData[(epoch, i)]` at the DELIVER preset's crop
   (1024), against decoding its files (HHA depth) and nothing else.
 - (c) a student step (forward + backward) with every modality present, against the same
@@ -55,8 +56,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline import datasets
-from pipeline.content import file_digest
-from pipeline.datasets.decode import read_png
+from pipeline.datasets.decode import read_png, recording_digests
 from pipeline.synth import SampleSpec, make_sample
 
 MODALITIES = ["rgb", "depth", "event", "lidar"]
@@ -92,17 +92,16 @@ def decode_only(records: list[datasets.Record]) -> Callable[[], int]:
 
 # -- (a) stage one -------------------------------------------------------------------
 def stage_one(samples: datasets.SampleSequence) -> Callable[[], int]:
-    """What the decode pool does per sample on a fresh build: hash the inputs (the
-    `FileHashes` pass; folded into decoding when `read_png` hashes what it reads),
-    decode, preprocess every modality for its branch at 224 px."""
+    """What the decode pool does per sample on a fresh build (`ShardWorker.prepare` with
+    `hash_files`): read each file once, hash and decode it, preprocess every modality
+    for its branch at 224 px."""
     from stages.teacher.languagebind import preprocess_depth, preprocess_image
     from stages.teacher.run import model_input
 
     def run() -> int:
-        for i, record in enumerate(samples.records):
-            for path in record.files.values():
-                file_digest(path)
-            sample = samples[i]
+        for i in range(len(samples)):
+            with recording_digests():
+                sample = samples[i]
             for m, b in TEACHER_BRANCH.items():
                 x = model_input(sample, m, b)
                 if b == "depth":

@@ -323,6 +323,74 @@ def test_repair_recomputes_only_the_damaged_rows(own_sample, tmp_path):
     assert cache_teacher(config(own_sample, out, **kw)).status == "complete"
 
 
+def test_a_first_run_reads_each_input_file_once(teacher_sample, tmp_path, monkeypatch):
+    """The input hashes come from the read that decodes each file (there was a separate
+    hashing pass before), and equal that pass's: row hashes and remembered digests."""
+    import builtins
+    import io
+    from collections import Counter
+
+    from pipeline.content import FileHashes, file_digest
+    from stages.teacher.run import load_samples
+
+    root, _ = teacher_sample
+    out = tmp_path / "c.zarr"
+    cfg = config(root, out, split=["val"], rows_per_shard=4, batch_size=3)
+    files = [r.files for r in load_samples(cfg).records]  # raw depth for the depth branch
+    inputs = {os.path.abspath(p) for f in files for p in f.values()}
+    reads: Counter[str] = Counter()
+    real_open = io.open
+
+    def counting_open(file, *args, **kwargs):
+        if isinstance(file, (str, os.PathLike)) and os.path.abspath(file) in inputs:
+            reads[os.path.abspath(file)] += 1
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(io, "open", counting_open)
+    monkeypatch.setattr(builtins, "open", counting_open)
+    report = cache_teacher(cfg)
+    monkeypatch.undo()
+    assert set(reads) == inputs and max(reads.values()) == 1, reads.most_common(2)
+    assert report.hashed_files == len(inputs)
+    assert open_cache(out).read("input_hash").tolist() == FileHashes(None).sample_digests(files)
+    remembered = json.loads((out / ".input-hashes.json").read_text())["files"]
+    assert list(remembered) == sorted(inputs)
+    for path, (size, mtime, digest) in remembered.items():
+        st = os.stat(path)
+        assert (size, mtime, digest) == (st.st_size, st.st_mtime_ns, file_digest(path))
+
+
+@pytest.mark.parametrize("slow", ["decoding", "model"])
+def test_the_reported_waiting_share_is_the_decoding_the_model_waited_for(
+        teacher_sample, tmp_path, monkeypatch, slow):
+    """`model_waited` (final line, cache-info) is the share of the loop the model spent
+    waiting for decoded samples: near all of it when decoding is slow, little when the
+    model is (only the first job's decoding cannot overlap)."""
+    from stages.teacher.languagebind import LanguageBind
+    from stages.teacher.run import ShardWorker
+
+    root, _ = teacher_sample
+    prepare, encode = ShardWorker.prepare, LanguageBind.encode_pixels
+
+    def slow_prepare(self, *args, **kwargs):
+        time.sleep(0.15 if slow == "decoding" else 0.0)
+        return prepare(self, *args, **kwargs)
+
+    def slow_encode(self, *args, **kwargs):  # 4 modalities: 0.4 s per job
+        time.sleep(0.1 if slow == "model" else 0.0)
+        return encode(self, *args, **kwargs)
+
+    monkeypatch.setattr(ShardWorker, "prepare", slow_prepare)
+    monkeypatch.setattr(LanguageBind, "encode_pixels", slow_encode)
+    report = cache_teacher(config(root, tmp_path / "c.zarr", split=["val"], rows_per_shard=2,
+                                  decode_workers=1))
+    assert report.model_busy + report.model_waited <= 1
+    if slow == "decoding":  # 12 x 0.15 s of decoding in one worker: the model waits
+        assert report.model_waited > 0.6 and report.model_busy < 0.4, report
+    else:  # 6 jobs x 0.4 s in the model; decoding overlaps all but the first job
+        assert report.model_waited < 0.3 and report.model_busy > 0.6, report
+
+
 def test_a_complete_store_needs_no_lock_and_is_not_written(teacher_sample, tmp_path,
                                                           monkeypatch):
     """A read-only but complete store failed on its .lock even with nothing to do."""

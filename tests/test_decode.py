@@ -58,3 +58,17 @@ def test_damaged_file_gets_the_decoders_error_and_digest_is_of_the_bytes(tmp_pat
     path.write_bytes(path.read_bytes()[:60])
     with pytest.raises(DatasetError, match=r"cannot decode .*x\.png.*corrupt or truncated"):
         read_png(path)
+
+
+def test_recording_digests_hashes_what_each_read_decodes(tmp_path):
+    png, npy = tmp_path / "x.png", tmp_path / "y.npy"
+    Image.fromarray(KINDS["grey16"][0]).save(png)
+    np.save(npy, np.arange(6.0))
+    with decode.recording_digests() as seen:
+        read_png(png)
+        np.testing.assert_array_equal(decode.read_npy(npy), np.arange(6.0))
+    assert seen == {str(png.resolve()): file_digest(png), str(npy.resolve()): file_digest(npy)}
+    read_png(png)  # outside a block nothing is recorded
+    with decode.recording_digests() as again:
+        pass
+    assert again == {} and len(seen) == 2

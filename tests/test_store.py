@@ -4,7 +4,7 @@ import shutil
 import numpy as np
 import pytest
 
-from pipeline.content import FileHashes, file_digest, sample_digest
+from pipeline.content import FileHashes, file_digest, from_read, sample_digest
 from pipeline.errors import PipelineError
 from pipeline.store import (
     CacheWriter,
@@ -332,3 +332,36 @@ def test_input_hashes_are_of_file_bytes_and_remembered(tmp_path):
     assert edited != [expected]
     with pytest.raises(PipelineError, match="cannot read .*gone.png"):
         FileHashes(memo).sample_digests([{"rgb": tmp_path / "gone.png"}])
+
+
+def test_hashes_from_a_decoding_read_equal_the_hash_pass(tmp_path):
+    """`lookup` reads nothing; digests learned from the decoding read (or, for a file the
+    decoder did not record, hashed by `from_read`) give the hash pass's sample digests."""
+    files = []
+    for i in range(3):
+        f = {}
+        for kind in ("rgb", "label"):
+            f[kind] = tmp_path / f"{kind}{i}.png"
+            f[kind].write_bytes(f"{kind} {i}".encode())
+        files.append(f)
+    expected = FileHashes(None).sample_digests(files)
+    memo = tmp_path / "hashes.json"
+    hashes = FileHashes(memo)
+    assert hashes.lookup(files) == [None, None, None] and hashes.hashed == 0
+    read = {str(f["rgb"]): file_digest(f["rgb"]) for f in files}  # the decoder read rgb only
+    got = []
+    for f in files:
+        digest, extra = from_read(f, read)
+        assert extra == {str(f["label"]): file_digest(f["label"])}
+        hashes.learn({**read, **extra})
+        got.append(digest)
+    assert got == expected and hashes.hashed == 6 and hashes.save()
+    again = FileHashes(memo)
+    assert again.lookup(files) == expected and again.hashed == 0
+    # a done row's unknown files are read by `complete`; remembered ones are not
+    files[1]["rgb"].write_bytes(b"edited")
+    hashes = FileHashes(memo)
+    partial = hashes.lookup(files)
+    assert partial[0] == expected[0] and partial[1] is None
+    hashes.complete(files, partial, [1])
+    assert partial == FileHashes(None).sample_digests(files) and hashes.hashed == 1

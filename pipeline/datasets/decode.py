@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +26,39 @@ _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # grey + alpha, RGBA and 16-bit grey (PIL: I;16). Palette, 1/2/4-bit and 16-bit colour
 # images, and any file with a tRNS chunk, keep PIL's conversions.
 _LIBPNG_SAME = {(8, 0), (8, 2), (8, 4), (8, 6), (16, 0)}
+# {absolute path: sha256} of the files read in this thread inside `recording_digests`
+_RECORDING: ContextVar[dict[str, str] | None] = ContextVar("recorded_digests", default=None)
+
+
+@contextmanager
+def recording_digests() -> Iterator[dict[str, str]]:
+    """Within the block, every file this thread reads through `read_png` / `read_npy` adds
+    {absolute path: sha256 of the bytes read} to the yielded dict: the content hash of
+    `pipeline.content` from the read that decodes the file, so stage one reads each input
+    file once. Packed files are not hashed (their pack records their sha256)."""
+    seen: dict[str, str] = {}
+    token = _RECORDING.set(seen)
+    try:
+        yield seen
+    finally:
+        _RECORDING.reset(token)
+
+
+def _read(path: Path | PackedPath, digest: list[str] | None = None) -> bytes:
+    """A file's bytes, hashed for `digest` and for an active `recording_digests`."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise DatasetError(f"cannot read {path} ({exc.strerror}); restore the file, or pass "
+                           "--skip-bad to skip this sample") from exc
+    seen = _RECORDING.get()
+    if digest is not None or (seen is not None and not isinstance(path, PackedPath)):
+        hexdigest = hashlib.sha256(data).hexdigest()
+        if digest is not None:
+            digest.append(hexdigest)
+        if seen is not None and not isinstance(path, PackedPath):
+            seen[os.path.abspath(path)] = hexdigest
+    return data
 
 
 def _libpng(data: bytes) -> np.ndarray | None:
@@ -57,13 +94,7 @@ def read_png(path: Path | PackedPath, digest: list[str] | None = None) -> np.nda
     path = path if isinstance(path, PackedPath) else Path(path)
     if not path.is_file():
         raise DatasetError(f"missing file {path}")
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise DatasetError(f"cannot read {path} ({exc.strerror}); restore the file, or pass "
-                           "--skip-bad to skip this sample") from exc
-    if digest is not None:
-        digest.append(hashlib.sha256(data).hexdigest())
+    data = _read(path, digest)
     fast = _libpng(data)
     if fast is not None:
         return fast
@@ -97,7 +128,11 @@ def read_npy(path: Path | PackedPath) -> np.ndarray:
     if not path.is_file():
         raise DatasetError(f"missing file {path}")
     try:
+        if _RECORDING.get() is not None and not isinstance(path, PackedPath):
+            return np.load(io.BytesIO(_read(path)), allow_pickle=False)
         return np.load(open_binary(path), allow_pickle=False)
+    except DatasetError:
+        raise
     except (OSError, ValueError, EOFError) as exc:
         raise DatasetError(
             f"cannot read {path} ({exc}); the file is corrupt or truncated: "

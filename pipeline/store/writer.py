@@ -15,7 +15,7 @@ import hashlib
 import json
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -151,9 +151,14 @@ def mismatches(path: Path, spec: StoreSpec) -> tuple[TeacherCache | None, list[s
     return cache, problems
 
 
-def plan(cache: TeacherCache, input_hashes: Sequence[str], repair: bool,
-         show: bool = False) -> Plan:
-    """What a run must compute in an existing store whose rows match the request."""
+def plan(cache: TeacherCache, input_hashes: list[str | None], repair: bool,
+         show: bool = False,
+         complete: Callable[[list[int]], None] | None = None) -> Plan:
+    """What a run must compute in an existing store whose rows match the request.
+
+    An input hash may be None (a file's digest is not known yet): `complete(rows)` fills
+    those of the done rows it must compare (reading their files); the others, computed
+    anyway, take theirs from the read that decodes them."""
     done, damages = cache.scan(show)
     if damages and not repair:
         raise StoreDamage(cache.path, damages, cache.repair_command())
@@ -164,6 +169,12 @@ def plan(cache: TeacherCache, input_hashes: Sequence[str], repair: bool,
     ok_shards = [s for s in range(cache.num_shards)
                  if not bad.intersection(cache.shard_rows(s)) and
                  done[cache.shard_rows(s).start:cache.shard_rows(s).stop].any()]
+    unknown = [r for r in range(cache.n)
+               if done[r] and r not in bad and input_hashes[r] is None]
+    if unknown:
+        if complete is None:
+            raise ValueError("plan needs the input hashes of the done rows")
+        complete(unknown)
     stored = np.zeros(cache.n, dtype=cache.group["input_hash"].dtype)
     for block in shard_blocks(ok_shards):
         cache._read_shards("input_hash", block, lambda _s: False, [], stored)

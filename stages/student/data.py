@@ -50,19 +50,28 @@ Transform = Callable[[dict[str, np.ndarray], np.ndarray], tuple[dict[str, np.nda
 def to_unit(arr: np.ndarray) -> torch.Tensor:
     """H x W x 3 image as stored in a `Sample` -> (3, H, W) float32 model input before
     mean/std: integer images / 255 (DELIVER / MISS `Normalize`: `.float() / 255`, also for
-    uint16 depth), float images as they are (MCubeS AoLP / DoLP / 16-bit NIR)."""
-    x = torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)).astype(np.float32))
-    return x / 255.0 if np.issubdtype(arr.dtype, np.integer) else x
+    uint16 depth), float images as they are (MCubeS AoLP / DoLP / 16-bit NIR).
+
+    One pass writes the float copy in (3, H, W) order and the division runs in place:
+    the same numbers as transposing, converting and dividing into new arrays (integers
+    up to 65535 are exact in float32), with one full-frame copy instead of three."""
+    src = torch.from_numpy(arr).permute(2, 0, 1)
+    x = torch.empty(src.shape, dtype=torch.float32)
+    x.copy_(src)
+    return x.div_(255.0) if np.issubdtype(arr.dtype, np.integer) else x
 
 
-def normalise(name: str, img: torch.Tensor) -> torch.Tensor:
+def normalise(name: str, img: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """(3, H, W) `to_unit` scale -> RGB: ImageNet mean/std (`TF.normalize`); other
-    modalities are fed as they are (as DELIVER, CMNeXt and MISS)."""
+    modalities are fed as they are (as DELIVER, CMNeXt and MISS). With `out`, the result
+    is written there (the same numbers, without a temporary)."""
     if name == "rgb":
         mean = torch.tensor(IMAGENET_MEAN)[:, None, None]
         std = torch.tensor(IMAGENET_STD)[:, None, None]
-        img = (img - mean) / std
-    return img
+        if out is None:
+            return (img - mean) / std
+        return torch.sub(img, mean, out=out).div_(std)
+    return img if out is None else out.copy_(img)
 
 
 def black(name: str) -> torch.Tensor:
@@ -204,8 +213,12 @@ class StudentData(torch.utils.data.Dataset):
                     raise ValueError("isolated training needs (epoch, index, step) keys")
                 present = torch.zeros_like(present)
                 present[isolated_modality(self.seed, key[2], index, len(self.modalities))] = True
+        first = images[self.modalities[0]]
+        stacked = torch.empty((len(self.modalities), *first.shape), dtype=first.dtype)
+        for i, m in enumerate(self.modalities):  # each modality straight into the batch item
+            normalise(m, images[m], out=stacked[i])
         item = {
-            "images": torch.stack([normalise(m, images[m]) for m in self.modalities]),
+            "images": stacked,
             "label": label.long(), "present": present, "index": torch.tensor(index),
         }
         if self.targets is not None:

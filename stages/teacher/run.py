@@ -1,12 +1,15 @@
 """Stage one: run the frozen teachers once per sample into the zarr cache.
 
-Every run first hashes the files each sample is computed from (`pipeline.content`,
-remembered by size and mtime) and reads the store once, checking every chunk. The rows
-to compute are those not `done`, those whose input hash changed since they were written,
-and, with `--repair`, those in damaged shards. For each shard holding such rows: decode
-the samples and preprocess them for their LanguageBind branch (in a thread pool,
-overlapping the model), caption them, encode each modality (E_m) and the caption (E_S),
-and write the rows. The class names (E_C) are encoded once when the store is created.
+Every run first looks up the hashes of the files each sample is computed from
+(`pipeline.content`, remembered by size and mtime) and reads the store once, checking
+every chunk. The rows to compute are those not `done`, those whose input hash changed
+since they were written (a done row's unremembered files are read to hash them), and,
+with `--repair`, those in damaged shards. A computed row's unremembered files are
+hashed from the read that decodes them, so a first run reads each input file once.
+For each shard holding such rows: decode the samples and preprocess them for their
+LanguageBind branch (in a thread pool, overlapping the model), caption them, encode
+each modality (E_m) and the caption (E_S), and write the rows. The class names (E_C)
+are encoded once when the store is created.
 Compute batches are fixed subdivisions of a shard (of the store's batch size), and a
 changed row is recomputed within its whole batch, so a resumed, updated, repaired or
 distributed run does exactly the same arithmetic as a clean single-process build and
@@ -29,8 +32,9 @@ import numpy as np
 
 from pipeline import datasets
 from pipeline.config import Where, build, dataset_root, preset, preset_path
-from pipeline.content import FileHashes
+from pipeline.content import FileHashes, from_read
 from pipeline.datasets import Sample, SampleSequence
+from pipeline.datasets.decode import recording_digests
 from pipeline.devices import DEVICE_FORMS, is_device, resolve_device
 from pipeline.errors import PipelineError
 from pipeline.store import (
@@ -280,6 +284,7 @@ class Prepared:
 
     sample: Sample
     pixels: dict[str, torch.Tensor]
+    digests: dict[str, str] = field(default_factory=dict)  # files hashed as they were read
 
 
 def model_input(sample: Sample, modality: str, branch: str) -> np.ndarray:
@@ -317,11 +322,18 @@ class ShardWorker:
         self.model_seconds = 0.0
         self.codebooks: dict[str, np.ndarray] | None = None  # set to the store's (float16)
 
-    def prepare(self, index: int) -> Prepared:
-        sample = self.samples[index]
+    def prepare(self, index: int, hash_files: bool = False) -> Prepared:
+        """Decode and preprocess one sample; with `hash_files`, the sha256 of every file
+        is taken from the read that decodes it (`Prepared.digests`)."""
+        if not hash_files:
+            sample = self.samples[index]
+            digests: dict[str, str] = {}
+        else:
+            with recording_digests() as digests:
+                sample = self.samples[index]
         pixels = {m: self.teacher.preprocess(b, model_input(sample, m, b))
                   for m, b in self.branch_of.items()}
-        return Prepared(sample, pixels)
+        return Prepared(sample, pixels, digests)
 
     def compute(self, prepared: Sequence[Prepared], batch_size: int) -> tuple[
             list[str], np.ndarray, dict[str, np.ndarray], dict[str, np.ndarray] | None]:
@@ -471,7 +483,7 @@ class RunReport:
     new_rows: int = 0  # never computed before (or interrupted)
     changed_rows: int = 0  # recomputed because their files changed
     repaired_rows: int = 0  # recomputed because their chunks were damaged
-    hashed_files: int = 0  # input files read to hash them (0 when none changed)
+    hashed_files: int = 0  # input files hashed (0 when none changed), most while decoded
     extra: dict[str, Any] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
@@ -485,11 +497,15 @@ class ShardJob:
     shard: int
     compute: list[int]
     write: list[int]
-    hashes: list[str]  # input hashes of the `write` rows
+    hashes: list[str | None]  # input hashes of the `write` rows (None: from the decoding)
+
+    def hash_while_decoding(self) -> set[int]:
+        """The rows whose input hash comes from the read that decodes their files."""
+        return {r for r, h in zip(self.write, self.hashes, strict=True) if h is None}
 
 
-def shard_jobs(writer: CacheWriter, rows: Sequence[int], input_hashes: Sequence[str],
-               batch_size: int) -> list[ShardJob]:
+def shard_jobs(writer: CacheWriter, rows: Sequence[int],
+               input_hashes: Sequence[str | None], batch_size: int) -> list[ShardJob]:
     """Group rows by shard; recompute each row inside its whole compute batch, so its
     bytes equal a clean build's, and write exactly the rows asked for."""
     by_shard: dict[int, list[int]] = {}
@@ -508,12 +524,24 @@ def shard_jobs(writer: CacheWriter, rows: Sequence[int], input_hashes: Sequence[
 
 
 def run_job(worker: ShardWorker, writer: CacheWriter, job: ShardJob,
-            prepared: Sequence[Prepared]) -> None:
+            prepared: Sequence[Prepared]) -> dict[str, str]:
+    """Compute and write the job's rows; returns the digests of the files hashed while
+    they were decoded ({absolute path: sha256}, for `FileHashes.learn`)."""
     captions, scene, visual, codes = worker.compute(prepared, writer.batch_size)
     pick = [job.compute.index(r) for r in job.write]
+    read: dict[str, str] = {}
+    for p in prepared:
+        read.update(p.digests)
+    hashes = []
+    for r, i, h in zip(job.write, pick, job.hashes, strict=True):
+        if h is None:
+            h, extra = from_read(worker.samples.records[r].files, prepared[i].digests)
+            read.update(extra)
+        hashes.append(h)
     writer.write_rows(job.write, [captions[i] for i in pick], scene[pick],
-                      {m: v[pick] for m, v in visual.items()}, job.hashes,
+                      {m: v[pick] for m, v in visual.items()}, hashes,
                       None if codes is None else {m: c[pick] for m, c in codes.items()})
+    return read
 
 
 def cache_teacher(cfg: TeacherConfig,
@@ -528,21 +556,19 @@ def cache_teacher(cfg: TeacherConfig,
     check_out_path(out)
     samples = load_samples(cfg)
     hashes = FileHashes(out / HASHES_NAME)
-    input_hashes = hashes.sample_digests([r.files for r in samples.records])
     spec = StoreSpec(ids=samples.ids, modalities=list(cfg.branch_map()),
                      teacher_fingerprint=teacher_fingerprint(cfg, samples.classes),
                      dtype=cfg.dtype, rows_per_shard=cfg.rows_per_shard,
                      batch_size=cfg.batch_size, skipped=skipped_ids(cfg, samples))
     if not cfg.overwrite:
-        existing, todo = _inspect(cfg, out, spec, input_hashes)
+        existing, todo, input_hashes = _inspect(cfg, out, spec, samples, hashes)
         if existing is not None and todo.empty:
             if out.is_dir():
                 hashes.save()
             return RunReport(str(out), existing.n, 0, 0, time.perf_counter() - start, 0.0,
                              "complete", hashed_files=hashes.hashed)
     with writer_lock(out):
-        existing, todo = (None, Plan()) if cfg.overwrite else \
-            _inspect(cfg, out, spec, input_hashes)
+        existing, todo, input_hashes = _inspect(cfg, out, spec, samples, hashes)
         if existing is not None and todo.empty:  # another run finished it meanwhile
             return RunReport(str(out), existing.n, 0, 0, time.perf_counter() - start, 0.0,
                              "complete", hashed_files=hashes.hashed)
@@ -561,10 +587,10 @@ def cache_teacher(cfg: TeacherConfig,
         device = cfg.resolved_device()
         if cfg.scheduler:
             report = _run_distributed(cfg, samples, spec, writer, todo, input_hashes, out,
-                                      device, progress)
+                                      device, hashes, progress)
         else:
             report = _run_local(cfg, samples, spec, writer, todo, input_hashes, out, device,
-                                progress)
+                                hashes, progress)
         hashes.save()
     if writer is not None:
         report.new_rows, report.changed_rows = len(todo.new), len(todo.changed)
@@ -577,23 +603,31 @@ def cache_teacher(cfg: TeacherConfig,
     return report
 
 
-def _inspect(cfg: TeacherConfig, out: Path, spec: StoreSpec,
-             input_hashes: Sequence[str]) -> tuple[TeacherCache | None, Plan]:
-    """The existing store and what it needs (None: create a new one). Reads only."""
+def _inspect(cfg: TeacherConfig, out: Path, spec: StoreSpec, samples: SampleSequence,
+             hashes: FileHashes) -> tuple[TeacherCache | None, Plan, list[str | None]]:
+    """The existing store (None: create a new one), what it needs, and the input hashes.
+    Reads only. A row whose files' digests are not remembered gets None, unless it is
+    done and must be compared with the store: a row that is computed takes its hash
+    from the read that decodes its files (`run_job`), so a first run reads each once."""
+    files = [r.files for r in samples.records]
+    input_hashes = hashes.lookup(files)
+    if cfg.overwrite:
+        return None, Plan(), input_hashes
     cache, problems = mismatches(out, spec)
     if problems and cfg.on_mismatch != "rebuild":
         raise PipelineError(f"{out} was built differently: {' | '.join(problems)}; pass "
                             "--overwrite to rebuild it, or choose another --out")
     if cache is None or problems:
-        return None, Plan()
+        return None, Plan(), input_hashes
     big = cache.num_shards >= 32  # a progress bar only where the scan takes a while
-    todo = plan(cache, input_hashes, cfg.repair, show=big)
+    todo = plan(cache, input_hashes, cfg.repair, show=big,
+                complete=lambda rows: hashes.complete(files, input_hashes, rows))
     books = [name for name in todo.static if name.startswith("codebook/")]
     if books:  # refused before anything (the damaged file included) is touched
         raise PipelineError(f"{out}: {', '.join(books)} is damaged; every code of the store "
                             "was assigned against it, so it cannot be refitted in place: "
                             "rebuild the store with `pipeline cache-teacher --overwrite`")
-    return cache, todo
+    return cache, todo, input_hashes
 
 
 def _create(worker: ShardWorker, out: Path, spec: StoreSpec) -> CacheWriter:
@@ -638,7 +672,9 @@ def _prefetch(worker: ShardWorker, jobs: list[ShardJob], pool: ThreadPoolExecuto
     def submit() -> None:
         job = next(it, None)
         if job is not None:
-            queue.append((job, [pool.submit(worker.prepare, i) for i in job.compute]))
+            hashed = job.hash_while_decoding()
+            queue.append((job, [pool.submit(worker.prepare, i, i in hashed)
+                                for i in job.compute]))
 
     for _ in range(depth):
         submit()
@@ -653,8 +689,9 @@ def _prefetch(worker: ShardWorker, jobs: list[ShardJob], pool: ThreadPoolExecuto
 
 
 def _run_local(cfg: TeacherConfig, samples: SampleSequence, spec: StoreSpec,
-               writer: CacheWriter | None, todo: Plan, input_hashes: Sequence[str], out: Path,
-               device: str, progress: Callable[[int, int], None] | None) -> RunReport:
+               writer: CacheWriter | None, todo: Plan, input_hashes: Sequence[str | None],
+               out: Path, device: str, hashes: FileHashes,
+               progress: Callable[[int, int], None] | None) -> RunReport:
     worker = ShardWorker(cfg, samples, device)
     if writer is None:
         writer = _create(worker, out, spec)
@@ -671,7 +708,7 @@ def _run_local(cfg: TeacherConfig, samples: SampleSequence, spec: StoreSpec,
     waited = [0.0]
     with ThreadPoolExecutor(threads) as pool:
         for job, prepared in _prefetch(worker, jobs, pool, waited=waited):
-            run_job(worker, writer, job, prepared)
+            hashes.learn(run_job(worker, writer, job, prepared))
             done_rows += len(job.write)
             if progress:
                 progress(done_rows, total)
@@ -686,8 +723,10 @@ def _run_local(cfg: TeacherConfig, samples: SampleSequence, spec: StoreSpec,
 
 def decode_threads(cfg: TeacherConfig) -> int:
     """Decode workers: `teacher.decode_workers`, or 0 for one per CPU core (at least
-    4). Threads: PIL's decoders, torch's resizes and its operator calls (libpng's
-    `decode_png`) release the GIL."""
+    4). Threads, not processes: libpng (`decode_png`) and PIL decode, hashlib and torch's
+    resizes release the GIL: two decode threads wait for it 1-2 % of their time (two
+    processes 0 %, a pure Python control 19-27 %), and processes would only add sending
+    the tensors back (benchmarks/decode_workers.py, docs/performance.md)."""
     return cfg.decode_workers or max(4, os.cpu_count() or 1)
 
 
@@ -704,7 +743,7 @@ _WORKER_STATE: dict[str, tuple[ShardWorker, CacheWriter]] = {}
 
 
 def _shard_task(cfg_dict: dict[str, Any], out: str, device: str, threads: int,
-                job: ShardJob) -> tuple[int, int, float]:
+                job: ShardJob) -> tuple[int, int, float, dict[str, str]]:
     """Runs on a dask worker: load the teacher once per process, compute one shard's rows."""
     key = repr((sorted(cfg_dict.items()), out, device))
     if key not in _WORKER_STATE:
@@ -718,9 +757,10 @@ def _shard_task(cfg_dict: dict[str, Any], out: str, device: str, threads: int,
         _WORKER_STATE[key] = (worker, writer)
     worker, writer = _WORKER_STATE[key]
     before = worker.model_seconds
-    prepared = [worker.prepare(i) for i in job.compute]
-    run_job(worker, writer, job, prepared)
-    return job.shard, len(job.write), worker.model_seconds - before
+    hashed = job.hash_while_decoding()
+    prepared = [worker.prepare(i, i in hashed) for i in job.compute]
+    read = run_job(worker, writer, job, prepared)
+    return job.shard, len(job.write), worker.model_seconds - before, read
 
 
 def parse_scheduler(value: str, where: Where | None = None) -> tuple[str, int] | tuple[str, str]:
@@ -760,8 +800,9 @@ def _client(scheduler: str) -> tuple[Any, Any]:
 
 
 def _run_distributed(cfg: TeacherConfig, samples: SampleSequence, spec: StoreSpec,
-                     writer: CacheWriter | None, todo: Plan, input_hashes: Sequence[str],
-                     out: Path, device: str,
+                     writer: CacheWriter | None, todo: Plan,
+                     input_hashes: Sequence[str | None], out: Path, device: str,
+                     hashes: FileHashes,
                      progress: Callable[[int, int], None] | None) -> RunReport:
     from dask.distributed import as_completed
 
@@ -788,7 +829,8 @@ def _run_distributed(cfg: TeacherConfig, samples: SampleSequence, spec: StoreSpe
                                  pure=False, key=f"teacher-shard-{job.shard}") for job in jobs]
         done_rows, model_s = 0, 0.0
         for fut in as_completed(futures):
-            _, n_rows, seconds = fut.result()
+            _, n_rows, seconds, read = fut.result()
+            hashes.learn(read)
             done_rows += n_rows
             model_s += seconds
             if progress:
