@@ -88,6 +88,14 @@ def load_params(path: Path | str | None = None) -> dict[str, Any]:
     return load_yaml(path) if path.is_file() else {}
 
 
+def read_params(path: Path | None) -> tuple[dict[str, Any], str]:
+    """The parameters file a command was given (`--params`), or ./params.yaml when present,
+    with the name its errors use; a named file that does not exist is refused."""
+    if path is not None and not path.is_file():
+        raise PipelineError(f"parameters file {path} does not exist")
+    return load_params(path), str(path or "params.yaml")
+
+
 class Where:
     """Names a config value the way the user set it, for one-line errors:
     `params.yaml: train.crop` for a parameters-file value, `--crop` for a flag.

@@ -14,7 +14,8 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from typing import IO, Any
 
 LINE_EVERY_S = 10.0
@@ -155,3 +156,23 @@ def progress(iterable: Iterable[Any] | None = None, *, total: int | None = None,
         return bar
     return LineProgress(iterable, total=total, desc=desc, unit=unit, initial=initial,
                         stream=stream, heartbeat=True, start=start)
+
+
+@contextmanager
+def reporting(desc: str, unit: str, leave: bool = True,
+              start: float | None = None) -> Iterator[Callable[[int, int], None]]:
+    """A `progress(done, total)` callback for work that reports its own counts: the bar
+    appears at the first report (when the total is known) and is closed on exit."""
+    bar = None
+
+    def report(done: int, total: int) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = progress(total=total, desc=desc, unit=unit, leave=leave, start=start)
+        bar.update(done - bar.n)
+
+    try:
+        yield report
+    finally:
+        if bar is not None:
+            bar.close()

@@ -228,7 +228,7 @@ def test_under_torchrun_a_failing_job_reports_once(sample_cache, tmp_path):
     assert errors == ["error: train.batch_size 3 does not divide over 2 ranks; use a multiple "
                       "of 2 (the batch is the global batch, split across ranks)"], done.stderr
     # no rank's traceback (torchrun's own agent prints its ChildFailedError summary)
-    assert "pipeline/cli.py" not in done.stderr and "stages/student" not in done.stderr
+    assert "pipeline/cli/" not in done.stderr and "stages/student" not in done.stderr
 
 
 def test_keyed_noise_follows_the_sample_not_the_batch_or_rank():

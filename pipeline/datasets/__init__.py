@@ -18,8 +18,8 @@ from pipeline.datasets import deliver, mcubes, sample  # noqa: F401  (registers 
 from pipeline.datasets.base import Record, Sample, SampleSequence
 from pipeline.datasets.registry import DatasetReader, available, get, register
 
-__all__ = ["DatasetReader", "Record", "Sample", "SampleSequence", "available", "get", "info",
-           "load", "register"]
+__all__ = ["DatasetReader", "Record", "Sample", "SampleSequence", "available", "check", "get",
+           "info", "load", "register"]
 
 
 def load(name: str, root: str | Path | None = None, split: str | Sequence[str] = "train",
@@ -31,3 +31,27 @@ def load(name: str, root: str | Path | None = None, split: str | Sequence[str] =
 def info(name: str, root: str | Path | None = None) -> dict[str, Any]:
     """Class names and sample counts per split, condition and case, without decoding."""
     return get(name).info(root)
+
+
+def check(name: str, root: Path, split: str) -> tuple[int, list[str]]:
+    """Decode every sample of the splits: how many there are, and one line per missing,
+    corrupt or mislabelled one (what readers' --skip-bad would drop)."""
+    from pipeline.datasets.base import as_list, find_undecodable
+    from pipeline.errors import PipelineError
+
+    reader = get(name)
+    records = reader.index(root, split, **reader.every_file_options)
+    expected = f"; expected {root}/{reader.layout}" if reader.layout else ""
+    if not records:
+        raise PipelineError(f"no {name} samples of {split} under {root}{expected}")
+    problems = [f"split {s}: no samples{expected}" for s in as_list(split) or []
+                if not any(r.split == s for r in records)]
+    complete = []
+    for r in records:
+        missing = [f"{k} file {p}" for k, p in r.files.items() if not p.is_file()]
+        if missing:
+            problems.append(f"{r.id}: missing {missing[0]}")
+        else:
+            complete.append(r)
+    problems += [f"{r.id}: {msg}" for r, msg in find_undecodable(complete, reader.decode, name)]
+    return len(records), problems

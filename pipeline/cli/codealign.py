@@ -10,14 +10,16 @@ from typing import Any
 
 import click
 
+from pipeline.cli.options import CONTEXT as _CONTEXT
+from pipeline.cli.options import PARAMS
 from pipeline.errors import PipelineError
 
-CONTEXT = {"show_default": True, "help_option_names": ["-h", "--help"], "max_content_width": 100}
+# the other commands' settings but the terminal's own width, as these commands always had
+CONTEXT = {k: v for k, v in _CONTEXT.items() if k != "terminal_width"}
 
 
 def _common(fn: Any) -> Any:
-    fn = click.option("--params", "params_path", type=click.Path(path_type=Path), default=None,
-                      help="Parameters file.  [default: ./params.yaml if present]")(fn)
+    fn = PARAMS(fn)
     fn = click.option("--out", type=click.Path(path_type=Path), default=Path("runs/codealign"),
                       help="Run folder (checkpoints of every stage).")(fn)
     fn = click.option("--root", type=click.Path(path_type=Path), default=None,
@@ -27,15 +29,12 @@ def _common(fn: Any) -> Any:
 
 
 def _run(dataset: str | None, root: Path | None, out: Path, params_path: Path | None) -> Any:
-    from pipeline.config import Where, build, load_params
+    from pipeline.config import Where, build, read_params
     from stages.student.codealign.config import CodeAlignConfig
     from stages.student.codealign.stages import CodeAlignRun
     from stages.student.model import StudentConfig
 
-    if params_path is not None and not params_path.is_file():
-        raise PipelineError(f"parameters file {params_path} does not exist")
-    params = load_params(params_path)
-    source = str(params_path or "params.yaml")
+    params, source = read_params(params_path)
     ds = params.get("dataset") or {}
     dataset = dataset or ds.get("name", "sample")
     if root is None:

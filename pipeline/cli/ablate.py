@@ -1,0 +1,52 @@
+"""`pipeline ablate PLAN`: an ablation plan run as rows x seeds of DVC experiments, and its
+report (the work is in pipeline.ablate and pipeline.ablation_report)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from pipeline.cli.options import CONTEXT
+
+
+@click.command("ablate", context_settings=CONTEXT)
+@click.argument("plan")
+@click.option("--seeds", type=int, default=3, help="Seeds per row (train.seed, train.seed + 1, "
+              "...); the same seed gives every row the same initial weights and batches.")
+@click.option("--rows", default=None, help="Comma-separated rows to run (the baseline always "
+              "runs).  [default: every row of the plan]")
+@click.option("-S", "--set", "sets", multiple=True, metavar="KEY=VALUE",
+              help="A params.yaml override added to every row (repeatable), as dvc exp run -S.")
+@click.option("--jobs", type=int, default=1, help="Runs at once (one GPU each when there are "
+              "GPUs, through CUDA_VISIBLE_DEVICES).")
+@click.option("--metric", "metrics", multiple=True, metavar="FILE.KEY",
+              help="Another metric to report, FILE.KEY of a metrics file the plan's "
+              "target stage writes, e.g. mss.mAcc (besides the plan's metrics; by default "
+              "mss.mIoU, miss.mean_mIoU and sensor.mean_of_groups_mIoU).")
+@click.option("--pipeline", "pipeline_path", type=click.Path(path_type=Path), default=None,
+              help="The dvc.yaml to run.  [default: ./dvc.yaml]")
+@click.option("--report", "report_only", is_flag=True,
+              help="Only re-render the report from the finished runs (no training).")
+def ablate_cmd(plan: str, seeds: int, rows: str | None, sets: tuple[str, ...], jobs: int,
+               metrics: tuple[str, ...], pipeline_path: Path | None, report_only: bool) -> None:
+    """Run an ablation plan (configs/ablations/PLAN.yaml) as rows x seeds of DVC experiments.
+
+    Each run is `dvc exp run --temp --name PLAN-ROW-sSEED` of the plan's target stage
+    (evaluate unless the plan names another) on the one cached teacher (stage one never
+    reruns; the workspace's runs/ and metrics/ are untouched). A rerun starts only the
+    missing runs and removes what killed ones left. Writes ablations/PLAN/report.md,
+    report.json and plot.png: mean ± std over seeds, the paired difference to the baseline
+    with its 95 % t interval and verdict.
+    """
+    from pipeline import ablate
+
+    setup = ablate.prepare(plan, seeds, rows, sets, metrics, pipeline_path)
+    if not report_only:
+        ablate.check_stage_one(setup)
+        ablate.ablate(setup, jobs, echo=click.echo)
+    from pipeline import ablation_report
+
+    written = ablation_report.report(setup)
+    click.echo(written[0].read_text())
+    click.echo("wrote " + ", ".join(str(p) for p in written))
