@@ -20,8 +20,8 @@ GROUPS = {
     "train": ("stages.student.config", "TrainConfig", {}),
     "student": ("stages.student.model", "StudentConfig", {}),
     "eval": ("stages.student.evaluate", "EvalConfig", {}),
-    "teacher": ("stages.teacher.run", "TeacherConfig", {"root": "teacher_root"}),
-    "dataset": ("stages.teacher.run", "TeacherConfig", {"name": "dataset"}),
+    "teacher": ("stages.teacher.config", "TeacherConfig", {"root": "teacher_root"}),
+    "dataset": ("stages.teacher.config", "TeacherConfig", {"name": "dataset"}),
 }
 
 

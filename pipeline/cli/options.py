@@ -67,7 +67,7 @@ def _is_backbone(name: str) -> bool:
 
 
 def _store_dtypes() -> list[str]:
-    from stages.teacher.run import STORE_DTYPES
+    from stages.teacher.config import STORE_DTYPES
 
     return list(STORE_DTYPES)
 

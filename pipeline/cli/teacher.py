@@ -168,10 +168,10 @@ def fit_teacher_cmd(root: Path, out: Path, seed: int | None, overwrite: bool,
     beside chance. Does nothing when an identical teacher is already at --out.
     """
     from pipeline.config import build, read_params
+    from stages.teacher.config import TeacherConfig
     from stages.teacher.default.config import FitConfig
     from stages.teacher.default.fit import fit_default_teacher
     from stages.teacher.default.quality import format_quality
-    from stages.teacher.run import TeacherConfig
 
     params, source = read_params(params_path)
     fit = dict((params.get("teacher") or {}).get("fit") or {})

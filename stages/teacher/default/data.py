@@ -40,8 +40,9 @@ def _label_view(label: np.ndarray, size: int) -> torch.Tensor:
 
 def load_split(root: Path, split: str, branch_of: dict[str, str], num_classes: int,
                cfg: FitConfig) -> SplitData:
+    from stages.teacher.config import TeacherConfig
     from stages.teacher.languagebind import preprocess_depth, preprocess_image
-    from stages.teacher.run import TeacherConfig, load_samples, model_input
+    from stages.teacher.worker import load_samples, model_input
 
     tcfg = TeacherConfig(dataset="sample", root=str(root), split=[split],
                          modalities=list(branch_of), modality_branch=dict(branch_of))

@@ -201,7 +201,7 @@ def fit_default_teacher(sample_root: Path | str, out: Path | str, cfg: FitConfig
 
     from pipeline.datasets.deliver import CLASSES
     from pipeline.progress import progress as progress_bar
-    from stages.teacher.run import readable_class
+    from stages.teacher.worker import readable_class
 
     cfg.validate()
     sample_root, out = Path(sample_root), Path(out)
