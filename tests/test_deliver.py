@@ -142,3 +142,17 @@ def test_sequences_pickle_for_worker_processes(deliver_root, mcubes_root):
         assert list(a.modalities) == list(b.modalities) == list(ds.modalities)
         for m in a.modalities:
             np.testing.assert_array_equal(a.modalities[m], b.modalities[m])
+
+
+def test_check_lists_missing_and_undecodable_files(deliver_root):
+    """`datasets.check` (what `pipeline datasets check` prints) without the CLI runner."""
+    root, _ = deliver_root
+    assert datasets.check("deliver", root, "train,val") == (10, [])
+    records = datasets.get("deliver").index(root, "train")
+    gone, broken = records[0], records[1]
+    gone.files["depth"].unlink()
+    broken.files["rgb"].write_bytes(b"not a png")
+    checked, problems = datasets.check("deliver", root, "train")
+    assert checked == 6 and len(problems) == 2
+    assert problems[0].startswith(f"{gone.id}: missing depth file ")
+    assert problems[1].startswith(f"{broken.id}: ")

@@ -76,3 +76,14 @@ def test_the_wheel_ships_the_presets_and_an_install_reads_them(tmp_path):
     assert out[0].startswith(str(tmp_path / "site"))
     assert out[1] == str(tmp_path / "site" / "pipeline" / "configs")
     assert out[2] == "mit_b2"
+
+
+def test_read_params_refuses_a_named_file_that_is_missing(tmp_path, monkeypatch):
+    """`--params` of every command: a named file must exist; none given reads
+    ./params.yaml when present, else nothing."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(PipelineError, match=r"parameters file nope\.yaml does not exist"):
+        config.read_params(Path("nope.yaml"))
+    assert config.read_params(None) == ({}, "params.yaml")
+    (tmp_path / "p.yaml").write_text("train: {steps: 3}\n")
+    assert config.read_params(Path("p.yaml")) == ({"train": {"steps": 3}}, "p.yaml")

@@ -107,3 +107,19 @@ def test_heartbeat_prints_while_one_item_takes_long(monkeypatch):
     assert final.startswith("evaluating: 1/4 batch (25%) in 2 s")  # counted from `start`
     time.sleep(0.2)
     assert out.getvalue().splitlines()[-1] == final  # closed: the thread has stopped
+
+
+def test_reporting_makes_the_bar_at_the_first_report_and_closes_it(capsys):
+    """The callback the commands hand to work that counts itself (make-sample, pack,
+    cache-teacher): no report, no bar; reports move one bar to `done` of `total`."""
+    from pipeline.progress import reporting
+
+    with reporting("nothing", "file"):
+        pass
+    assert capsys.readouterr().err == ""
+    with reporting("packing x", "file") as report:
+        report(3, 4)
+        report(4, 4)
+    lines = capsys.readouterr().err.splitlines()
+    assert lines and all(line.startswith("packing x") for line in lines)
+    assert "4/4" in lines[-1]
