@@ -30,7 +30,7 @@ $(STAMP): $(LOCK) pyproject.toml
 test: $(STAMP)
 	@$(PY) tests/check_lock.py
 	@$(VENV)/bin/ruff check --quiet pipeline stages tests benchmarks
-	@$(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup
+	@$(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup --durations=15
 
 # regenerate requirements.lock from pyproject.toml, keeping every pin that still fits;
 # lock-upgrade moves every package to the newest release the ranges allow
