@@ -63,16 +63,3 @@ def own_sample(teacher_sample, tmp_path):
     copy = tmp_path / "sample"
     shutil.copytree(root, copy)
     return copy
-
-
-# `make test` runs pytest on 2 workers (pytest-xdist, --dist loadgroup): the tests of a
-# module whose expensive DVC repository fixture they share run on one worker, so that
-# fixture is built once
-_ONE_WORKER = {"test_ablate.py": "ablate", "test_dvc.py": "dvc"}
-
-
-def pytest_collection_modifyitems(items):
-    for item in items:
-        group = _ONE_WORKER.get(item.path.name)
-        if group:
-            item.add_marker(pytest.mark.xdist_group(group))
