@@ -7,9 +7,8 @@ PY     := $(VENV)/bin/python
 LOCK   := requirements.lock
 STAMP  := $(VENV)/.any2seg-installed
 SAMPLE ?= data/deliver-sample
-# pytest workers for `make test` (pytest-xdist): the budget is 10 minutes on 2 cores. One
-# worker per test file (--dist loadfile), so a module's expensive DVC fixture is built once
-# (xdist 3.8's loadgroup is ignored under pytest 9.2: its group suffix no longer reaches nodeid)
+# pytest workers for `make test` (pytest-xdist): the budget is 10 minutes on 2 cores; how
+# tests are shared out: tests/conftest.py (pytest_xdist_make_scheduler)
 TEST_WORKERS ?= 2
 # pip's own constraint file where a machine has one (these machines cap torch at what lies
 # on disk); `make lock` honours it, as pip-compile does not read it from pip's config
@@ -32,7 +31,7 @@ $(STAMP): $(LOCK) pyproject.toml
 test: $(STAMP)
 	@$(PY) tests/check_lock.py
 	@$(VENV)/bin/ruff check --quiet pipeline stages tests benchmarks
-	@$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --durations=15
+	@$(PY) -m pytest -n $(TEST_WORKERS) --durations=15
 
 # regenerate requirements.lock from pyproject.toml, keeping every pin that still fits;
 # lock-upgrade moves every package to the newest release the ranges allow

@@ -63,3 +63,20 @@ def own_sample(teacher_sample, tmp_path):
     copy = tmp_path / "sample"
     shutil.copytree(root, copy)
     return copy
+
+
+# `make test` runs pytest on 2 workers (pytest-xdist). The tests of a module that share an
+# expensive DVC repository fixture go to one worker as one unit, so it is built once; every
+# other test is its own unit. (This is what `--dist loadgroup` does, but under pytest 9.2
+# xdist 3.8's group suffix no longer reaches the node id, so the scope is computed here.)
+_ONE_WORKER = {"test_ablate.py": "ablate", "test_dvc.py": "dvc"}
+
+
+def pytest_xdist_make_scheduler(config, log):
+    from xdist.scheduler import LoadScopeScheduling
+
+    class SharedFixtureScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return _ONE_WORKER.get(nodeid.split("::", 1)[0].rsplit("/", 1)[-1], nodeid)
+
+    return SharedFixtureScheduling(config, log)
