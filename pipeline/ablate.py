@@ -3,7 +3,10 @@
 Each run is `dvc exp run --temp --name <plan>-<row>-s<seed> -S ...`: DVC runs it in a
 temporary copy of the workspace, so the workspace's own `runs/` and `metrics/` are never
 touched, and the result is an ordinary experiment (`dvc exp show`, `dvc exp apply NAME`
-restores it, `dvc exp run` reproduces it). Stage one is checked once up front (`dvc status`
+restores it, `dvc exp run` reproduces it). When the pipeline reads a folder inside the
+repository that is neither in git nor a DVC output (`data/DELIVER`, `weights/`), that copy
+would lack it, so each job runs in a linked workspace of its own instead
+(`pipeline.ablation_workspace`). Stage one is checked once up front (`dvc status`
 of every stage before `train` must be clean, and no row may change a key those stages read),
 so in every run DVC skips it. Finished runs are the experiment refs of the current commit:
 a killed ablate, rerun, starts only the runs that are missing.
@@ -26,6 +29,7 @@ from typing import Any
 
 import yaml
 
+from pipeline import ablation_workspace
 from pipeline.ablation_dag import STAGE_ONE, Pipeline, load_pipeline
 from pipeline.ablation_leftovers import MARKER, clean_killed_runs
 from pipeline.ablation_plan import Plan, assign, check_rows, load_plan, lookup
@@ -51,6 +55,7 @@ class Setup:
     dag: Pipeline
     baseline_rev: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    links: list[str] = field(default_factory=list)  # untracked inputs in the repository
 
     @property
     def target(self) -> str:
@@ -232,34 +237,8 @@ def check_stage_one(setup: Setup) -> dict[str, Any] | None:
             raise PipelineError(f"{what} not up to date with {_rel(setup, lock)} (dvc "
                                 f"status: {', '.join(changed)} changed); run `dvc repro "
                                 f"{setup.dag.address(frozen[-1])}` first, then ablate")
-    check_inputs(setup)
+    setup.links = ablation_workspace.untracked_inputs(setup.root, setup.dag, setup.target)
     return teacher_info(setup)
-
-
-def check_inputs(setup: Setup) -> None:
-    """Every input the target's stages read exists in the temporary copy each run works
-    in: `dvc exp run --temp` copies what git tracks and checks out the DVC outputs, nothing
-    else, so a data set or weights folder inside the repository but in neither (the DELIVER
-    preset's data/DELIVER and weights/) would be missing there (DVC records even an
-    absolute path inside the repository relative to it). Paths outside the repository are
-    read in place."""
-    outs = [o for stage in setup.dag.stages.values() for o in stage.outs]
-    for name in setup.dag.runs(setup.target):
-        for dep in setup.dag.stages[name].deps:
-            if dep == ".." or dep.startswith("../") or \
-                    any(dep == o or dep.startswith(o + "/") for o in outs):
-                continue
-            if not (setup.root / dep).exists() or \
-                    _git(setup.root, "ls-files", "--", dep).strip():
-                continue  # missing here too: dvc status reports it; tracked: in the copy
-            frozen = setup.dag.frozen(setup.target)
-            again = setup.dag.address(frozen[-1] if frozen else setup.target)
-            raise PipelineError(f"{dep} (read by stage {name}) is in the repository but "
-                                "neither in git nor a DVC output, so the temporary copy each "
-                                "run works in (dvc exp run --temp) would lack it; keep it "
-                                "outside the repository, set its params key (dataset.root, "
-                                f"teacher.root) in {_rel(setup, setup.params_path)} to that "
-                                f"absolute path, `dvc repro {again}` and commit")
 
 
 def teacher_info(setup: Setup) -> dict[str, Any] | None:
@@ -339,15 +318,19 @@ def _set_args(setup: Setup, overrides: dict[str, Any]) -> list[str]:
 
 
 def run_one(setup: Setup, row: str, seed: int, gpu: str | None, log_dir: Path,
-            threads: int | None = None) -> tuple[str, float]:
-    """One `dvc exp run --temp`; returns the experiment name and its wall seconds. Its
-    output goes to a log, and while it runs `<log_dir>/<name>.pid` names its process (see
-    `clean_killed_runs`)."""
+            threads: int | None = None, slot: int = 0) -> tuple[str, float]:
+    """One `dvc exp run --temp` (or, with untracked inputs in the repository, an in-place
+    `dvc exp run` in the linked workspace `slot`, fetched back); returns the experiment name
+    and its wall seconds. Its output goes to a log, and while it runs `<log_dir>/<name>.pid`
+    names its process (see `clean_killed_runs`)."""
     name = setup.run_name(row, seed)
     lock = setup.pipeline.parent / "dvc.lock"
-    cmd = [_dvc_bin(), "--wait-for-lock", "exp", "run", "--temp", "--name", name]
-    if _git(setup.root, "ls-files", _rel(setup, lock)).strip() == "":
-        cmd += ["-C", _rel(setup, lock)]  # untracked: copy the record of stage one in
+    untracked = _git(setup.root, "ls-files", _rel(setup, lock)).strip() == ""
+    cmd = [_dvc_bin(), "--wait-for-lock", "exp", "run", "--name", name]
+    if not setup.links:
+        cmd.insert(3, "--temp")
+        if untracked:
+            cmd += ["-C", _rel(setup, lock)]  # copy the record of stage one in
     cmd += _set_args(setup, setup.overrides(row, seed))
     # the plan's target (and what it needs): other stages of the pipeline, such as the
     # CodeAlign chain of the root dvc.yaml for an evaluate plan, are not part of a row
@@ -359,22 +342,40 @@ def run_one(setup: Setup, row: str, seed: int, gpu: str | None, log_dir: Path,
         env.setdefault("OMP_NUM_THREADS", str(threads))
     log = log_dir / f"{name}.log"
     marker = log_dir / f"{name}{MARKER}"
+    held: tuple[int, ...] = ()
+    cwd = setup.root
     with open(log, "w") as f:
-        f.write("$ " + " ".join(cmd) + "\n")
-        f.flush()
-        started = time.time()
-        proc = subprocess.Popen(cmd, cwd=setup.root, env=env, stdout=f,
-                                stderr=subprocess.STDOUT)
         try:
-            marker.write_text(json.dumps({"pid": proc.pid, "baseline": setup.baseline_rev,
-                                          "started": started}))
-            code = proc.wait()
+            if setup.links:
+                fd, folder = ablation_workspace.claim(setup.root, slot)
+                held = (fd,)
+                cwd = ablation_workspace.prepare(
+                    setup.root, folder, setup.baseline_rev, setup.links,
+                    _rel(setup, lock) if untracked else None,
+                    [setup.dag.address(s) for s in setup.dag.frozen(setup.target)],
+                    _dvc_bin())
+                f.write(f"# in the linked workspace {_rel(setup, cwd)} "
+                        f"({', '.join(setup.links)} linked)\n")
+            f.write("$ " + " ".join(cmd) + "\n")
+            f.flush()
+            started = time.time()
+            proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=f, stderr=subprocess.STDOUT,
+                                    pass_fds=held)  # the slot stays locked while dvc lives
+            try:
+                marker.write_text(json.dumps({"pid": proc.pid, "baseline": setup.baseline_rev,
+                                              "started": started}))
+                code = proc.wait()
+            finally:
+                marker.unlink(missing_ok=True)
+            seconds = time.time() - started
+            f.flush()
+            text = log.read_text()
+            f.write(f"ablate: {name} took {seconds:.1f} s (exit {code})\n")
+            if code == 0 and setup.links:
+                ablation_workspace.fetch(setup.root, cwd, setup.baseline_rev, name)
         finally:
-            marker.unlink(missing_ok=True)
-        seconds = time.time() - started
-        f.flush()
-        text = log.read_text()
-        f.write(f"ablate: {name} took {seconds:.1f} s (exit {code})\n")
+            for fd in held:
+                os.close(fd)
     if code != 0:
         raise PipelineError(f"run {name} failed ({_last_line(text)}); full log: {log}")
     reran = [s for s in setup.dag.frozen(setup.target)
@@ -404,6 +405,10 @@ def ablate(setup: Setup, jobs: int = 1, echo: Any = print) -> dict[str, str]:
     echo(f"{setup.plan.name}: {len(setup.rows)} rows x {seeds} = {total} "
          f"runs, {total - len(todo)} finished, {len(todo)} to run on commit "
          f"{setup.baseline_rev[:7]}")
+    if todo and setup.links:
+        echo(f"{', '.join(setup.links)}: in the repository but neither in git nor a DVC "
+             f"output, so each job runs in a linked workspace under "
+             f"{ablation_workspace.HOME} (dvc exp run --temp's copy would lack them)")
     if todo:
         log_dir = setup.out / "logs"
         log_dir.mkdir(parents=True, exist_ok=True)
@@ -418,7 +423,7 @@ def ablate(setup: Setup, jobs: int = 1, echo: Any = print) -> dict[str, str]:
                 gpu = gpus[slot % len(gpus)] if gpus else None
                 echo(f"started {setup.run_name(*item)}"
                      + (f" (CUDA_VISIBLE_DEVICES={gpu})" if gpu is not None else ""))
-                name, seconds = run_one(setup, *item, gpu, log_dir, threads)
+                name, seconds = run_one(setup, *item, gpu, log_dir, threads, slot)
                 with lock:  # said here, before this worker takes the next run
                     count[0] += 1
                     echo(f"finished {name} ({count[0]} of {len(todo)}, {seconds:.0f} s)")
