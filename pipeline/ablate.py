@@ -356,7 +356,8 @@ def run_one(setup: Setup, row: str, seed: int, gpu: str | None, log_dir: Path,
                     _dvc_bin())
                 f.write(f"# in the linked workspace {_rel(setup, cwd)} "
                         f"({', '.join(setup.links)} linked)\n")
-            f.write("$ " + " ".join(cmd) + "\n")
+            pinned = {k: env[k] for k in ("CUDA_VISIBLE_DEVICES", "OMP_NUM_THREADS") if k in env}
+            f.write("$ " + " ".join([*(f"{k}={v}" for k, v in pinned.items()), *cmd]) + "\n")
             f.flush()
             started = time.time()
             proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=f, stderr=subprocess.STDOUT,
