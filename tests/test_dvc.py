@@ -50,15 +50,16 @@ def skipped(output):
             if line.startswith("Stage") and "didn't change, skipping" in line}
 
 
-def copy_project(repo: Path) -> None:
-    """The project's pipeline files, presets and the code its stages depend on, into `repo`."""
+def copy_project(repo: Path, *extra: str) -> None:
+    """The project's pipeline files, presets and the code its stages depend on, into `repo`
+    (plus the `extra` folders, such as `pipelines` for the DELIVER preset)."""
     repo.mkdir()
     for name in ("dvc.yaml", "params.yaml", ".gitignore", ".dvcignore"):
         shutil.copy(ROOT / name, repo / name)
     shutil.copytree(ROOT / ".dvc", repo / ".dvc", ignore=shutil.ignore_patterns("tmp", "cache"))
-    shutil.copytree(ROOT / "configs", repo / "configs")
-    for code in ("pipeline", "stages"):  # the stages' code deps
-        shutil.copytree(ROOT / code, repo / code, ignore=shutil.ignore_patterns("__pycache__"))
+    for folder in ("configs", "pipeline", "stages", *extra):  # the stages' code deps
+        shutil.copytree(ROOT / folder, repo / folder,
+                        ignore=shutil.ignore_patterns("__pycache__"))
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ one experiment, and the evaluation of every setting."""
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -52,6 +51,7 @@ def ran(output):
 def test_readme_real_data_flow(tmp_path, monkeypatch):
     from stages.teacher.default.folders import write_default_teacher
     from tests import layouts
+    from tests.test_dvc import copy_project
 
     monkeypatch.setattr(layouts, "H", 48)  # large enough for MiT's stride-32 stages at
     monkeypatch.setattr(layouts, "W", 64)  # native size (the evaluation below)
@@ -60,13 +60,7 @@ def test_readme_real_data_flow(tmp_path, monkeypatch):
     for command in (STAGE_ONE, REPRO, EXPERIMENT, EVALUATE):
         assert command in readme, command  # the test runs what the README prints
     repo = tmp_path / "project"
-    repo.mkdir()
-    for name in ("dvc.yaml", "params.yaml", ".gitignore", ".dvcignore"):
-        shutil.copy(ROOT / name, repo / name)
-    shutil.copytree(ROOT / ".dvc", repo / ".dvc", ignore=shutil.ignore_patterns("tmp", "cache"))
-    for folder in ("configs", "pipelines", "pipeline", "stages"):
-        shutil.copytree(ROOT / folder, repo / folder,
-                        ignore=shutil.ignore_patterns("__pycache__"))
+    copy_project(repo, "pipelines")
     layouts.write_deliver(repo / "data" / "DELIVER")
     write_default_teacher(repo / "weights")  # LanguageBind_Image and _Depth, nothing else
     assert sorted(p.name for p in (repo / "weights").iterdir() if p.is_dir()) == \
