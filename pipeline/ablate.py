@@ -56,6 +56,13 @@ class Setup:
     baseline_rev: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
     links: list[str] = field(default_factory=list)  # untracked inputs in the repository
+    outside: list[str] = field(default_factory=list)  # inputs outside it (read in place)
+
+    @property
+    def linked(self) -> bool:
+        """Runs in linked workspaces: they read data DVC does not hold (see
+        pipeline.ablation_workspace); else each run is a `dvc exp run --temp`."""
+        return bool(self.links or self.outside)
 
     @property
     def target(self) -> str:
@@ -237,7 +244,8 @@ def check_stage_one(setup: Setup) -> dict[str, Any] | None:
             raise PipelineError(f"{what} not up to date with {_rel(setup, lock)} (dvc "
                                 f"status: {', '.join(changed)} changed); run `dvc repro "
                                 f"{setup.dag.address(frozen[-1])}` first, then ablate")
-    setup.links = ablation_workspace.untracked_inputs(setup.root, setup.dag, setup.target)
+    setup.links, setup.outside = ablation_workspace.inputs_outside_dvc(
+        setup.root, setup.dag, setup.target)
     return teacher_info(setup)
 
 
@@ -327,7 +335,7 @@ def run_one(setup: Setup, row: str, seed: int, gpu: str | None, log_dir: Path,
     lock = setup.pipeline.parent / "dvc.lock"
     untracked = _git(setup.root, "ls-files", _rel(setup, lock)).strip() == ""
     cmd = [_dvc_bin(), "--wait-for-lock", "exp", "run", "--name", name]
-    if not setup.links:
+    if not setup.linked:
         cmd.insert(3, "--temp")
         if untracked:
             cmd += ["-C", _rel(setup, lock)]  # copy the record of stage one in
@@ -346,7 +354,7 @@ def run_one(setup: Setup, row: str, seed: int, gpu: str | None, log_dir: Path,
     cwd = setup.root
     with open(log, "w") as f:
         try:
-            if setup.links:
+            if setup.linked:
                 fd, folder = ablation_workspace.claim(setup.root, slot)
                 held = (fd,)
                 cwd = ablation_workspace.prepare(
@@ -355,7 +363,7 @@ def run_one(setup: Setup, row: str, seed: int, gpu: str | None, log_dir: Path,
                     [setup.dag.address(s) for s in setup.dag.frozen(setup.target)],
                     _dvc_bin())
                 f.write(f"# in the linked workspace {_rel(setup, cwd)} "
-                        f"({', '.join(setup.links)} linked)\n")
+                        f"({', '.join(setup.links) or 'nothing'} linked)\n")
             pinned = {k: env[k] for k in ("CUDA_VISIBLE_DEVICES", "OMP_NUM_THREADS") if k in env}
             f.write("$ " + " ".join([*(f"{k}={v}" for k, v in pinned.items()), *cmd]) + "\n")
             f.flush()
@@ -372,7 +380,7 @@ def run_one(setup: Setup, row: str, seed: int, gpu: str | None, log_dir: Path,
             f.flush()
             text = log.read_text()
             f.write(f"ablate: {name} took {seconds:.1f} s (exit {code})\n")
-            if code == 0 and setup.links:
+            if code == 0 and setup.linked:
                 ablation_workspace.fetch(setup.root, cwd, setup.baseline_rev, name)
         finally:
             for fd in held:
@@ -406,10 +414,14 @@ def ablate(setup: Setup, jobs: int = 1, echo: Any = print) -> dict[str, str]:
     echo(f"{setup.plan.name}: {len(setup.rows)} rows x {seeds} = {total} "
          f"runs, {total - len(todo)} finished, {len(todo)} to run on commit "
          f"{setup.baseline_rev[:7]}")
-    if todo and setup.links:
-        echo(f"{', '.join(setup.links)}: in the repository but neither in git nor a DVC "
-             f"output, so each job runs in a linked workspace under "
-             f"{ablation_workspace.HOME} (dvc exp run --temp's copy would lack them)")
+    if todo and setup.linked:
+        why = [f"{', '.join(setup.links)}: in the repository but neither in git nor a DVC "
+               "output (dvc exp run --temp's copy would lack them)"] if setup.links else []
+        if setup.outside:
+            why.append(f"{', '.join(setup.outside)}: outside the repository (a --temp copy "
+                       "would hash it again in every run)")
+        echo(f"{'; '.join(why)}; so each job runs in a linked workspace under "
+             f"{ablation_workspace.HOME}")
     if todo:
         log_dir = setup.out / "logs"
         log_dir.mkdir(parents=True, exist_ok=True)

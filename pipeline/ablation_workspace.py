@@ -1,17 +1,18 @@
-"""Linked workspaces: where ablate runs when an input lives in the repository untracked.
+"""Linked workspaces: where ablate runs when a pipeline reads data DVC does not hold.
 
 `dvc exp run --temp` works in a copy holding what git tracks and the DVC outputs only, so
 a data set or weights folder inside the repository that is in neither (the README's
 `data/DELIVER` and `weights/`) is missing there, and DVC records even an absolute path
-inside the repository relative to it. For such a pipeline each job of ablate owns a
-workspace instead, `.dvc/tmp/ablate/ws-K/repo`: a `git clone --shared` of the repository
-at the run's commit, with the user's uncommitted changes and untracked `dvc.lock` copied
-in, the untracked inputs linked (a symlink each, so nothing is copied and DVC hashes the
-same files), DVC's cache shared with the repository's, and the upstream outputs (the
-teacher cache) checked out once per workspace, not once per run. The run is an in-place
-`dvc exp run` there; its experiment ref is then fetched into the repository, so it is an
-ordinary experiment of that commit (`dvc exp show`, `dvc exp apply NAME`), its outputs in
-the shared cache.
+inside the repository relative to it; data outside the repository is there, but each copy
+starts with an empty DVC state and hashes it all again. For such a pipeline each job of
+ablate owns a workspace instead, `.dvc/tmp/ablate/ws-K/repo`: a `git clone --shared` of
+the repository at the run's commit, with the user's uncommitted changes and untracked
+`dvc.lock` copied in, the untracked inputs linked (a symlink each, so nothing is copied and
+DVC hashes the same files), DVC's cache shared with the repository's, and the upstream
+outputs (the teacher cache) checked out once per workspace, not once per run. The run is an
+in-place `dvc exp run` there; its experiment ref is then fetched into the repository, so it
+is an ordinary experiment of that commit (`dvc exp show`, `dvc exp apply NAME`), its
+outputs in the shared cache.
 """
 
 from __future__ import annotations
@@ -36,21 +37,25 @@ def _run(cmd: list[str], cwd: Path, what: str) -> str:
     return result.stdout
 
 
-def untracked_inputs(root: Path, dag: Pipeline, target: str) -> list[str]:
-    """The inputs of the stages `target` runs that lie inside the repository in neither git
-    nor a DVC output, outermost only: what a `dvc exp run --temp` copy would lack. Paths
-    outside the repository are read in place; a missing one is dvc status's to report."""
+def inputs_outside_dvc(root: Path, dag: Pipeline, target: str
+                       ) -> tuple[list[str], list[str]]:
+    """The inputs of the stages `target` runs that DVC does not hold: (inside the repository
+    in neither git nor a DVC output, outermost only: what a `dvc exp run --temp` copy would
+    lack; outside the repository: read in place, but hashed again by every --temp run, whose
+    DVC state starts empty). A missing one is dvc status's to report."""
     outs = [o for stage in dag.stages.values() for o in stage.outs]
-    found = []
+    inside, outside = [], []
     for name in dag.runs(target):
         for dep in dag.stages[name].deps:
-            if dep == ".." or dep.startswith("../") or \
-                    any(dep == o or dep.startswith(o + "/") for o in outs):
+            if any(dep == o or dep.startswith(o + "/") for o in outs) or \
+                    not (root / dep).exists():
                 continue
-            if (root / dep).exists() and \
-                    not _run(["git", "ls-files", "--", dep], root, "git ls-files").strip():
-                found.append(dep.rstrip("/"))
-    return [p for p in sorted(set(found)) if not any(p.startswith(q + "/") for q in found)]
+            if dep == ".." or dep.startswith("../"):
+                outside.append(str((root / dep).resolve()))
+            elif not _run(["git", "ls-files", "--", dep], root, "git ls-files").strip():
+                inside.append(dep.rstrip("/"))
+    links = [p for p in sorted(set(inside)) if not any(p.startswith(q + "/") for q in inside)]
+    return links, sorted(set(outside))
 
 
 def claim(root: Path, first: int) -> tuple[int, Path]:

@@ -93,3 +93,34 @@ def test_a_half_made_clone_is_made_again_and_a_foreign_file_is_refused(repo):
     with pytest.raises(PipelineError, match="exists in the ablate workspace where a link"):
         ablation_workspace.prepare(repo, slot, rev, ["data/big"], None, [], DVC)
     assert (repo / "data" / "big" / "frame.png").read_bytes() == b"pixels"
+
+
+def test_which_inputs_send_runs_to_linked_workspaces(repo, tmp_path):
+    from pipeline.ablation_dag import load_pipeline
+
+    outside = tmp_path / "DELIVER"
+    outside.mkdir()
+    (repo / "src").mkdir()
+    (repo / "src" / "train.py").write_text("# code\n")
+    (repo / "weights" / "LanguageBind_Image").mkdir(parents=True)
+    git(repo, "add", "src")
+    git(repo, "commit", "-qm", "code")
+    (repo / "dvc.yaml").write_text(f"""stages:
+  cache_teacher:
+    cmd: teach
+    deps: [data/big, weights, weights/LanguageBind_Image, {outside}]
+    outs: [cache/store.zarr]
+  train:
+    cmd: train
+    deps: [cache/store.zarr, src, data/big, data/missing]
+    outs: [runs/best.pt]
+""")
+    dag = load_pipeline(repo / "dvc.yaml", repo, {}, repo / "params.yaml")
+    links, far = ablation_workspace.inputs_outside_dvc(repo, dag, "train")
+    # untracked in the repository: linked (weights/LanguageBind_Image inside weights);
+    # tracked code, DVC outputs and a missing path are not; outside: read in place
+    assert links == ["data/big", "weights"]
+    assert far == [str(outside.resolve())]
+    (repo / "dvc.yaml").write_text("stages:\n  train:\n    cmd: train\n    deps: [src]\n")
+    dag = load_pipeline(repo / "dvc.yaml", repo, {}, repo / "params.yaml")
+    assert ablation_workspace.inputs_outside_dvc(repo, dag, "train") == ([], [])

@@ -34,7 +34,10 @@ def ablate_cmd(plan: str, seeds: int, rows: str | None, sets: tuple[str, ...], j
 
     Each run is `dvc exp run --temp --name PLAN-ROW-sSEED` of the plan's target stage
     (evaluate unless the plan names another) on the one cached teacher (stage one never
-    reruns; the workspace's runs/ and metrics/ are untouched). A rerun starts only the
+    reruns; the workspace's runs/ and metrics/ are untouched). A pipeline that reads data
+    DVC does not hold (data/DELIVER, weights/, or folders outside the repository) runs in
+    linked workspaces under .dvc/tmp/ablate instead of --temp copies (the data linked and
+    read in place, hashed once per workspace). A rerun starts only the
     missing runs and removes what killed ones left. Writes ablations/PLAN/report.md,
     report.json and plot.png: mean ± std over seeds, the paired difference to the baseline
     with its 95 % t interval and verdict.
