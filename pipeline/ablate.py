@@ -428,9 +428,12 @@ def ablate(setup: Setup, jobs: int = 1, echo: Any = print) -> dict[str, str]:
         gpus = _gpus() if jobs > 1 else []
         threads = None if gpus or jobs == 1 else max(1, (os.cpu_count() or 1) // jobs)
         slots, count, lock = list(range(jobs)), [0], threading.Lock()
+        failed = threading.Event()
 
-        def work(item: tuple[str, int]) -> str:
+        def work(item: tuple[str, int]) -> str | None:
             with lock:
+                if failed.is_set():  # a run failed: its worker must not take the next one
+                    return None
                 slot = slots.pop()
             try:
                 gpu = gpus[slot % len(gpus)] if gpus else None
@@ -441,6 +444,9 @@ def ablate(setup: Setup, jobs: int = 1, echo: Any = print) -> dict[str, str]:
                     count[0] += 1
                     echo(f"finished {name} ({count[0]} of {len(todo)}, {seconds:.0f} s)")
                 return name
+            except BaseException:
+                failed.set()
+                raise
             finally:
                 with lock:
                     slots.append(slot)

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from pipeline import ablate
 from pipeline.ablate import prepare
 from pipeline.ablation_leftovers import BARE_AGE_S, clean_killed_runs
 from pipeline.ablation_report import metric_value
@@ -499,3 +500,23 @@ def test_a_committed_dvc_lock_works_too(ablated):
                 assert m["values"] == [shown[name][metric]] == [before[name][metric]]
     finally:
         run(repo, "git", "reset", "-q", "HEAD~1")
+
+
+def test_no_run_starts_after_a_failure(project, monkeypatch):
+    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "x",
+                    "--allow-empty"], cwd=project, check=True)
+    setup = ablate.prepare("table5", 2, None, [], [], None)
+    started = []
+
+    def fake_run(setup, row, seed, gpu, log_dir, threads=None, slot=0):
+        started.append((row, seed))
+        if len(started) == 1:
+            time.sleep(0.3)  # the other job has started meanwhile
+            raise PipelineError("run table5-full-s3407 failed (boom)")
+        time.sleep(1.0)  # and is still running when the first one fails
+        return setup.run_name(row, seed), 0.5
+
+    monkeypatch.setattr(ablate, "run_one", fake_run)
+    with pytest.raises(PipelineError, match="boom"):
+        ablate.ablate(setup, jobs=2, echo=lambda _: None)
+    assert len(started) == 2  # the failed run and the one running beside it, no third
