@@ -3,10 +3,10 @@
 Each run is `dvc exp run --temp --name <plan>-<row>-s<seed> -S ...`: DVC runs it in a
 temporary copy of the workspace, so the workspace's own `runs/` and `metrics/` are never
 touched, and the result is an ordinary experiment (`dvc exp show`, `dvc exp apply NAME`
-restores it, `dvc exp run` reproduces it). When the pipeline reads a folder inside the
-repository that is neither in git nor a DVC output (`data/DELIVER`, `weights/`), that copy
-would lack it, so each job runs in a linked workspace of its own instead
-(`pipeline.ablation_workspace`). Stage one is checked once up front (`dvc status`
+restores it, `dvc exp run` reproduces it). When the pipeline reads data DVC does not hold
+(`data/DELIVER` and `weights/` in the repository, which that copy would lack, or folders
+outside it, which every copy would hash again), each job runs in a linked workspace of its
+own instead (`pipeline.ablation_workspace`). Stage one is checked once up front (`dvc status`
 of every stage before `train` must be clean, and no row may change a key those stages read),
 so in every run DVC skips it. Finished runs are the experiment refs of the current commit:
 a killed ablate, rerun, starts only the runs that are missing.
@@ -327,7 +327,7 @@ def _set_args(setup: Setup, overrides: dict[str, Any]) -> list[str]:
 
 def run_one(setup: Setup, row: str, seed: int, gpu: str | None, log_dir: Path,
             threads: int | None = None, slot: int = 0) -> tuple[str, float]:
-    """One `dvc exp run --temp` (or, with untracked inputs in the repository, an in-place
+    """One `dvc exp run --temp` (or, when the runs read data DVC does not hold, an in-place
     `dvc exp run` in the linked workspace `slot`, fetched back); returns the experiment name
     and its wall seconds. Its output goes to a log, and while it runs `<log_dir>/<name>.pid`
     names its process (see `clean_killed_runs`)."""
