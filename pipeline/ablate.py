@@ -336,7 +336,7 @@ def run_one(setup: Setup, row: str, seed: int, gpu: str | None, log_dir: Path,
     untracked = _git(setup.root, "ls-files", _rel(setup, lock)).strip() == ""
     cmd = [_dvc_bin(), "--wait-for-lock", "exp", "run", "--name", name]
     if not setup.linked:
-        cmd.insert(3, "--temp")
+        cmd.insert(4, "--temp")  # dvc --wait-for-lock exp run --temp
         if untracked:
             cmd += ["-C", _rel(setup, lock)]  # copy the record of stage one in
     cmd += _set_args(setup, setup.overrides(row, seed))

@@ -73,7 +73,10 @@ def summarise(setup: Setup, runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
                              "high": d.high, "confidence": CONFIDENCE, "verdict": d.verdict}
             entry["metrics"][name] = m
         rows.append(entry)
-    return {"plan": setup.plan.name, "plan_file": str(setup.plan.path),
+    plan_file = Path(setup.plan.path).resolve()
+    if plan_file.is_relative_to(setup.root):  # a report names files as the repository does
+        plan_file = plan_file.relative_to(setup.root)
+    return {"plan": setup.plan.name, "plan_file": str(plan_file),
             "description": setup.plan.description, "baseline": base,
             "target": setup.plan.target, "seed_key": setup.plan.seed,
             "commit": setup.baseline_rev, "seeds": setup.seeds, "extra_overrides": setup.extra,

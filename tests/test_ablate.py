@@ -420,6 +420,7 @@ def test_the_report_equals_the_runs_metrics_and_the_hand_computed_interval(ablat
     shown = exp_metrics(repo)
     rows = {r["row"]: r for r in report["rows"]}
     assert list(rows) == ["full", "ce-only"] and report["baseline"] == "full"
+    assert report["plan_file"] == "configs/ablations/table5.yaml"  # as the repository names it
     assert rows["ce-only"]["overrides"] == {"train.loss.w_cr": 0.0, "train.loss.w_se": 0.0}
     assert report["extra_overrides"] == {"train.steps": 2, "eval.limit": 1}
     assert report["teacher"]["teacher_fingerprint_sha256"]
