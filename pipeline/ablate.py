@@ -415,13 +415,16 @@ def ablate(setup: Setup, jobs: int = 1, echo: Any = print) -> dict[str, str]:
          f"runs, {total - len(todo)} finished, {len(todo)} to run on commit "
          f"{setup.baseline_rev[:7]}")
     if todo and setup.linked:
-        why = [f"{', '.join(setup.links)}: in the repository but neither in git nor a DVC "
-               "output (dvc exp run --temp's copy would lack them)"] if setup.links else []
+        what, why = [], []
+        if setup.links:
+            what.append(f"{', '.join(setup.links)}: in the repository but neither in git nor "
+                        "a DVC output")
+            why.append("a dvc exp run --temp copy would lack them")
         if setup.outside:
-            why.append(f"{', '.join(setup.outside)}: outside the repository (a --temp copy "
-                       "would hash it again in every run)")
-        echo(f"{'; '.join(why)}; so each job runs in a linked workspace under "
-             f"{ablation_workspace.HOME}")
+            what.append(f"{', '.join(setup.outside)}: outside the repository")
+            why.append("a --temp copy would hash them again in every run")
+        echo(f"{'; '.join(what)}, so each job runs in a linked workspace under "
+             f"{ablation_workspace.HOME} ({'; '.join(why)})")
     if todo:
         log_dir = setup.out / "logs"
         log_dir.mkdir(parents=True, exist_ok=True)
