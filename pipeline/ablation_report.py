@@ -12,8 +12,9 @@ import math
 from pathlib import Path
 from typing import Any
 
-from pipeline.ablate import Setup, baseline_rev, check_finished, finished_runs, teacher_info
+from pipeline.ablate import baseline_rev, check_finished, finished_runs, teacher_info
 from pipeline.ablation_plan import assign
+from pipeline.ablation_setup import Setup
 from pipeline.ablation_stats import mean_std, paired
 from pipeline.errors import PipelineError
 

@@ -15,9 +15,9 @@ import pytest
 import yaml
 
 from pipeline import ablate
-from pipeline.ablate import prepare
 from pipeline.ablation_leftovers import BARE_AGE_S, clean_killed_runs
 from pipeline.ablation_report import metric_value
+from pipeline.ablation_setup import prepare
 from pipeline.ablation_stats import paired, t_quantile
 from pipeline.cli import main
 from pipeline.errors import PipelineError
@@ -506,7 +506,7 @@ def test_a_committed_dvc_lock_works_too(ablated):
 def test_no_run_starts_after_a_failure(project, monkeypatch):
     subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "x",
                     "--allow-empty"], cwd=project, check=True)
-    setup = ablate.prepare("table5", 2, None, [], [], None)
+    setup = prepare("table5", 2, None, [], [], None)
     started = []
 
     def fake_run(setup, row, seed, gpu, log_dir, threads=None, slot=0):

@@ -43,8 +43,9 @@ def ablate_cmd(plan: str, seeds: int, rows: str | None, sets: tuple[str, ...], j
     with its 95 % t interval and verdict.
     """
     from pipeline import ablate
+    from pipeline.ablation_setup import prepare
 
-    setup = ablate.prepare(plan, seeds, rows, sets, metrics, pipeline_path)
+    setup = prepare(plan, seeds, rows, sets, metrics, pipeline_path)
     if not report_only:
         ablate.check_stage_one(setup)
         ablate.ablate(setup, jobs, echo=click.echo)
