@@ -165,11 +165,10 @@ def run_one(setup: Setup, row: str, seed: int, gpu: str | None, log_dir: Path,
     name = setup.run_name(row, seed)
     lock = setup.pipeline.parent / "dvc.lock"
     untracked = _git(setup.root, "ls-files", _rel(setup, lock)).strip() == ""
-    cmd = [_dvc_bin(), "--wait-for-lock", "exp", "run", "--name", name]
-    if not setup.linked:
-        cmd.insert(4, "--temp")  # dvc --wait-for-lock exp run --temp
-        if untracked:
-            cmd += ["-C", _rel(setup, lock)]  # copy the record of stage one in
+    temp = [] if setup.linked else ["--temp"]  # a linked workspace runs in place
+    cmd = [_dvc_bin(), "--wait-for-lock", "exp", "run", *temp, "--name", name]
+    if temp and untracked:
+        cmd += ["-C", _rel(setup, lock)]  # copy the record of stage one in
     cmd += _set_args(setup, setup.overrides(row, seed))
     # the plan's target (and what it needs): other stages of the pipeline, such as the
     # CodeAlign chain of the root dvc.yaml for an evaluate plan, are not part of a row

@@ -1,6 +1,6 @@
 """What a SIGKILLed `pipeline ablate` run leaves under .dvc/tmp/exps, and its removal.
 
-`dvc exp run --temp` works in .dvc/tmp/exps/standalone/tmpXXXX and removes it when it
+`dvc exp run --temp` works in .dvc/tmp/exps/standalone/tmp<random> and removes it when it
 ends; a SIGKILL leaves it (a full checkout, the data and the teacher cache included) and
 its `.run` info files, which `dvc exp show` then lists as running. While a run is under
 way ablate keeps `<log_dir>/<run name>.pid` naming its `dvc` process; the next ablate
@@ -67,14 +67,11 @@ BARE_AGE_S = 60  # a bare temp folder this old is no live run's (dvc fills it in
 def clean_killed_runs(root: Path, log_dir: Path, echo: Any = print) -> list[str]:
     """Remove what the runs of a killed ablate left under .dvc/tmp/exps; returns their names.
 
-    `dvc exp run --temp` works in .dvc/tmp/exps/standalone/tmpXXXX and removes it when it
-    ends; a SIGKILL leaves it (a full checkout, the data and the teacher cache included)
-    and its `.run` info files, which `dvc exp show` then lists as running. Only runs this
-    plan started are touched (a `.pid` marker in its log folder), only when that process
-    is gone (a run still alive stops ablate with a message instead), and only folders an
-    info file of that run names, or, for a run killed in its first second before dvc wrote
-    one, bare folders (an empty git repository) created after it started and over a
-    minute old."""
+    Only runs this plan started are touched (a `.pid` marker in its log folder), only when
+    that process is gone (a run still alive stops ablate with a message instead), and only
+    folders an info file of that run names, or, for a run killed in its first second before
+    dvc wrote one, bare folders (an empty git repository) created after it started and over
+    a minute old."""
     exps = (root / ".dvc" / "tmp" / "exps").resolve()
     cleaned = []
     for marker in sorted(log_dir.glob(f"*{MARKER}")) if log_dir.is_dir() else []:
