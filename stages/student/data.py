@@ -47,16 +47,17 @@ class AugmentConfig:
 Transform = Callable[[dict[str, np.ndarray], np.ndarray], tuple[dict[str, np.ndarray], np.ndarray]]
 
 
-def to_unit(arr: np.ndarray) -> torch.Tensor:
+def to_unit(arr: np.ndarray, out: torch.Tensor | None = None) -> torch.Tensor:
     """H x W x 3 image as stored in a `Sample` -> (3, H, W) float32 model input before
     mean/std: integer images / 255 (DELIVER / MISS `Normalize`: `.float() / 255`, also for
     uint16 depth), float images as they are (MCubeS AoLP / DoLP / 16-bit NIR).
 
     One pass writes the float copy in (3, H, W) order and the division runs in place:
     the same numbers as transposing, converting and dividing into new arrays (integers
-    up to 65535 are exact in float32), with one full-frame copy instead of three."""
+    up to 65535 are exact in float32), with one full-frame copy instead of three. With
+    `out` (a float32 (3, H, W) tensor, e.g. a batch item's slot) it is written there."""
     src = torch.from_numpy(arr).permute(2, 0, 1)
-    x = torch.empty(src.shape, dtype=torch.float32)
+    x = torch.empty(src.shape, dtype=torch.float32) if out is None else out
     x.copy_(src)
     return x.div_(255.0) if np.issubdtype(arr.dtype, np.integer) else x
 
@@ -188,35 +189,44 @@ class StudentData(torch.utils.data.Dataset):
         label_arr = sample.label
         if self.transform is not None:
             arrays, label_arr = self.transform(arrays, label_arr)
-        images = {m: to_unit(arrays[m]) for m in self.modalities}
         label = torch.from_numpy(np.ascontiguousarray(label_arr))
         present = torch.ones(len(self.modalities), dtype=torch.bool)
         maps = None
         training = epoch >= 0 and bool(self.crop)
-        if training and self.targets is not None and self.targets.codes is not None:
+        if not training:  # each modality converted and normalised in its slot of the item
+            h, w, c = arrays[self.modalities[0]].shape
+            stacked = torch.empty((len(self.modalities), c, h, w), dtype=torch.float32)
+            for i, m in enumerate(self.modalities):
+                normalise(m, to_unit(arrays[m], out=stacked[i]), out=stacked[i])
+            return self._item(stacked, label, present, index, None)
+        images = {m: to_unit(arrays[m]) for m in self.modalities}
+        if self.targets is not None and self.targets.codes is not None:
             maps = code_map(self.targets.codes[index], *label.shape,
                             self.targets.code_image_size)
-        if training:
-            rng = np.random.default_rng([self.seed, epoch, index])
-            if maps is None:
-                images, label = augment(images, label, self.crop, self.augment_cfg, rng)
-            else:
-                images, label, maps = augment(images, label, self.crop, self.augment_cfg,
-                                              rng, maps)
-            if self.modality_dropout and rng.random() < self.modality_dropout:
-                k = int(rng.integers(1, len(self.modalities) + 1))
-                keep = rng.choice(len(self.modalities), size=k, replace=False)
-                present = torch.zeros_like(present)
-                present[torch.from_numpy(keep)] = True
-            if self.single_modality:
-                if len(key) < 3:
-                    raise ValueError("isolated training needs (epoch, index, step) keys")
-                present = torch.zeros_like(present)
-                present[isolated_modality(self.seed, key[2], index, len(self.modalities))] = True
+        rng = np.random.default_rng([self.seed, epoch, index])
+        if maps is None:
+            images, label = augment(images, label, self.crop, self.augment_cfg, rng)
+        else:
+            images, label, maps = augment(images, label, self.crop, self.augment_cfg, rng,
+                                          maps)
+        if self.modality_dropout and rng.random() < self.modality_dropout:
+            k = int(rng.integers(1, len(self.modalities) + 1))
+            keep = rng.choice(len(self.modalities), size=k, replace=False)
+            present = torch.zeros_like(present)
+            present[torch.from_numpy(keep)] = True
+        if self.single_modality:
+            if len(key) < 3:
+                raise ValueError("isolated training needs (epoch, index, step) keys")
+            present = torch.zeros_like(present)
+            present[isolated_modality(self.seed, key[2], index, len(self.modalities))] = True
         first = images[self.modalities[0]]
         stacked = torch.empty((len(self.modalities), *first.shape), dtype=first.dtype)
         for i, m in enumerate(self.modalities):  # each modality straight into the batch item
             normalise(m, images[m], out=stacked[i])
+        return self._item(stacked, label, present, index, maps)
+
+    def _item(self, stacked: torch.Tensor, label: torch.Tensor, present: torch.Tensor,
+              index: int, maps: torch.Tensor | None) -> dict[str, torch.Tensor]:
         item = {
             "images": stacked,
             "label": label.long(), "present": present, "index": torch.tensor(index),
