@@ -11,7 +11,7 @@ imagecodecs (its libpng and libspng codecs), torchvision (`io.decode_png`, libpn
 the project's `read_png` (which reads the file and applies the readers' conversions).
 A candidate that is not installed is reported as such; this is the one file in the
 project that calls the libraries directly (the project decodes only through
-`pipeline.datasets.decode.read_png`).
+`any2seg.datasets.decode.read_png`).
 
 Inputs: `--frames` frames of `pipeline make-sample --size 1042` (or `--root`, a
 DELIVER-layout folder), plus the kinds the readers meet that the generator does not write,
@@ -145,8 +145,8 @@ def sample_files(root: Path, frames: int, tmp: Path) -> dict[str, list[Path]]:
     """{kind: one file per frame} from a DELIVER-layout root."""
     from PIL import Image
 
-    from pipeline import datasets
-    from pipeline.datasets.deliver import PALETTE
+    from any2seg import datasets
+    from any2seg.deliver_taxonomy import PALETTE
 
     records = datasets.get("deliver").index(root, "train")[:frames]
     raw = datasets.get("deliver").index(root, "train", modalities=["depth"],
@@ -224,7 +224,7 @@ def _write(path: Path, data: bytes) -> Path:
 def probe(name: str, path: Path) -> None:
     """Runs in the child: decode `path` with `name` and print one line."""
     if name == "read_png":
-        from pipeline.datasets.decode import read_png
+        from any2seg.datasets.decode import read_png
 
         fn: Callable[[Any], np.ndarray] = read_png
         arg: Any = path
@@ -270,7 +270,7 @@ def safety(names: list[str], files: dict[str, Path]) -> dict[str, dict[str, str]
 # -- equality and speed ------------------------------------------------------------------
 def equality(names: list[str], kinds: dict[str, list[Path]]) -> dict[str, dict[str, str]]:
     """Per candidate and kind: 'equal' when every frame's array is today's `read_png`'s."""
-    from pipeline.datasets.decode import read_png
+    from any2seg.datasets.decode import read_png
 
     table: dict[str, dict[str, str]] = {}
     for name in names:
@@ -305,7 +305,7 @@ def speed(names: list[str], kinds: dict[str, list[Path]], repeats: int
     """ms per file of each kind, every candidate once per repeat in turn; {"cpu": this
     thread's CPU time (what the decoder costs, whatever else the machine runs), "wall":
     elapsed time} -> candidate -> kind -> median and min-max."""
-    from pipeline.datasets.decode import read_png
+    from any2seg.datasets.decode import read_png
 
     blobs = {k: [p.read_bytes() for p in ps] for k, ps in kinds.items()}
     fns: dict[str, Callable[[], None]] = {}
@@ -411,7 +411,7 @@ def main() -> None:
         tmp = Path(tmp_name)
         root = args.root
         if root is None:
-            from pipeline.synth import SampleSpec, make_sample
+            from any2seg.synth import SampleSpec, make_sample
 
             root = tmp / "sample"
             make_sample(root, SampleSpec(size=args.size, train=args.frames, val=0, test=0))

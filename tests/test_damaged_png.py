@@ -147,8 +147,8 @@ def test_damaged_pngs_are_named_never_a_crash(damaged_tree, tmp_path):
 
 def test_files_pil_decodes_get_their_crcs_checked(tmp_path):
     """Palette files go to PIL, which does not check IDAT's CRC: the reader does."""
-    from pipeline.datasets.decode import read_png
-    from pipeline.errors import DatasetError
+    from any2seg.datasets.decode import read_png
+    from any2seg.errors import DatasetError
 
     rgb = np.random.default_rng(1).integers(0, 256, (24, 32, 3), dtype=np.uint8)
     path = tmp_path / "palette.png"

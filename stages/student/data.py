@@ -7,6 +7,7 @@ run was resumed; that is what makes `--resume` end at the same weights.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -94,6 +95,31 @@ def _gaussian_blur(img: torch.Tensor, sigma: float) -> torch.Tensor:
     return img[0]
 
 
+@functools.lru_cache(maxsize=256)
+def nearest_index(size_in: int, size_out: int) -> np.ndarray:
+    """The source index of every output row (or column) under torch's `nearest`, taken from
+    torch's own kernel on a ramp (each output pixel reads (row(i), column(j)), one rule per
+    axis), so a gather reproduces `F.interpolate(..., mode="nearest")` exactly."""
+    ramp = torch.arange(size_in, dtype=torch.float32)[None, None, :, None]
+    index = F.interpolate(ramp, size=(size_out, 1), mode="nearest")[0, 0, :, 0]
+    return index.to(torch.int64).numpy()
+
+
+def nearest_window(src: torch.Tensor, size: tuple[int, int], top: int, left: int, crop: int,
+                   fill: int) -> torch.Tensor:
+    """The `crop` x `crop` window at (top, left) of `src` (..., h, w) resized to `size` with
+    `nearest` and padded with `fill` below and right: the numbers of resizing the whole
+    integer map through float (exact up to 2**24), padding and cropping, as a gather of
+    the window's pixels only. Returns int64."""
+    (h, w), (nh, nw) = src.shape[-2:], size
+    rows = nearest_index(h, nh)[top:top + crop]
+    cols = nearest_index(w, nw)[left:left + crop]
+    out = torch.full((*src.shape[:-2], crop, crop), fill, dtype=torch.int64)
+    rows_t, cols_t = torch.from_numpy(rows), torch.from_numpy(cols)
+    out[..., :len(rows), :len(cols)] = src[..., rows_t[:, None], cols_t].long()
+    return out
+
+
 def augment(images: dict[str, torch.Tensor], label: torch.Tensor, crop: int,
             cfg: AugmentConfig, rng: np.random.Generator,
             maps: torch.Tensor | None = None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
@@ -107,21 +133,16 @@ def augment(images: dict[str, torch.Tensor], label: torch.Tensor, crop: int,
     nh, nw = max(1, int(round(h * s))), max(1, int(round(w * s)))
     images = {m: F.interpolate(x[None], size=(nh, nw), mode="bilinear",
                                align_corners=False)[0] for m, x in images.items()}
-    label = F.interpolate(label[None, None].float(), size=(nh, nw), mode="nearest")[0, 0].long()
-    if maps is not None:  # float64 holds any code exactly
-        maps = F.interpolate(maps[None].double(), size=(nh, nw), mode="nearest")[0].long()
     ph, pw = max(0, crop - nh), max(0, crop - nw)
     if ph or pw:
         images = {m: F.pad(x, (0, pw, 0, ph)) for m, x in images.items()}
-        label = F.pad(label, (0, pw, 0, ph), value=IGNORE)
-        if maps is not None:
-            maps = F.pad(maps, (0, pw, 0, ph), value=-1)
-    top = int(rng.integers(0, label.shape[0] - crop + 1))
-    left = int(rng.integers(0, label.shape[1] - crop + 1))
+    top = int(rng.integers(0, nh + ph - crop + 1))
+    left = int(rng.integers(0, nw + pw - crop + 1))
     images = {m: x[:, top:top + crop, left:left + crop] for m, x in images.items()}
-    label = label[top:top + crop, left:left + crop]
+    # the label and codes resize as `nearest` does, padded (255 / -1) and cropped: a gather
+    label = nearest_window(label, (nh, nw), top, left, crop, IGNORE)
     if maps is not None:
-        maps = maps[:, top:top + crop, left:left + crop]
+        maps = nearest_window(maps, (nh, nw), top, left, crop, -1)
     if cfg.flip and rng.random() < 0.5:
         images = {m: x.flip(-1) for m, x in images.items()}
         label = label.flip(-1)

@@ -19,7 +19,6 @@ official code exists for it).
 
 from __future__ import annotations
 
-import functools
 import math
 
 import numpy as np
@@ -28,7 +27,7 @@ import torch.nn.functional as F
 
 from any2seg import datasets
 from any2seg.errors import PipelineError
-from stages.student.data import Transform
+from stages.student.data import Transform, nearest_index
 
 PROTOCOLS = ("official", "native")
 
@@ -49,16 +48,6 @@ def default_missing(protocol: str) -> str | None:
     return "black" if protocol == "official" else None
 
 
-@functools.lru_cache(maxsize=64)
-def _nearest_index(size_in: int, size_out: int) -> np.ndarray:
-    """The source index of every output row (or column) under torch's `nearest`, taken from
-    torch's own kernel on a ramp (each output pixel reads (row(i), column(j)), one rule per
-    axis), so a gather reproduces `F.interpolate(..., mode="nearest")` exactly."""
-    ramp = torch.arange(size_in, dtype=torch.float32)[None, None, :, None]
-    index = F.interpolate(ramp, size=(size_out, 1), mode="nearest")[0, 0, :, 0]
-    return index.to(torch.int64).numpy()
-
-
 def resize_tensor_like(arr: np.ndarray, height: int, width: int, nearest: bool) -> np.ndarray:
     """torchvision 0.10 `TF.resize` on a tensor (DELIVER's environment.yaml pins it):
     interpolate in float32 (float64 stays), bilinear with align_corners=False and no
@@ -73,8 +62,8 @@ def resize_tensor_like(arr: np.ndarray, height: int, width: int, nearest: bool) 
         return arr
     integer = np.issubdtype(arr.dtype, np.integer)
     if nearest and integer:
-        rows = _nearest_index(arr.shape[0], height)
-        cols = _nearest_index(arr.shape[1], width)
+        rows = nearest_index(arr.shape[0], height)
+        cols = nearest_index(arr.shape[1], width)
         return arr[rows[:, None], cols]
     src = arr if arr.ndim == 3 else arr[:, :, None]
     if not (src.flags.writeable and src.flags.c_contiguous):
