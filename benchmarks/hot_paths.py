@@ -21,7 +21,10 @@ machine's speed hits them alike; median and min-max over the repeats):
 - (e) validation items: `StudentData[(-1, i)]` under the official protocol (the 1024 px
   resize of DELIVER's `get_val_augmentation`, then the normalisation), what evaluation
   and validation during training feed the model, against decoding its files.
-The PNG decoders themselves are compared in benchmarks/decode.py.
+The PNG decoders themselves are compared in benchmarks/decode.py. For (a), (b) and (e)
+the thread's CPU time per sample (`time.thread_time`, "cpu" in the JSON) is recorded
+beside the elapsed time: with one torch thread it is what the work costs, nearly
+whatever else a shared machine runs.
 
 `--official PATH` runs the official DELIVER loader and transforms (semseg/datasets/
 deliver.py, semseg/augmentations_mm.py of github.com/jamycheung/DELIVER) beside (a), (b)

@@ -33,8 +33,8 @@ _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # grey + alpha, RGBA and 16-bit grey (PIL: I;16). Palette, 1/2/4-bit and 16-bit colour
 # images, interlaced files and any file with a tRNS chunk keep PIL's conversions.
 _LIBPNG_SAME = {(8, 0), (8, 2), (8, 4), (8, 6), (16, 0)}
-# Pillow's decompression-bomb limit (2 x Image.MAX_IMAGE_PIXELS), which the readers had
-# when PIL decoded every file; a header declaring more is refused before any allocation
+# Pillow's decompression-bomb limit (2 x Image.MAX_IMAGE_PIXELS, past which PIL itself
+# refuses a file), for every file; a header declaring more is refused before allocating
 _MAX_PIXELS = 2 * 89_478_485
 # what a file that is not a PNG most likely is, by its first bytes
 _OTHER_FORMATS = {b"\xff\xd8\xff": "a JPEG", b"GIF8": "a GIF", b"II*\x00": "a TIFF",
