@@ -183,9 +183,9 @@ def test_fused_row_reads_own_modalities_and_the_translation(stage2_run, monkeypa
     own decoded features of the frame (depth, event, from its code space) plus rgb's
     translated codes (from rgb's image), all present; the evaluation is reproducible."""
     run = stage2_run
-    calls = {"coded": [], "codes": [], "fused": []}
+    calls = {"coded": [], "codes": [], "fused": [], "alone": []}
     real_coded, real_codes = GroupModel.coded, type(run.system).translated_codes
-    real_fused = GroupModel.collaborate
+    real_fused, real_alone = GroupModel.collaborate, GroupModel.coded_alone
 
     def coded(self, images, generator=None):
         out = real_coded(self, images, generator)
@@ -202,6 +202,11 @@ def test_fused_row_reads_own_modalities_and_the_translation(stage2_run, monkeypa
         calls["fused"].append((self, own, onehots, out))
         return out
 
+    def alone(self, modality, image, generator=None):
+        calls["alone"].append((self, modality, image))
+        return real_alone(self, modality, image, generator)
+
+    monkeypatch.setattr(GroupModel, "coded_alone", alone)
     monkeypatch.setattr(GroupModel, "coded", coded)
     monkeypatch.setattr(type(run.system), "translated_codes", codes)
     monkeypatch.setattr(GroupModel, "collaborate", fused)
@@ -220,6 +225,9 @@ def test_fused_row_reads_own_modalities_and_the_translation(stage2_run, monkeypa
     batch = next(iter(evaluation_loader(samples, ["rgb", "depth", "event"])))
     assert torch.equal(image, batch["images"][:, 0])
     assert torch.equal(images, batch["images"][:, 1:])
+    # source own: rgb's own group after stage 1, through rgb's aligner and code space
+    (aself, modality, aimage), = calls["alone"]
+    assert aself is run.system.groups[0] and modality == "rgb" and torch.equal(aimage, image)
     # all M + 1 inputs reach MFF: not the translation alone, not the own model alone
     assert own[0].shape[1] == 2 and onehots[0].shape[-1] == run.cfg.codes
     assert not torch.equal(logits, own_logits)

@@ -8,7 +8,8 @@ For each translator (source modality m of group a -> target group b):
   translated codes decoded by b's quantiser heads, all through b's MFF and head;
 - `target own`: b's own model on b's own modalities through its code space (the
   reference the translation tries to reach; the same decoded features `fused` adds to);
-- `source own`: a's own model on m alone (m's own group decoding m);
+- `source own`: a's own model after stage 1 on m alone: m's aligner, a's code space and
+  a's back-end, a's other modalities absent (m's own group decoding m);
 - `naive joint`: the one student trained on the same isolated split, fed m alone.
 Scored with the data set's protocol (`stages.student.protocol`: official for DELIVER /
 MCubeS, native for the sample), mIoU as the official `Metrics` (classes absent from
@@ -88,12 +89,8 @@ def evaluate_run(run: CodeAlignRun, stage: str = "stage2", split: str = "val",
             conf[(m, b, "fused")].update(
                 pred(system.groups[b].collaborate(decoded[b], codes)), label)
             conf[(m, b, "target own")].update(own[b], label)
-            ga = system.groups[a]
-            single = torch.zeros(x.shape[0], len(ga.student.modalities), *x.shape[1:])
-            single[:, ga.student.modalities.index(m)] = x
-            present = torch.zeros(single.shape[:2], dtype=torch.bool)
-            present[:, ga.student.modalities.index(m)] = True
-            conf[(m, b, "source own")].update(pred(ga.student(single, present).logits), label)
+            conf[(m, b, "source own")].update(
+                pred(system.groups[a].coded_alone(m, x, gen)), label)
             jp = torch.zeros(x.shape[0], len(mods), dtype=torch.bool)
             jp[:, mods.index(m)] = True
             conf[(m, b, "naive joint")].update(pred(joint(images, jp).logits), label)

@@ -54,16 +54,29 @@ class GroupModel(nn.Module):
         quantiser heads: per stage (B, 1, C, h, w), one more input for the back-end."""
         return [q.decode(o)[:, None] for q, o in zip(self.quantisers, onehots, strict=True)]
 
+    def alone(self, feats: list[torch.Tensor], slot: int = 0) -> torch.Tensor:
+        """One input's decoded features (per stage (B, 1, C, h, w)) -> logits of this
+        group's back-end with that input in `slot` the only present modality."""
+        m = len(self.student.modalities)
+        feats = [torch.cat([f.new_zeros(f.shape[0], slot, *f.shape[2:]), f,
+                            f.new_zeros(f.shape[0], m - 1 - slot, *f.shape[2:])], 1)
+                 for f in feats]
+        present = torch.zeros(feats[0].shape[0], m, dtype=torch.bool, device=feats[0].device)
+        present[:, slot] = True
+        return self.student.fuse(feats, present)[0]
+
     def from_codes(self, onehots: list[torch.Tensor]) -> torch.Tensor:
         """Received codes -> logits of this group's back-end, as the one present
         modality."""
-        feats = self.received(onehots)
-        m = len(self.student.modalities)
-        feats = [torch.cat([f, f.new_zeros(f.shape[0], m - 1, *f.shape[2:])], 1)
-                 for f in feats]
-        present = torch.zeros(feats[0].shape[0], m, dtype=torch.bool, device=feats[0].device)
-        present[:, 0] = True
-        return self.student.fuse(feats, present)[0]
+        return self.alone(self.received(onehots))
+
+    def coded_alone(self, modality: str, image: torch.Tensor,
+                    generator: torch.Generator | None = None) -> torch.Tensor:
+        """One of this group's modalities alone (B, 3, H, W) through its aligner, the
+        group's code space and back-end (the others absent) -> logits."""
+        decoded = [q(f, generator)[0][:, None]
+                   for q, f in zip(self.quantisers, self.aligned(modality, image), strict=True)]
+        return self.alone(decoded, self.student.modalities.index(modality))
 
     def collaborate(self, own: list[torch.Tensor], onehots: list[torch.Tensor]
                     ) -> torch.Tensor:
