@@ -218,7 +218,7 @@ def test_fused_row_reads_own_modalities_and_the_translation(stage2_run, monkeypa
     assert own is decoded and onehots is out
     assert images.shape[1] == 2  # depth and event of the same frames
     # the inputs of the rows are the frame's modalities: rgb for the translation
-    from pipeline import datasets
+    from any2seg import datasets
     from stages.student.evaluate import evaluation_loader
 
     samples = datasets.load("sample", run.root, "val")[:1]
