@@ -275,6 +275,8 @@ def test_each_dvc_stage_lists_exactly_the_codealign_keys_it_reads(dvc_file):
         listed_all += listed
     fields = {f.name for f in dataclasses.fields(CodeAlignConfig)}
     assert sorted(listed_all) == sorted(fields)  # every key read by exactly one stage
+    params = yaml.safe_load((ROOT / dvc_file).with_name("params.yaml").read_text())
+    assert set(params["codealign"]) == fields  # DVC needs every listed key in the file
 
 
 STAGE_KEYS = ca_stages.STAGE_KEYS
