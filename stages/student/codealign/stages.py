@@ -18,7 +18,7 @@ per stage.
 
 Checkpoints: out/stage{N}.pt when a stage is done; inside it, per trained part (a
 group, the joint model, a translator) out/stage{N}/<part>.last.pt every
-`checkpoint_every` steps (model, optimiser, step, the settings and split); a rerun
+`checkpoint_every` steps (model, optimiser, schedule, step, the settings and split); a rerun
 resumes from it, a finished part is not trained again.
 """
 
