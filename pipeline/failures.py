@@ -5,6 +5,7 @@ scheduler that went away. The CLI's error handling calls these; nothing here rai
 from __future__ import annotations
 
 import errno
+import re
 from collections.abc import Sequence
 
 # per command: the settings whose size decides the memory a run needs
@@ -22,6 +23,19 @@ KEPT = {
     "cache-teacher": "the store keeps every finished row and a rerun continues from them",
     "train": "last.pt keeps the last checkpoint and --resume continues from it",
 }
+
+
+# the readers' hint, written for the commands that have --skip-bad
+_SKIP_BAD_HINT = re.compile(r",? or pass --skip-bad to skip (this sample|incomplete samples)")
+
+
+def skip_bad_hint(message: str, has_skip_bad: bool) -> str:
+    """`message` with the readers' "or pass --skip-bad" hint only where the command has
+    that flag; elsewhere (evaluate) it points at the command that lists every bad file."""
+    if has_skip_bad:
+        return message
+    return _SKIP_BAD_HINT.sub("; `pipeline datasets check` lists every damaged or missing "
+                              "file", message)
 
 
 def command_of(args: Sequence[str], commands: Sequence[str]) -> str | None:

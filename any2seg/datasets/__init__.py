@@ -34,24 +34,38 @@ def info(name: str, root: str | Path | None = None) -> dict[str, Any]:
 
 
 def check(name: str, root: Path, split: str) -> tuple[int, list[str]]:
-    """Decode every sample of the splits: how many there are, and one line per missing,
-    corrupt or mislabelled one (what readers' --skip-bad would drop)."""
+    """Decode every file any stage reads of the splits: how many samples there are, and one
+    line per missing, corrupt or mislabelled one (what readers' --skip-bad would drop).
+
+    The files are those `pack_index` names (every load option's, e.g. DELIVER's raw
+    `depth/` beside `hha/`); a file seen under two options is reported once."""
     from any2seg.datasets.base import as_list, find_undecodable
     from any2seg.errors import PipelineError
 
     reader = get(name)
-    records = reader.index(root, split, **reader.every_file_options)
     expected = f"; expected {root}/{reader.layout}" if reader.layout else ""
+    splits = as_list(split) or list(reader.splits)
+    variants = [reader.pack_index(root, s)[0] for s in splits]
+    records = [r for s_variants in variants for r in s_variants[0]]
     if not records:
         raise PipelineError(f"no {name} samples of {split} under {root}{expected}")
-    problems = [f"split {s}: no samples{expected}" for s in as_list(split) or []
-                if not any(r.split == s for r in records)]
-    complete = []
-    for r in records:
-        missing = [f"{k} file {p}" for k, p in r.files.items() if not p.is_file()]
-        if missing:
-            problems.append(f"{r.id}: missing {missing[0]}")
-        else:
-            complete.append(r)
-    problems += [f"{r.id}: {msg}" for r, msg in find_undecodable(complete, reader.decode, name)]
+    problems = [f"split {s}: no samples{expected}" for s, v in zip(splits, variants, strict=True)
+                if not v[0]]
+    seen: set[str] = set()
+    for option_records in (v for s_variants in variants for v in s_variants):
+        complete = []
+        for r in option_records:
+            missing = [f"{k} file {p}" for k, p in r.files.items() if not p.is_file()]
+            if missing:
+                line = f"{r.id}: missing {missing[0]}"
+                if line not in seen:
+                    seen.add(line)
+                    problems.append(line)
+            else:
+                complete.append(r)
+        for r, msg in find_undecodable(complete, reader.decode, name):
+            line = f"{r.id}: {msg}"
+            if line not in seen:
+                seen.add(line)
+                problems.append(line)
     return len(records), problems

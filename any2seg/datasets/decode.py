@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import math
 import os
 import struct
 import zlib
@@ -25,7 +26,7 @@ import imagecodecs
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from any2seg.datasets.packed import PackedPath, open_binary
+from any2seg.datasets.packed import PackedPath
 from any2seg.errors import DatasetError
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -40,6 +41,12 @@ _MAX_PIXELS = 2 * 89_478_485
 _OTHER_FORMATS = {b"\xff\xd8\xff": "a JPEG", b"GIF8": "a GIF", b"II*\x00": "a TIFF",
                   b"MM\x00*": "a TIFF", b"RIFF": "a RIFF (WebP) file", b"BM": "a BMP",
                   b"\x93NUMPY": "a .npy array", b"<": "text (HTML or XML)"}
+_NPY_MAGIC = b"\x93NUMPY"
+_OTHER_NPY = {_PNG_SIGNATURE: "a PNG", **{k: v for k, v in _OTHER_FORMATS.items()
+                                         if k != _NPY_MAGIC},
+              b"PK\x03\x04": "a zip archive (.npz)", b"\x80": "a Python pickle"}
+_NPY_HEADERS = {(1, 0): np.lib.format.read_array_header_1_0,
+                (2, 0): np.lib.format.read_array_header_2_0}
 _LIBPNG_ERRORS = (imagecodecs.PngError, RuntimeError, ValueError, MemoryError)
 # {absolute path: sha256} of the files read in this thread inside `recording_digests`
 _RECORDING: ContextVar[dict[str, str] | None] = ContextVar("recorded_digests", default=None)
@@ -172,22 +179,53 @@ def read_png(path: Path | PackedPath, digest: list[str] | None = None) -> np.nda
         raise _undecodable(path, str(exc) or type(exc).__name__) from exc
 
 
+def _npy_unreadable(path: Path | PackedPath, why: str) -> DatasetError:
+    return DatasetError(f"cannot read {path} ({why}); the file is corrupt or truncated: "
+                        "re-download it, or pass --skip-bad to skip this sample")
+
+
+def _check_npy(data: bytes, path: Path | PackedPath) -> None:
+    """Refuse from the header alone what np.load should not see: an empty file, another
+    format under a .npy name, object arrays (a pickle: data files never run code), and a
+    declared shape the bytes do not hold (a truncated file, or one that would make np.load
+    allocate a huge array for a few bytes)."""
+    if not data:
+        raise _npy_unreadable(path, "empty file")
+    if not data.startswith(_NPY_MAGIC):
+        kind = next((k for sig, k in _OTHER_NPY.items() if data.startswith(sig)),
+                    "no known format")
+        raise _npy_unreadable(path, f"not a .npy array: its first bytes are those of {kind}")
+    f = io.BytesIO(data)
+    try:
+        version = np.lib.format.read_magic(f)
+        read_header = _NPY_HEADERS.get(version)
+        if read_header is None:
+            return  # a newer format version: np.load's own checks decide
+        shape, _, dtype = read_header(f)
+    except Exception as exc:  # numpy's header parser: tokenize, ast and its own errors
+        raise _npy_unreadable(path, f"damaged .npy header: {type(exc).__name__}") from exc
+    if dtype.hasobject:
+        raise DatasetError(f"{path} holds Python objects ({dtype}), a pickle: data files are "
+                           "read with allow_pickle=False so that they never run code; save "
+                           "the map as a numeric array (np.save of a float32 H x W array)")
+    declared = math.prod(shape) * dtype.itemsize
+    held = len(data) - f.tell()
+    if held < declared:
+        raise _npy_unreadable(path, f"its header declares a {dtype} array of shape "
+                                    f"{tuple(shape)} ({declared} bytes) but {held} bytes follow")
+
+
 def read_npy(path: Path | PackedPath) -> np.ndarray:
-    """Load a `.npy` array with a file-naming error on failure."""
+    """Load a `.npy` array (never a pickle) with a file-naming error on failure."""
     path = path if isinstance(path, PackedPath) else Path(path)
     if not path.is_file():
         raise DatasetError(f"missing file {path}")
+    data = _read(path)
+    _check_npy(data, path)
     try:
-        if _RECORDING.get() is not None and not isinstance(path, PackedPath):
-            return np.load(io.BytesIO(_read(path)), allow_pickle=False)
-        return np.load(open_binary(path), allow_pickle=False)
-    except DatasetError:
-        raise
+        return np.load(io.BytesIO(data), allow_pickle=False)
     except (OSError, ValueError, EOFError) as exc:
-        raise DatasetError(
-            f"cannot read {path} ({exc}); the file is corrupt or truncated: "
-            "re-download it, or pass --skip-bad to skip this sample"
-        ) from exc
+        raise _npy_unreadable(path, str(exc)) from exc
 
 
 def to_uint8(arr: np.ndarray) -> np.ndarray:

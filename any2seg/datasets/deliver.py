@@ -176,7 +176,7 @@ class DeliverReader(DatasetReader):
         sources stay readable from the pack)."""
         modalities = list(modalities or MODALITIES)
         variants = [self.index(root, split, modalities=modalities)]
-        if "depth" in modalities and (Path(root) / "depth").is_dir():
+        if "depth" in modalities and (as_root(root) / "depth").is_dir():
             variants.append(self.index(root, split, modalities=["depth"], depth_source="raw"))
         return variants, []
 

@@ -70,6 +70,11 @@ def _report_here() -> bool:
     return first_to_fail()
 
 
+def _has_skip_bad(command: str | None) -> bool:
+    found = cli.commands.get(command or "")
+    return found is not None and any(p.name == "skip_bad" for p in found.params)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry: run the click group and turn user errors into one line."""
     args = list(sys.argv[1:] if argv is None else argv)
@@ -100,7 +105,7 @@ def main(argv: list[str] | None = None) -> None:
     except PipelineError as exc:
         if debug:
             raise
-        message, code = str(exc), 1
+        message, code = failures.skip_bad_hint(str(exc), _has_skip_bad(command)), 1
     except KeyboardInterrupt:
         message, code = "interrupted", 130
     except MemoryError:

@@ -62,13 +62,17 @@ from pipeline.help_defaults import Tunable
               "GPU; gloo ranks on CPU), started through torch's elastic launcher; "
               "--batch-size is the global batch.", cls=Tunable, key="train.nproc")
 @click.option("--resume", is_flag=True, help="Continue from OUT/last.pt.")
+@click.option("--skip-bad", is_flag=True, default=None, help="Decode every train and val "
+              "sample first; log and leave out those with missing or broken files.",
+              cls=Tunable, key="train.skip_bad")
 @PARAMS
 @click.option("--json", "as_json", is_flag=True, help="Print the run summary as JSON.")
 def train_cmd(dataset: str | None, root: Path | None, cache: str | None, out: str | None,
               variant: str | None, pretrained: str | None, steps: int | None,
               epochs: float | None, batch_size: int | None, crop: int | None, lr: float | None,
               workers: int | None, device: str | None, seed: int | None, nproc: int | None,
-              resume: bool, params_path: Path | None, as_json: bool) -> None:
+              resume: bool, skip_bad: bool | None, params_path: Path | None,
+              as_json: bool) -> None:
     """Stage two: train the Any2Seg student (shared encoder, MFF, LSCD losses) from the cache.
 
     Every tunable is in params.yaml under `student` and `train`; flags override them.
@@ -87,7 +91,8 @@ def train_cmd(dataset: str | None, root: Path | None, cache: str | None, out: st
     overrides = {"dataset": dataset, "root": str(root) if root else None, "cache": cache,
                  "out": out, "backbone": variant, "pretrained": pretrained, "steps": steps,
                  "epochs": epochs, "batch_size": batch_size, "crop": crop, "lr": lr,
-                 "workers": workers, "device": device, "seed": seed, "nproc": nproc}
+                 "workers": workers, "device": device, "seed": seed, "nproc": nproc,
+                 "skip_bad": skip_bad}
     if steps is not None:
         overrides["epochs"] = None
     student, cfg = TrainConfig.from_params(params, overrides, source,
@@ -113,9 +118,11 @@ def train_cmd(dataset: str | None, root: Path | None, cache: str | None, out: st
                    f"of {summary['steps']}; nothing to resume (evaluate "
                    f"{summary['out']}/best.pt, or train more steps into a new --out)")
     else:
+        bad = summary.get("skipped_bad")
+        skipped = f"; {bad} samples skipped as bad (--skip-bad)" if bad else ""
         click.echo(f"trained {summary['steps']} steps into {summary['out']} in "
                    f"{summary['seconds']} s: loss {summary['first_loss']:.3f} -> "
-                   f"{summary['last_loss']:.3f}, val mIoU {summary['val_mIoU']}")
+                   f"{summary['last_loss']:.3f}, val mIoU {summary['val_mIoU']}{skipped}")
 
 
 @click.command("evaluate", context_settings=CONTEXT)

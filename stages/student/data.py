@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from any2seg.config import Where
 from any2seg.datasets import Sample, SampleSequence
+from any2seg.errors import PipelineError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -290,3 +291,51 @@ class ScheduleSampler(torch.utils.data.Sampler):
                 chunk = np.resize(order, self.batch_size)
             chunk = chunk[self.rank * self.local:(self.rank + 1) * self.local]
             yield [(epoch, int(i), step) for i in chunk]
+
+
+class WorkerErrors:
+    """A data loader whose worker failures end in one line, as in-process failures do.
+
+    torch re-raises a worker's exception as its own type around the whole formatted
+    traceback ("Caught DatasetError in DataLoader worker process 0. Original Traceback
+    ..."): a `PipelineError` is raised again with its own message (the traceback stays
+    its cause, for --debug). A worker that dies (a native crash on a file, the
+    out-of-memory killer) becomes a `PipelineError` saying how to find the file."""
+
+    def __init__(self, loader: torch.utils.data.DataLoader) -> None:
+        self.loader = loader
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        try:
+            yield from self.loader
+        except PipelineError as exc:
+            message = worker_message(exc)
+            if message is None:
+                raise
+            try:
+                unwrapped = type(exc)(message)
+            except TypeError:  # a subclass built from other arguments
+                unwrapped = PipelineError(message)
+            raise unwrapped from exc
+        except RuntimeError as exc:
+            if not str(exc).startswith("DataLoader worker (pid"):
+                raise
+            raise PipelineError(
+                f"a data loader worker died ({str(exc).strip()}); a native crash on a "
+                "damaged file or the out-of-memory killer ends a worker this way: "
+                "`pipeline datasets check` lists damaged files, and loader workers 0 "
+                "(train.workers: 0) name the file a crash happens on") from exc
+
+
+def worker_message(exc: PipelineError) -> str | None:
+    """The original message of a `PipelineError` torch re-raised from a loader worker (the
+    last line of the traceback it carries), or None for an exception raised in-process."""
+    text = str(exc)
+    if not (text.startswith("Caught ") and "DataLoader worker" in text.split("\n", 1)[0]):
+        return None
+    prefix = f"\n{type(exc).__module__}.{type(exc).__qualname__}: "
+    at = text.rfind(prefix)
+    return text[at + len(prefix):].strip() if at >= 0 else None

@@ -29,7 +29,7 @@ from any2seg.datasets.base import unit_image
 from any2seg.errors import PipelineError
 from any2seg.metrics import Confusion
 from any2seg.progress import progress as progress_bar
-from stages.student.data import AugmentConfig, StudentData
+from stages.student.data import AugmentConfig, StudentData, WorkerErrors
 from stages.student.distributed import World
 from stages.student.model import MISSING_MODES, Any2Seg, StudentConfig, build_student
 from stages.student.protocol import (
@@ -312,7 +312,7 @@ def evaluate(model: Any2Seg, samples: datasets.SampleSequence, settings: tuple[s
         if "sensor" in settings else {}
     result = EvalResult(mods, list(samples.classes), protocol, model.missing)
     drawn: list[tuple[int, dict[str, np.ndarray]]] = []
-    for batch in progress_bar(loader, desc="evaluating", unit="batch",
+    for batch in progress_bar(WorkerErrors(loader), desc="evaluating", unit="batch",
                               enabled=progress and world.main, leave=False):
         images = batch["images"].to(device, next(model.parameters()).dtype)
         label = batch["label"].to(device)

@@ -41,7 +41,7 @@ from stages.student.checkpoint import (
 )
 from stages.student.codes import CodeTranslators, code_loss, decoded_loss
 from stages.student.config import TrainConfig
-from stages.student.data import IGNORE, ScheduleSampler, StudentData, Targets
+from stages.student.data import IGNORE, ScheduleSampler, StudentData, Targets, WorkerErrors
 from stages.student.evaluate import evaluate, evaluation_loader
 from stages.student.losses import (
     correlation_kl,
@@ -185,10 +185,14 @@ def _train(student: StudentConfig, cfg: TrainConfig, progress: bool,
                             skip_bad=cfg.skip_bad or bool(skipped))
     train_set = without_skipped(train_set, skipped, cfg.dataset)
     val_set = without_skipped(val_set, skipped, cfg.dataset)
-    if skipped:
+    skipped_bad = 0  # samples this run's decode check left out (train.skip_bad)
+    if cfg.skip_bad or skipped:
         reader = datasets.get(cfg.dataset)
-        left_out = [sum(r.id in skipped for r in reader.index(root, split))
-                    for split in ("train", "val")]
+        indexed = [reader.index(root, split) for split in ("train", "val")]
+        skipped_bad = sum(r.id not in skipped for records in indexed for r in records) - \
+            len(train_set) - len(val_set)
+    if skipped:
+        left_out = [sum(r.id in skipped for r in records) for records in indexed]
         log.info("%s skipped %d broken samples when it was built (--skip-bad); training "
                  "without them: %d train and %d val samples left out", cache_path,
                  len(skipped), *left_out)
@@ -275,7 +279,7 @@ def _train(student: StudentConfig, cfg: TrainConfig, progress: bool,
 
     # -- the loop ----------------------------------------------------------------------------
     model.train()
-    for step, batch in enumerate(loader, start):
+    for step, batch in enumerate(WorkerErrors(loader), start):
         scheduler.step_update(step)
         images = batch["images"].to(device, dtype, non_blocking=True)
         label = batch["label"].to(device, non_blocking=True)
@@ -355,4 +359,4 @@ def _train(student: StudentConfig, cfg: TrainConfig, progress: bool,
             "val_mIoU": val_miou,
             "best_val_mIoU": best, "seconds": round(time.perf_counter() - t0, 1),
             "first_loss": history[0] if history else None,
-            "last_loss": history[-1] if history else None}
+            "last_loss": history[-1] if history else None, "skipped_bad": skipped_bad}
