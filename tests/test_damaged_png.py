@@ -1,67 +1,26 @@
 """Damaged PNGs through the commands that decode them, each command in its own process, so
 a native crash (the old libpng path died with SIGSEGV on a damaged IDAT) fails this test
 instead of the test run. One DELIVER-layout tree carries every kind of damage, in a
-different sample each, so three processes cover them all."""
+different sample each, so three processes cover them all. `tests/test_damaged_reader_paths.py`
+takes the same damage through training, evaluation and MCubeS's readers."""
 
 from __future__ import annotations
-
-import io
-import os
-import struct
-import subprocess
-import sys
-import zlib
-from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from tests.damage import (
+    ROOT,
+    bad_crc,
+    bomb,
+    jpeg,
+    label_16bit,
+    overwrite_idat,
+    pipeline,
+    truncated,
+)
 from tests.layouts import FRAMES, write_deliver
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _chunk(kind: bytes, body: bytes) -> bytes:
-    return struct.pack(">I", len(body)) + kind + body + \
-        struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
-
-
-def overwrite_idat(data: bytes) -> bytes:
-    """Bytes 60-400 overwritten, all inside the first IDAT chunk (as bit rot leaves it)."""
-    idat = data.find(b"IDAT")
-    length = struct.unpack(">I", data[idat - 4:idat])[0]
-    assert idat + 4 <= 60 and 400 <= idat + 4 + length, "the damage must fall inside IDAT"
-    noise = np.random.default_rng(0).integers(0, 256, 340, dtype=np.uint8).tobytes()
-    return data[:60] + noise + data[400:]
-
-
-def bad_crc(data: bytes) -> bytes:
-    """The first IDAT's CRC flipped, its data intact (PIL alone would decode this)."""
-    idat = data.find(b"IDAT")
-    length = struct.unpack(">I", data[idat - 4:idat])[0]
-    at = idat + 4 + length
-    return data[:at] + bytes([data[at] ^ 0xFF]) + data[at + 1:]
-
-
-def jpeg(_: bytes) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(np.zeros((24, 32, 3), np.uint8)).save(buf, format="JPEG")
-    return buf.getvalue()
-
-
-def bomb(_: bytes) -> bytes:
-    """A valid header declaring 100000 x 100000 RGB pixels over a tiny stream."""
-    ihdr = struct.pack(">IIBBBBB", 100_000, 100_000, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + \
-        _chunk(b"IDAT", zlib.compress(b"\0" * 300_001)) + _chunk(b"IEND", b"")
-
-
-def label_16bit(_: bytes) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(np.ones((24, 32), np.uint16)).save(buf, format="PNG")
-    return buf.getvalue()
-
 
 # (scene, frame, top folder, file kind): damage; every damaged file in its own sample
 TRAIN = [("cloud/train/MAP_1_point1", f) for f in FRAMES] + \
@@ -76,6 +35,8 @@ DAMAGE = {
     (*TRAIN[5], "semantic", "semantic"): jpeg,  # another format under .png
     ("fog/val/MAP_4_point7", FRAMES[0], "img", "rgb"): bomb,
     ("fog/val/MAP_4_point7", FRAMES[1], "semantic", "semantic"): label_16bit,  # wrong depth
+    # the raw metric depth/ file (stage one's depth branch reads it, training reads hha/)
+    ("sun/test/MAP_6_point9_overexposure", FRAMES[0], "depth", "depth"): truncated,
 }
 BAD = len(DAMAGE)
 GOOD = 12 - BAD  # write_deliver: 6 train, 4 val, 2 test samples
@@ -96,13 +57,6 @@ def damaged_tree(tmp_path_factory):
         files.append(path)
     write_default_teacher(base / "teacher")
     return root, base / "teacher", files
-
-
-def pipeline(*args, cwd):
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-        [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}
-    return subprocess.run([sys.executable, "-m", "pipeline", *map(str, args)], cwd=cwd,
-                          env=env, capture_output=True, text=True, timeout=300)
 
 
 def test_damaged_pngs_are_named_never_a_crash(damaged_tree, tmp_path):

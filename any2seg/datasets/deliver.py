@@ -61,7 +61,9 @@ def decode_label(raw: np.ndarray, path: Path) -> np.ndarray:
     """Red channel -> int64 classes 0..24, ignore 255; refuses values outside 0..25/255."""
     red = raw[:, :, 0] if raw.ndim == 3 else raw
     if red.dtype != np.uint8:
-        raise DatasetError(f"label {path} is {red.dtype}; DELIVER labels are 8-bit PNGs")
+        raise DatasetError(f"label {path} is {red.dtype}; DELIVER labels are 8-bit PNGs: "
+                           "re-download or regenerate it, or pass --skip-bad to skip this "
+                           "sample")
     check_label_range(red, _LABEL_VALID, path, "0..25 and 255 (DELIVER raw label ids)")
     return _LABEL_LUT[red]
 

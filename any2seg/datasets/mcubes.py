@@ -179,7 +179,9 @@ class MCubesReader(DatasetReader):
         if raw_label.ndim == 3:
             raw_label = raw_label[:, :, 0]
         if raw_label.dtype != np.uint8:
-            raise DatasetError(f"label {f['label']} is {raw_label.dtype}; expected 8-bit")
+            raise DatasetError(f"label {f['label']} is {raw_label.dtype}; MCubeS labels are "
+                               "8-bit PNGs: re-download it, or pass --skip-bad to skip this "
+                               "sample")
         check_label_range(raw_label, _LABEL_VALID, f["label"], "0..19 and 255 (MCubeS)")
         full_shape = raw_label.shape
         images: dict[str, np.ndarray] = {}
