@@ -183,12 +183,12 @@ def collect(setup: Setup) -> dict[str, dict[str, Any]]:
     if not setup.baseline_rev:
         setup.baseline_rev = baseline_rev(setup.root)
     done = finished_runs(setup.root, setup.baseline_rev)
+    check_finished(setup, done)
     out = {}
     for row, seed in setup.runs():
         name = setup.run_name(row, seed)
         if name not in done:
             continue
-        check_finished(setup, name, done[name], row, seed)
         files = {stem: json.loads(dvc.api.read(path, repo=str(setup.root), rev=done[name]))
                  for stem, path in setup.metric_files.items()
                  if stem in {s for s, _ in setup.metrics}}

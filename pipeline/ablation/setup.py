@@ -23,6 +23,10 @@ from pipeline.ablation.plan import Plan, assign, check_rows, load_plan, lookup
 
 EXPONENT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 HEADLINE = {"mss": "mIoU", "miss": "mean_mIoU", "sensor": "mean_of_groups_mIoU"}
+# -S keys that change how a run is computed, not its result (the paper's reference figures
+# still apply)
+RUN_ONLY = ("train.nproc", "train.workers", "train.persistent_workers", "train.prefetch_factor",
+            "train.device", "train.compile", "train.checkpoint_every", "eval.nproc")
 
 
 @dataclass
@@ -43,6 +47,14 @@ class Setup:
     extra: dict[str, Any] = field(default_factory=dict)
     links: list[str] = field(default_factory=list)  # untracked inputs in the repository
     outside: list[str] = field(default_factory=list)  # inputs outside it (read in place)
+    common: dict[str, Any] = field(default_factory=dict)  # the plan's every_row and recipe
+    recipe: dict[str, Any] | None = None  # the plan's recipe for this pipeline, if any
+
+    @property
+    def paper_setting(self) -> bool:
+        """The runs are the paper's experiment: the plan has a recipe for this pipeline and
+        no -S changes what the weights come out as (only how they are computed)."""
+        return self.recipe is not None and all(k in RUN_ONLY for k in self.extra)
 
     @property
     def linked(self) -> bool:
@@ -62,8 +74,9 @@ class Setup:
         return [(row, seed) for seed in self.seeds for row in self.rows]
 
     def overrides(self, row: str, seed: int) -> dict[str, Any]:
-        """What the run sets: the -S overrides, the row's own and its seed."""
-        return {**self.extra, **self.rows[row], self.plan.seed: seed}
+        """What the run sets: the plan's every_row and recipe, the -S overrides (which win
+        over those), the row's own and its seed."""
+        return {**self.common, **self.extra, **self.rows[row], self.plan.seed: seed}
 
     @property
     def out(self) -> Path:
@@ -126,13 +139,15 @@ def prepare(plan_name: str, seeds: int, rows: str | None, sets: list[str] | tupl
         raise PipelineError(f"{plan.path}: target {plan.target!r}: {dvc_yaml} has no such "
                             f"stage (its stages: {', '.join(dag.stages)})")
     extra = parse_set(sets, params_path)
+    recipe = plan.recipe(os.path.relpath(dvc_yaml, root))
+    common = {**plan.every_row, **((recipe or {}).get("params") or {})}
     selected = [r.strip() for r in rows.split(",") if r.strip()] if rows else []
     checked = check_rows(plan, selected, extra, params,
                          {s: list(dag.stages[s].params) for s in dag.ablated(plan.target)},
                          {s: list(dag.stages[s].params) for s in dag.frozen(plan.target)},
-                         rel_params)
-    _check_values({r: {**extra, **o} for r, o in checked.items()}, params, rel_params,
-                  dag.ablated(plan.target))
+                         rel_params, common)
+    _check_values({r: {**common, **extra, **o} for r, o in checked.items()}, params,
+                  rel_params, dag.ablated(plan.target))
     files = {Path(path).stem: path for path in dag.stages[plan.target].metrics}
     if plan.metrics:
         wanted = [tuple(m.split(".", 1)) for m in plan.metrics]
@@ -157,7 +172,8 @@ def prepare(plan_name: str, seeds: int, rows: str | None, sets: list[str] | tupl
         raise PipelineError(f"{rel_params}: {plan.seed} must be an integer, got {base_seed!r}")
     extra.pop(plan.seed, None)
     return Setup(plan, root, dvc_yaml, params_path, params, checked,
-                 [base_seed + i for i in range(seeds)], wanted, files, dag, extra=extra)
+                 [base_seed + i for i in range(seeds)], wanted, files, dag, extra=extra,
+                 common=common, recipe=recipe)
 
 
 def _check_values(rows: dict[str, dict[str, Any]], params: dict[str, Any], source: str,

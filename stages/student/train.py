@@ -216,6 +216,7 @@ def _train(student: StudentConfig, cfg: TrainConfig, progress: bool,
     np.random.seed(cfg.seed)
     random.seed(cfg.seed)
     model = build_student(student, modalities, len(train_set.classes)).to(device, dtype)
+    model.with_base = bool(loss_cfg.w_base)  # L_base: the mean of the per-modality logits
     translators = None
     if codebooks is not None:  # after the student, so its initial weights do not move
         translators = CodeTranslators(modalities, model.encoder.channels[-1],
@@ -286,6 +287,9 @@ def _train(student: StudentConfig, cfg: TrainConfig, progress: bool,
             output = net(images, present)
             fused = upcast(output.fused[-1].fused)
             terms = {"L_sup": supervised(upcast(output.logits), label, loss_cfg, world.total)}
+            if loss_cfg.w_base:
+                terms["L_base"] = supervised(upcast(output.base_logits), label, loss_cfg,
+                                             world.total)
             if loss_cfg.w_cr:
                 # the student side: MFF's re-weighting correlations under `author`
                 m_f = (output.fused[-1].correlation if fuse_classes
@@ -306,7 +310,8 @@ def _train(student: StudentConfig, cfg: TrainConfig, progress: bool,
                     terms["L_decoded"] = decoded_loss(translators, upcast(output.feats[-1]),
                                                       present, codes, world.total)
         ramp = distill_ramp(step, steps, loss_cfg.distill_warmup)
-        weights = {"L_sup": loss_cfg.w_sup, "L_cr": loss_cfg.w_cr * ramp,
+        weights = {"L_sup": loss_cfg.w_sup, "L_base": loss_cfg.w_base,
+                   "L_cr": loss_cfg.w_cr * ramp,
                    "L_se": loss_cfg.w_se * ramp, "L_code": loss_cfg.w_teacher_code,
                    "L_decoded": loss_cfg.w_teacher_decoded}
         for name, value in terms.items():
