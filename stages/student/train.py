@@ -42,6 +42,7 @@ from stages.student.checkpoint import (
 from stages.student.codes import CodeTranslators, code_loss, decoded_loss
 from stages.student.config import TrainConfig
 from stages.student.data import IGNORE, ScheduleSampler, StudentData, Targets
+from stages.student.estimate import train_steps
 from stages.student.evaluate import evaluate, evaluation_loader
 from stages.student.losses import (
     correlation_kl,
@@ -205,7 +206,7 @@ def _train(student: StudentConfig, cfg: TrainConfig, progress: bool,
         "w_teacher_decoded" if loss_cfg.w_teacher_decoded else None
     codebooks = load_codes(cache, targets, train_set.ids, modalities, code_key) if code_key \
         else None
-    steps = cfg.steps or math.ceil(cfg.epochs * max(1, len(train_set) // cfg.batch_size))
+    steps = train_steps(cfg, len(train_set))
     meta = {"student": asdict(student), "train": cfg.settings(), "modalities": modalities,
             "classes": list(train_set.classes), "dataset": cfg.dataset, "steps": steps,
             "palette": [list(c) for c in datasets.get(cfg.dataset).palette],
