@@ -181,6 +181,11 @@ def test_the_report_prints_the_paper_figures_only_in_the_paper_setting(project):
     run_only = prepare("table5", 2, "Lcr", ["train.nproc=4"], [],
                        project / "pipelines/deliver/dvc.yaml")
     assert run_only.paper_setting  # GPUs change how, not what
+    params = project / "pipelines" / "deliver" / "params.yaml"
+    params.write_text(params.read_text().replace("epochs: 200", "epochs: 1", 1))
+    edited = prepare("table5", 2, "Lcr", [], [], project / "pipelines/deliver/dvc.yaml")
+    assert not edited.paper_setting
+    assert "train.epochs (1 here, 200 in the preset)" in ablation_report.reference_note(edited)
 
 
 def test_the_plot_draws_paired_differences_with_intervals_around_zero(project):

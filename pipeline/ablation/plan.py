@@ -211,6 +211,19 @@ def lookup(params: dict[str, Any], key: str) -> tuple[bool, Any]:
     return True, node
 
 
+def leaves(params: dict[str, Any], key: str) -> dict[str, Any]:
+    """{dotted key: value} of every leaf under `key` (a group or a single value)."""
+    found, node = lookup(params, key)
+    if not found:
+        return {}
+    if not isinstance(node, dict) or not node:
+        return {key: node}
+    out = {}
+    for sub in node:
+        out.update(leaves(params, f"{key}.{sub}"))
+    return out
+
+
 def assign(params: dict[str, Any], key: str, value: Any) -> None:
     """Set a dotted key in nested params (the parents exist: `lookup` found the key)."""
     *parents, last = key.split(".")

@@ -111,8 +111,10 @@ def reference_note(setup: Setup) -> str:
     if setup.recipe is None:
         return (f"not shown: the plan has no recipe for {_pipeline(setup)} (the paper's "
                 f"setting is {', '.join(setup.plan.recipes) or 'not given'})")
-    if not setup.paper_setting:
-        return ("not shown: -S " + ", ".join(setup.extra) + " changes the paper's setting")
+    off = setup.off_recipe()
+    if off:
+        more = f" and {len(off) - 3} more" if len(off) > 3 else ""
+        return f"not shown: not the paper's setting ({'; '.join(off[:3])}{more})"
     return f"{setup.plan.reference['source']} (published, not measured here)"
 
 

@@ -33,7 +33,7 @@ from any2seg.errors import PipelineError
 from pipeline.ablation import workspace as ablation_workspace
 from pipeline.ablation.dag import STAGE_ONE
 from pipeline.ablation.leftovers import MARKER, clean_killed_runs
-from pipeline.ablation.plan import assign, lookup
+from pipeline.ablation.plan import assign, leaves
 from pipeline.ablation.setup import Setup
 from pipeline.ablation.setup import git as _git
 
@@ -138,26 +138,13 @@ def expected_params(setup: Setup, row: str, seed: int) -> dict[str, Any]:
     return merged
 
 
-def _leaves(params: dict[str, Any], key: str) -> dict[str, Any]:
-    """{dotted key: value} of every leaf under `key` (a group or a single value)."""
-    found, node = lookup(params, key)
-    if not found:
-        return {}
-    if not isinstance(node, dict) or not node:
-        return {key: node}
-    out = {}
-    for sub in node:
-        out.update(_leaves(params, f"{key}.{sub}"))
-    return out
-
-
 def differences(recorded: dict[str, Any], expected: dict[str, Any], keys: list[str]
                 ) -> list[tuple[str, Any, Any]]:
     """(key, recorded value, expected value) for every leaf of the listed params keys whose
     values differ (ABSENT where one side lacks the key)."""
     out = []
     for key in keys:
-        have, want = _leaves(recorded, key), _leaves(expected, key)
+        have, want = leaves(recorded, key), leaves(expected, key)
         for leaf in sorted(set(have) | set(want)):
             a, b = have.get(leaf, ABSENT), want.get(leaf, ABSENT)
             if a != b or (type(a) is bool) != (type(b) is bool):

@@ -19,7 +19,7 @@ import yaml
 
 from any2seg.errors import PipelineError
 from pipeline.ablation.dag import Pipeline, load_pipeline
-from pipeline.ablation.plan import Plan, assign, check_rows, load_plan, lookup
+from pipeline.ablation.plan import Plan, assign, check_rows, leaves, load_plan, lookup
 
 EXPONENT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 HEADLINE = {"mss": "mIoU", "miss": "mean_mIoU", "sensor": "mean_of_groups_mIoU"}
@@ -27,6 +27,11 @@ HEADLINE = {"mss": "mIoU", "miss": "mean_mIoU", "sensor": "mean_of_groups_mIoU"}
 # still apply)
 RUN_ONLY = ("train.nproc", "train.workers", "train.persistent_workers", "train.prefetch_factor",
             "train.device", "train.compile", "train.checkpoint_every", "eval.nproc")
+PATHS = ("student.pretrained",)  # where the same weights are
+
+
+def _short(value: Any) -> str:
+    return "absent" if value is None else str(value)
 
 
 @dataclass
@@ -52,9 +57,28 @@ class Setup:
 
     @property
     def paper_setting(self) -> bool:
-        """The runs are the paper's experiment: the plan has a recipe for this pipeline and
-        no -S changes what the weights come out as (only how they are computed)."""
-        return self.recipe is not None and all(k in RUN_ONLY for k in self.extra)
+        """The runs are the paper's experiment: the plan has a recipe for this pipeline,
+        the pipeline's params are its shipped preset's (the authors' recipe) and no -S
+        changes what the weights come out as (only how they are computed)."""
+        return self.recipe is not None and not self.off_recipe()
+
+    def off_recipe(self) -> list[str]:
+        """What takes these runs away from the recipe: -S keys, and params keys whose
+        value differs from the shipped preset of the dataset (configs/params/NAME.yaml),
+        paths and how-to-compute keys aside."""
+        from any2seg.config import preset, preset_path
+
+        off = [f"-S {k}" for k in self.extra if k not in RUN_ONLY]
+        name = str((self.params.get("dataset") or {}).get("name", ""))
+        if preset_path("params", name) is None:
+            return [*off, f"no shipped preset for {name!r}"]
+        shipped = preset("params", name)
+        for group in ("student", "train", "eval"):
+            mine, theirs = leaves(self.params, group), leaves(shipped, group)
+            off += [f"{k} ({_short(mine.get(k))} here, {_short(theirs.get(k))} in the "
+                    f"preset)" for k in sorted(set(mine) | set(theirs))
+                    if k not in RUN_ONLY + PATHS and mine.get(k) != theirs.get(k)]
+        return off
 
     @property
     def linked(self) -> bool:

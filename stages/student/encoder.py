@@ -84,7 +84,7 @@ class SegformerEncoder(Encoder):
             if not (folder / "config.json").is_file():
                 raise PipelineError(
                     f"no SegFormer/MiT weights at {folder}; download them with "
-                    f"`huggingface-cli download nvidia/mit-{variant} --local-dir {folder}`")
+                    f"`hf download nvidia/mit-{variant} --local-dir {folder}`")
             try:
                 self.model = SegformerModel.from_pretrained(str(folder), local_files_only=True,
                                                             drop_path_rate=drop_path_rate)
