@@ -4,6 +4,8 @@ paper's plans (Tables 5-8: every_row, the DELIVER recipe, reference figures), L_
 experiment refs made by hand, as DVC records them (a commit holding the run's params)."""
 
 import copy
+import csv as csv_module
+import io
 import math
 import subprocess
 
@@ -275,3 +277,26 @@ def test_plan_recipe_and_reference_errors_fail_in_one_line(project, capsys):
         path.write_text(yaml.safe_dump(copy.deepcopy({**base, **extra})))
         code, out = cli(capsys, "ablate", str(path), "--dry-run")
         assert code == 1 and message in out and out.count("\n") == 1, (extra, out)
+
+
+@pytest.mark.parametrize("which", ["root", "deliver"])
+def test_the_compact_exp_show_of_the_docs_shows_the_rows_params(project, which):
+    """With the preset pipelines' params files present DVC names every params column
+    FILE:KEY; the docs' recipes still show the rows' params, of one file only."""
+    doc = (ROOT / "docs" / "ablations.md").read_text()
+    recipes = [part.split("'", 1)[0] for part in
+               doc.split("dvc exp show --drop '.*' --keep '")[1:]]
+    keep = recipes[0] if which == "root" else recipes[1]
+    pipeline = None if which == "root" else project / "pipelines/deliver/dvc.yaml"
+    subprocess.run(["dvc", "init", "-q"], cwd=project, check=True)
+    record_runs(project, "table5", "Lsup", [], pipeline=pipeline)
+    csv = subprocess.run(["dvc", "exp", "show", "--csv", "--drop", ".*", "--keep", keep],
+                         cwd=project, check=True, capture_output=True, text=True).stdout
+    columns, *lines = list(csv_module.reader(io.StringIO(csv)))
+    file = "params.yaml" if which == "root" else "pipelines/deliver/params.yaml"
+    assert {f"{file}:train.loss.w_{t}" for t in ("base", "sup", "cr", "se")} <= set(columns)
+    assert all(c == "Experiment" or c.startswith(f"{file}:") for c in columns), columns
+    rows = {line[0]: dict(zip(columns, line, strict=True)) for line in lines if line}
+    w_sup = f"{file}:train.loss.w_sup"
+    assert (rows["table5-base-s3407"][w_sup], rows["table5-Lsup-s3407"][w_sup]) == \
+        ("0.0", "1.0")
