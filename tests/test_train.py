@@ -252,3 +252,24 @@ def test_se_target_identity_replaces_the_class_embeddings(sample_cache, tmp_path
     identity, teacher = seen
     assert torch.equal(identity, torch.eye(25))
     assert teacher.shape[0] == 25 and not torch.equal(teacher, torch.eye(25))
+
+
+@pytest.mark.parametrize("variant", ["author", "paper"])
+def test_l_base_alone_trains_the_table5_baseline(sample_cache, tmp_path, variant):
+    """Table 5's base row: only L_base (CE on the mean of the per-modality logits), on
+    RGB-Depth; the logged loss is L_base, and the checkpoint knows its two modalities."""
+    root, cache = sample_cache
+    out = tmp_path / "run"
+    student = StudentConfig(backbone="mit_b0", embed_dim=16, mff={"variant": variant})
+    train(student, tiny(root, cache, out, steps=2, checkpoint_every=2,
+                        modalities=["rgb", "depth"],
+                        loss={"w_base": 1.0, "w_sup": 0.0, "w_cr": 0.0, "w_se": 0.0}),
+          progress=False)
+    run = logged(out)
+    base = [float(v) for v in run["train/L_base"]["values"]]
+    loss = [float(v) for v in run["train/loss"]["values"]]
+    assert len(base) == 2 and all(b > 0 for b in base)
+    assert loss == pytest.approx(base)
+    assert "train/L_cr" not in run and "train/L_se" not in run
+    _, meta = load_checkpoint(out / "last.pt")
+    assert meta["modalities"] == ["rgb", "depth"] and meta["train"]["loss"]["w_base"] == 1.0
