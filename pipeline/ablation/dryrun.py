@@ -8,6 +8,7 @@ recipe, always said which."""
 from __future__ import annotations
 
 import copy
+import json
 import re
 from pathlib import Path
 from typing import Any
@@ -126,4 +127,5 @@ def dry_run(setup: Setup, step_seconds: float | None = None, jobs: int = 1,
 
 
 def _pairs(overrides: dict[str, Any]) -> str:
-    return ", ".join(f"{k}={v}" for k, v in overrides.items())
+    return ", ".join(f"{k}={json.dumps(v) if isinstance(v, list | dict) else v}"
+                     for k, v in overrides.items())
