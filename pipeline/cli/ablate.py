@@ -49,7 +49,9 @@ def ablate_cmd(plan: str, seeds: int, rows: str | None, sets: tuple[str, ...], j
     DVC does not hold (data/DELIVER, weights/, or folders outside the repository) runs in
     linked workspaces under .dvc/tmp/ablate instead of --temp copies (the data linked and
     read in place, hashed once per workspace). A rerun starts only the
-    missing runs and removes what killed ones left. Writes ablations/PLAN/report.md,
+    missing runs and removes what killed ones left; a finished run is reused only when
+    every param it recorded equals what this command would run (else it is refused).
+    --dry-run says what would run and estimates the time. Writes ablations/PLAN/report.md,
     report.json and plot.png: mean ± std over seeds, the paired difference to the baseline
     with its 95 % t interval and verdict.
     """
