@@ -367,7 +367,8 @@ pytest_slow = pytest.mark.slow
 
 
 def exp_metrics(repo):
-    """{experiment name: {"mss.mIoU": ..., ...}} as `dvc exp show --json` reports them."""
+    """{experiment name: {"mss.mIoU": ..., ...}} as `dvc exp show --json` reports them (the
+    headline metrics and table5's F1 and Acc)."""
     shown = json.loads(run(repo, "dvc", "exp", "show", "--json"))
     out = {}
     for commit in shown:
@@ -377,7 +378,8 @@ def exp_metrics(repo):
                 files = {Path(f).stem: v.get("data", {})
                          for f, v in (data.get("metrics") or {}).items()}
                 out[rev["name"]] = {f"{stem}.{key}": files.get(stem, {}).get(key)
-                                    for stem, key in (("mss", "mIoU"), ("miss", "mean_mIoU"),
+                                    for stem, key in (("mss", "mIoU"), ("mss", "mF1"),
+                                                      ("mss", "mAcc"), ("miss", "mean_mIoU"),
                                                       ("sensor", "mean_of_groups_mIoU"))}
     return out
 
