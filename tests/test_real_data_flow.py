@@ -3,7 +3,8 @@ README and run verbatim and in its order, on a DELIVER-layout fixture, a Languag
 teacher that has only Image and Depth towers (as the real downloads) and fixture MiT-B0
 weights, with the preset's recipe cut to a few steps and the fixture's Table 5 plan to two
 rows; then the workspace is as the README says: the evaluation scored the recipe's model,
-the ablation left the workspace alone, and only the last line (the experiment in the workspace) changed params and runs/."""
+the ablation left the workspace alone, and only the last line (the experiment in the
+workspace) changed params and runs/."""
 
 import hashlib
 import json
