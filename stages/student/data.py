@@ -2,7 +2,10 @@
 
 Augmentation draws from `numpy.random.default_rng([seed, epoch, index])`, so a batch
 depends only on its position in the schedule, not on worker count or on whether the
-run was resumed; that is what makes `--resume` end at the same weights.
+run was resumed; that is what makes `--resume` end at the same weights. Its arithmetic
+does not depend on torch's thread count either (a loader worker runs one thread, the
+main process several): the resize is `resize_bilinear` (torch's one-thread kernel at any
+count) and the jitter's mean is summed per channel first (`_mean`).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import torch.nn.functional as F
 
 from pipeline.config import Where
 from pipeline.datasets import Sample, SampleSequence
+from pipeline.datasets.resize import resize_bilinear
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -80,6 +84,13 @@ def black(name: str) -> torch.Tensor:
     return normalise(name, torch.zeros(3, 1, 1)).flatten()
 
 
+def _mean(img: torch.Tensor) -> torch.Tensor:
+    """The mean of a (C, H, W) image summed in an order that does not depend on the thread
+    count (per channel, then over the channels): torch splits one full reduction across
+    its threads, so `img.mean()` of a large crop has other bits at one thread than at two."""
+    return img.reshape(img.shape[0], -1).sum(1).sum() / img.numel()
+
+
 def _gaussian_blur(img: torch.Tensor, sigma: float) -> torch.Tensor:
     radius = max(1, int(round(2 * sigma)))
     x = torch.arange(-radius, radius + 1, dtype=torch.float32)
@@ -104,8 +115,7 @@ def augment(images: dict[str, torch.Tensor], label: torch.Tensor, crop: int,
     h, w = label.shape
     s = rng.uniform(*cfg.scale) * crop / min(h, w)
     nh, nw = max(1, int(round(h * s))), max(1, int(round(w * s)))
-    images = {m: F.interpolate(x[None], size=(nh, nw), mode="bilinear",
-                               align_corners=False)[0] for m, x in images.items()}
+    images = {m: resize_bilinear(x[None], nh, nw)[0] for m, x in images.items()}
     label = F.interpolate(label[None, None].float(), size=(nh, nw), mode="nearest")[0, 0].long()
     if maps is not None:  # float64 holds any code exactly
         maps = F.interpolate(maps[None].double(), size=(nh, nw), mode="nearest")[0].long()
@@ -132,7 +142,8 @@ def augment(images: dict[str, torch.Tensor], label: torch.Tensor, crop: int,
             b, c, sat = rng.uniform(0.8, 1.2, size=3)
             grey = rgb.mean(0, keepdim=True)
             rgb = (rgb - grey) * sat + grey
-            rgb = (rgb - rgb.mean()) * c + rgb.mean()
+            mean = _mean(rgb)
+            rgb = (rgb - mean) * c + mean
             rgb = (rgb * b).clamp(0, 1)
         if rng.random() < cfg.blur:
             rgb = _gaussian_blur(rgb, float(rng.uniform(0.1, 2.0)))

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline import datasets
+from pipeline.datasets.resize import resize_bilinear
 from pipeline.errors import PipelineError
 from stages.student.data import Transform
 
@@ -61,7 +62,7 @@ def resize_tensor_like(arr: np.ndarray, height: int, width: int, nearest: bool) 
     if nearest:
         x = F.interpolate(x, size=(height, width), mode="nearest")
     else:
-        x = F.interpolate(x, size=(height, width), mode="bilinear", align_corners=False)
+        x = resize_bilinear(x, height, width)  # the same bits at every thread count
     out = x[0].permute(1, 2, 0).numpy()
     if integer:
         out = np.round(out).astype(arr.dtype)  # torch.round: half to even, as numpy
