@@ -233,6 +233,7 @@ CASES = [
     ("train", {}, ["--device", "gpu"], ["--device", "cuda:N"]),
     # evaluate: the eval group and flags, checked before the checkpoint is read
     ("evaluate", {}, ["--limit", "0"], ["--limit", ">= 1"]),
+    ("evaluate", {}, ["--limit", "-1"], ["--limit", ">= 1", "got -1"]),  # was taken as all
     ("evaluate", {"eval.limit": 0}, [], ["eval.limit", ">= 1"]),
     ("evaluate", {"eval.stride": 2000}, [], ["eval.stride", "[1, 1024]"]),
     ("evaluate", {"eval.crop": 0}, [], ["eval.crop", ">= 1"]),

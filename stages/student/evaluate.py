@@ -29,6 +29,7 @@ from pipeline.datasets.base import unit_image
 from pipeline.errors import PipelineError
 from pipeline.metrics import Confusion
 from pipeline.progress import progress as progress_bar
+from stages.student.checkpoint_file import load_checkpoint_file
 from stages.student.data import AugmentConfig, StudentData
 from stages.student.distributed import World
 from stages.student.model import MISSING_MODES, Any2Seg, StudentConfig, build_student
@@ -62,7 +63,8 @@ def load_checkpoint(path: Path | str, device: str = "cpu") -> tuple[Any2Seg, dic
     if not path.is_file():
         raise PipelineError(f"checkpoint {path} does not exist; train with `pipeline train`")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        ckpt = load_checkpoint_file(path, "evaluate a checkpoint `pipeline train` wrote "
+                                          "(runs/NAME/best.pt)")
         meta = ckpt["meta"]
         model = build_student(StudentConfig(**meta["student"]), meta["modalities"],
                               len(meta["classes"]))
