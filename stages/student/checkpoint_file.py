@@ -39,7 +39,8 @@ NUMPY_ARRAY = [np._core.multiarray._reconstruct, np.ndarray, np.dtype, np.dtypes
 HOLDS = "tensors, dicts, lists, tuples, strings, numbers, booleans and None"
 
 
-def load_checkpoint_file(path: Path | str, remedy: str) -> Any:
+def load_checkpoint_file(path: Path | str,
+                         remedy: str = "use a checkpoint this pipeline wrote") -> Any:
     """The object saved at `path`, unpickled without running code; a file that needs
     anything outside the allow-list, or is not a torch file, is refused in one line
     (PipelineError) naming the file, ending with `remedy` (what to do instead)."""
