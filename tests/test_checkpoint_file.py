@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.errors import PipelineError
+from any2seg.errors import PipelineError
 from stages.student.checkpoint import restore, save_checkpoint
 from stages.student.checkpoint_file import load_checkpoint_file, plain
 from tests.test_bad_input import assert_one_line_error, run_cli

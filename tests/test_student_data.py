@@ -49,7 +49,7 @@ def test_items_equal_the_old_conversion_bit_for_bit(small_sample, threads):
     """Training items (random resize, crop, flip, jitter, blur) and validation items are
     the numbers the old conversion gave, with 1 and 2 torch threads (the resize kernel
     torch picks depends on it, and on the input's memory layout, which must not change)."""
-    from pipeline import datasets
+    from any2seg import datasets
 
     root, _ = small_sample
     samples = datasets.load("sample", root, "train", modalities=MODALITIES)[:3]
@@ -88,7 +88,7 @@ def test_bilinear_resize_has_the_same_bits_at_every_thread_count(dtype):
     """torch resizes a 3-channel float image with another kernel at one thread than at
     more; `resize_bilinear` gives one result, for contiguous and channels-last inputs (the
     readers' H x W x 3 arrays permuted), up- and downscaled, and keeps the input's layout."""
-    from pipeline.datasets.resize import resize_bilinear
+    from any2seg.datasets.resize import resize_bilinear
 
     gen = torch.Generator().manual_seed(5)
     for (h, w), (nh, nw) in [((57, 91), (130, 77)), ((200, 150), (96, 301)),
@@ -111,7 +111,7 @@ def test_bilinear_resize_has_the_same_bits_at_every_thread_count(dtype):
 def test_bilinear_resize_gives_torchs_one_thread_numbers():
     """The numbers of a DataLoader worker (one thread), as the official loaders compute
     them: so `train.workers >= 1` trains the same weights as before the fix."""
-    from pipeline.datasets.resize import resize_bilinear
+    from any2seg.datasets.resize import resize_bilinear
 
     gen = torch.Generator().manual_seed(6)
     for (h, w), (nh, nw) in [((64, 64), (150, 137)), ((300, 211), (120, 97)),
@@ -126,7 +126,7 @@ def test_training_items_have_the_same_bits_at_any_thread_and_worker_count(small_
     """Augmented items (resize to crops large enough that torch splits reductions across
     threads, jitter and blur always on) are the same at 1 and 2 threads, and from the main
     process and from a loader worker: `train.workers` 0 and 1 train the same weights."""
-    from pipeline import datasets
+    from any2seg import datasets
     from stages.student.data import ScheduleSampler
 
     root, _ = small_sample

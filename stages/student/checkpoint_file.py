@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.errors import PipelineError
+from any2seg.errors import PipelineError
 
 # numpy's array reconstruction: a format-2 checkpoint's numpy RNG state (np.random.get_state)
 NUMPY_ARRAY = [np._core.multiarray._reconstruct, np.ndarray, np.dtype, np.dtypes.UInt32DType]
