@@ -92,6 +92,7 @@ def _resize_linear(img: np.ndarray, height: int, width: int) -> np.ndarray:
     """cv2.resize INTER_LINEAR on a float image (half-pixel centres, no antialiasing),
     which is torch's bilinear with align_corners=False."""
     import torch
+
     from any2seg.datasets.resize import resize_bilinear
 
     x = torch.from_numpy(np.array(img)).permute(2, 0, 1)[None]  # a writable copy

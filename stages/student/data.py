@@ -84,10 +84,16 @@ def black(name: str) -> torch.Tensor:
     return normalise(name, torch.zeros(3, 1, 1)).flatten()
 
 
+REDUCE_ONE_THREAD = 32768  # torch reduces fewer elements on one thread (its GRAIN_SIZE)
+
+
 def _mean(img: torch.Tensor) -> torch.Tensor:
-    """The mean of a (C, H, W) image summed in an order that does not depend on the thread
-    count (per channel, then over the channels): torch splits one full reduction across
-    its threads, so `img.mean()` of a large crop has other bits at one thread than at two."""
+    """The mean of a (C, H, W) image with the same bits at every thread count: torch splits
+    one full reduction of a large crop across its threads, so `img.mean()` has other bits
+    at one thread than at two; there the sum runs per channel first (each channel's sum
+    stays on one thread). Smaller crops keep `img.mean()`, already one-threaded."""
+    if img.numel() < REDUCE_ONE_THREAD:
+        return img.mean()
     return img.reshape(img.shape[0], -1).sum(1).sum() / img.numel()
 
 
