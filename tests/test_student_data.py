@@ -194,7 +194,8 @@ def old_resize(arr, height, width, nearest):
 @pytest.mark.parametrize("threads", [1, 2])
 def test_official_protocol_items_equal_the_old_conversion(small_sample, threads):
     """Validation items under the official resize (down to 200 px, then up to 224, as
-    DELIVER's multiples of 32) are the numbers of the old resize, to_unit and normalise."""
+    DELIVER's multiples of 32) are the numbers of the old resize, to_unit and normalise
+    on one thread (a loader worker's), at 1 and 2 threads (`resize_bilinear`)."""
     from any2seg import datasets
     from stages.student.protocol import _OfficialResize, resize_tensor_like
 
@@ -211,15 +212,16 @@ def test_official_protocol_items_equal_the_old_conversion(small_sample, threads)
             sample = samples[index]
             images, label = dict(sample.modalities), sample.label
             for size in (200, 224):
-                images = {m: old_resize(x, size, size, False) for m, x in images.items()}
+                images = {m: _at_threads(1, old_resize, x, size, size, False)
+                          for m, x in images.items()}
                 label = old_resize(label, size, size, True)
             ref = torch.stack([old_normalise(m, old_to_unit(images[m])) for m in MODALITIES])
             assert item["images"].shape == (4, 3, 224, 224) and torch.equal(item["images"], ref)
             assert torch.equal(item["label"], torch.from_numpy(label))
         depth = (sample.modalities["depth"].astype(np.uint16) * 257)[:, :, 0]  # 16-bit, 2-D
         for nearest in (False, True):
-            got, ref = resize_tensor_like(depth, 97, 131, nearest), old_resize(depth, 97, 131,
-                                                                              nearest)
+            got = resize_tensor_like(depth, 97, 131, nearest)
+            ref = _at_threads(1, old_resize, depth, 97, 131, nearest)
             assert got.dtype == ref.dtype and np.array_equal(got, ref)
     finally:
         torch.set_num_threads(before)
