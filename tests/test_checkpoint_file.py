@@ -112,6 +112,9 @@ def test_plain_converts_what_metadata_holds_and_refuses_the_rest():
     assert torch.equal(meta["table"], torch.arange(3))
     state = torch.nn.Linear(2, 2).state_dict()
     assert plain(state) is state  # already plain: kept as it is, _metadata included
+    schedule = torch.optim.lr_scheduler.MultiStepLR(torch.optim.SGD(
+        torch.nn.Linear(1, 1).parameters(), lr=0.1), [3, 5]).state_dict()
+    assert plain(schedule) is schedule  # its milestones are a Counter, which torch reads
     with pytest.raises(TypeError, match=r"checkpoint\['x'\]\[0\]: a builtins.set"):
         plain({"x": [{1, 2}]})
     with pytest.raises(TypeError, match="numpy.ndarray"):

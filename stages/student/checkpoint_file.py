@@ -6,7 +6,7 @@ Every reader of the student's and CodeAlign's checkpoints (train --resume, evalu
 the CodeAlign stages, prediction and export) goes through `load_checkpoint_file`, which
 unpickles with torch's weights-only unpickler and this allow-list:
 
-- tensors, dicts (OrderedDict too), lists, tuples, str, int, float, bool and None: what
+- tensors, dicts (OrderedDict and Counter too), lists, tuples, str, int, float, bool and None: what
   state dicts, optimizer states and this project's metadata are made of;
 - uint32 numpy arrays (`NUMPY_ARRAY`): only so that checkpoints written before metadata
   was made plain still load; they hold numpy's RNG state as one. The array is rebuilt
@@ -25,7 +25,7 @@ from __future__ import annotations
 import dataclasses
 import pickle
 import re
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from pathlib import Path, PurePath
 from typing import Any
 
@@ -78,7 +78,7 @@ def plain(obj: Any, where: str = "checkpoint") -> Any:
         return str(obj)
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         return plain(dataclasses.asdict(obj), where)
-    if type(obj) in (dict, OrderedDict):
+    if type(obj) in (dict, OrderedDict, Counter):  # Counter: a MultiStepLR's milestones
         out = {}
         for k, v in obj.items():
             if plain(k, where) is not k or isinstance(k, torch.Tensor):
