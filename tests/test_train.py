@@ -11,6 +11,7 @@ import torch
 
 from any2seg.errors import PipelineError
 from stages.student.checkpoint import CHECKPOINT_VERSION
+from stages.student.checkpoint_file import load_checkpoint_file
 from stages.student.config import TrainConfig
 from stages.student.evaluate import load_checkpoint, subsets
 from stages.student.model import StudentConfig
@@ -54,7 +55,7 @@ def test_resume_after_kill_ends_at_the_same_weights(sample_cache, tmp_path):
     time.sleep(0.3)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    killed_at = torch.load(last, weights_only=False)["step"]
+    killed_at = load_checkpoint_file(last)["step"]
     assert 0 < killed_at < 20, "the kill must land mid-run"
     student = StudentConfig(backbone="mit_b0", embed_dim=32)
     kw = dict(steps=20, checkpoint_every=2, val_every=5, modality_dropout=0.5)
@@ -62,8 +63,8 @@ def test_resume_after_kill_ends_at_the_same_weights(sample_cache, tmp_path):
                     resume=True)
     assert resumed["start"] == killed_at
     train(student, tiny(root, cache, tmp_path / "straight", **kw), progress=False)
-    a = torch.load(tmp_path / "killed" / "last.pt", weights_only=False)["model"]
-    b = torch.load(tmp_path / "straight" / "last.pt", weights_only=False)["model"]
+    a = load_checkpoint_file(tmp_path / "killed" / "last.pt")["model"]
+    b = load_checkpoint_file(tmp_path / "straight" / "last.pt")["model"]
     for key in a:
         assert torch.equal(a[key], b[key]), key
     # dvclive: each step logged once, validation at the same steps, the real last step

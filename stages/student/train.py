@@ -39,6 +39,7 @@ from stages.student.checkpoint import (
     restore,
     save_checkpoint,
 )
+from stages.student.checkpoint_file import plain
 from stages.student.codes import CodeTranslators, code_loss, decoded_loss
 from stages.student.config import TrainConfig
 from stages.student.data import IGNORE, ScheduleSampler, StudentData, Targets
@@ -207,10 +208,10 @@ def _train(student: StudentConfig, cfg: TrainConfig, progress: bool,
     codebooks = load_codes(cache, targets, train_set.ids, modalities, code_key) if code_key \
         else None
     steps = train_steps(cfg, len(train_set))
-    meta = {"student": asdict(student), "train": cfg.settings(), "modalities": modalities,
-            "classes": list(train_set.classes), "dataset": cfg.dataset, "steps": steps,
-            "palette": [list(c) for c in datasets.get(cfg.dataset).palette],
-            "cache": cache_fingerprints(cache)}
+    meta = plain({"student": asdict(student), "train": cfg.settings(), "modalities": modalities,
+                  "classes": list(train_set.classes), "dataset": cfg.dataset, "steps": steps,
+                  "palette": [list(c) for c in datasets.get(cfg.dataset).palette],
+                  "cache": cache_fingerprints(cache)})  # as a checkpoint holds it
 
     # -- model, optimiser, schedule --------------------------------------------------------
     torch.manual_seed(cfg.seed)
