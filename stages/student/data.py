@@ -74,6 +74,18 @@ def normalise(name: str, img: torch.Tensor, out: torch.Tensor | None = None) -> 
     return img if out is None else out.copy_(img)
 
 
+def stack_normalised(images: dict[str, torch.Tensor], modalities: Sequence[str]
+                     ) -> torch.Tensor:
+    """`to_unit` images -> the (M, 3, H, W) model input in `modalities` order, each
+    modality normalised straight into its slot (what training, evaluation and prediction
+    feed the student)."""
+    first = images[modalities[0]]
+    stacked = torch.empty((len(modalities), *first.shape), dtype=first.dtype)
+    for i, m in enumerate(modalities):
+        normalise(m, images[m], out=stacked[i])
+    return stacked
+
+
 def black(name: str) -> torch.Tensor:
     """(3,) value of an all-black frame of `name` after normalisation: what MISS feeds for a
     missing sensor (RGB -> -mean/std, about (-2.118, -2.036, -1.804); the others 0)."""
@@ -213,12 +225,8 @@ class StudentData(torch.utils.data.Dataset):
                     raise ValueError("isolated training needs (epoch, index, step) keys")
                 present = torch.zeros_like(present)
                 present[isolated_modality(self.seed, key[2], index, len(self.modalities))] = True
-        first = images[self.modalities[0]]
-        stacked = torch.empty((len(self.modalities), *first.shape), dtype=first.dtype)
-        for i, m in enumerate(self.modalities):  # each modality straight into the batch item
-            normalise(m, images[m], out=stacked[i])
         item = {
-            "images": stacked,
+            "images": stack_normalised(images, self.modalities),
             "label": label.long(), "present": present, "index": torch.tensor(index),
         }
         if self.targets is not None:
