@@ -236,12 +236,12 @@ def export_cmd(checkpoint: Path, fmt: str, subsets: tuple[str, ...], dataset: st
             given = [m.strip() for m in text.split(",") if m.strip()]
             wanted.append(list(student.check_subset(given)))
     if root is not None:
-        from stages.student.predict_run import _read, frames_from_dataset
+        from stages.student.predict_run import frames_from_dataset, read_frame
 
         def frames(subset: list[str]) -> list[Any]:
             picked = frames_from_dataset(student, root, cfg.split, tuple(subset))
             index = [mods.index(m) for m in subset]
-            return [student.prepare(*_read(student, f)).images[index]
+            return [student.prepare(*read_frame(student, f)).images[index]
                     for f in picked[:parity_frames]]
         where = f"{parity_frames} frames of {student.dataset} {cfg.split}"
     else:

@@ -234,7 +234,7 @@ def predict_frames(student: Student, frames: list[Frame], out: Path, *, checkpoi
         for frame in progress_bar(frames, desc="predicting", unit="frame", enabled=progress,
                                   leave=False):
             try:
-                prepared = student.prepare(*_read(student, frame))
+                prepared = student.prepare(*read_frame(student, frame))
             except DatasetError as exc:
                 if not skip_bad:
                     raise
@@ -275,7 +275,7 @@ def predict_frames(student: Student, frames: list[Frame], out: Path, *, checkpoi
     return summary
 
 
-def _read(student: Student, frame: Frame
+def read_frame(student: Student, frame: Frame
           ) -> tuple[dict[str, np.ndarray], dict[str, tuple[float, float]]]:
     """A frame's stored arrays (and value ranges of float images): from a data set record
     with its label as evaluate reads it, else through the reader's label-free decoding."""
