@@ -21,7 +21,7 @@ export TRANSFORMERS_OFFLINE := 1
 
 setup: $(STAMP)
 
-$(STAMP): $(LOCK) pyproject.toml
+$(STAMP): $(LOCK) pyproject.toml setup.py
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@echo "Installing $(LOCK) into $(VENV) (first time only; torch is large)..."
 	@$(PY) -m pip install --quiet --quiet --disable-pip-version-check -r $(LOCK)

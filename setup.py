@@ -1,10 +1,10 @@
 """Packaging beyond pyproject.toml: the top-level `configs/` presets ship inside the wheel
-as the package data of `pipeline.configs` (a mapped folder, which pyproject's
+as the package data of `any2seg.configs` (a mapped folder, which pyproject's
 `packages.find` cannot express), so an installed copy reads the same presets as a checkout.
 """
 
 from setuptools import find_packages, setup
 
-setup(packages=[*find_packages(include=["pipeline*", "stages*"]), "pipeline.configs"],
-      package_dir={"pipeline.configs": "configs"},
-      package_data={"pipeline.configs": ["**/*.yaml"]})
+setup(packages=[*find_packages(include=["any2seg*", "pipeline*", "stages*"]), "any2seg.configs"],
+      package_dir={"any2seg.configs": "configs"},
+      package_data={"any2seg.configs": ["**/*.yaml"]})

@@ -32,8 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.store import CacheWriter, StoreSpec, open_cache
-from pipeline.store import writer as store_writer
+from any2seg.store import CacheWriter, StoreSpec, open_cache
+from any2seg.store import writer as store_writer
 
 MODALITIES = ["rgb", "depth", "event", "lidar"]
 

@@ -30,8 +30,8 @@ from typing import Any
 
 import torch
 
-from pipeline.config import Where, build, load_params
-from pipeline.synth import SampleSpec, make_sample
+from any2seg.config import Where, build, load_params
+from any2seg.synth import SampleSpec, make_sample
 from stages.student.codealign.config import CodeAlignConfig
 from stages.student.codealign.evaluate import evaluate_run
 from stages.student.codealign.stages import CodeAlignRun

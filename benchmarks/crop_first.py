@@ -42,8 +42,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline import datasets
-from pipeline.synth import SampleSpec, make_sample
+from any2seg import datasets
+from any2seg.synth import SampleSpec, make_sample
 from stages.student.data import AugmentConfig, to_unit
 
 MODALITIES = ["rgb", "depth", "event", "lidar"]

@@ -40,8 +40,8 @@ def _rank(rank: int, size: int, threads: int, port: int, args: dict[str, Any],
           out: str) -> None:
     import torch.distributed as dist
 
-    from pipeline import datasets
-    from pipeline.precision import upcast
+    from any2seg import datasets
+    from any2seg.precision import upcast
     from stages.student import distributed, noise
     from stages.student.config import TrainConfig
     from stages.student.data import ScheduleSampler, StudentData
@@ -139,7 +139,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp_name:
         root, cache = args.root, args.cache
         if root is None or cache is None:
-            from pipeline.synth import SampleSpec, make_sample
+            from any2seg.synth import SampleSpec, make_sample
             from stages.teacher.default.folders import write_default_teacher
             from stages.teacher.run import TeacherConfig, cache_teacher
 

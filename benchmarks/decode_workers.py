@@ -38,9 +38,9 @@ from typing import Any
 
 import torch
 
-from pipeline import datasets
-from pipeline.datasets.decode import recording_digests
-from pipeline.synth import SampleSpec, make_sample
+from any2seg import datasets
+from any2seg.datasets.decode import recording_digests
+from any2seg.synth import SampleSpec, make_sample
 
 MODALITIES = ["rgb", "depth", "event", "lidar"]
 TEACHER_BRANCH = {"rgb": "image", "depth": "depth", "event": "image", "lidar": "image"}

@@ -13,8 +13,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import build
-from pipeline.synth import SampleSpec, make_sample
+from any2seg.config import build
+from any2seg.synth import SampleSpec, make_sample
 from stages.teacher.default.config import FitConfig
 from stages.teacher.default.fit import fit_default_teacher
 from stages.teacher.default.quality import format_quality

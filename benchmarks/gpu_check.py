@@ -125,7 +125,7 @@ class Context:
     def data(self) -> Path:
         """Generated DELIVER-layout frames (the `sample` reader is DELIVER's)."""
         if self._data is None:
-            from pipeline.synth import SampleSpec, make_sample
+            from any2seg.synth import SampleSpec, make_sample
 
             self._data = self.scratch / "frames"
             f = self.sizes["frames"]
@@ -137,7 +137,7 @@ class Context:
 
     def pack(self) -> Path:
         if self._pack is None:
-            from pipeline.pack import pack
+            from any2seg.pack import pack
 
             self._pack = self.scratch / "frames.h5"
             pack("sample", self.data(), self._pack, workers=max(1, min(8, os.cpu_count() or 1)))
@@ -196,7 +196,7 @@ class Step:
         self.fuse_classes = model.mff.config.variant == "author"
 
     def __call__(self, batch: dict[str, torch.Tensor], step: int, seed: int = 0) -> float:
-        from pipeline.precision import upcast
+        from any2seg.precision import upcast
         from stages.student import noise
         from stages.student.losses import correlation_kl, gap_correlation, semantic, supervised
 
@@ -265,7 +265,7 @@ def _eval_run(device: str, ctx: Context, channels_last: bool
               ) -> tuple[dict[str, np.ndarray], torch.Tensor]:
     """The evaluation's confusion matrices, and the logits of every subset (S, B, K, H, W)
     of the same frames through `infer`, on the CPU, for the near-tie check."""
-    from pipeline import datasets
+    from any2seg import datasets
     from stages.student.distributed import World
     from stages.student.evaluate import evaluate, evaluation_loader, infer, subsets
 
@@ -649,7 +649,7 @@ def section_training(ctx: Context) -> dict[str, Any]:
 # 4. evaluation at the official protocol
 # ---------------------------------------------------------------------------------------
 def section_evaluation(ctx: Context) -> dict[str, Any]:
-    from pipeline import datasets
+    from any2seg import datasets
     from stages.student.evaluate import evaluate
 
     e = ctx.sizes["eval"]
@@ -674,7 +674,7 @@ def section_evaluation(ctx: Context) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------
 def _feed_rate(root: Path, workers: int, f: dict[str, Any]) -> float:
     """Training samples/s (decode + augment + crop, as `pipeline train` loads them)."""
-    from pipeline import datasets
+    from any2seg import datasets
     from stages.student.data import AugmentConfig, ScheduleSampler, StudentData, Targets
 
     train = datasets.load("sample", root, "train", modalities=MODALITIES)

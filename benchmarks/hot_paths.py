@@ -55,9 +55,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline import datasets
-from pipeline.datasets.decode import read_png, recording_digests
-from pipeline.synth import SampleSpec, make_sample
+from any2seg import datasets
+from any2seg.datasets.decode import read_png, recording_digests
+from any2seg.synth import SampleSpec, make_sample
 
 MODALITIES = ["rgb", "depth", "event", "lidar"]
 TEACHER_BRANCH = {"rgb": "image", "depth": "depth", "event": "image", "lidar": "image"}
@@ -211,7 +211,7 @@ def student_step(backbone: str, variant: str, batch: int, crop: int,
 def evaluation(samples: datasets.SampleSequence, backbone: str, variant: str,
                repeats: int) -> dict[str, list[float]]:
     """Per frame at the official 1024 px, black frames for missing sensors, all 15 subsets."""
-    from pipeline.metrics import Confusion
+    from any2seg.metrics import Confusion
     from stages.student.evaluate import evaluation_loader, predict, subsets
     from stages.student.model import StudentConfig, build_student
 

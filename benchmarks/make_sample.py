@@ -18,8 +18,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from pipeline import datasets
-from pipeline.synth import SampleSpec, make_sample
+from any2seg import datasets
+from any2seg.synth import SampleSpec, make_sample
 
 
 def disk_bytes(root: Path) -> int:

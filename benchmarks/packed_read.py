@@ -37,10 +37,10 @@ import h5py
 import numpy as np
 import torch
 
-from pipeline import datasets
-from pipeline.datasets.packed import open_pack
-from pipeline.pack import pack
-from pipeline.synth import SampleSpec, make_sample
+from any2seg import datasets
+from any2seg.datasets.packed import open_pack
+from any2seg.pack import pack
+from any2seg.synth import SampleSpec, make_sample
 
 _LIBC = ctypes.CDLL(None, use_errno=True)
 _LIBC.mmap.restype = ctypes.c_void_p

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pipeline.synth import SampleSpec, make_sample
+from any2seg.synth import SampleSpec, make_sample
 from stages.teacher.default.folders import write_checkpoint, write_default_teacher
 from stages.teacher.run import TeacherConfig, cache_teacher
 

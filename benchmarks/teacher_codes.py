@@ -40,9 +40,9 @@ import numpy as np
 import torch
 from fitted_sample import FittedSample, build_cache, fitted_sample, store_path
 
-from pipeline import datasets
-from pipeline.config import load_params
-from pipeline.store import describe, open_cache
+from any2seg import datasets
+from any2seg.config import load_params
+from any2seg.store import describe, open_cache
 from stages.student.codes import CodeTranslators, code_loss
 from stages.student.config import TrainConfig
 from stages.student.data import AugmentConfig, ScheduleSampler, StudentData

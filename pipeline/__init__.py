@@ -1,3 +1,6 @@
-"""any2seg-pipeline: offline teacher caching and Any2Seg student training."""
+"""any2seg-pipeline's application layer: the `pipeline` command, the ablation runner, help
+and failure messages, on top of the `any2seg` library and the `stages` packages."""
 
-__version__ = "0.1.0"
+from any2seg import __version__
+
+__all__ = ["__version__"]

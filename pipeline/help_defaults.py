@@ -12,8 +12,8 @@ from typing import Any
 
 import click
 
-from pipeline.config import load_params
-from pipeline.errors import PipelineError
+from any2seg.config import load_params
+from any2seg.errors import PipelineError
 
 # params.yaml group -> (module, dataclass, {params key: field} where they differ)
 GROUPS = {

@@ -24,7 +24,7 @@ def mcubes_root(tmp_path):
 @pytest.fixture(scope="session")
 def small_sample(tmp_path_factory):
     """A small generated sample shared by the tests that only read it."""
-    from pipeline.synth import SampleSpec, make_sample
+    from any2seg.synth import SampleSpec, make_sample
 
     root = tmp_path_factory.mktemp("sample") / "deliver-sample"
     spec = SampleSpec(size=64, train=24, val=12, test=12, frames_per_scene=2, seed=3)

@@ -14,13 +14,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline import ablate
-from pipeline.ablation_leftovers import BARE_AGE_S, clean_killed_runs
-from pipeline.ablation_report import metric_value
-from pipeline.ablation_setup import prepare
-from pipeline.ablation_stats import paired, t_quantile
+from any2seg.errors import PipelineError
+from pipeline.ablation import run as ablate
+from pipeline.ablation.leftovers import BARE_AGE_S, clean_killed_runs
+from pipeline.ablation.report import metric_value
+from pipeline.ablation.setup import prepare
+from pipeline.ablation.stats import paired, t_quantile
 from pipeline.cli import main
-from pipeline.errors import PipelineError
 from tests.test_dvc import ROOT, copy_project, edit_params, run
 
 # 97.5 % quantiles of Student's t, solved at 40 digits with mpmath's regularised incomplete
@@ -188,7 +188,7 @@ def test_the_deliver_preset_resolves_its_own_params(project):
     assert setup.dag.frozen("evaluate") == ["cache_teacher"]
     assert setup.dag.stages["cache_teacher"].outs == ("cache/deliver.zarr",)
     assert setup.dag.address("evaluate") == "pipelines/deliver/dvc.yaml:evaluate"
-    from pipeline.ablate import _set_args
+    from pipeline.ablation.run import _set_args
 
     prefix = "pipelines/deliver/params.yaml:"
     assert _set_args(setup, setup.overrides("no-Lcr", 3408)) == [

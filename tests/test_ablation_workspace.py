@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import ablation_workspace
-from pipeline.errors import PipelineError
+from any2seg.errors import PipelineError
+from pipeline.ablation import workspace as ablation_workspace
 
 DVC = str(Path(sys.executable).parent / "dvc")
 ENV = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
@@ -96,7 +96,7 @@ def test_a_half_made_clone_is_made_again_and_a_foreign_file_is_refused(repo):
 
 
 def test_which_inputs_send_runs_to_linked_workspaces(repo, tmp_path):
-    from pipeline.ablation_dag import load_pipeline
+    from pipeline.ablation.dag import load_pipeline
 
     outside = tmp_path / "DELIVER"
     outside.mkdir()

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import yaml
 
-from pipeline import datasets
+from any2seg import datasets
+from any2seg.errors import DatasetError, PipelineError
 from pipeline.cli import main
-from pipeline.errors import DatasetError, PipelineError
 from tests.layouts import FRAMES, save
 from tests.tiny_run import nan_scene_copy
 
@@ -355,7 +355,7 @@ def test_unreachable_cluster_fails_in_its_timeout_and_releases_the_lock(teacher_
                                                                         tmp_path, capsys):
     import dask
 
-    from pipeline.store import writer_lock
+    from any2seg.store import writer_lock
 
     root, _ = teacher_sample
     out = tmp_path / "cache.zarr"
@@ -383,7 +383,7 @@ def test_unreachable_cluster_fails_in_its_timeout_and_releases_the_lock(teacher_
 
 def test_modalities_subset_works_with_the_default_params(teacher_sample, tmp_path, capsys):
     """params.yaml maps all four modalities to branches; a run on two of them uses two."""
-    from pipeline.store import open_cache
+    from any2seg.store import open_cache
 
     root, _ = teacher_sample
     out = tmp_path / "rd.zarr"
@@ -506,7 +506,7 @@ def test_help_lists_the_registered_choices(capsys):
 def test_help_follows_the_registries(capsys):
     """A captioner, dataset or backbone registered at run time appears in --help and is
     accepted: the choices are read from the registries, not copied."""
-    from pipeline.datasets import registry
+    from any2seg.datasets import registry
     from stages.student import encoder
     from stages.teacher import captioners
     from stages.teacher.captioners.template import TemplateCaptioner
@@ -666,7 +666,7 @@ def test_teacher_root_that_is_a_file_is_named(teacher_sample, tmp_path, capsys):
     "[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: "
     "you tried to allocate 400000000000 bytes. Error code 12 (Cannot allocate memory)")])
 def test_out_of_memory_names_the_setting_to_lower(error, capsys, tmp_path, monkeypatch):
-    from pipeline import synth
+    from any2seg import synth
 
     def exhausted(*args, **kw):
         raise error
@@ -700,8 +700,8 @@ def test_full_or_read_only_store_names_the_path_and_the_remedy(teacher_sample, t
 
 
 def test_read_only_store_lock_names_the_store(tmp_path, monkeypatch):
-    from pipeline import runlock
-    from pipeline.store import writer_lock
+    from any2seg import runlock
+    from any2seg.store import writer_lock
 
     def read_only(*args, **kw):
         raise OSError(30, "Read-only file system", str(tmp_path / "s.zarr" / ".lock"))

@@ -7,9 +7,9 @@ import time
 import numpy as np
 import pytest
 
-from pipeline.datasets import Sample
-from pipeline.errors import PipelineError
-from pipeline.store import open_cache
+from any2seg.datasets import Sample
+from any2seg.errors import PipelineError
+from any2seg.store import open_cache
 from stages.teacher import captioners
 from stages.teacher.run import TeacherConfig, cache_teacher, model_input, teacher_fingerprint
 from tests.killing import kill_after_first_rows
@@ -38,7 +38,7 @@ def test_builds_a_complete_store_then_reruns_without_a_model(teacher_sample, tmp
     assert report.status == "written" and report.computed_rows == n
     cache = open_cache(out)
     assert len(cache) == n and cache.done.all()
-    from pipeline import datasets
+    from any2seg import datasets
 
     assert cache.ids == datasets.load("sample", root, "train,val,test").ids
     assert cache.modalities == ["rgb", "depth", "event", "lidar"]
@@ -217,7 +217,7 @@ def edit_image(path):
 def test_an_edited_image_recomputes_exactly_its_row(own_sample, tmp_path):
     """Finding 1: an image edited in place (same name) left its row stale ("nothing to do",
     even with --overwrite). Now the rerun recomputes that row only, equal to a clean build."""
-    from pipeline import datasets
+    from any2seg import datasets
 
     kw = dict(split=["val"], rows_per_shard=4, batch_size=2)
     out = tmp_path / "c.zarr"
@@ -330,7 +330,7 @@ def test_a_first_run_reads_each_input_file_once(teacher_sample, tmp_path, monkey
     import io
     from collections import Counter
 
-    from pipeline.content import FileHashes, file_digest
+    from any2seg.content import FileHashes, file_digest
     from stages.teacher.run import load_samples
 
     root, _ = teacher_sample

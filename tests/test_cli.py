@@ -57,7 +57,7 @@ def test_user_errors_are_one_line_without_traceback(capsys, tmp_path):
 
 
 def test_debug_shows_the_traceback(tmp_path):
-    from pipeline.errors import DatasetError
+    from any2seg.errors import DatasetError
 
     with pytest.raises(DatasetError):
         main(["--debug", "datasets", "info", "--dataset", "deliver", "--root",

@@ -56,7 +56,7 @@ def changed(before, after):
 
 
 def test_split_never_mixes_groups_and_is_fixed(small_sample):
-    from pipeline import datasets
+    from any2seg import datasets
 
     root, _ = small_sample
     samples = datasets.load("sample", root, "train")
@@ -205,14 +205,14 @@ def test_stage_resumes_where_it_stopped(tmp_path):
     ({"codebook": 16}, "codealign: unknown key 'codebook'"),
 ])
 def test_bad_codealign_params_name_the_key(params, named):
-    from pipeline.errors import PipelineError
+    from any2seg.errors import PipelineError
 
     with pytest.raises(PipelineError, match=named.replace(".", r"\.")):
         CodeAlignConfig.from_params({"codealign": params})
 
 
 def test_groups_must_name_the_data_sets_modalities():
-    from pipeline.errors import PipelineError
+    from any2seg.errors import PipelineError
 
     with pytest.raises(PipelineError, match="codealign.groups names thermal"):
         CodeAlignConfig(groups=[["rgb"], ["thermal"]]).validate(

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.store import open_cache
+from any2seg.store import open_cache
 from stages.teacher.run import cache_teacher
 from tests.test_cache_teacher import assert_same_store, config
 

@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.content import file_digest
-from pipeline.datasets import decode
-from pipeline.datasets.decode import read_png
-from pipeline.errors import DatasetError
+from any2seg.content import file_digest
+from any2seg.datasets import decode
+from any2seg.datasets.decode import read_png
+from any2seg.errors import DatasetError
 
 RNG = np.random.default_rng(0)
 KINDS = {

@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from pipeline import datasets
-from pipeline.datasets.deliver import CLASSES, decode_label
+from any2seg import datasets
+from any2seg.datasets.deliver import CLASSES, decode_label
 from tests.layouts import FRAMES, H, W
 
 

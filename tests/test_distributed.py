@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 import torch
 
+from any2seg.datasets import load as load_dataset
 from pipeline.cli import main
-from pipeline.datasets import load as load_dataset
 from stages.student.config import TrainConfig
 from stages.student.evaluate import evaluate, load_checkpoint
 from stages.student.model import StudentConfig

@@ -2,7 +2,7 @@ import pytest
 import torch
 from transformers import SegformerConfig, SegformerForImageClassification
 
-from pipeline.errors import PipelineError
+from any2seg.errors import PipelineError
 from stages.student.encoder import MIT, build_encoder
 
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline import datasets
+from any2seg import datasets
 from stages.student.config import TrainConfig
 from stages.student.evaluate import EvalConfig, evaluate, load_checkpoint
 from stages.student.model import StudentConfig

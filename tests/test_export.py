@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline import datasets
+from any2seg import datasets
 from pipeline.cli import main
 from stages.student.evaluate import EvalConfig, infer
 from stages.student.export import (

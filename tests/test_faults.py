@@ -6,8 +6,8 @@ import errno
 import pytest
 import torch
 
-from pipeline import diskspace
-from pipeline.errors import PipelineError
+from any2seg import diskspace
+from any2seg.errors import PipelineError
 from stages.student import train as train_module
 from stages.student.train import train
 from tests.tiny_run import TINY_STUDENT, tiny

@@ -8,9 +8,9 @@ import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
 
+from any2seg.errors import PipelineError
+from any2seg.store import open_cache
 from pipeline.cli import cli
-from pipeline.errors import PipelineError
-from pipeline.store import open_cache
 from stages.teacher.captioners.template import OPENINGS
 from stages.teacher.default.config import FitConfig
 from stages.teacher.default.fit import fit_default_teacher

@@ -35,7 +35,7 @@ def resolved(key, params):
 
     group, name = key.split(".", 1)
     if group == "eval":
-        from pipeline.config import build
+        from any2seg.config import build
         return getattr(build(EvalConfig, dict(params.get("eval") or {}), "eval"), name)
     if group in ("train", "student"):
         if not {"steps", "epochs"} & set(params.get("train") or {}):  # a run needs a length

@@ -9,7 +9,7 @@ from transformers import (
     BlipProcessor,
 )
 
-from pipeline.errors import PipelineError
+from any2seg.errors import PipelineError
 from stages.teacher import captioners
 
 WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]", "a", "street", "road", "car",
@@ -40,7 +40,7 @@ def write_blip(folder):
 
 
 def test_hf_captioner_fills_the_cache(teacher_sample, tmp_path):
-    from pipeline.store import open_cache
+    from any2seg.store import open_cache
     from stages.teacher.run import TeacherConfig, cache_teacher
 
     root, _ = teacher_sample

@@ -5,7 +5,7 @@ import pytest
 import torch
 from transformers import CLIPConfig, CLIPModel
 
-from pipeline.errors import PipelineError
+from any2seg.errors import PipelineError
 from stages.teacher.checkpoints import resolve_branch_dir
 from stages.teacher.default.folders import write_checkpoint
 from stages.teacher.languagebind import (
@@ -225,7 +225,7 @@ def test_config_with_a_list_image_size_loads(tmp_path):
 def test_float_images_enter_the_image_branch_over_their_value_range():
     """A float image in [0, 1] is what the official `ToTensor` makes of an 8-bit one, so both
     give the same pixels; MCubeS AoLP in [-1, 1] enters as (x + 1) / 2."""
-    from pipeline.datasets import Sample
+    from any2seg.datasets import Sample
     from stages.teacher.run import model_input
 
     rng = np.random.default_rng(0)

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.errors import PipelineError
+from any2seg.errors import PipelineError
 from stages.teacher import llama_adapter as la
 from tests.llama_files import VISUAL, write_llama_adapter
 
@@ -249,7 +249,7 @@ def test_captioners_in_cache_teacher(teacher_sample, files, tmp_path):
     cache_teacher(TeacherConfig(dataset="sample", root=str(root), out=str(out), split=["val"],
                                 teacher_root=str(root / "teacher"), captioner="llama-adapter",
                                 captioner_options=options, batch_size=4))
-    from pipeline.store import open_cache
+    from any2seg.store import open_cache
 
     cache = open_cache(out)
     captions = cache.captions()

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.datasets import Sample
+from any2seg.datasets import Sample
 from stages.teacher import llama_adapter as la
 from stages.teacher.captioners.llama_adapter import LlamaAdapterCaptioner
 from stages.teacher.openai_clip import clip_transform

@@ -1,8 +1,8 @@
 import numpy as np
 from PIL import Image
 
-from pipeline import datasets
-from pipeline.datasets.mcubes import fix_scale_crop
+from any2seg import datasets
+from any2seg.datasets.mcubes import fix_scale_crop
 from tests.layouts import MCUBES_H, MCUBES_LISTS, MCUBES_W
 
 

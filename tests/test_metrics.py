@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.metrics import Confusion, scores
+from any2seg.metrics import Confusion, scores
 
 
 def official_metrics(hist: np.ndarray) -> dict[str, float]:

@@ -150,7 +150,7 @@ def test_paper_and_pixel_models_fuse_encoder_features_at_every_stage():
 
 
 def test_unknown_variant_is_refused():
-    from pipeline.errors import PipelineError
+    from any2seg.errors import PipelineError
 
     with pytest.raises(PipelineError, match="variant"):
         StudentConfig(mff={"variant": "nope"}).mff_config()
@@ -176,7 +176,7 @@ def test_no_weight_decay_on_one_dimensional_parameters():
 def test_deliver_preset_is_a_complete_params_file_with_the_authors_recipe():
     import yaml
 
-    from pipeline.config import load_yaml
+    from any2seg.config import load_yaml
     from stages.student.config import TrainConfig
     from stages.teacher.run import TeacherConfig
 

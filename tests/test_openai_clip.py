@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.errors import PipelineError
+from any2seg.errors import PipelineError
 from stages.teacher.openai_clip import (
     clip_transform,
     map_visual_state,

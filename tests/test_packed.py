@@ -1,4 +1,4 @@
-"""Packed data sets (`pipeline pack`, `pipeline.datasets.packed`): a pack reads exactly as
+"""Packed data sets (`pipeline pack`, `any2seg.datasets.packed`): a pack reads exactly as
 the folder it was packed from, refuses other data, and survives being killed."""
 
 from __future__ import annotations
@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import datasets
+from any2seg import datasets
+from any2seg.datasets.packed import PackedPath
+from any2seg.errors import DatasetError, PipelineError
+from any2seg.pack import pack
 from pipeline.cli import main
-from pipeline.datasets.packed import PackedPath
-from pipeline.errors import DatasetError, PipelineError
-from pipeline.pack import pack
 from tests.layouts import write_deliver
 
 
@@ -159,7 +159,7 @@ def test_pack_of_other_data_is_refused(deliver_root, tmp_path):
 
 KILLER = """
 import os, signal, sys
-import pipeline.pack as packing
+import any2seg.pack as packing
 
 read, calls = packing._read, [0]
 
@@ -276,7 +276,7 @@ def test_bad_packs_fail_in_one_line(deliver_root, tmp_path, capsys):
 def test_teacher_store_is_the_same_from_folder_and_pack(sample_cache, tmp_path):
     """The store built from the pack has the folder store's dataset fingerprint and the
     same bytes in every array (the teacher saw identical inputs)."""
-    from pipeline.store import open_cache
+    from any2seg.store import open_cache
     from stages.teacher.run import TeacherConfig, cache_teacher
 
     root, folder_store = sample_cache

@@ -1,4 +1,4 @@
-"""Every model component keeps float64 end to end (the precision rule of pipeline/precision).
+"""Every model component keeps float64 end to end (the precision rule of any2seg/precision).
 
 A component that calls `.float()` computes a float64 input in float32: its output is then
 float32, or float64 but only float32-accurate. Each check compares with a float64 formula
@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.precision import stable_dtype, upcast
+from any2seg.precision import stable_dtype, upcast
 from stages.student.encoder import build_encoder
 from stages.student.losses import LossConfig, correlation, semantic, supervised
 from stages.student.mff import MFF

@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline import datasets
+from any2seg import datasets
 from pipeline.cli import main
 from stages.student.checkpoint import save_checkpoint
 from stages.student.evaluate import (

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline import config
-from pipeline.errors import PipelineError
+from any2seg import config
+from any2seg.errors import PipelineError
 
 ROOT = Path(__file__).resolve().parents[1]
 PRESETS = sorted(p.relative_to(ROOT / "configs").as_posix()
@@ -61,20 +61,20 @@ def test_the_wheel_ships_the_presets_and_an_install_reads_them(tmp_path):
                    env=env, cwd=tmp_path, capture_output=True)
     (wheel,) = (tmp_path / "dist").glob("*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
-    assert {f"pipeline/configs/{p}" for p in PRESETS} <= names, sorted(names)
-    assert "pipeline/config.py" in names and "stages/student/train.py" in names
+    assert {f"any2seg/configs/{p}" for p in PRESETS} <= names, sorted(names)
+    assert "any2seg/config.py" in names and "stages/student/train.py" in names
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target",
                     str(tmp_path / "site"), str(wheel)], check=True, env=env,
                    capture_output=True)
     env["PYTHONPATH"] = str(tmp_path / "site")  # the install, never this checkout
     run = tmp_path / "elsewhere"
     run.mkdir()
-    probe = ("import pipeline.config as c; p = c.preset('params', 'deliver'); "
+    probe = ("import any2seg.config as c; p = c.preset('params', 'deliver'); "
              "print(c.__file__); print(c.configs_dir()); print(p['student']['backbone'])")
     out = subprocess.run([sys.executable, "-c", probe], check=True, env=env, cwd=run,
                          capture_output=True, text=True).stdout.split()
     assert out[0].startswith(str(tmp_path / "site"))
-    assert out[1] == str(tmp_path / "site" / "pipeline" / "configs")
+    assert out[1] == str(tmp_path / "site" / "any2seg" / "configs")
     assert out[2] == "mit_b2"
 
 

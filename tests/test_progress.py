@@ -2,7 +2,7 @@
 
 import io
 
-from pipeline.progress import LineProgress, progress
+from any2seg.progress import LineProgress, progress
 
 
 class Clock:
@@ -90,7 +90,7 @@ def test_heartbeat_prints_while_one_item_takes_long(monkeypatch):
     LINE_EVERY_S, with the ETA, although no update arrives."""
     import time
 
-    from pipeline import progress as progress_module
+    from any2seg import progress as progress_module
 
     monkeypatch.setattr(progress_module, "LINE_EVERY_S", 0.05)
     out = io.StringIO()
@@ -112,7 +112,7 @@ def test_heartbeat_prints_while_one_item_takes_long(monkeypatch):
 def test_reporting_makes_the_bar_at_the_first_report_and_closes_it(capsys):
     """The callback the commands hand to work that counts itself (make-sample, pack,
     cache-teacher): no report, no bar; reports move one bar to `done` of `total`."""
-    from pipeline.progress import reporting
+    from any2seg.progress import reporting
 
     with reporting("nothing", "file"):
         pass

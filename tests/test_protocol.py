@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from pipeline.errors import PipelineError
+from any2seg.errors import PipelineError
 from stages.student.protocol import (
     default_missing,
     default_protocol,

@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline import datasets
-from pipeline.datasets.deliver import CASES, CONDITIONS
-from pipeline.errors import PipelineError
-from pipeline.synth import (
+from any2seg import datasets
+from any2seg.datasets.deliver import CASES, CONDITIONS
+from any2seg.errors import PipelineError
+from any2seg.synth import (
     SampleSpec,
     albedo,
     apply_weather,

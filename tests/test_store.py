@@ -4,9 +4,9 @@ import shutil
 import numpy as np
 import pytest
 
-from pipeline.content import FileHashes, file_digest, from_read, sample_digest
-from pipeline.errors import PipelineError
-from pipeline.store import (
+from any2seg.content import FileHashes, file_digest, from_read, sample_digest
+from any2seg.errors import PipelineError
+from any2seg.store import (
     CacheWriter,
     StoreDamage,
     StoreSpec,

@@ -46,7 +46,7 @@ def test_items_equal_the_old_conversion_bit_for_bit(small_sample, threads):
     """Training items (random resize, crop, flip, jitter, blur) and validation items are
     the numbers the old conversion gave, with 1 and 2 torch threads (the resize kernel
     torch picks depends on it, and on the input's memory layout, which must not change)."""
-    from pipeline import datasets
+    from any2seg import datasets
 
     root, _ = small_sample
     samples = datasets.load("sample", root, "train", modalities=MODALITIES)[:3]

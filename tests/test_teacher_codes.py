@@ -8,16 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.errors import PipelineError
-from pipeline.store import describe, open_cache
-from stages.student.codes import (
-    NO_CODE,
-    CodeTranslators,
-    code_loss,
-    code_map,
-    decoded_loss,
-    isolated_modality,
-)
+from any2seg.errors import PipelineError
+from any2seg.store import describe, open_cache
+from stages.student.code_targets import NO_CODE, code_map, isolated_modality
+from stages.student.codes import CodeTranslators, code_loss, decoded_loss
 from stages.student.data import AugmentConfig, ScheduleSampler, StudentData, augment
 from stages.teacher.codebook import SphericalKMeans, assign, decode, parse_dense
 from stages.teacher.run import TeacherConfig, cache_teacher
@@ -276,7 +270,7 @@ def test_decoded_loss_is_zero_when_all_mass_is_on_the_teachers_code():
 
 
 def test_isolated_mode_never_shows_two_modalities(small_sample):
-    from pipeline import datasets
+    from any2seg import datasets
 
     root, _ = small_sample
     mods = ["rgb", "depth", "event", "lidar"]

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.errors import PipelineError
+from any2seg.errors import PipelineError
 from stages.student.checkpoint import CHECKPOINT_VERSION
 from stages.student.config import TrainConfig
 from stages.student.evaluate import load_checkpoint, subsets
@@ -193,7 +193,7 @@ def test_every_mff_variant_trains_with_all_three_losses_and_evaluates(
         sample_cache, tmp_path, variant, se_features):
     """Each variant reaches L_cr and L_se (non-zero, finite) and its checkpoint evaluates;
     `author` has no head features before fusion, so `decoder` is refused for it."""
-    from pipeline import datasets
+    from any2seg import datasets
     from stages.student.evaluate import evaluate, flat_metrics
 
     root, cache = sample_cache

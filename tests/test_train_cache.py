@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.errors import PipelineError
-from pipeline.store import StoreDamage
+from any2seg.errors import PipelineError
+from any2seg.store import StoreDamage
 from stages.student.train import train
 from stages.teacher.run import TeacherConfig, cache_teacher
 from tests.tiny_run import TINY_STUDENT, logged
@@ -95,7 +95,7 @@ def test_resume_of_a_finished_run_says_so(sample_cache, tmp_path, capsys):
 
 def test_resume_refuses_a_cache_that_changed(own, tmp_path, monkeypatch):
     """Finding 4: a run resumed on a rebuilt cache trained on targets of two teachers."""
-    from pipeline import datasets
+    from any2seg import datasets
     from tests.test_cache_teacher import edit_image
 
     root, cache = own
@@ -145,7 +145,7 @@ def test_skip_bad_cache_trains_without_the_skipped_samples(teacher_sample, tmp_p
     rebuilding gave the same refusal. The store records what it skipped; train skips it."""
     import logging
 
-    from pipeline import datasets
+    from any2seg import datasets
 
     root, _ = teacher_sample
     copy = tmp_path / "sample"
@@ -156,7 +156,7 @@ def test_skip_bad_cache_trains_without_the_skipped_samples(teacher_sample, tmp_p
     cache_teacher(TeacherConfig(dataset="sample", root=str(copy), out=str(cache),
                                 teacher_root=str(copy / "teacher"), split=["train"],
                                 skip_bad=True))
-    from pipeline.store import open_cache
+    from any2seg.store import open_cache
 
     assert open_cache(cache).skipped == [bad.id] and bad.id not in open_cache(cache).ids
     with caplog.at_level(logging.INFO, logger="pipeline"):

@@ -14,11 +14,11 @@ import sys
 
 import click
 
+from any2seg.errors import PipelineError, ReportedError
 from pipeline import __version__
 from pipeline.cli import ablate, data, inference, student, teacher
 from pipeline.cli.codealign import codealign_group
 from pipeline.cli.options import CONTEXT, remember_argv
-from pipeline.errors import PipelineError, ReportedError
 
 
 class _OneLineFormatter(logging.Formatter):
@@ -45,7 +45,7 @@ def cli(ctx: click.Context, debug: bool) -> None:
     Start with `pipeline make-sample` for the embedded DELIVER-format sample, then inspect
     it with `pipeline datasets info --dataset sample`.
     """
-    from pipeline.progress import quiet_library_bars
+    from any2seg.progress import quiet_library_bars
 
     ctx.ensure_object(dict)
     ctx.obj["debug"] = debug
@@ -77,7 +77,8 @@ def main(argv: list[str] | None = None) -> None:
     remember_argv(args)
     debug = "--debug" in args
     message, code = None, 0
-    from pipeline import diskspace, failures
+    from any2seg import diskspace
+    from pipeline import failures
 
     command = failures.command_of(args, list(cli.commands))
     # exit outside the except clauses: a SystemExit raised inside one would carry the error

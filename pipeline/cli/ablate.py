@@ -1,5 +1,5 @@
 """`pipeline ablate PLAN`: an ablation plan run as rows x seeds of DVC experiments, and its
-report (the work is in pipeline.ablate and pipeline.ablation_report)."""
+report (the work is in pipeline.ablation.run and pipeline.ablation.report)."""
 
 from __future__ import annotations
 
@@ -42,14 +42,14 @@ def ablate_cmd(plan: str, seeds: int, rows: str | None, sets: tuple[str, ...], j
     report.json and plot.png: mean ± std over seeds, the paired difference to the baseline
     with its 95 % t interval and verdict.
     """
-    from pipeline import ablate
-    from pipeline.ablation_setup import prepare
+    from pipeline.ablation import run as ablate
+    from pipeline.ablation.setup import prepare
 
     setup = prepare(plan, seeds, rows, sets, metrics, pipeline_path)
     if not report_only:
         ablate.check_stage_one(setup)
         ablate.ablate(setup, jobs, echo=click.echo)
-    from pipeline import ablation_report
+    from pipeline.ablation import report as ablation_report
 
     written = ablation_report.report(setup)
     click.echo(written[0].read_text())

@@ -10,9 +10,9 @@ from typing import Any
 
 import click
 
+from any2seg.errors import PipelineError
 from pipeline.cli.options import CONTEXT as _CONTEXT
 from pipeline.cli.options import PARAMS
-from pipeline.errors import PipelineError
 
 # the other commands' settings but the terminal's own width, as these commands always had
 CONTEXT = {k: v for k, v in _CONTEXT.items() if k != "terminal_width"}
@@ -29,7 +29,7 @@ def _common(fn: Any) -> Any:
 
 
 def _run(dataset: str | None, root: Path | None, out: Path, params_path: Path | None) -> Any:
-    from pipeline.config import Where, build, read_params
+    from any2seg.config import Where, build, read_params
     from stages.student.codealign.config import CodeAlignConfig
     from stages.student.codealign.stages import CodeAlignRun
     from stages.student.model import StudentConfig

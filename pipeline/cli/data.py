@@ -37,9 +37,9 @@ def make_sample_cmd(out: Path, size: int, n_train: int, n_val: int, n_test: int,
     identical sample is already at --out. `pipeline fit-teacher` then fits the small
     default teacher on it.
     """
-    from pipeline import datasets
-    from pipeline.progress import reporting
-    from pipeline.synth import SampleSpec, make_sample
+    from any2seg import datasets
+    from any2seg.progress import reporting
+    from any2seg.synth import SampleSpec, make_sample
 
     spec = SampleSpec(size=size, train=n_train, val=n_val, test=n_test,
                       frames_per_scene=frames_per_scene, seed=seed)
@@ -71,7 +71,7 @@ def datasets_group() -> None:
 
 
 def _dataset_root(dataset: str, root: Path | None) -> Path:
-    from pipeline.config import dataset_root
+    from any2seg.config import dataset_root
 
     return dataset_root(dataset, root)
 
@@ -79,7 +79,7 @@ def _dataset_root(dataset: str, root: Path | None) -> Path:
 @datasets_group.command("list", context_settings=CONTEXT)
 def datasets_list() -> None:
     """Registered dataset formats with their modalities and class counts."""
-    from pipeline import datasets
+    from any2seg import datasets
 
     for name in datasets.available():
         reader = datasets.get(name)
@@ -96,7 +96,7 @@ def datasets_info(dataset: str, root: Path | None, as_json: bool) -> None:
 
     Only indexes files (no decoding), so it is fast on the full data set.
     """
-    from pipeline import datasets
+    from any2seg import datasets
 
     summary = datasets.info(dataset, _dataset_root(dataset, root))
     if as_json:
@@ -115,7 +115,7 @@ def datasets_check(dataset: str, root: Path | None, split: str) -> None:
 
     Exits with status 1 when anything is wrong; readers' --skip-bad drops exactly these.
     """
-    from pipeline import datasets
+    from any2seg import datasets
 
     root = _dataset_root(dataset, root)
     checked, problems = datasets.check(dataset, root, split)
@@ -148,8 +148,8 @@ def pack_cmd(dataset: str, root: Path | None, out: Path | None, split: str | Non
     `dataset.root` in params.yaml; samples decode exactly as from the folder. A rerun on an
     unchanged source does nothing; an output packed from other data is refused.
     """
-    from pipeline.pack import pack
-    from pipeline.progress import reporting
+    from any2seg.pack import pack
+    from any2seg.progress import reporting
 
     if workers < 1:
         raise click.BadParameter("must be >= 1", param_hint="--workers")

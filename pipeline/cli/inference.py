@@ -12,6 +12,7 @@ from typing import Any
 
 import click
 
+from any2seg.errors import PipelineError
 from pipeline.cli.options import (
     ALL,
     CONTEXT,
@@ -24,7 +25,6 @@ from pipeline.cli.options import (
     LimitType,
     flags,
 )
-from pipeline.errors import PipelineError
 from pipeline.help_defaults import Tunable
 
 # the modalities of the registered readers (DELIVER and the sample: rgb, depth, event,
@@ -64,7 +64,7 @@ def _eval_options(f: Any) -> Any:
 
 
 def _eval_config(params_path: Path | None, overrides: dict[str, Any]) -> Any:
-    from pipeline.config import Where, build, read_params
+    from any2seg.config import Where, build, read_params
     from stages.student.evaluate import EvalConfig
 
     params, source = read_params(params_path)
@@ -118,7 +118,7 @@ def predict_cmd(checkpoint: Path, dataset: str | None, protocol: str | None,
     (0001.png, or DELIVER's 0001_rgb_front.png). Frames are read, resized and predicted
     exactly as `pipeline evaluate` scores them; every output is written to a temporary
     folder that becomes --out when all frames are done."""
-    from pipeline.devices import resolve_device
+    from any2seg.devices import resolve_device
     from stages.student.predict import load_student
     from stages.student.predict_run import (
         check_out,
@@ -143,7 +143,7 @@ def predict_cmd(checkpoint: Path, dataset: str | None, protocol: str | None,
         frames = frames_from_inputs(given, subset, skip_bad)
         source = {"inputs": {m: str(p) for m, p in given.items()}}
     else:
-        from pipeline.config import dataset_root
+        from any2seg.config import dataset_root
 
         wanted = [m.strip() for m in (modalities or "").split(",") if m.strip()]
         subset = student.check_subset(wanted or student.modalities)
@@ -211,7 +211,7 @@ def export_cmd(checkpoint: Path, fmt: str, subsets: tuple[str, ...], dataset: st
     ONNX Runtime runs it on frames of the data set (with --root, through the protocol's
     resize) or random inputs, against PyTorch; a graph beyond the tolerances is removed
     and the command fails."""
-    from pipeline.runlock import check_run_folder
+    from any2seg.runlock import check_run_folder
     from stages.student.evaluate import subsets as all_subsets
     from stages.student.export import OPSET, export_subsets, random_frames
     from stages.student.predict import load_student

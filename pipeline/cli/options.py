@@ -11,7 +11,7 @@ from typing import Any
 
 import click
 
-from pipeline.devices import DEVICE_FORMS, is_device
+from any2seg.devices import DEVICE_FORMS, is_device
 
 _ARGV: list[str] | None = None  # the command line, for `--nproc` to start it once per rank
 CONTEXT = {"show_default": True, "help_option_names": ["-h", "--help"], "max_content_width": 100,
@@ -43,7 +43,7 @@ class Registered(click.ParamType):
 
 
 def _datasets() -> list[str]:
-    from pipeline import datasets
+    from any2seg import datasets
 
     return datasets.available()
 

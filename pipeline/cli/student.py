@@ -9,6 +9,7 @@ from pathlib import Path
 
 import click
 
+from any2seg.errors import PipelineError
 from pipeline.cli.options import (
     ALL,
     BACKBONE,
@@ -26,7 +27,6 @@ from pipeline.cli.options import (
     debug,
     flags,
 )
-from pipeline.errors import PipelineError
 from pipeline.help_defaults import Tunable
 
 
@@ -74,8 +74,8 @@ def train_cmd(dataset: str | None, root: Path | None, cache: str | None, out: st
     Every tunable is in params.yaml under `student` and `train`; flags override them.
     Several GPUs: `--nproc N`, or `torchrun --nproc-per-node N -m pipeline train ...`.
     """
-    from pipeline.config import read_params
-    from pipeline.devices import resolve_device
+    from any2seg.config import read_params
+    from any2seg.devices import resolve_device
     from stages.student import distributed
     from stages.student.config import TrainConfig
     from stages.student.train import train
@@ -163,8 +163,8 @@ def evaluate_cmd(checkpoint: Path, dataset: str | None, root: Path | None, split
 
     Several processes (`--nproc N` or torchrun) score shares of the samples; the
     confusion matrices are summed, so the numbers equal those of one process."""
-    from pipeline.config import Where, build, read_params
-    from pipeline.devices import resolve_device
+    from any2seg.config import Where, build, read_params
+    from any2seg.devices import resolve_device
     from stages.student import distributed
     from stages.student.evaluate import EvalConfig, describe, flat_metrics, markdown
     from stages.student.evaluate_run import evaluate_checkpoint

@@ -9,6 +9,7 @@ from typing import Any
 
 import click
 
+from any2seg.errors import PipelineError
 from pipeline.cli.options import (
     CAPTIONER,
     CONTEXT,
@@ -21,7 +22,6 @@ from pipeline.cli.options import (
     option_value,
     pairs,
 )
-from pipeline.errors import PipelineError
 from pipeline.help_defaults import Tunable
 
 
@@ -100,8 +100,8 @@ def cache_teacher_cmd(dataset: str | None, root: Path | None, split: str | None,
     """
     import time
 
-    from pipeline.config import read_params
-    from pipeline.progress import reporting
+    from any2seg.config import read_params
+    from any2seg.progress import reporting
     from stages.teacher.run import TeacherConfig, cache_teacher
 
     params, source = read_params(params_path)
@@ -167,7 +167,7 @@ def fit_teacher_cmd(root: Path, out: Path, seed: int | None, overwrite: bool,
     Deterministic for a seed, about 2 minutes on 2 CPU cores; prints the quality on val
     beside chance. Does nothing when an identical teacher is already at --out.
     """
-    from pipeline.config import build, read_params
+    from any2seg.config import build, read_params
     from stages.teacher.config import TeacherConfig
     from stages.teacher.default.config import FitConfig
     from stages.teacher.default.fit import fit_default_teacher
@@ -198,7 +198,7 @@ def fit_teacher_cmd(root: Path, out: Path, seed: int | None, overwrite: bool,
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 def cache_info_cmd(path: Path, as_json: bool) -> None:
     """What a teacher cache holds: rows, done fraction, dims, dtype, fingerprints, size."""
-    from pipeline.store import describe
+    from any2seg.store import describe
 
     info = describe(path)
     if as_json:
@@ -243,8 +243,8 @@ def cache_verify_cmd(path: Path, as_json: bool) -> None:
     row needs it, is damage. Exits with status 1 when anything is damaged; repair with
     `pipeline cache-teacher ... --repair`, which recomputes only those rows.
     """
-    from pipeline.progress import interactive
-    from pipeline.store import damaged_rows, open_cache
+    from any2seg.progress import interactive
+    from any2seg.store import damaged_rows, open_cache
 
     cache = open_cache(path)
     done, damages = cache.scan(show=not as_json or interactive())

@@ -16,9 +16,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.diskspace import write_atomic
-from pipeline.errors import PipelineError
-from pipeline.store import TeacherCache, fingerprint_diff
+from any2seg.diskspace import write_atomic
+from any2seg.errors import PipelineError
+from any2seg.store import TeacherCache, fingerprint_diff
 
 CHECKPOINT_VERSION = 2  # 2: meta["cache"] holds the teacher cache's fingerprints
 

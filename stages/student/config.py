@@ -11,10 +11,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline import datasets
-from pipeline.config import Where, build, dataset_root
-from pipeline.devices import DEVICE_FORMS, is_device
-from pipeline.errors import PipelineError
+from any2seg import datasets
+from any2seg.config import Where, build, dataset_root
+from any2seg.devices import DEVICE_FORMS, is_device
+from any2seg.errors import PipelineError
 from stages.student.data import AugmentConfig
 from stages.student.encoder import min_input_size
 from stages.student.losses import LossConfig

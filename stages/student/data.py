@@ -15,8 +15,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline.config import Where
-from pipeline.datasets import Sample, SampleSequence
+from any2seg.config import Where
+from any2seg.datasets import Sample, SampleSequence
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -192,7 +192,7 @@ class StudentData(torch.utils.data.Dataset):
         return len(self.samples)
 
     def __getitem__(self, key: tuple[int, ...]) -> dict[str, torch.Tensor]:
-        from stages.student.codes import code_map, isolated_modality
+        from stages.student.code_targets import code_map, isolated_modality
 
         epoch, index = key[0], key[1]
         sample: Sample = self.samples[index]

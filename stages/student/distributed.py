@@ -32,8 +32,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from pipeline.errors import PipelineError, ReportedError
-from pipeline.precision import stable_dtype
+from any2seg.errors import PipelineError, ReportedError
+from any2seg.precision import stable_dtype
 
 log = logging.getLogger("pipeline.distributed")
 

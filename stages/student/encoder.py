@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from pipeline.errors import PipelineError
+from any2seg.errors import PipelineError
 
 # SegFormer MiT variants (hidden sizes, depths), as in the SegFormer paper / nvidia/mit-bN
 MIT = {

@@ -23,12 +23,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline import datasets
-from pipeline.config import Where
-from pipeline.datasets.base import unit_image
-from pipeline.errors import PipelineError
-from pipeline.metrics import Confusion
-from pipeline.progress import progress as progress_bar
+from any2seg import datasets
+from any2seg.config import Where
+from any2seg.datasets.base import unit_image
+from any2seg.errors import PipelineError
+from any2seg.metrics import Confusion
+from any2seg.progress import progress as progress_bar
 from stages.student.data import AugmentConfig, StudentData
 from stages.student.distributed import World
 from stages.student.model import MISSING_MODES, Any2Seg, StudentConfig, build_student

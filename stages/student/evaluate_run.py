@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline import datasets
-from pipeline.config import Where, dataset_root
-from pipeline.errors import PipelineError
-from pipeline.runlock import check_outside, check_run_folder
+from any2seg import datasets
+from any2seg.config import Where, dataset_root
+from any2seg.errors import PipelineError
+from any2seg.runlock import check_outside, check_run_folder
 from stages.student.distributed import World
 from stages.student.encoder import min_input_size
 from stages.student.evaluate import (

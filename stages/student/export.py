@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.errors import PipelineError
+from any2seg.errors import PipelineError
 from stages.student.model import Any2Seg
 
 OPSET = 18  # the opset torch's exporter targets natively (ai.onnx 18: Resize, ReduceMean ...)

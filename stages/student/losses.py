@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from pipeline.config import Where
+from any2seg.config import Where
 
 IGNORE = 255
 Total = Callable[[torch.Tensor], torch.Tensor]

@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.config import Where
+from any2seg.config import Where
 
 VARIANTS = ("author", "paper", "pixel")
 

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from pipeline.config import Where, build
+from any2seg.config import Where, build
 from stages.student.data import black
 from stages.student.encoder import Encoder, backbone_names, is_backbone
 from stages.student.head import AllMLPHead

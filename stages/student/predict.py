@@ -22,9 +22,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline import datasets
-from pipeline.datasets.base import unit_image
-from pipeline.errors import PipelineError
+from any2seg import datasets
+from any2seg.datasets.base import unit_image
+from any2seg.errors import PipelineError
 from stages.student.data import stack_normalised, to_unit
 from stages.student.evaluate import EvalConfig, infer, load_checkpoint, subset_name
 from stages.student.protocol import check_protocol, protocol_transform

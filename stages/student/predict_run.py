@@ -23,12 +23,12 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from pipeline.config import dataset_root
-from pipeline.datasets import Record
-from pipeline.errors import DatasetError, PipelineError
-from pipeline.progress import progress as progress_bar
-from pipeline.publish import publish
-from pipeline.runlock import check_outside, check_run_folder
+from any2seg.config import dataset_root
+from any2seg.datasets import Record
+from any2seg.errors import DatasetError, PipelineError
+from any2seg.progress import progress as progress_bar
+from any2seg.publish import publish
+from any2seg.runlock import check_outside, check_run_folder
 from stages.student.predict import Prepared, Student, subset_label
 from stages.student.provenance import sha256_prefix
 

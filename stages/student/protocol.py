@@ -25,8 +25,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline import datasets
-from pipeline.errors import PipelineError
+from any2seg import datasets
+from any2seg.errors import PipelineError
 from stages.student.data import Transform
 
 PROTOCOLS = ("official", "native")

@@ -11,7 +11,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from pipeline.datasets import SampleSequence
+from any2seg.datasets import SampleSequence
 
 
 def sha256_prefix(path: Path, length: int = 12) -> str:

@@ -4,7 +4,7 @@ Read it top to bottom: data and cached targets, model and optimiser, resume, the
 (loss, step, log, validate, checkpoint). Its settings are `TrainConfig`
 (`stages.student.config`), its checkpoints `stages.student.checkpoint`, its dvclive log
 `stages.student.tracking`. The teacher never runs here; its targets come from
-`pipeline.store.open_cache` (this module never imports `stages.teacher`). Under torchrun
+`any2seg.store.open_cache` (this module never imports `stages.teacher`). Under torchrun
 each rank runs this same loop on its slice of every global batch
 (`stages.student.distributed`); rank 0 alone writes files.
 """
@@ -23,13 +23,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline import datasets
-from pipeline.devices import resolve_device
-from pipeline.errors import PipelineError
-from pipeline.precision import upcast
-from pipeline.progress import progress as progress_bar
-from pipeline.runlock import check_run_folder, folder_lock
-from pipeline.store import TeacherCache, open_cache, sample_list_fingerprint
+from any2seg import datasets
+from any2seg.devices import resolve_device
+from any2seg.errors import PipelineError
+from any2seg.precision import upcast
+from any2seg.progress import progress as progress_bar
+from any2seg.runlock import check_run_folder, folder_lock
+from any2seg.store import TeacherCache, open_cache, sample_list_fingerprint
 from stages.student import distributed, noise
 from stages.student.checkpoint import (
     cache_fingerprints,

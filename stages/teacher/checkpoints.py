@@ -12,7 +12,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import PipelineError
+from any2seg.errors import PipelineError
 
 BRANCH_FOLDERS = {"image": "LanguageBind_Image", "depth": "LanguageBind_Depth",
                   "thermal": "LanguageBind_Thermal",

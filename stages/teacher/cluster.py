@@ -11,10 +11,10 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from pipeline.content import FileHashes
-from pipeline.datasets import SampleSequence
-from pipeline.errors import PipelineError
-from pipeline.store import CacheWriter, Plan, StoreSpec
+from any2seg.content import FileHashes
+from any2seg.datasets import SampleSequence
+from any2seg.errors import PipelineError
+from any2seg.store import CacheWriter, Plan, StoreSpec
 from stages.teacher.config import TeacherConfig, parse_scheduler
 from stages.teacher.local import RunReport
 from stages.teacher.worker import (

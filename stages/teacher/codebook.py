@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline.errors import PipelineError
+from any2seg.errors import PipelineError
 
 CODE_DTYPE = np.uint16
 MAX_K = int(np.iinfo(CODE_DTYPE).max)  # 65535: -1 is never a code (stage two ignores it)

@@ -8,11 +8,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline import datasets
-from pipeline.config import Where, build, dataset_root, preset, preset_path
-from pipeline.devices import DEVICE_FORMS, is_device, resolve_device
-from pipeline.errors import PipelineError
-from pipeline.store import DTYPES
+from any2seg import datasets
+from any2seg.config import Where, build, dataset_root, preset, preset_path
+from any2seg.devices import DEVICE_FORMS, is_device, resolve_device
+from any2seg.errors import PipelineError
+from any2seg.store import DTYPES
 from stages.teacher import captioners
 from stages.teacher.checkpoints import BRANCH_FOLDERS, auto_branch, own_branch
 from stages.teacher.codebook import DENSE_FORMS, parse_dense

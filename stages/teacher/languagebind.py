@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
 
-from pipeline.errors import PipelineError
-from pipeline.precision import stable_dtype, upcast
+from any2seg.errors import PipelineError
+from any2seg.precision import stable_dtype, upcast
 from stages.teacher.checkpoints import (
     WEIGHT_FILES,
     checkpoint_fingerprint,

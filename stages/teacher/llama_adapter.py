@@ -32,8 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.errors import PipelineError
-from pipeline.precision import stable_dtype, upcast
+from any2seg.errors import PipelineError
+from any2seg.precision import stable_dtype, upcast
 
 log = logging.getLogger("pipeline.teacher")
 

@@ -11,9 +11,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.content import FileHashes
-from pipeline.datasets import SampleSequence
-from pipeline.store import CacheWriter, Plan, StoreSpec
+from any2seg.content import FileHashes
+from any2seg.datasets import SampleSequence
+from any2seg.store import CacheWriter, Plan, StoreSpec
 from stages.teacher.config import TeacherConfig
 from stages.teacher.worker import (
     Prepared,

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipeline.errors import PipelineError
+from any2seg.errors import PipelineError
 
 MEAN = (0.48145466, 0.4578275, 0.40821073)
 STD = (0.26862954, 0.26130258, 0.27577711)

@@ -1,7 +1,7 @@
 """Stage one: run the frozen teachers once per sample into the zarr cache.
 
 Every run first looks up the hashes of the files each sample is computed from
-(`pipeline.content`, remembered by size and mtime) and reads the store once, checking
+(`any2seg.content`, remembered by size and mtime) and reads the store once, checking
 every chunk. The rows to compute are those not `done`, those whose input hash changed
 since they were written (a done row's unremembered files are read to hash them), and,
 with `--repair`, those in damaged shards. A computed row's unremembered files are
@@ -27,11 +27,11 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from pipeline import datasets
-from pipeline.content import FileHashes
-from pipeline.datasets import SampleSequence
-from pipeline.errors import PipelineError
-from pipeline.store import (
+from any2seg import datasets
+from any2seg.content import FileHashes
+from any2seg.datasets import SampleSequence
+from any2seg.errors import PipelineError
+from any2seg.store import (
     HASHES_NAME,
     CacheWriter,
     Plan,

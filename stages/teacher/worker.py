@@ -14,12 +14,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from pipeline import datasets
-from pipeline.content import from_read
-from pipeline.datasets import Sample, SampleSequence
-from pipeline.datasets.decode import recording_digests
-from pipeline.errors import PipelineError
-from pipeline.store import CacheWriter, Dense, Plan, StoreSpec
+from any2seg import datasets
+from any2seg.content import from_read
+from any2seg.datasets import Sample, SampleSequence
+from any2seg.datasets.decode import recording_digests
+from any2seg.errors import PipelineError
+from any2seg.store import CacheWriter, Dense, Plan, StoreSpec
 from stages.teacher import captioners
 from stages.teacher.codebook import SphericalKMeans, assign, reconstruction_cosine
 from stages.teacher.config import TeacherConfig

@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipeline.config import Where, build
-from pipeline.errors import PipelineError
+from any2seg.config import Where, build
+from any2seg.errors import PipelineError
 
 
 @dataclass

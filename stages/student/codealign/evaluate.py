@@ -23,8 +23,8 @@ from typing import Any
 
 import torch
 
-from pipeline import datasets
-from pipeline.metrics import Confusion
+from any2seg import datasets
+from any2seg.metrics import Confusion
 from stages.student.codealign.model import pair_name
 from stages.student.codealign.stages import CodeAlignRun
 from stages.student.evaluate import evaluation_loader

@@ -25,8 +25,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from pipeline import datasets
-from pipeline.errors import PipelineError
+from any2seg import datasets
+from any2seg.errors import PipelineError
 from stages.student.codealign.config import CodeAlignConfig
 from stages.student.codealign.model import CodeAlignSystem, pair_name, seg_loss
 from stages.student.codealign.split import GroupData, assign_groups, group_indices

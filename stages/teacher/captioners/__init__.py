@@ -11,8 +11,8 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
-from pipeline.datasets import Sample
-from pipeline.errors import PipelineError
+from any2seg.datasets import Sample
+from any2seg.errors import PipelineError
 
 
 class Captioner(ABC):

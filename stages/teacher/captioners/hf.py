@@ -13,8 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.datasets import Sample
-from pipeline.errors import PipelineError
+from any2seg.datasets import Sample
+from any2seg.errors import PipelineError
 from stages.teacher.captioners import Captioner, register
 from stages.teacher.checkpoints import quick_hash
 

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.datasets import Sample
+from any2seg.datasets import Sample
 from stages.teacher.captioners import Captioner, register
 from stages.teacher.captioners.template import join, natural_name
 from stages.teacher.checkpoints import quick_hash
@@ -41,7 +41,7 @@ class LlamaAdapterCaptioner(Captioner):
                          with_classes=with_classes, temperature=temperature, top_p=top_p,
                          max_new_tokens=max_new_tokens, seed=seed, bgr=bgr,
                          v_num_heads=v_num_heads)
-        from pipeline.errors import PipelineError
+        from any2seg.errors import PipelineError
 
         for key in ("checkpoint", "llama_dir", "clip"):
             if not self.options[key]:

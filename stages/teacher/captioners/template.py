@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from pipeline.datasets import Sample
+from any2seg.datasets import Sample
 from stages.teacher.captioners import Captioner, register
 
 # how DELIVER's class names read in a sentence

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pipeline.errors import PipelineError
+from any2seg.errors import PipelineError
 
 # upper bounds of the fit's sizes: far above the default, below what exhausts a machine
 FIT_LIMITS = {"hidden": 4096, "layers": 48, "heads": 64, "projection": 4096,

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline.errors import PipelineError
+from any2seg.errors import PipelineError
 from stages.teacher.captioners.template import TemplateCaptioner, compose
 from stages.teacher.default.config import FitConfig
 

@@ -47,8 +47,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline.errors import PipelineError
-from pipeline.publish import publish
+from any2seg.errors import PipelineError
+from any2seg.publish import publish
 from stages.teacher.captioners.template import compose
 from stages.teacher.checkpoints import BRANCH_FOLDERS
 from stages.teacher.default.config import FitConfig
@@ -199,8 +199,8 @@ def fit_default_teacher(sample_root: Path | str, out: Path | str, cfg: FitConfig
     identical one is already at `out`. See the module docstring."""
     from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
 
-    from pipeline.datasets.deliver import CLASSES
-    from pipeline.progress import progress as progress_bar
+    from any2seg.datasets.deliver import CLASSES
+    from any2seg.progress import progress as progress_bar
     from stages.teacher.worker import readable_class
 
     cfg.validate()

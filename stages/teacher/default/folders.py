@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from transformers import CLIPConfig, CLIPModel
 
-from pipeline.publish import publish
+from any2seg.publish import publish
 from stages.teacher.checkpoints import BRANCH_FOLDERS
 
 GENERATOR = "any2seg-pipeline default LanguageBind teacher v1"

@@ -1,0 +1,1 @@
+"""`pipeline ablate`: plans of DVC experiments, run as seeds x rows, with a paired report."""

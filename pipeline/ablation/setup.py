@@ -1,0 +1,194 @@
+"""A plan resolved against its pipeline: `Setup`, what every run and the report read.
+
+`prepare` loads the plan, reads the pipeline's stages and params (the DELIVER preset's own
+params.yaml for `--pipeline pipelines/deliver/dvc.yaml`), checks every row's keys and
+values against the stages its target runs, and picks the metrics; no DVC call is made, so
+a bad plan fails in one line before anything runs.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from any2seg.errors import PipelineError
+from pipeline.ablation.dag import Pipeline, load_pipeline
+from pipeline.ablation.plan import Plan, assign, check_rows, load_plan, lookup
+
+EXPONENT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+HEADLINE = {"mss": "mIoU", "miss": "mean_mIoU", "sensor": "mean_of_groups_mIoU"}
+
+
+@dataclass
+class Setup:
+    """Everything a run and the report need, resolved once."""
+
+    plan: Plan
+    root: Path  # the git / DVC repository
+    pipeline: Path  # dvc.yaml
+    params_path: Path
+    params: dict[str, Any]
+    rows: dict[str, dict[str, Any]]  # row -> its own overrides (baseline first)
+    seeds: list[int]
+    metrics: list[tuple[str, str]]  # (file stem, key)
+    metric_files: dict[str, str]  # stem -> path relative to the repository root
+    dag: Pipeline
+    baseline_rev: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+    links: list[str] = field(default_factory=list)  # untracked inputs in the repository
+    outside: list[str] = field(default_factory=list)  # inputs outside it (read in place)
+
+    @property
+    def linked(self) -> bool:
+        """Runs in linked workspaces: they read data DVC does not hold (see
+        pipeline.ablation.workspace); else each run is a `dvc exp run --temp`."""
+        return bool(self.links or self.outside)
+
+    @property
+    def target(self) -> str:
+        return self.plan.target
+
+    def run_name(self, row: str, seed: int) -> str:
+        return f"{self.plan.name}-{row}-s{seed}"
+
+    def runs(self) -> list[tuple[str, int]]:
+        """(row, seed) in seed-major order: the first runs give every row one seed."""
+        return [(row, seed) for seed in self.seeds for row in self.rows]
+
+    def overrides(self, row: str, seed: int) -> dict[str, Any]:
+        """What the run sets: the -S overrides, the row's own and its seed."""
+        return {**self.extra, **self.rows[row], self.plan.seed: seed}
+
+    @property
+    def out(self) -> Path:
+        return self.root / "ablations" / self.plan.name
+
+
+def git(root: Path, *args: str, check: bool = True) -> str:
+    result = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True)
+    if check and result.returncode != 0:
+        raise PipelineError(f"git {' '.join(args)} failed in {root}: "
+                            f"{(result.stderr or result.stdout).strip().splitlines()[-1:]}")
+    return result.stdout
+
+
+def parse_set(values: tuple[str, ...] | list[str], params_file: Path | None = None
+              ) -> dict[str, Any]:
+    """`-S key=value` pairs; values are YAML, as DVC reads them. As with `dvc exp run`, a
+    key may name its params file (`pipelines/deliver/params.yaml:train.lr=1e-4`): it must
+    be the pipeline's own (`params_file`)."""
+    out = {}
+    for item in values:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise PipelineError(f"-S expects KEY=VALUE (a dotted params.yaml key), got {item!r}")
+        file, colon, key = key.strip().rpartition(":")
+        if colon and params_file is not None and \
+                Path(file).resolve() != params_file.resolve():
+            raise PipelineError(f"-S {item}: {file} is not the pipeline's params file "
+                                f"({os.path.relpath(params_file)}); name that file or none")
+        parsed = yaml.safe_load(value)
+        if isinstance(parsed, str) and EXPONENT.fullmatch(parsed.strip()):
+            parsed = float(parsed)  # 1e-4: a number in YAML 1.2 (DVC's), a string in 1.1
+        out[key.strip()] = parsed
+    return out
+
+
+def prepare(plan_name: str, seeds: int, rows: str | None, sets: list[str] | tuple[str, ...],
+            metrics: list[str] | tuple[str, ...], pipeline: Path | None) -> Setup:
+    """Load and check the plan against the pipeline and its params (no DVC call yet)."""
+    if seeds < 1:
+        raise PipelineError(f"--seeds must be an integer >= 1 (seeds per row), got {seeds}")
+    plan = load_plan(plan_name)
+    dvc_yaml = (pipeline or Path("dvc.yaml")).resolve()
+    if not dvc_yaml.is_file():
+        raise PipelineError(f"--pipeline: {dvc_yaml} does not exist; run ablate in the "
+                            "project (the folder with dvc.yaml) or name its dvc.yaml")
+    top = git(dvc_yaml.parent, "rev-parse", "--show-toplevel", check=False).strip()
+    if not top:
+        raise PipelineError(f"{dvc_yaml.parent} is not in a git repository; ablate records "
+                            "runs as DVC experiments of a commit (git init, git add -A, "
+                            "git commit)")
+    root = Path(top).resolve()
+    params_path = dvc_yaml.parent / "params.yaml"
+    from any2seg.config import load_params
+
+    params = load_params(params_path)
+    rel_params = os.path.relpath(params_path, Path.cwd())
+    dag = load_pipeline(dvc_yaml, root, params, params_path)
+    if plan.target not in dag.stages:
+        raise PipelineError(f"{plan.path}: target {plan.target!r}: {dvc_yaml} has no such "
+                            f"stage (its stages: {', '.join(dag.stages)})")
+    extra = parse_set(sets, params_path)
+    selected = [r.strip() for r in rows.split(",") if r.strip()] if rows else []
+    checked = check_rows(plan, selected, extra, params,
+                         {s: list(dag.stages[s].params) for s in dag.ablated(plan.target)},
+                         {s: list(dag.stages[s].params) for s in dag.frozen(plan.target)},
+                         rel_params)
+    _check_values({r: {**extra, **o} for r, o in checked.items()}, params, rel_params,
+                  dag.ablated(plan.target))
+    files = {Path(path).stem: path for path in dag.stages[plan.target].metrics}
+    if plan.metrics:
+        wanted = [tuple(m.split(".", 1)) for m in plan.metrics]
+    elif plan.target == "evaluate":
+        wanted = list(HEADLINE.items())
+    else:  # load_plan requires metrics for another target
+        wanted = []
+    for name in metrics:
+        stem, dot, key = name.partition(".")
+        if not dot or not key:
+            raise PipelineError(f"--metric expects FILE.KEY as in metrics/FILE.json, e.g. "
+                                f"mss.mAcc or miss.rgb-depth, got {name!r}")
+        if (stem, key) not in wanted:
+            wanted.append((stem, key))
+    unknown = [s for s, _ in wanted if s not in files]
+    if unknown:
+        raise PipelineError(f"metric {unknown[0]}.*: the {plan.target} stage of {dvc_yaml} "
+                            f"writes no {unknown[0]}.json (it writes "
+                            f"{', '.join(files) or 'no metrics file'})")
+    base_seed = extra.get(plan.seed, lookup(params, plan.seed)[1])
+    if not isinstance(base_seed, int) or isinstance(base_seed, bool):
+        raise PipelineError(f"{rel_params}: {plan.seed} must be an integer, got {base_seed!r}")
+    extra.pop(plan.seed, None)
+    return Setup(plan, root, dvc_yaml, params_path, params, checked,
+                 [base_seed + i for i in range(seeds)], wanted, files, dag, extra=extra)
+
+
+def _check_values(rows: dict[str, dict[str, Any]], params: dict[str, Any], source: str,
+                  stages: list[str]) -> None:
+    """Every row's values in range, by building the configs the ablated stages build."""
+    import copy
+
+    from any2seg.config import Where, build
+    from stages.student.codealign.config import CodeAlignConfig
+    from stages.student.evaluate import EvalConfig
+    from stages.student.model import StudentConfig
+    from stages.student.train import TrainConfig
+
+    for row, overrides in rows.items():
+        merged = copy.deepcopy(params)
+        for key, value in overrides.items():
+            assign(merged, key, value)
+        try:
+            if "train" in stages:
+                TrainConfig.from_params(merged, {}, source)
+            if "evaluate" in stages:
+                cfg = build(EvalConfig, dict(merged.get("eval") or {}), Where("eval", source))
+                cfg.validate(Where("eval", source))
+            if any(s.startswith("codealign") for s in stages):
+                ca = build(CodeAlignConfig, dict(merged.get("codealign") or {}),
+                           Where("codealign", source))
+                ca.validate(Where("codealign", source))
+                st = build(StudentConfig, dict(merged.get("student") or {}),
+                           Where("student", source))
+                st.validate(Where("student", source))
+        except PipelineError as exc:
+            raise PipelineError(f"row {row!r}: {exc}") from exc
+
+
