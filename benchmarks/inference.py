@@ -78,7 +78,8 @@ def _runners(model: torch.nn.Module, subset: list[str], session_for: Any, size: 
 
 def measure(backbone: str, sizes: list[int], threads: list[int], repeats: int,
             repeats_large: int, scratch: Path, predict_sizes: list[int],
-            large_subsets: list[str] | None) -> list[dict[str, Any]]:
+            large_subsets: list[str] | None, eager_threads: list[int] | None = None
+            ) -> list[dict[str, Any]]:
     torch.manual_seed(0)
     student = StudentConfig(backbone=backbone, embed_dim=HEAD.get(backbone, 256),
                             mff={"variant": "author"}, missing="exclude")
@@ -103,8 +104,9 @@ def measure(backbone: str, sizes: list[int], threads: list[int], repeats: int,
             if size not in predict_sizes:
                 del runs["eager predict"]
             count = repeats_large if large else repeats
-            times: dict[tuple[str, int], list[float]] = {(e, n): [] for e in runs
-                                                         for n in threads}
+            times: dict[tuple[str, int], list[float]] = {
+                (e, n): [] for e in runs for n in threads
+                if e == "onnxruntime" or eager_threads is None or n in eager_threads}
             if not large:  # warm-up: allocation, ORT's first-run planning
                 for (engine, n) in times:
                     runs[engine](n)
@@ -160,6 +162,9 @@ def main() -> None:
     parser.add_argument("--large-subsets", default=None,
                         help="at 1024 px and above for backbones other than mit_b0, only "
                         "these subsets (comma-separated; default: all)")
+    parser.add_argument("--eager-threads", default=None,
+                        help="thread counts for the eager engines (default: --threads); "
+                        "on a loaded CPU OpenMP's spinning makes 2 eager threads crawl")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/inference.json"))
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
@@ -173,12 +178,15 @@ def main() -> None:
         for backbone in args.backbones.split(","):
             rows += measure(backbone, sizes, threads, args.repeats, args.repeats_large,
                             Path(scratch), [int(s) for s in args.predict_sizes.split(",")],
-                            args.large_subsets.split(",") if args.large_subsets else None)
+                            args.large_subsets.split(",") if args.large_subsets else None,
+                            [int(t) for t in args.eager_threads.split(",")]
+                            if args.eager_threads else None)
     report = {
         "benchmark": "inference", "weights": "random (time does not depend on the values)",
         "settings": {"sizes": sizes, "threads": threads, "repeats": args.repeats,
                      "repeats_large": args.repeats_large, "subsets": SUBSETS,
                      "predict_sizes": args.predict_sizes, "large_subsets": args.large_subsets,
+                     "eager_threads": args.eager_threads,
                      "head": HEAD, "mff": "author", "missing": "exclude",
                      "frame": "one frame per run (batch 1), whole-frame inference"},
         "environment": {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
