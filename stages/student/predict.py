@@ -7,7 +7,7 @@ them, for users who embed it:
 
 A frame goes through the same steps as in `pipeline evaluate` for the same data set,
 protocol and subset: the reader's decoding, the protocol's resize (`stages.student.
-protocol`), `to_unit` and the normalisation (`stages.student.data.stack_normalised`), and
+protocol`), `to_unit` and the normalisation (`stages.student.data.model_input`), and
 `stages.student.evaluate.infer` under the same missing-modality mode (whole frame or
 sliding window). So its argmax is evaluate's prediction; outputs are at the resolution
 evaluate scores (the official protocol's resize for DELIVER; the stored size otherwise).
@@ -25,7 +25,7 @@ import torch
 from any2seg import datasets
 from any2seg.datasets.base import unit_image
 from any2seg.errors import PipelineError
-from stages.student.data import stack_normalised, to_unit
+from stages.student.data import model_input
 from stages.student.evaluate import EvalConfig, infer, load_checkpoint, subset_name
 from stages.student.protocol import check_protocol, protocol_transform
 
@@ -102,11 +102,11 @@ class Student:
                                 + ", ".join(f"{m} {a.shape[1]}x{a.shape[0]}"
                                             for m, a in arrays.items()) + ")")
         (h, w), = sizes
-        unit = {m: to_unit(arrays[m]) if m in arrays else torch.zeros(3, h, w)
+        full = {m: arrays[m] if m in arrays else np.zeros((h, w, 3), np.uint8)
                 for m in self.modalities}  # absent: a black frame
         display = {m: np.round(unit_image(arrays[m], (ranges or {}).get(m)) * 255)
                    .astype(np.uint8) for m in subset}
-        return Prepared(stack_normalised(unit, self.modalities), subset, display)
+        return Prepared(model_input(full, self.modalities), subset, display)
 
     @torch.no_grad()
     def logits(self, images: torch.Tensor, subset: tuple[str, ...]) -> torch.Tensor:
