@@ -12,12 +12,15 @@ stage 2  translators only (everything else frozen, in eval mode so BatchNorm sta
 
 Checkpoints: out/stage{N}.pt when a stage is done; inside it, per trained part (a
 group, the joint model, a translator) out/stage{N}/<part>.last.pt every
-`checkpoint_every` steps (model, optimiser, step, the settings and split); a rerun
-resumes from it, a finished part is not trained again.
+`checkpoint_every` steps (model, optimiser, step, the settings and split, the code's
+fingerprint); a rerun resumes from it, a finished part is not trained again. One of other
+settings is refused, or under `--resume auto` (the DVC stages) trained again from scratch.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -27,6 +30,7 @@ from torch import nn
 
 from any2seg import datasets
 from any2seg.errors import PipelineError
+from stages.student.code_version import code_diff, code_fingerprint
 from stages.student.codealign.config import CodeAlignConfig
 from stages.student.codealign.model import CodeAlignSystem, pair_name, seg_loss
 from stages.student.codealign.split import GroupData, assign_groups, group_indices
@@ -40,6 +44,7 @@ STAGE_KEYS = {
     1: ("codes", "temperature", "gumbel_tau", "aligner_blocks", "w_intra", "stage1_steps"),
     2: ("translator_dim", "translator_blocks", "stage2_steps"),
 }
+log = logging.getLogger("pipeline.codealign")
 Step = Callable[[dict[str, torch.Tensor], torch.Generator], torch.Tensor]
 
 
@@ -68,14 +73,27 @@ def freeze_all_but(model: nn.Module, trainable: Iterable[nn.Module]) -> list[nn.
 
 def run_steps(name: str, out: Path, system: nn.Module, trainable: list[nn.Module],
               loader_at: Callable[[int], torch.utils.data.DataLoader], step_fn: Step,
-              steps: int, cfg: CodeAlignConfig, meta: dict[str, Any]) -> list[float]:
-    """Train `trainable` for `steps`, resuming from out/{name}.last.pt; returns losses."""
+              steps: int, cfg: CodeAlignConfig, meta: dict[str, Any],
+              resume: str = "strict") -> list[float]:
+    """Train `trainable` for `steps`, resuming from out/{name}.last.pt; returns losses.
+    `resume`: strict refuses a checkpoint of other settings or split; auto (the DVC stages,
+    whose folders persist) starts the part afresh, saying why, when its settings, split or
+    code differ."""
     params = freeze_all_but(system, trainable)
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     last, done = out / f"{name}.last.pt", out / f"{name}.pt"
     start = 0
-    if last.is_file():
-        state = torch.load(last, map_location="cpu", weights_only=False)
+    code = code_fingerprint()
+    state = torch.load(last, map_location="cpu", weights_only=False) if last.is_file() else None
+    if state is not None and resume == "auto":
+        differ = meta_diff(state["meta"], meta) + code_diff(state.get("code"), code)
+        if differ:
+            shown = "; ".join(differ[:4])
+            log.warning("%s (step %d) does not continue this run: %s%s; starting %s fresh",
+                        last, state["step"], shown,
+                        f"; and {len(differ) - 4} more" if len(differ) > 4 else "", name)
+            state = None
+    if state is not None:
         if state["meta"] != meta:
             raise PipelineError(f"{last} was written for other codealign settings or another "
                                 f"split; delete it (or the run folder) to start {name} again")
@@ -94,9 +112,27 @@ def run_steps(name: str, out: Path, system: nn.Module, trainable: list[nn.Module
         losses.append(float(loss.detach()))
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == steps:
             save({"model": system.state_dict(), "optimizer": opt.state_dict(),
-                  "step": step + 1, "meta": meta}, last)
+                  "step": step + 1, "meta": meta, "code": code}, last)
     save({"model": system.state_dict(), "meta": meta, "losses": losses}, done)
     return losses
+
+
+def meta_diff(recorded: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """The settings that differ, as `codealign.lr (0.02 at the checkpoint, 0.01 now)`, and
+    the split as one item (it names every frame)."""
+    def show(value: Any) -> str:
+        return json.dumps(value, default=str)
+
+    out = []
+    for group in sorted((set(recorded) | set(now)) - {"split"}):
+        old, new = recorded.get(group) or {}, now.get(group) or {}
+        out += [f"{group}.{k} ({show(old.get(k))} at the checkpoint, {show(new.get(k))} now)"
+                for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    old, new = recorded.get("split") or {}, now.get("split") or {}
+    if old != new:
+        moved = sum(old.get(k) != new.get(k) for k in set(old) | set(new))
+        out.append(f"the split ({moved} of {len(new)} frames in another group or absent)")
+    return out
 
 
 def save(obj: dict[str, Any], path: Path) -> None:
@@ -110,11 +146,11 @@ class CodeAlignRun:
     """One run folder: the data, the split, the system and the stage entry points."""
 
     def __init__(self, dataset: str, root: str | Path, out: str | Path,
-                 student: StudentConfig, cfg: CodeAlignConfig) -> None:
+                 student: StudentConfig, cfg: CodeAlignConfig, resume: str = "strict") -> None:
         self.samples = datasets.load(dataset, root, "train")
         cfg.validate(modalities=list(self.samples.modalities))
         self.dataset, self.root, self.out = dataset, str(root), Path(out)
-        self.student, self.cfg = student, cfg
+        self.student, self.cfg, self.resume = student, cfg, resume
         self.assignment = assign_groups(self.samples.ids, len(cfg.groups), cfg.seed)
         torch.manual_seed(cfg.train_seed)
         self.system = CodeAlignSystem(student, cfg, len(self.samples.classes))
@@ -168,7 +204,7 @@ class CodeAlignRun:
                 f"stage0/group{g}", self.out, self.system, [student],
                 lambda s, mods=mods, idx=idx, g=g: group_loader(
                     self.samples, mods, idx, cfg, cfg.stage0_steps, s, g),
-                step, cfg.stage0_steps, cfg, self.meta(0))
+                step, cfg.stage0_steps, cfg, self.meta(0), self.resume)
         losses["joint"] = self.train_joint()
         save({"model": self.system.state_dict(), "joint": self.joint.state_dict(),
               "meta": self.meta(0)}, self.out / "stage0.pt")
@@ -189,7 +225,7 @@ class CodeAlignRun:
         return run_steps("stage0/joint", self.out, self.joint, [self.joint],
                          lambda s: group_loader(self.samples, mods, every, cfg,
                                                 cfg.stage0_steps, s, 99),
-                         step, cfg.stage0_steps, cfg, self.meta(0))
+                         step, cfg.stage0_steps, cfg, self.meta(0), self.resume)
 
     def stage1(self) -> dict[str, list[float]]:
         self.load(0)
@@ -208,7 +244,7 @@ class CodeAlignRun:
                 f"stage1/group{g}", self.out, self.system, trainable,
                 lambda s, mods=mods, g=g: group_loader(
                     self.samples, mods, self.indices(g), cfg, cfg.stage1_steps, s, 10 + g),
-                step, cfg.stage1_steps, cfg, self.meta(1))
+                step, cfg.stage1_steps, cfg, self.meta(1), self.resume)
         save({"model": self.system.state_dict(), "joint": self.joint.state_dict(),
               "meta": self.meta(1)}, self.out / "stage1.pt")
         return losses
@@ -249,7 +285,7 @@ class CodeAlignRun:
                         lambda s, m=m, a=a: group_loader(
                             self.samples, [m], self.indices(a), cfg, cfg.stage2_steps, s,
                             20 + a),
-                        step, cfg.stage2_steps, cfg, self.meta(2))
+                        step, cfg.stage2_steps, cfg, self.meta(2), self.resume)
         save({"model": self.system.state_dict(), "joint": self.joint.state_dict(),
               "meta": self.meta(2)}, self.out / f"stage2{'.control' if control else ''}.pt")
         return losses
