@@ -133,7 +133,7 @@ def test_strict_resume_still_refuses_other_settings_but_not_another_device(sampl
 def test_codealign_auto_retrains_a_part_of_other_settings(tmp_path, caplog):
     """A CodeAlign part's checkpoint of other settings: strict refuses it (as before), auto
     trains the part from scratch, saying why, to the weights of a clean run."""
-    cfg = CodeAlignConfig(checkpoint_every=3, lr=0.01)
+    cfg = CodeAlignConfig(checkpoint_every=3, stage0_lr=0.01)
     data = torch.randn(6, 4)
 
     def loader_at(start):
@@ -146,19 +146,19 @@ def test_codealign_auto_retrains_a_part_of_other_settings(tmp_path, caplog):
     net = torch.nn.Linear(4, 2)
     init = {k: v.clone() for k, v in net.state_dict().items()}
     ca_stages.run_steps("s", tmp_path / "a", net, [net], loader_at, step, 6, cfg,
-                        {"codealign": {"lr": 0.02}})
+                        {"codealign": {"lr": 0.02}}, stage=0)
     net.load_state_dict(init)
     ca_stages.run_steps("s", tmp_path / "b", net, [net], loader_at, step, 6, cfg,
-                        {"codealign": {"lr": 0.01}})
+                        {"codealign": {"lr": 0.01}}, stage=0)
     clean = {k: v.clone() for k, v in net.state_dict().items()}
     net.load_state_dict(init)
     with pytest.raises(PipelineError, match="written for other codealign settings"):
         ca_stages.run_steps("s", tmp_path / "a", net, [net], loader_at, step, 6, cfg,
-                            {"codealign": {"lr": 0.01}})
+                            {"codealign": {"lr": 0.01}}, stage=0)
     net.load_state_dict(init)
     caplog.set_level(logging.INFO, "pipeline")
     ca_stages.run_steps("s", tmp_path / "a", net, [net], loader_at, step, 6, cfg,
-                        {"codealign": {"lr": 0.01}}, resume="auto")
+                        {"codealign": {"lr": 0.01}}, stage=0, resume="auto")
     assert "s.last.pt (step 6) does not continue this run: codealign.lr (0.02 at the " \
         "checkpoint, 0.01 now); starting s fresh" in caplog.text
     assert_same_weights(net.state_dict(), clean)
