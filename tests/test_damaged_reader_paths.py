@@ -1,6 +1,7 @@
 """Damaged files through the reader paths past stage one: training with loader workers
 (a worker's error must end the run in one line, not a traceback dump or a hang, and
-`--skip-bad` must skip and count), evaluation, and MCubeS's PNG and .npy readers. Each
+`--skip-bad` must skip and count), evaluation, prediction, and MCubeS's PNG and .npy
+readers. Each
 command runs in its own process over one tree that carries every kind of damage, one
 damaged file per sample, so a handful of processes cover them all."""
 
@@ -71,7 +72,7 @@ def damaged_sample(tmp_path_factory):
     return root, cache, params, damaged
 
 
-def test_training_and_evaluation_name_the_damaged_file(damaged_sample, tmp_path):
+def test_training_evaluation_and_prediction_name_the_damaged_file(damaged_sample, tmp_path):
     root, _, params, damaged = damaged_sample
     every = damaged["train"] + damaged["val"]
 
@@ -96,6 +97,22 @@ def test_training_and_evaluation_name_the_damaged_file(damaged_sample, tmp_path)
     line = error_line(evaluate)
     assert any(path in line for path in damaged["val"]), line
     assert "--skip-bad" not in line and "pipeline datasets check" in line, line
+
+    # prediction decodes in-process too; it has --skip-bad, which skips and counts
+    common = ["predict", "--checkpoint", tmp_path / "skip" / "best.pt", "--root", root,
+              "--split", "val", "--device", "cpu"]
+    stop = pipeline(*common, "--out", tmp_path / "stopped", cwd=tmp_path)
+    line = error_line(stop)
+    assert any(path in line for path in damaged["val"]), line
+    assert "--skip-bad" in line
+    assert not (tmp_path / "stopped").exists()  # nothing published from a failed run
+    skip = pipeline(*common, "--skip-bad", "--out", tmp_path / "predicted", cwd=tmp_path)
+    assert skip.returncode == 0, (skip.returncode, skip.stdout, skip.stderr)
+    assert "Traceback" not in skip.stdout + skip.stderr
+    assert f"{len(damaged['val'])} skipped" in skip.stdout, skip.stdout
+    summary = json.loads((tmp_path / "predicted" / "predictions.json").read_text())
+    reasons = " ".join(s["reason"] for s in summary["skipped"])
+    assert all(path in reasons for path in damaged["val"]), reasons
 
 
 def _slot_dying(index: int) -> int:
