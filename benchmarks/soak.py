@@ -1,7 +1,7 @@
 """Stage one over a generated set with 1 % of its files damaged, under `--skip-bad`: the
 rows skipped and the throughput against the same command on the clean set.
 
-    python benchmarks/soak.py [--frames 2000] [--size 64] [--repeats 3] [--out FILE]
+    python benchmarks/soak.py [--frames 2000] [--size 64] [--repeats 5] [--out FILE]
 
 The set is `pipeline make-sample` at a small frame size (kept under --work between runs);
 the damaged copy hard-links every intact file and writes the damaged ones anew (the clean
@@ -125,7 +125,7 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=2000)
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--fraction", type=float, default=0.01)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--runs", default="clean,clean --skip-bad,damaged --skip-bad",
                         help="Comma-separated commands to time (the first is the baseline).")
     parser.add_argument("--work", type=Path, default=Path("/tmp/any2seg-soak"))
