@@ -65,6 +65,19 @@ def own_sample(teacher_sample, tmp_path):
     return copy
 
 
+@pytest.fixture(scope="session")
+def stage_one_project(tmp_path_factory):
+    """The root pipeline at the tests' tiny params after `dvc repro cache_teacher`, built
+    once per run for all workers (tests/dvc_project.py); (folder, that repro's output).
+    Read-only: a module copies it with `clone_project` before running or editing."""
+    from tests.dvc_project import build_stage_one, shared_build
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # the workers' basetemps share this run's folder
+        root = root.parent
+    return shared_build(root, "stage-one", build_stage_one)
+
+
 # `make test` runs pytest on 2 workers (pytest-xdist). The tests of a module that share an
 # expensive DVC repository fixture go to one worker as one unit, so it is built once; every
 # other test is its own unit. (This is what `--dist loadgroup` does, but under pytest 9.2

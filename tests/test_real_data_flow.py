@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.dvc_project import ROOT, TINY_BACKBONE, clone_project, copy_project
+
 pytestmark = pytest.mark.slow
 
 STAGE_ONE = "pipeline cache-teacher --dataset deliver --root data/DELIVER --teacher-root weights"
@@ -26,7 +27,7 @@ ABLATE = f"{README_ABLATE} --rows no-Lcr --seeds 1 -S pipelines/deliver/params.y
 EVALUATE = ("pipeline evaluate --checkpoint runs/deliver/best.pt --params "
             "pipelines/deliver/params.yaml --root data/DELIVER --setting all "
             "--out metrics/deliver-all")
-TINY = {"student": {"backbone": "mit_b0", "pretrained": None, "embed_dim": 16},
+TINY = {"student": {"backbone": TINY_BACKBONE, "pretrained": None, "embed_dim": 16},
         "train": {"epochs": None, "steps": 2, "batch_size": 2, "crop": 32, "workers": 0,
                   "val_every": 0, "val_limit": 1, "val_protocol": "native",
                   "checkpoint_every": 2},
@@ -49,29 +50,37 @@ def ran(output):
             if line.startswith("Running stage")}
 
 
-def test_readme_real_data_flow(tmp_path, monkeypatch):
+@pytest.fixture(scope="module")
+def deliver_project(tmp_path_factory):
+    """The project with the DELIVER preset's pipeline at the tiny recipe, a DELIVER-layout
+    data set in data/DELIVER and the random default teacher in weights/, committed to git
+    (nothing run); built once per module, cloned by each test."""
     from stages.teacher.default.folders import write_default_teacher
     from tests import layouts
-    from tests.test_dvc import copy_project
 
-    monkeypatch.setattr(layouts, "H", 48)  # large enough for MiT's stride-32 stages at
-    monkeypatch.setattr(layouts, "W", 64)  # native size (the evaluation below)
-
-    readme = (ROOT / "README.md").read_text()
-    for command in (STAGE_ONE, REPRO, EXPERIMENT, EVALUATE, README_ABLATE):
-        assert command in readme, command  # the test runs what the README prints
-    repo = tmp_path / "project"
+    repo = tmp_path_factory.mktemp("deliver") / "project"
     copy_project(repo, "pipelines")
-    layouts.write_deliver(repo / "data" / "DELIVER")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(layouts, "H", 48)  # large enough for the student's stride-32 stages at
+        mp.setattr(layouts, "W", 64)  # native size (the evaluation below)
+        layouts.write_deliver(repo / "data" / "DELIVER")
     write_default_teacher(repo / "weights")  # LanguageBind_Image and _Depth, nothing else
-    assert sorted(p.name for p in (repo / "weights").iterdir() if p.is_dir()) == \
-        ["LanguageBind_Depth", "LanguageBind_Image"]
     params = repo / "pipelines" / "deliver" / "params.yaml"
     recipe = yaml.safe_load(params.read_text())
     for group, values in TINY.items():
         recipe[group].update(values)
     params.write_text(yaml.safe_dump(recipe, sort_keys=False))
     sh(repo, "git init -q && git add -A && git commit -qm project")
+    return repo
+
+
+def test_readme_real_data_flow(deliver_project, tmp_path):
+    readme = (ROOT / "README.md").read_text()
+    for command in (STAGE_ONE, REPRO, EXPERIMENT, EVALUATE, README_ABLATE):
+        assert command in readme, command  # the test runs what the README prints
+    repo = clone_project(deliver_project, tmp_path / "project")
+    assert sorted(p.name for p in (repo / "weights").iterdir() if p.is_dir()) == \
+        ["LanguageBind_Depth", "LanguageBind_Image"]
 
     out = sh(repo, STAGE_ONE)
     assert "event -> image: no LanguageBind_Event under weights" in out
