@@ -19,18 +19,14 @@ from pathlib import Path
 
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.tiny_run import TINY_BACKBONE
 
-# the student in every end-to-end test: timm's own test-sized ConvNeXt (0.2 M parameters,
-# strides 4..32, LayerNorm so batch 1 trains) keeps a CodeAlign checkpoint (three encoders
-# and their Adam state) at a few MB instead of mit_b0's 120-146 MB. It is a `timm:` name,
-# so the `pipeline` commands DVC starts build it with no test-only registration; MiT itself
-# is covered by tests/test_encoder.py, test_train.py and test_student_model.py.
-TINY_BACKBONE = "timm:test_convnext"
+ROOT = Path(__file__).resolve().parents[1]
 
 # the root params.yaml at the smallest sizes that still run each stage's code: 8/4/2 frames
 # of 64 px (2 per scene, so CodeAlign's scene split has scenes to deal), a one-layer teacher
-# fit, 3 training steps, evaluation of 2 frames, 2 steps per CodeAlign stage
+# fit, the tiny student (tests/tiny_run.py), 3 training steps, evaluation of 2 frames, 2 steps
+# per CodeAlign stage
 TINY_PARAMS = dict(
     dataset__sample__size=64, dataset__sample__train=8, dataset__sample__val=4,
     dataset__sample__test=2, dataset__sample__frames_per_scene=2,

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.dvc_project import ROOT, TINY_BACKBONE, clone_project, copy_project
+from tests.dvc_project import ROOT, clone_project, copy_project
+from tests.tiny_run import TINY_BACKBONE
 
 pytestmark = pytest.mark.slow
 
