@@ -79,17 +79,33 @@ def stage_one_project(tmp_path_factory):
 
 
 # `make test` runs pytest on 2 workers (pytest-xdist). The tests of a module that share an
-# expensive DVC repository fixture go to one worker as one unit, so it is built once; every
+# expensive repository fixture go to one worker as one unit, so it is built once; every
 # other test is its own unit. (This is what `--dist loadgroup` does, but under pytest 9.2
 # xdist 3.8's group suffix no longer reaches the node id, so the scope is computed here.)
-_ONE_WORKER = {"test_ablate.py": "ablate", "test_dvc.py": "dvc"}
+_ONE_WORKER = {"test_ablate.py": "ablate", "test_dvc.py": "dvc",
+               "test_real_data_flow.py": "real-data"}
+# The longest units start first, in this order, so the wall time is about half the work:
+# worker 1 builds stage one in test_dvc's fixture while worker 2 runs the README flow; as
+# that unit has fewer than 3 tests, worker 2 is sent test_ablate next, whose fixture finds
+# stage one built (tests/dvc_project.py). The short tests then go to whichever is free.
+_FIRST = ("dvc", "real-data", "ablate")
 
 
 def pytest_xdist_make_scheduler(config, log):
     from xdist.scheduler import LoadScopeScheduling
 
     class SharedFixtureScheduling(LoadScopeScheduling):
+        ordered = False
+
         def _split_scope(self, nodeid: str) -> str:
             return _ONE_WORKER.get(nodeid.split("::", 1)[0].rsplit("/", 1)[-1], nodeid)
+
+        def _assign_work_unit(self, node) -> None:
+            if not self.ordered:  # the queue is complete at the first assignment
+                self.ordered = True
+                rank = {unit: i for i, unit in enumerate(_FIRST)}
+                for unit in sorted(self.workqueue, key=lambda u: rank.get(u, len(rank))):
+                    self.workqueue.move_to_end(unit)  # stable: the rest keep their order
+            super()._assign_work_unit(node)
 
     return SharedFixtureScheduling(config, log)
