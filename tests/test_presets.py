@@ -22,6 +22,8 @@ PRESETS = sorted(p.relative_to(ROOT / "configs").as_posix()
 def test_preset_pipeline_params_equal_the_preset(name):
     """pipelines/NAME/params.yaml is what `dvc repro pipelines/NAME/dvc.yaml` runs; it must
     say the same as configs/params/NAME.yaml, which `pipeline train --params` reads."""
+    from any2seg import datasets
+    from stages.student.codealign.config import CodeAlignConfig
     from stages.student.config import TrainConfig
     from stages.teacher.run import TeacherConfig
 
@@ -32,7 +34,10 @@ def test_preset_pipeline_params_equal_the_preset(name):
     TrainConfig.from_params(pipeline_params, {})
     TeacherConfig.from_params(pipeline_params, {})
     stages = yaml.safe_load((ROOT / "pipelines" / name / "dvc.yaml").read_text())["stages"]
-    assert set(stages) == {"cache_teacher", "train", "evaluate"}
+    assert set(stages) == {"cache_teacher", "train", "evaluate", "codealign_stage0",
+                           "codealign_stage1", "codealign_stage2", "codealign_evaluate"}
+    CodeAlignConfig.from_params(pipeline_params).validate(
+        modalities=list(datasets.get(name).modalities))
     for stage in stages.values():
         assert stage["wdir"] == "../.."  # paths in params.yaml are the project root's
         assert f"--params pipelines/{name}/params.yaml" in stage["cmd"]
