@@ -32,7 +32,12 @@ TINY = {"student": {"backbone": TINY_BACKBONE, "pretrained": None, "embed_dim": 
         "train": {"epochs": None, "steps": 2, "batch_size": 2, "crop": 32, "workers": 0,
                   "val_every": 0, "val_limit": 1, "val_protocol": "native",
                   "checkpoint_every": 2},
-        "eval": {"protocol": "native", "examples": 1}}
+        "eval": {"protocol": "native", "examples": 1},
+        # the preset's CodeAlign stages (`dvc repro` runs them too) at 2 steps each
+        "codealign": {"stage0_steps": 2, "stage1_steps": 2, "stage2_steps": 2, "batch_size": 2,
+                      "crop": 32, "checkpoint_every": 2, "translator_dim": 8,
+                      "translator_blocks": 1, "aligner_blocks": 1}}
+CODEALIGN = {"codealign_stage0", "codealign_stage1", "codealign_stage2", "codealign_evaluate"}
 
 
 def sh(repo, command):
@@ -87,7 +92,8 @@ def test_readme_real_data_flow(deliver_project, tmp_path):
     assert "event -> image: no LanguageBind_Event under weights" in out
     assert "computed 12 of 12 rows" in out
     out = sh(repo, REPRO)
-    assert ran(out) == {"cache_teacher", "train", "evaluate"}  # no sample / teacher stage
+    # no sample / teacher stage
+    assert ran(out) == {"cache_teacher", "train", "evaluate"} | CODEALIGN
     assert "cache/deliver.zarr is complete (12 rows, inputs unchanged)" in out  # reused
     report = (repo / "metrics" / "deliver" / "report.md").read_text()
     assert "Checkpoint `runs/deliver/best.pt`" in report and "step 2" in report

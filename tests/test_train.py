@@ -15,7 +15,14 @@ from stages.student.config import TrainConfig
 from stages.student.evaluate import load_checkpoint, subsets
 from stages.student.model import StudentConfig
 from stages.student.train import train
-from tests.tiny_run import MIT_STUDENT, TINY_STUDENT, logged, nan_scene_copy, tiny
+from tests.tiny_run import (
+    MIT_STUDENT,
+    TINY_BACKBONE,
+    TINY_STUDENT,
+    logged,
+    nan_scene_copy,
+    tiny,
+)
 
 
 def test_a_few_steps_lower_the_loss(sample_cache, tmp_path):
@@ -197,7 +204,7 @@ def test_every_mff_variant_trains_with_all_three_losses_and_evaluates(
     from stages.student.evaluate import evaluate, flat_metrics
 
     root, cache = sample_cache
-    student = StudentConfig(backbone="mit_b0", embed_dim=16, mff={"variant": variant})
+    student = StudentConfig(backbone=TINY_BACKBONE, embed_dim=16, mff={"variant": variant})
     cfg = tiny(root, cache, tmp_path / "run", steps=2, checkpoint_every=2,
                loss={"se_features": se_features})
     summary = train(student, cfg, progress=False)
