@@ -27,6 +27,7 @@ from any2seg import __version__
 from any2seg.datasets.packed import EXTRA, FORMAT, VERSION, Pack, is_pack
 from any2seg.diskspace import check_free_space, full_disk_error, is_disk_full
 from any2seg.errors import DatasetError, PipelineError
+from any2seg.guarded_file import GuardedFile
 
 PREFETCH = 16  # files read ahead of the writer
 
@@ -236,7 +237,8 @@ def pack(dataset: str, root: Path | str, out: Path | str,
                 "bytes": out.stat().st_size, "seconds": round(time.perf_counter() - start, 2)}
 
     _remove_stale_tmp(out)
-    # HDF5 may crash (SIGSEGV) rather than fail on a full disk: refuse before it starts
+    # refuse a pack the disk cannot hold before it starts (a disk that fills up meanwhile
+    # ends in one line too: `GuardedFile`)
     needed = _pack_bytes(stats)
     check_free_space(out.parent, needed, f"the pack {out.name}")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -307,7 +309,9 @@ def _write(tmp: Path, dataset: str, root: Path, groups: Sequence[Group],
     missing = [rel for rel, (size, _) in stats.items() if size < 0]
     digests: dict[str, str] = {}
     done = 0
-    with h5py.File(tmp, "w") as f:
+    # HDF5 writes through GuardedFile: a failed write(2) (another process filled the disk)
+    # crashes HDF5's C layer on close; GuardedFile keeps it from HDF5 and `check` raises it
+    with GuardedFile(tmp) as raw, h5py.File(raw, "w") as f:
         where: dict[str, tuple[Any, int]] = {}  # rel -> (sha256 column, row)
         offsets: dict[str, int] = {}
         blobs = {}
@@ -351,6 +355,7 @@ def _write(tmp: Path, dataset: str, root: Path, groups: Sequence[Group],
             sha[row] = digest.encode()
             digests[rel] = digest
             done += 1
+            raw.check()  # stop at the first failed write
             if progress:
                 progress(done, len(todo))
         f.attrs.update({
@@ -362,5 +367,6 @@ def _write(tmp: Path, dataset: str, root: Path, groups: Sequence[Group],
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "packer": f"any2seg-pipeline {__version__}",
         })
+    raw.check()  # a write of the metadata on closing
     return {"files": len(digests), "source_bytes": sum(stats[r][0] for r in digests),
             "missing": missing, "content": content_hash(digests)}

@@ -78,3 +78,17 @@ def test_installed_versions_are_compared_with_the_pins(tmp_path):
     pyproject, lock = _write(tmp_path, PYPROJECT, LOCK.replace("sympy==1.14.0", "sympy==0.0.1"))
     found = problems(pyproject, lock, check_installed=True)
     assert any(f.startswith("sympy ") and "pins 0.0.1" in f and "make setup" in f for f in found)
+
+
+def test_the_lock_holds_the_extras_the_makefile_locks():
+    """`make lock` (LOCK_FLAGS' --extra) and the check read the same extras, so the export
+    extra's packages are both locked and checked."""
+    import re
+
+    from tests.check_lock import LOCKED_EXTRAS
+
+    flags = re.search(r"^LOCK_FLAGS = (.*?)(?<!\\)$", (ROOT / "Makefile").read_text(),
+                      re.M | re.S).group(1)
+    assert tuple(re.findall(r"--extra (\S+)", flags)) == LOCKED_EXTRAS
+    pins, _ = locked(ROOT / "requirements.lock")
+    assert {"onnx", "onnxruntime", "onnxscript"} <= set(pins)

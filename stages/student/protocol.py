@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from any2seg import datasets
+from any2seg.datasets.resize import resize_bilinear
 from any2seg.errors import PipelineError
 from stages.student.data import Transform, nearest_index
 
@@ -74,24 +75,26 @@ def resize_tensor_like(arr: np.ndarray, height: int, width: int, nearest: bool) 
     if nearest:
         x = F.interpolate(x, size=(height, width), mode="nearest")
     else:
-        x = F.interpolate(x, size=(height, width), mode="bilinear", align_corners=False)
+        x = resize_bilinear(x, height, width)  # the same bits at every thread count
     out = x[0].permute(1, 2, 0).numpy()
     if integer:  # np.rint: half to even, as torch.round and np.round
         out = np.rint(out, out=out).astype(arr.dtype)
     return out if arr.ndim == 3 else out[:, :, 0]
 
 
-def official_resize(arrays: dict[str, np.ndarray], label: np.ndarray,
-                    size: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
+def official_resize(arrays: dict[str, np.ndarray], label: np.ndarray | None,
+                    size: int) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
     """DELIVER `augmentations_mm.Resize.__call__` (lines 288-312): scale = size / short
-    side, (round(H * scale), round(W * scale)), then up to multiples of 32."""
-    h, w = label.shape
+    side, (round(H * scale), round(W * scale)), then up to multiples of 32. Without a
+    label (prediction on new frames) the images' common size is the frame's."""
+    h, w = label.shape if label is not None else next(iter(arrays.values())).shape[:2]
     scale = size / min(h, w)
     nh, nw = round(h * scale), round(w * scale)
     ah, aw = int(math.ceil(nh / 32)) * 32, int(math.ceil(nw / 32)) * 32
     for th, tw in ((nh, nw), (ah, aw)):
         arrays = {m: resize_tensor_like(x, th, tw, nearest=False) for m, x in arrays.items()}
-        label = resize_tensor_like(label, th, tw, nearest=True)
+        if label is not None:
+            label = resize_tensor_like(label, th, tw, nearest=True)
     return arrays, label
 
 
@@ -110,8 +113,8 @@ class _OfficialResize:
     def __init__(self, size: int) -> None:
         self.size = size
 
-    def __call__(self, arrays: dict[str, np.ndarray],
-                 label: np.ndarray) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    def __call__(self, arrays: dict[str, np.ndarray], label: np.ndarray | None
+                 ) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
         return official_resize(arrays, label, self.size)
 
     def __repr__(self) -> str:
