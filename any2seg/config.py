@@ -96,6 +96,27 @@ def read_params(path: Path | None) -> tuple[dict[str, Any], str]:
     return load_params(path), str(path or "params.yaml")
 
 
+def apply_overrides(overrides: Mapping[str, Any], *configs: Any) -> None:
+    """The command line over the parameters file, for every config built from one: each
+    value given (not None) replaces the field of the first of `configs` that has it, an
+    unknown name is refused. A dataset other than the file's drops the file's root (the
+    file's `dataset.root` belongs to the file's `dataset.name`)."""
+    import dataclasses
+
+    first = configs[0]
+    if overrides.get("dataset") not in (None, getattr(first, "dataset", None)) and \
+            overrides.get("root") is None and hasattr(first, "root"):
+        first.root = None
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        owner = next((c for c in configs
+                      if key in {f.name for f in dataclasses.fields(c)}), None)
+        if owner is None:
+            raise PipelineError(f"unknown option {key}")
+        setattr(owner, key, value)
+
+
 class Where:
     """Names a config value the way the user set it, for one-line errors:
     `params.yaml: train.crop` for a parameters-file value, `--crop` for a flag.

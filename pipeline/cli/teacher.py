@@ -16,19 +16,20 @@ from pipeline.cli.options import (
     DATASET,
     DEVICE,
     PARAMS,
-    ROOT,
     STORE_DTYPE,
     flags,
     option_value,
     pairs,
+    params_root,
 )
-from pipeline.help_defaults import Tunable
+from pipeline.help_defaults import Derived, ParamsCommand, Tunable
+from stages.teacher.default import FOLDER as TEACHER_FOLDER
 
 
-@click.command("cache-teacher", context_settings=CONTEXT)
+@click.command("cache-teacher", cls=ParamsCommand, context_settings=CONTEXT)
 @click.option("--dataset", type=DATASET, default=None, help="Dataset.",
               cls=Tunable, key="dataset.name")
-@ROOT
+@params_root()
 @click.option("--split", default=None, help="Comma-separated splits to cache.  "
               "[default: train,val,test]")
 @click.option("--modalities", default=None,
@@ -145,10 +146,17 @@ def _waited(run: dict[str, Any] | None) -> str:
             f"({run['decode_workers']} decode workers)")
 
 
+def _sample_root() -> Path:
+    """The generated sample's folder (the root of configs/datasets/sample.yaml)."""
+    from any2seg.config import dataset_root
+
+    return dataset_root("sample", None)
+
+
 @click.command("fit-teacher", context_settings=CONTEXT)
-@click.option("--root", type=click.Path(path_type=Path), default=Path("data/deliver-sample"),
+@click.option("--root", type=click.Path(path_type=Path), cls=Derived, compute=_sample_root,
               help="The generated sample to fit on (its train split; quality on val).")
-@click.option("--out", type=click.Path(path_type=Path), default=Path("data/sample-teacher"),
+@click.option("--out", type=click.Path(path_type=Path), default=Path(TEACHER_FOLDER),
               help="Folder for the LanguageBind_<Branch>/ folders and teacher.json.")
 @click.option("--seed", type=int, default=None, help="Seed.  [default: teacher.fit.seed]")
 @click.option("--overwrite", is_flag=True, help="Fit again even when an identical teacher "
