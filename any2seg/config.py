@@ -17,6 +17,10 @@ import yaml
 
 from any2seg.errors import PipelineError
 
+# the data set a command reads when neither a flag nor the parameters file names one: the
+# embedded, generated sample (configs/datasets/sample.yaml)
+DEFAULT_DATASET = "sample"
+
 
 def configs_dir() -> Path | None:
     candidates = []

@@ -69,11 +69,13 @@ def test_every_key_of_params_yaml_has_a_dataclass_field():
 
 
 def test_the_dataset_name_has_one_default():
+    from any2seg.config import DEFAULT_DATASET
     from stages.student.config import TrainConfig
     from stages.teacher.config import TeacherConfig
 
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    assert TrainConfig.dataset == TeacherConfig.dataset == params["dataset"]["name"]
+    assert TrainConfig().dataset == TeacherConfig().dataset == DEFAULT_DATASET == \
+        params["dataset"]["name"]
 
 
 def test_the_sample_folder_has_one_home():

@@ -30,15 +30,14 @@ def _common(fn: Any) -> Any:
 
 
 def _run(dataset: str | None, root: Path | None, out: Path, params_path: Path | None) -> Any:
-    from any2seg.config import Where, build, dataset_root, read_params
+    from any2seg.config import DEFAULT_DATASET, Where, build, dataset_root, read_params
     from stages.student.codealign.config import CodeAlignConfig
     from stages.student.codealign.stages import CodeAlignRun
-    from stages.student.config import TrainConfig
     from stages.student.model import StudentConfig
 
     params, source = read_params(params_path)
     ds = params.get("dataset") or {}
-    named = ds.get("name", TrainConfig.dataset)
+    named = ds.get("name", DEFAULT_DATASET)
     dataset = dataset or named
     if root is None:  # params' root belongs to params' dataset
         root = dataset_root(dataset, ds.get("root") if dataset == named else None)

@@ -172,8 +172,9 @@ def fit_teacher_cmd(root: Path, out: Path, seed: int | None, overwrite: bool,
     Phase 1 trains the image branch CLIP-style on RGB frames and their captions, and class
     prompts against class regions; phase 2 freezes the text tower and trains a LoRA branch
     for depth (and event and LiDAR when teacher.modality_branch gives them their own).
-    Deterministic for a seed, about 2 minutes on 2 CPU cores; prints the quality on val
-    beside chance. Does nothing when an identical teacher is already at --out.
+    Deterministic for a seed; about a minute of one CPU core, longer on busy cores
+    (benchmarks/results/fit_teacher.json); prints the quality on val beside chance. Does
+    nothing when an identical teacher is already at --out.
     """
     from any2seg.config import build, read_params
     from stages.teacher.config import TeacherConfig

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from any2seg import datasets
-from any2seg.config import Where, apply_overrides, build, dataset_root
+from any2seg.config import DEFAULT_DATASET, Where, apply_overrides, build, dataset_root
 from any2seg.devices import DEVICE_FORMS, is_device
 from any2seg.errors import PipelineError
 from stages.student.data import AugmentConfig
@@ -27,7 +27,7 @@ from stages.student.protocol import PROTOCOLS
 class TrainConfig:
     """The `train` group of params.yaml (plus the dataset it trains on)."""
 
-    dataset: str = "sample"
+    dataset: str = DEFAULT_DATASET
     root: str | None = None
     cache: str | None = None  # default cache/<dataset>.zarr
     out: str | None = None  # default runs/<dataset>

@@ -9,7 +9,15 @@ from pathlib import Path
 from typing import Any
 
 from any2seg import datasets
-from any2seg.config import Where, apply_overrides, build, dataset_root, preset, preset_path
+from any2seg.config import (
+    DEFAULT_DATASET,
+    Where,
+    apply_overrides,
+    build,
+    dataset_root,
+    preset,
+    preset_path,
+)
 from any2seg.devices import DEVICE_FORMS, is_device, resolve_device
 from any2seg.errors import PipelineError
 from any2seg.store import DTYPES
@@ -30,7 +38,7 @@ _TCP = re.compile(r"tcp://(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):(?P<port>
 class TeacherConfig:
     """Every tunable of stage one (the `teacher` group of params.yaml plus the dataset)."""
 
-    dataset: str = "sample"
+    dataset: str = DEFAULT_DATASET
     root: str | None = None
     split: list[str] = field(default_factory=lambda: ["train", "val", "test"])
     modalities: list[str] | None = None
