@@ -2,7 +2,7 @@
 evaluation, per sample, at DELIVER's real 1042 x 1042.
 
     python benchmarks/hot_paths.py [--frames 8] [--repeats 5] [--official PATH]
-                                   [--eval-frames 2] [--eval-repeats 3] [--paths a,b,c,d]
+                                   [--eval-frames 2] [--eval-repeats 3] [--paths a,b,c,d,e]
 
 Paths (each timed per sample, variants interleaved within every repeat, so drift in the
 machine's speed hits them alike; median and min-max over the repeats):
@@ -18,16 +18,22 @@ machine's speed hits them alike; median and min-max over the repeats):
   black frame for a missing sensor: the project's `infer` + scoring, against encoding the
   frame's modalities once; broken down into encode, fuse + decode of every subset,
   upsampling the logits and scoring.
-- decoders: PIL and `torchvision.io.decode_png` on the same files (OpenCV is not in
-  requirements.lock).
+- (e) validation items: `StudentData[(-1, i)]` under the official protocol (the 1024 px
+  resize of DELIVER's `get_val_augmentation`, then the normalisation), what evaluation
+  and validation during training feed the model, against decoding its files.
+The PNG decoders themselves are compared in benchmarks/decode.py. For (a), (b) and (e)
+the thread's CPU time per sample (`time.thread_time`, "cpu" in the JSON) is recorded
+beside the elapsed time: with one torch thread it is what the work costs, nearly
+whatever else a shared machine runs.
 
 `--official PATH` runs the official DELIVER loader and transforms (semseg/datasets/
-deliver.py, semseg/augmentations_mm.py of github.com/jamycheung/DELIVER) beside (a) and
-(b): PATH is a checkout of that repository or its bare git directory (e.g. the mirror the
-`fetch` tool leaves under /work/.mirror/jamycheung+DELIVER/repo); the two files are
-exported to a temporary folder at run time and nothing of them enters this project. The
-official `semseg/__init__.py` imports every model, so the temporary package gets empty
-`__init__` files instead, and `einops` (imported, unused by the loader) a stub module
+deliver.py, semseg/augmentations_mm.py of github.com/jamycheung/DELIVER) beside (a), (b)
+and (e) (its training and validation transforms at 1024): PATH is a checkout of that
+repository or its bare git directory (e.g. the mirror the `fetch` tool leaves under
+/work/.mirror/jamycheung+DELIVER/repo); the two files are exported to a temporary
+folder at run time and nothing of them enters this project. The official
+`semseg/__init__.py` imports every model, so the temporary package gets empty `__init__`
+files instead, and `einops` (imported, unused by the loader) a stub module
 when it is not installed. Without `--official` the column is skipped (and says so).
 
 Frames come from `pipeline make-sample --size 1042` into a temporary folder unless
@@ -51,7 +57,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -68,16 +73,32 @@ def spread(values: list[float]) -> dict[str, float]:
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
 
-def interleaved(variants: dict[str, Callable[[], int]], repeats: int) -> dict[str, list[float]]:
+def interleaved(variants: dict[str, Callable[[], int]], repeats: int,
+                cpu: dict[str, list[float]] | None = None) -> dict[str, list[float]]:
     """Each variant once per repeat, in turn; each returns how many samples it did, so the
-    result is seconds per sample, one value per repeat."""
+    result is seconds per sample, one value per repeat. With `cpu` (a dict), the thread's
+    CPU time per sample (`time.thread_time`) is recorded there too: with one torch thread
+    it is what the work costs, nearly whatever else the shared machine runs."""
     times: dict[str, list[float]] = {name: [] for name in variants}
+    for name in variants:
+        if cpu is not None:
+            cpu[name] = []
     for _ in range(repeats):
         for name, fn in variants.items():
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.thread_time()
             n = fn()
             times[name].append((time.perf_counter() - start) / n)
+            if cpu is not None:
+                cpu[name].append((time.thread_time() - start_cpu) / n)
     return times
+
+
+def timed(variants: dict[str, Callable[[], int]], repeats: int) -> dict[str, Any]:
+    """`interleaved` as spreads: wall time per variant, and its CPU time under "cpu"."""
+    cpu: dict[str, list[float]] = {}
+    wall = interleaved(variants, repeats, cpu)
+    return {**{k: spread(t) for k, t in wall.items()},
+            "cpu": {k: spread(t) for k, t in cpu.items()}}
 
 
 def decode_only(records: list[datasets.Record]) -> Callable[[], int]:
@@ -127,6 +148,21 @@ def training_path(samples: datasets.SampleSequence, crop: int) -> Callable[[], i
     return run
 
 
+# -- (e) validation items ------------------------------------------------------------
+def validation_path(samples: datasets.SampleSequence) -> Callable[[], int]:
+    from stages.student.data import AugmentConfig, StudentData
+    from stages.student.protocol import protocol_transform
+
+    data = StudentData(samples, MODALITIES, None, None, AugmentConfig(), 0,
+                       transform=protocol_transform("official", samples.name))
+
+    def run() -> int:
+        for i in range(len(data)):
+            data[(-1, i)]
+        return len(data)
+    return run
+
+
 # -- the official DELIVER code, from its public source --------------------------------
 def official_package(source: Path, into: Path) -> Path:
     """Export semseg/datasets/deliver.py and semseg/augmentations_mm.py from a checkout or
@@ -148,8 +184,9 @@ def official_package(source: Path, into: Path) -> Path:
 
 
 def official_loaders(source: Path, tmp: Path, root: Path) -> dict[str, Any]:
-    """The official DELIVER dataset without transforms (decode) and with the training
-    transforms at 1024 (configs/deliver_rgbdel.yaml TRAIN.IMAGE_SIZE)."""
+    """The official DELIVER dataset without transforms (decode), with the training
+    transforms at 1024 (configs/deliver_rgbdel.yaml TRAIN.IMAGE_SIZE) and, on the val
+    split, the validation transforms at 1024 (EVAL.IMAGE_SIZE)."""
     official_package(source, tmp)
     sys.path.insert(0, str(tmp))
     try:
@@ -165,14 +202,18 @@ def official_loaders(source: Path, tmp: Path, root: Path) -> dict[str, Any]:
         plain = deliver.DELIVER(str(root), "train", None, modals)
         train = deliver.DELIVER(str(root), "train",
                                 aug.get_train_augmentation((1024, 1024), seg_fill=255), modals)
-    return {"plain": plain, "train": train}
+        val = deliver.DELIVER(str(root), "val", aug.get_val_augmentation((1024, 1024)), modals)
+    return {"plain": plain, "train": train, "val": val}
 
 
-def loop(dataset: Any) -> Callable[[], int]:
+def loop(dataset: Any, n: int | None = None) -> Callable[[], int]:
+    """The first `n` items (default: all) of an official dataset, in order."""
+    n = len(dataset) if n is None else min(n, len(dataset))
+
     def run() -> int:
-        for i in range(len(dataset)):
+        for i in range(n):
             dataset[i]
-        return len(dataset)
+        return n
     return run
 
 
@@ -298,7 +339,9 @@ def main() -> None:
     parser.add_argument("--variant", default="pixel", help="student.mff.variant")
     parser.add_argument("--eval-frames", type=int, default=2)
     parser.add_argument("--eval-repeats", type=int, default=3)
-    parser.add_argument("--paths", default="a,b,c,d,decoders")
+    parser.add_argument("--val-frames", type=int, default=None,
+                        help="validation frames generated for (e) (default: --frames)")
+    parser.add_argument("--paths", default="a,b,c,d,e")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/hot_paths.json"))
     args = parser.parse_args()
     paths = set(args.paths.split(","))
@@ -313,8 +356,10 @@ def main() -> None:
         root = args.root
         if root is None:
             root = tmp / "sample"
+            val_frames = max(args.eval_frames, args.val_frames or args.frames) \
+                if "e" in paths else args.eval_frames
             make_sample(root, SampleSpec(size=args.size, train=args.frames,
-                                         val=args.eval_frames, test=0))
+                                         val=val_frames, test=0))
         teacher = datasets.load("sample", root, "train", modalities=MODALITIES,
                                 depth_source="raw")
         student = datasets.load("sample", root, "train", modalities=MODALITIES)
@@ -326,17 +371,20 @@ def main() -> None:
             v = {"floor": decode_only(teacher.records), "project": stage_one(teacher)}
             if official:
                 v["official"] = loop(official["plain"])
-            rows["a_stage_one"] = {k: spread(t) for k, t in
-                                   interleaved(v, args.repeats).items()}
+            rows["a_stage_one"] = timed(v, args.repeats)
         if "b" in paths:
             v = {"floor": decode_only(student.records),
                  "project": training_path(student, args.crop)}
             if official:
                 v["official"] = loop(official["train"])
-            rows["b_training_data"] = {k: spread(t) for k, t in
-                                       interleaved(v, args.repeats).items()}
-        if "decoders" in paths:
-            rows["decoders"] = decoders(student.records, args.repeats)
+            rows["b_training_data"] = timed(v, args.repeats)
+        if "e" in paths:
+            val = datasets.load("sample", root, "val", modalities=MODALITIES)
+            val = val[:args.val_frames or args.frames]
+            v = {"floor": decode_only(val.records), "project": validation_path(val)}
+            if official:
+                v["official"] = loop(official["val"], len(val))
+            rows["e_validation_data"] = timed(v, args.repeats)
         if "c" in paths:
             rows["c_student_step"] = {k: spread(t) for k, t in student_step(
                 args.backbone, args.variant, args.step_batch, args.step_crop,
@@ -353,31 +401,6 @@ def main() -> None:
     print(f"wrote {args.out}")
 
 
-def decoders(records: list[datasets.Record], repeats: int) -> dict[str, dict[str, float]]:
-    """PIL against torchvision's libpng on the same bytes (already in memory)."""
-    import io
-
-    from PIL import Image
-    from torchvision.io import ImageReadMode, decode_png
-
-    blobs = [p.read_bytes() for r in records for p in r.files.values()]
-
-    def pil() -> int:
-        for b in blobs:
-            with Image.open(io.BytesIO(b)) as im:
-                im.load()
-                np.asarray(im)
-        return len(records)
-
-    def tv() -> int:
-        for b in blobs:
-            decode_png(torch.frombuffer(bytearray(b), dtype=torch.uint8), ImageReadMode.UNCHANGED)
-        return len(records)
-
-    return {k: spread(t) for k, t in interleaved({"pil": pil, "torchvision": tv},
-                                                 repeats).items()}
-
-
 def report(result: dict[str, Any], args: argparse.Namespace, official: bool) -> None:
     rows = result["rows"]
     print(f"{result['frames']} frames of {args.size} px, {args.repeats} interleaved repeats, "
@@ -386,11 +409,13 @@ def report(result: dict[str, Any], args: argparse.Namespace, official: bool) -> 
     if not official:
         print("official DELIVER column skipped: pass --official PATH (a checkout or bare git "
               "dir of github.com/jamycheung/DELIVER)")
+    cpu_lines: list[str] = []
     print("| path | project | floor | x floor | official DELIVER | x official |")
     print("|---|---:|---:|---:|---:|---:|")
     for key, name in (("a_stage_one", "(a) stage one preprocessing vs decoding its files"),
                       ("b_training_data", "(b) training data path vs decoding its files"),
-                      ("c_student_step", "(c) student step, all present vs no scatter")):
+                      ("c_student_step", "(c) student step, all present vs no scatter"),
+                      ("e_validation_data", "(e) validation items vs decoding their files")):
         if key not in rows:
             continue
         r = rows[key]
@@ -403,6 +428,19 @@ def report(result: dict[str, Any], args: argparse.Namespace, official: bool) -> 
         r["x_floor"] = round(ratio, 3)
         if off:
             r["x_official"] = round(r["project"]["median"] / off["median"], 3)
+        if "cpu" in r:
+            c = r["cpu"]
+            r["cpu_x_floor"] = round(c["project"]["median"] / c["floor"]["median"], 3)
+            line = f"    CPU time: project {fmt(c['project'])}, floor {fmt(c['floor'])} " \
+                   f"({r['cpu_x_floor']:.2f}x)"
+            if "official" in c:
+                r["cpu_x_official"] = round(c["project"]["median"] / c["official"]["median"],
+                                            3)
+                line += f", official {fmt(c['official'])} ({r['cpu_x_official']:.2f}x)"
+            cpu_lines.append(f"{name}: {line.strip()}")
+    if cpu_lines:
+        print("CPU time of the thread, ms per sample:")
+        print("\n".join(cpu_lines))
     if "d_evaluation" in rows:
         r = rows["d_evaluation"]
         ratio = r["project"]["median"] / r["encode"]["median"]
@@ -412,10 +450,6 @@ def report(result: dict[str, Any], args: argparse.Namespace, official: bool) -> 
         if "fuse_decode" in r:
             print("evaluation breakdown per frame (ms): " + ", ".join(
                 f"{k} {fmt(r[k])}" for k in ("encode", "fuse_decode", "upsample", "score")))
-    if "decoders" in rows:
-        r = rows["decoders"]
-        print(f"PNG decoding per sample: PIL {fmt(r['pil'])}, torchvision.io.decode_png "
-              f"{fmt(r['torchvision'])} ms")
 
 
 if __name__ == "__main__":

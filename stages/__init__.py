@@ -1,0 +1,1 @@
+"""The two stages: teacher (stage one, writes the cache) and student (stage two, reads it)."""

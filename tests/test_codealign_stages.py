@@ -27,7 +27,11 @@ def ran(small_sample, tmp_path_factory, one_thread):
     frames every stage-2 loader yielded."""
     root, _ = small_sample
     cfg = CodeAlignConfig(groups=GROUPS, stage0_steps=10, stage1_steps=6, stage2_steps=12,
-                          batch_size=2, crop=64, checkpoint_every=6, lr=0.004)
+                          batch_size=2, crop=64, checkpoint_every=6, stage0_lr=0.004,
+                          stage1_lr=0.004, stage2_lr=0.004,
+                          # constant lr: the official decay at 1/3 and 2/3 of 12 steps leaves
+                          # 4 steps to learn from (the schedule: test_codealign_recipe.py)
+                          stage1_milestones=[], stage2_milestones=[])
     run = CodeAlignRun("sample", root, tmp_path_factory.mktemp("codealign"),
                        StudentConfig(embed_dim=32), cfg)
     seen: dict[tuple[str, int], list[int]] = {}
@@ -80,7 +84,7 @@ def test_split_never_mixes_groups_and_is_fixed(small_sample):
 
 def test_codes_one_hot_forward_and_codebook_learns_only_through_task_loss():
     torch.manual_seed(0)
-    q = Quantiser(8, codes=16).train()
+    q = Quantiser(8, codes=16, eval_sampling="argmax").train()
     x = torch.randn(2, 8, 5, 5)
     before = q.codebook.detach().clone()
     decoded, onehot = q(x, torch.Generator().manual_seed(1))
@@ -164,8 +168,9 @@ def test_shuffled_label_control_translates_worse(ran):
 
 def test_stage_resumes_where_it_stopped(tmp_path):
     """An interrupted stage resumes from its last checkpoint to the same weights as an
-    uninterrupted one (same batches, same noise per step)."""
-    cfg = CodeAlignConfig(checkpoint_every=3, lr=0.01)
+    uninterrupted one (same batches, same noise per step, the schedule where it was: the
+    interruption falls between the two lr milestones)."""
+    cfg = CodeAlignConfig(checkpoint_every=3, stage0_lr=0.01)  # milestones at steps 2, 4
     data = torch.randn(6, 4)
 
     def loader_at(start):
@@ -177,7 +182,8 @@ def test_stage_resumes_where_it_stopped(tmp_path):
     torch.manual_seed(0)
     net = torch.nn.Linear(4, 2)
     init = {k: v.clone() for k, v in net.state_dict().items()}
-    ca_stages.run_steps("s", tmp_path / "a", net, [net], loader_at, step, 6, cfg, {})
+    ca_stages.run_steps("s", tmp_path / "a", net, [net], loader_at, step, 6, cfg, {},
+                        stage=0)
     straight = {k: v.clone() for k, v in net.state_dict().items()}
 
     net.load_state_dict(init)
@@ -189,10 +195,11 @@ def test_stage_resumes_where_it_stopped(tmp_path):
             yield batch
 
     with pytest.raises(KeyboardInterrupt):
-        ca_stages.run_steps("s", tmp_path / "b", net, [net], stop_after_three, step, 6, cfg, {})
+        ca_stages.run_steps("s", tmp_path / "b", net, [net], stop_after_three, step, 6, cfg,
+                            {}, stage=0)
     assert not (tmp_path / "b" / "s.pt").exists()
     net.load_state_dict(init)  # a fresh process: weights come from the checkpoint
-    ca_stages.run_steps("s", tmp_path / "b", net, [net], loader_at, step, 6, cfg, {})
+    ca_stages.run_steps("s", tmp_path / "b", net, [net], loader_at, step, 6, cfg, {}, stage=0)
     for k in straight:
         assert torch.equal(net.state_dict()[k], straight[k]), k
 

@@ -3,6 +3,7 @@
 must state exactly those values, and the folders the embedded default writes are named
 once in the code and checked everywhere else they are spelled out."""
 
+import math
 import re
 from pathlib import Path
 
@@ -19,6 +20,19 @@ DIFFERENT = {
 }
 
 
+def same(a, b) -> bool:
+    """Equal, floats to 1e-9 relative (a YAML literal written to 10 digits, such as
+    0.3333333333, is the dataclass's 1 / 3)."""
+    if isinstance(a, float | int) and isinstance(b, float | int) and \
+            not isinstance(a, bool) and not isinstance(b, bool):
+        return math.isclose(a, b, rel_tol=1e-9, abs_tol=0.0)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+    return a == b
+
+
 def drift(params: dict, prefix: str = "") -> list[str]:
     """Every leaf of `params` whose value is not the built-in default of its key, as
     'key: params X, dataclass Y' (nested groups with a dataclass of their own recursed)."""
@@ -32,7 +46,7 @@ def drift(params: dict, prefix: str = "") -> list[str]:
         if key in DIFFERENT:
             if default != DIFFERENT[key]:
                 found.append(f"{key}: dataclass {default!r}, expected {DIFFERENT[key]!r}")
-        elif value != default:
+        elif not same(value, default):
             found.append(f"{key}: params.yaml {value!r}, dataclass {default!r}")
     return found
 

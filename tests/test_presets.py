@@ -22,6 +22,8 @@ PRESETS = sorted(p.relative_to(ROOT / "configs").as_posix()
 def test_each_recipe_is_one_file_its_pipeline_runs(name):
     """pipelines/NAME/params.yaml is what `dvc repro pipelines/NAME/dvc.yaml` runs and what
     `pipeline train --params` reads; no second copy of it lives under configs/."""
+    from any2seg import datasets
+    from stages.student.codealign.config import CodeAlignConfig
     from stages.student.config import TrainConfig
     from stages.student.eval_config import EvalConfig
     from stages.teacher.run import TeacherConfig
@@ -34,7 +36,10 @@ def test_each_recipe_is_one_file_its_pipeline_runs(name):
     TeacherConfig.from_params(pipeline_params, {})
     EvalConfig.from_params(pipeline_params, {})
     stages = yaml.safe_load((ROOT / "pipelines" / name / "dvc.yaml").read_text())["stages"]
-    assert set(stages) == {"cache_teacher", "train", "evaluate"}
+    assert set(stages) == {"cache_teacher", "train", "evaluate", "codealign_stage0",
+                           "codealign_stage1", "codealign_stage2", "codealign_evaluate"}
+    CodeAlignConfig.from_params(pipeline_params).validate(
+        modalities=list(datasets.get(name).modalities))
     for stage in stages.values():
         assert stage["wdir"] == "../.."  # paths in params.yaml are the project root's
         assert f"--params pipelines/{name}/params.yaml" in stage["cmd"]
@@ -44,10 +49,12 @@ def test_each_recipe_is_one_file_its_pipeline_runs(name):
 
 def test_mcubes_trains_with_the_deliver_recipe():
     """Its header says the teacher, student, optimiser, schedule and evaluation are
-    DELIVER's: only the data (and the DELIVER-only CodeAlign group) may differ."""
+    DELIVER's: only the data (and CodeAlign's modality groups) may differ."""
     deliver, mcubes = (yaml.safe_load((ROOT / "pipelines" / n / "params.yaml").read_text())
                        for n in ("deliver", "mcubes"))
-    assert set(deliver) - set(mcubes) == {"codealign"} and set(mcubes) <= set(deliver)
+    assert set(mcubes) == set(deliver)
+    assert {k: v for k, v in mcubes["codealign"].items() if k != "groups"} == \
+        {k: v for k, v in deliver["codealign"].items() if k != "groups"}
     for group in ("teacher", "student", "train", "eval"):
         assert mcubes[group] == deliver[group], group
     assert {k: v for k, v in mcubes["dataset"].items() if k not in ("name", "root")} == \

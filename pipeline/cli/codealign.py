@@ -103,8 +103,9 @@ def stage2_cmd(dataset: str | None, root: Path | None, out: Path, params_path: P
               help="Write the rows as JSON here.  [default: OUT/metrics.json]")
 def evaluate_cmd(dataset: str | None, root: Path | None, out: Path, params_path: Path | None,
                  split: str, limit: int | None, metrics: Path | None) -> None:
-    """Source -> translator -> target back-end beside the target's own model, the source's
-    own model and naive joint training; payload of the codes (reads OUT/stage2.pt)."""
+    """Source -> translator -> target back-end, the target's own modalities fused with the
+    translation, beside the target's own model, the source's own model and naive joint
+    training; payload of the codes (reads OUT/stage2.pt)."""
     from stages.student.codealign.evaluate import evaluate_run, markdown
 
     rows = evaluate_run(_run(dataset, root, out, params_path), "stage2", split, limit)

@@ -1,0 +1,1 @@
+"""Stage two: the Any2Seg student, its losses, training, evaluation and CodeAlign."""

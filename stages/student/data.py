@@ -7,6 +7,7 @@ run was resumed; that is what makes `--resume` end at the same weights.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -47,16 +48,17 @@ class AugmentConfig:
 Transform = Callable[[dict[str, np.ndarray], np.ndarray], tuple[dict[str, np.ndarray], np.ndarray]]
 
 
-def to_unit(arr: np.ndarray) -> torch.Tensor:
+def to_unit(arr: np.ndarray, out: torch.Tensor | None = None) -> torch.Tensor:
     """H x W x 3 image as stored in a `Sample` -> (3, H, W) float32 model input before
     mean/std: integer images / 255 (DELIVER / MISS `Normalize`: `.float() / 255`, also for
     uint16 depth), float images as they are (MCubeS AoLP / DoLP / 16-bit NIR).
 
     One pass writes the float copy in (3, H, W) order and the division runs in place:
     the same numbers as transposing, converting and dividing into new arrays (integers
-    up to 65535 are exact in float32), with one full-frame copy instead of three."""
+    up to 65535 are exact in float32), with one full-frame copy instead of three. With
+    `out` (a float32 (3, H, W) tensor, e.g. a batch item's slot) it is written there."""
     src = torch.from_numpy(arr).permute(2, 0, 1)
-    x = torch.empty(src.shape, dtype=torch.float32)
+    x = torch.empty(src.shape, dtype=torch.float32) if out is None else out
     x.copy_(src)
     return x.div_(255.0) if np.issubdtype(arr.dtype, np.integer) else x
 
@@ -93,6 +95,31 @@ def _gaussian_blur(img: torch.Tensor, sigma: float) -> torch.Tensor:
     return img[0]
 
 
+@functools.lru_cache(maxsize=256)
+def nearest_index(size_in: int, size_out: int) -> np.ndarray:
+    """The source index of every output row (or column) under torch's `nearest`, taken from
+    torch's own kernel on a ramp (each output pixel reads (row(i), column(j)), one rule per
+    axis), so a gather reproduces `F.interpolate(..., mode="nearest")` exactly."""
+    ramp = torch.arange(size_in, dtype=torch.float32)[None, None, :, None]
+    index = F.interpolate(ramp, size=(size_out, 1), mode="nearest")[0, 0, :, 0]
+    return index.to(torch.int64).numpy()
+
+
+def nearest_window(src: torch.Tensor, size: tuple[int, int], top: int, left: int, crop: int,
+                   fill: int) -> torch.Tensor:
+    """The `crop` x `crop` window at (top, left) of `src` (..., h, w) resized to `size` with
+    `nearest` and padded with `fill` below and right: the numbers of resizing the whole
+    integer map through float (exact up to 2**24), padding and cropping, as a gather of
+    the window's pixels only. Returns int64."""
+    (h, w), (nh, nw) = src.shape[-2:], size
+    rows = nearest_index(h, nh)[top:top + crop]
+    cols = nearest_index(w, nw)[left:left + crop]
+    out = torch.full((*src.shape[:-2], crop, crop), fill, dtype=torch.int64)
+    rows_t, cols_t = torch.from_numpy(rows), torch.from_numpy(cols)
+    out[..., :len(rows), :len(cols)] = src[..., rows_t[:, None], cols_t].long()
+    return out
+
+
 def augment(images: dict[str, torch.Tensor], label: torch.Tensor, crop: int,
             cfg: AugmentConfig, rng: np.random.Generator,
             maps: torch.Tensor | None = None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
@@ -106,21 +133,16 @@ def augment(images: dict[str, torch.Tensor], label: torch.Tensor, crop: int,
     nh, nw = max(1, int(round(h * s))), max(1, int(round(w * s)))
     images = {m: F.interpolate(x[None], size=(nh, nw), mode="bilinear",
                                align_corners=False)[0] for m, x in images.items()}
-    label = F.interpolate(label[None, None].float(), size=(nh, nw), mode="nearest")[0, 0].long()
-    if maps is not None:  # float64 holds any code exactly
-        maps = F.interpolate(maps[None].double(), size=(nh, nw), mode="nearest")[0].long()
     ph, pw = max(0, crop - nh), max(0, crop - nw)
     if ph or pw:
         images = {m: F.pad(x, (0, pw, 0, ph)) for m, x in images.items()}
-        label = F.pad(label, (0, pw, 0, ph), value=IGNORE)
-        if maps is not None:
-            maps = F.pad(maps, (0, pw, 0, ph), value=-1)
-    top = int(rng.integers(0, label.shape[0] - crop + 1))
-    left = int(rng.integers(0, label.shape[1] - crop + 1))
+    top = int(rng.integers(0, nh + ph - crop + 1))
+    left = int(rng.integers(0, nw + pw - crop + 1))
     images = {m: x[:, top:top + crop, left:left + crop] for m, x in images.items()}
-    label = label[top:top + crop, left:left + crop]
+    # the label and codes resize as `nearest` does, padded (255 / -1) and cropped: a gather
+    label = nearest_window(label, (nh, nw), top, left, crop, IGNORE)
     if maps is not None:
-        maps = maps[:, top:top + crop, left:left + crop]
+        maps = nearest_window(maps, (nh, nw), top, left, crop, -1)
     if cfg.flip and rng.random() < 0.5:
         images = {m: x.flip(-1) for m, x in images.items()}
         label = label.flip(-1)
@@ -188,35 +210,44 @@ class StudentData(torch.utils.data.Dataset):
         label_arr = sample.label
         if self.transform is not None:
             arrays, label_arr = self.transform(arrays, label_arr)
-        images = {m: to_unit(arrays[m]) for m in self.modalities}
         label = torch.from_numpy(np.ascontiguousarray(label_arr))
         present = torch.ones(len(self.modalities), dtype=torch.bool)
         maps = None
         training = epoch >= 0 and bool(self.crop)
-        if training and self.targets is not None and self.targets.codes is not None:
+        if not training:  # each modality converted and normalised in its slot of the item
+            h, w, c = arrays[self.modalities[0]].shape
+            stacked = torch.empty((len(self.modalities), c, h, w), dtype=torch.float32)
+            for i, m in enumerate(self.modalities):
+                normalise(m, to_unit(arrays[m], out=stacked[i]), out=stacked[i])
+            return self._item(stacked, label, present, index, None)
+        images = {m: to_unit(arrays[m]) for m in self.modalities}
+        if self.targets is not None and self.targets.codes is not None:
             maps = code_map(self.targets.codes[index], *label.shape,
                             self.targets.code_image_size)
-        if training:
-            rng = np.random.default_rng([self.seed, epoch, index])
-            if maps is None:
-                images, label = augment(images, label, self.crop, self.augment_cfg, rng)
-            else:
-                images, label, maps = augment(images, label, self.crop, self.augment_cfg,
-                                              rng, maps)
-            if self.modality_dropout and rng.random() < self.modality_dropout:
-                k = int(rng.integers(1, len(self.modalities) + 1))
-                keep = rng.choice(len(self.modalities), size=k, replace=False)
-                present = torch.zeros_like(present)
-                present[torch.from_numpy(keep)] = True
-            if self.single_modality:
-                if len(key) < 3:
-                    raise ValueError("isolated training needs (epoch, index, step) keys")
-                present = torch.zeros_like(present)
-                present[isolated_modality(self.seed, key[2], index, len(self.modalities))] = True
+        rng = np.random.default_rng([self.seed, epoch, index])
+        if maps is None:
+            images, label = augment(images, label, self.crop, self.augment_cfg, rng)
+        else:
+            images, label, maps = augment(images, label, self.crop, self.augment_cfg, rng,
+                                          maps)
+        if self.modality_dropout and rng.random() < self.modality_dropout:
+            k = int(rng.integers(1, len(self.modalities) + 1))
+            keep = rng.choice(len(self.modalities), size=k, replace=False)
+            present = torch.zeros_like(present)
+            present[torch.from_numpy(keep)] = True
+        if self.single_modality:
+            if len(key) < 3:
+                raise ValueError("isolated training needs (epoch, index, step) keys")
+            present = torch.zeros_like(present)
+            present[isolated_modality(self.seed, key[2], index, len(self.modalities))] = True
         first = images[self.modalities[0]]
         stacked = torch.empty((len(self.modalities), *first.shape), dtype=first.dtype)
         for i, m in enumerate(self.modalities):  # each modality straight into the batch item
             normalise(m, images[m], out=stacked[i])
+        return self._item(stacked, label, present, index, maps)
+
+    def _item(self, stacked: torch.Tensor, label: torch.Tensor, present: torch.Tensor,
+              index: int, maps: torch.Tensor | None) -> dict[str, torch.Tensor]:
         item = {
             "images": stacked,
             "label": label.long(), "present": present, "index": torch.tensor(index),

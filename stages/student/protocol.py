@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from any2seg import datasets
 from any2seg.errors import PipelineError
-from stages.student.data import Transform
+from stages.student.data import Transform, nearest_index
 
 PROTOCOLS = ("official", "native")
 
@@ -51,20 +51,33 @@ def default_missing(protocol: str) -> str | None:
 def resize_tensor_like(arr: np.ndarray, height: int, width: int, nearest: bool) -> np.ndarray:
     """torchvision 0.10 `TF.resize` on a tensor (DELIVER's environment.yaml pins it):
     interpolate in float32 (float64 stays), bilinear with align_corners=False and no
-    antialiasing or nearest, then integer images are rounded back to their dtype."""
+    antialiasing or nearest, then integer images are rounded back to their dtype.
+
+    Nearest on integer arrays (labels) is a gather of torch's own source indices: the
+    values torch's float32 round trip gives for every integer up to 2**24, without
+    converting the frame. Bilinear keeps the float32 frame in the memory layout it always
+    had (channels last: torch picks its kernel by layout and thread count) and rounds in
+    place."""
     if arr.shape[:2] == (height, width):
         return arr
     integer = np.issubdtype(arr.dtype, np.integer)
-    x = torch.from_numpy(np.array(arr if arr.ndim == 3 else arr[:, :, None]))  # a copy
-    x = x.permute(2, 0, 1)[None]
+    if nearest and integer:
+        rows = nearest_index(arr.shape[0], height)
+        cols = nearest_index(arr.shape[1], width)
+        return arr[rows[:, None], cols]
+    src = arr if arr.ndim == 3 else arr[:, :, None]
+    if not (src.flags.writeable and src.flags.c_contiguous):
+        src = np.array(src)  # torch.from_numpy warns on a read-only array; the layout
+        # np.array gives is the one this function always fed torch
+    x = torch.from_numpy(src).permute(2, 0, 1)[None]
     x = x.to(torch.float32) if integer or x.dtype not in (torch.float32, torch.float64) else x
     if nearest:
         x = F.interpolate(x, size=(height, width), mode="nearest")
     else:
         x = F.interpolate(x, size=(height, width), mode="bilinear", align_corners=False)
     out = x[0].permute(1, 2, 0).numpy()
-    if integer:
-        out = np.round(out).astype(arr.dtype)  # torch.round: half to even, as numpy
+    if integer:  # np.rint: half to even, as torch.round and np.round
+        out = np.rint(out, out=out).astype(arr.dtype)
     return out if arr.ndim == 3 else out[:, :, 0]
 
 

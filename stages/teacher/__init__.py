@@ -1,0 +1,1 @@
+"""Stage one: frozen teachers (captioner, LanguageBind) run once per sample into the cache."""

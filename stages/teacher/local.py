@@ -112,7 +112,7 @@ def run_local(cfg: TeacherConfig, samples: SampleSequence, spec: StoreSpec,
 
 def decode_threads(cfg: TeacherConfig) -> int:
     """Decode workers: `teacher.decode_workers`, or 0 for one per CPU core (at least
-    4). Threads, not processes: libpng (`decode_png`) and PIL decode, hashlib and torch's
+    4). Threads, not processes: libpng (imagecodecs) and PIL decode, hashlib and torch's
     resizes release the GIL: two decode threads wait for it 1-2 % of their time (two
     processes 0 %, a pure Python control 19-27 %), and processes would only add sending
     the tensors back (benchmarks/decode_workers.py, docs/performance.md)."""

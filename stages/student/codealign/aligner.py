@@ -1,5 +1,6 @@
 """A modality's aligner: 4 residual 3x3 blocks at the feature width, as the official
-`Resnet3x3` / `ResidualBlock` (opencood/models/sub_modules/feature_alignnet_modules.py):
+`Res3x3Aligner` / `ResidualBlock` (opencood/models/sub_modules/feature_alignnet_modules.py,
+`core_method: resnet3x3` in the yamls, mapped in feature_alignnet.py):
 conv-BN-ReLU-conv-BN, identity skip, ReLU after the sum."""
 
 from __future__ import annotations

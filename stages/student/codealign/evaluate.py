@@ -3,13 +3,19 @@
 For each translator (source modality m of group a -> target group b):
 - `translated`: m alone -> a's encoder + m's aligner -> translator -> argmax codes ->
   b's frozen code-space heads and back-end (what a receiver of group b decodes);
+- `fused`: the collaboration the official inference runs (heter_codebook_shared_head_
+  c2c_infer.py): b's own modalities through b's aligners and code space, plus m's
+  translated codes decoded by b's quantiser heads, all through b's MFF and head;
 - `target own`: b's own model on b's own modalities through its code space (the
-  reference the translation tries to reach);
-- `source own`: a's own model on m alone (m's own group decoding m);
+  reference the translation tries to reach; the same decoded features `fused` adds to);
+- `source own`: a's own model after stage 1 on m alone: m's aligner, a's code space and
+  a's back-end, a's other modalities absent (m's own group decoding m);
 - `naive joint`: the one student trained on the same isolated split, fed m alone.
 Scored with the data set's protocol (`stages.student.protocol`: official for DELIVER /
 MCubeS, native for the sample), mIoU as the official `Metrics` (classes absent from
-label and prediction count 0).
+label and prediction count 0). A group's own code space samples per
+`codealign.eval_quantiser` (official: Gumbel) from one generator seeded with
+`codealign.eval_seed`, so a rerun scores the same codes.
 
 Payload per input pixel of what is sent instead of the float features MFF reads: a code
 index per cell of every encoder stage, sum_s log2(K) / stride_s^2 bits, against
@@ -30,6 +36,7 @@ from stages.student.codealign.stages import CodeAlignRun
 from stages.student.evaluate import evaluation_loader
 
 STRIDES = (4, 8, 16, 32)
+KINDS = ("translated", "fused", "target own", "source own", "naive joint")
 
 
 def payload(codes: int, channels: list[int], strides: tuple[int, ...] = STRIDES
@@ -45,7 +52,7 @@ def payload(codes: int, channels: list[int], strides: tuple[int, ...] = STRIDES
 def evaluate_run(run: CodeAlignRun, stage: str = "stage2", split: str = "val",
                  limit: int | None = None, only: list[str] | None = None
                  ) -> list[dict[str, Any]]:
-    """One row per translator (`only`: these pair names) with the four mIoUs (see the
+    """One row per translator (`only`: these pair names) with the five mIoUs (see the
     module docstring)."""
     run.load_file(run.out / f"{stage}.pt")
     system, joint = run.system.eval(), run.joint.eval()
@@ -57,9 +64,10 @@ def evaluate_run(run: CodeAlignRun, stage: str = "stage2", split: str = "val",
     pairs = [(m, a, b) for a, g in enumerate(run.cfg.groups) for m in g
              for b in range(len(run.cfg.groups))
              if b != a and (only is None or pair_name(m, b) in only)]
-    kinds = ("translated", "target own", "source own", "naive joint")
-    conf = {(m, b, kind): Confusion(k) for m, _, b in pairs for kind in kinds}
-    own = {}
+    conf = {(m, b, kind): Confusion(k) for m, _, b in pairs for kind in KINDS}
+    own: dict[int, torch.Tensor] = {}
+    decoded: dict[int, list[torch.Tensor]] = {}
+    gen = torch.Generator().manual_seed(run.cfg.eval_seed)
     for batch in evaluation_loader(samples, mods):
         images, label = batch["images"], batch["label"]
         size = label.shape[-2:]
@@ -69,20 +77,20 @@ def evaluate_run(run: CodeAlignRun, stage: str = "stage2", split: str = "val",
                                                  align_corners=False)
             return up.argmax(1)
 
-        for b in {b for _, _, b in pairs}:
+        for b in sorted({b for _, _, b in pairs}):  # a fixed order of Gumbel draws
             group = run.cfg.groups[b]
             sel = images[:, [mods.index(m) for m in group]]
-            own[b] = pred(system.groups[b].coded(sel)[0])
+            logits, decoded[b], _ = system.groups[b].coded(sel, gen)
+            own[b] = pred(logits)
         for m, a, b in pairs:
             x = images[:, mods.index(m)]
-            conf[(m, b, "translated")].update(pred(system.translate(m, b, x)), label)
+            codes = system.translated_codes(m, b, x)
+            conf[(m, b, "translated")].update(pred(system.groups[b].from_codes(codes)), label)
+            conf[(m, b, "fused")].update(
+                pred(system.groups[b].collaborate(decoded[b], codes)), label)
             conf[(m, b, "target own")].update(own[b], label)
-            ga = system.groups[a]
-            single = torch.zeros(x.shape[0], len(ga.student.modalities), *x.shape[1:])
-            single[:, ga.student.modalities.index(m)] = x
-            present = torch.zeros(single.shape[:2], dtype=torch.bool)
-            present[:, ga.student.modalities.index(m)] = True
-            conf[(m, b, "source own")].update(pred(ga.student(single, present).logits), label)
+            conf[(m, b, "source own")].update(
+                pred(system.groups[a].coded_alone(m, x, gen)), label)
             jp = torch.zeros(x.shape[0], len(mods), dtype=torch.bool)
             jp[:, mods.index(m)] = True
             conf[(m, b, "naive joint")].update(pred(joint(images, jp).logits), label)
@@ -91,16 +99,15 @@ def evaluate_run(run: CodeAlignRun, stage: str = "stage2", split: str = "val",
     for m, a, b in pairs:
         row: dict[str, Any] = {"pair": pair_name(m, b), "source": m, "source_group": a,
                                "target_group": b}
-        for kind in kinds:
+        for kind in KINDS:
             row[kind] = conf[(m, b, kind)].scores()["mIoU"]
         rows.append(row | payload(run.cfg.codes, channels))
     return rows
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
-    head = "| source -> target group | translated | target own | source own | naive joint |"
-    lines = [head, "|---|---|---|---|---|"]
+    lines = ["| source -> target group | " + " | ".join(KINDS) + " |",
+             "|---" * (len(KINDS) + 1) + "|"]
     for r in rows:
-        lines.append(f"| {r['pair']} | {r['translated']:.2f} | {r['target own']:.2f} | "
-                     f"{r['source own']:.2f} | {r['naive joint']:.2f} |")
+        lines.append(f"| {r['pair']} | " + " | ".join(f"{r[k]:.2f}" for k in KINDS) + " |")
     return "\n".join(lines)

@@ -9,8 +9,14 @@ heter_codebook_shared_head.py with Linear layers of the feature width):
     x_hat  = Linear(Linear(q @ C))                    dequantisation head, restore head
 
 No EMA, no k-means, no commitment loss: the codebook learns only through the task loss.
-The codebook is initialised N(0, 2 / (5 D)) ("SmallInit"), as the official module. At
-evaluation the code is the argmax (what a sender transmits), decoded the same way.
+The codebook is initialised N(0, 2 / (5 D)) ("SmallInit"), as the official module.
+
+At evaluation (`eval_sampling`, params `codealign.eval_quantiser`): `gumbel` samples the
+hard Gumbel code as in training, as the official quantiser does in every mode
+(`_multiCodebookQuantization._sample` calls `gumbelSoftmax` unconditionally, also for the
+receiver's own group in heter_codebook_shared_head_c2c_infer.py), from the caller's
+generator (the evaluation seeds it with `codealign.eval_seed`); `argmax` takes the most
+likely code, deterministic.
 """
 
 from __future__ import annotations
@@ -44,9 +50,12 @@ class Quantiser(nn.Module):
     """Channels-first maps (B, D, h, w) <-> per-cell codes of K codewords."""
 
     def __init__(self, dim: int, codes: int = 16, temperature: float = 1.0,
-                 tau: float = 1.0) -> None:
+                 tau: float = 1.0, eval_sampling: str = "gumbel") -> None:
         super().__init__()
+        if eval_sampling not in ("gumbel", "argmax"):
+            raise ValueError(f"eval_sampling must be gumbel or argmax, got {eval_sampling!r}")
         self.dim, self.codes, self.tau = dim, codes, tau
+        self.eval_sampling = eval_sampling
         self.latent = nn.Linear(dim, dim)
         self.quant_head = nn.Linear(dim, dim)
         self.dequant_head = nn.Linear(dim, dim)
@@ -63,8 +72,8 @@ class Quantiser(nn.Module):
 
     def sample(self, logits: torch.Tensor, generator: torch.Generator | None = None
                ) -> torch.Tensor:
-        """Hard Gumbel one-hot in training, the argmax one-hot otherwise."""
-        if self.training:
+        """Hard Gumbel one-hot in training; at evaluation per `eval_sampling`."""
+        if self.training or self.eval_sampling == "gumbel":
             return hard_gumbel(logits, self.tau, generator)
         return one_hot_argmax(logits)
 

@@ -2,17 +2,23 @@
 
 stage 0  each group's student (encoder + MFF + head) on its group's frames only, CE; and
          the naive-joint reference: one student on all modalities, every frame showing
-         only its group's modalities (the same isolated split)
-stage 1  per-modality aligners + per-group code spaces, encoder frozen (and the back-end
-         of single-modality groups, as the official fix_backend); CE + w_intra x the L2
-         between decoded features of a group's modalities on the same frame
+         only one group's modalities
+stage 1  per-modality aligners + per-group code spaces, encoder frozen; the back-end of a
+         single-modality group loaded from stage 0 and frozen (the official fix_backend),
+         that of a multi-modality group per `stage1_backend` (official: trained from
+         random initialisation); CE + w_intra x the official l2 between decoded features
+         of a group's modalities on the same frame
 stage 2  translators only (everything else frozen, in eval mode so BatchNorm statistics
          stay too), source-group frames only, through the target's frozen code-space
          heads and back-end, CE
 
+Every stage: the official optimiser (Adam with L2 weight decay, or AdamW) and multistep
+schedule (train_utils.py `setup_optimizer`, `setup_lr_schedular`), lr and milestones
+per stage.
+
 Checkpoints: out/stage{N}.pt when a stage is done; inside it, per trained part (a
 group, the joint model, a translator) out/stage{N}/<part>.last.pt every
-`checkpoint_every` steps (model, optimiser, step, the settings and split); a rerun
+`checkpoint_every` steps (model, optimiser, schedule, step, the settings and split); a rerun
 resumes from it, a finished part is not trained again.
 """
 
@@ -33,13 +39,19 @@ from stages.student.codealign.split import GroupData, assign_groups, group_indic
 from stages.student.data import AugmentConfig, ScheduleSampler, StudentData
 from stages.student.model import StudentConfig, build_student
 
-# the `codealign` keys each stage reads (besides `student`); checkpoint_every changes nothing
-STAGE_KEYS = {
-    0: ("groups", "seed", "stage0_steps", "batch_size", "crop", "lr", "weight_decay",
-        "train_seed"),
-    1: ("codes", "temperature", "gumbel_tau", "aligner_blocks", "w_intra", "stage1_steps"),
-    2: ("translator_dim", "translator_blocks", "stage2_steps"),
+# the `codealign` keys each stage reads (besides `student`); a stage's checkpoint records
+# those of its own and earlier stages, and each DVC stage lists exactly its own
+STAGE_KEYS: dict[int | str, tuple[str, ...]] = {
+    0: ("groups", "seed", "split", "stage0_steps", "batch_size", "crop", "optimizer", "eps",
+        "weight_decay", "stage0_lr", "lr_gamma", "stage0_milestones", "train_seed"),
+    1: ("codes", "temperature", "gumbel_tau", "aligner_blocks", "w_intra", "stage1_backend",
+        "stage1_steps", "stage1_lr", "stage1_milestones"),
+    2: ("translator_dim", "translator_blocks", "stage2_steps", "stage2_lr",
+        "stage2_milestones"),
+    "evaluate": ("eval_quantiser", "eval_seed"),
 }
+# read by every training stage but changing no weight: listed by the DVC stage 0 only
+UNRECORDED = ("checkpoint_every",)
 Step = Callable[[dict[str, torch.Tensor], torch.Generator], torch.Tensor]
 
 
@@ -66,12 +78,26 @@ def freeze_all_but(model: nn.Module, trainable: Iterable[nn.Module]) -> list[nn.
     return params
 
 
+def optimiser(params: list[nn.Parameter], cfg: CodeAlignConfig, stage: int, steps: int
+              ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.MultiStepLR]:
+    """The official `setup_optimizer` / `setup_lr_schedular` (opencood/tools/train_utils.py)
+    with the yamls' values: Adam(lr, eps, weight_decay) - L2 decay added to the gradient -
+    and MultiStepLR(milestones, gamma), stepped once per optimiser step here (the
+    official steps it per epoch; the milestones are the same fractions of the stage)."""
+    kind = torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.AdamW
+    opt = kind(params, lr=cfg.lr(stage), eps=cfg.eps, weight_decay=cfg.weight_decay)
+    milestones = cfg.milestones(stage, steps)
+    return opt, torch.optim.lr_scheduler.MultiStepLR(opt, milestones, cfg.lr_gamma)
+
+
 def run_steps(name: str, out: Path, system: nn.Module, trainable: list[nn.Module],
               loader_at: Callable[[int], torch.utils.data.DataLoader], step_fn: Step,
-              steps: int, cfg: CodeAlignConfig, meta: dict[str, Any]) -> list[float]:
-    """Train `trainable` for `steps`, resuming from out/{name}.last.pt; returns losses."""
+              steps: int, cfg: CodeAlignConfig, meta: dict[str, Any], *, stage: int
+              ) -> list[float]:
+    """Train `trainable` for `steps` with stage `stage`'s optimiser and schedule, resuming
+    from out/{name}.last.pt; returns losses."""
     params = freeze_all_but(system, trainable)
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt, schedule = optimiser(params, cfg, stage, steps)
     last, done = out / f"{name}.last.pt", out / f"{name}.pt"
     start = 0
     if last.is_file():
@@ -81,6 +107,7 @@ def run_steps(name: str, out: Path, system: nn.Module, trainable: list[nn.Module
                                 f"split; delete it (or the run folder) to start {name} again")
         system.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
         start = state["step"]
     losses: list[float] = []
     gen = torch.Generator()
@@ -91,10 +118,11 @@ def run_steps(name: str, out: Path, system: nn.Module, trainable: list[nn.Module
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        schedule.step()
         losses.append(float(loss.detach()))
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == steps:
             save({"model": system.state_dict(), "optimizer": opt.state_dict(),
-                  "step": step + 1, "meta": meta}, last)
+                  "schedule": schedule.state_dict(), "step": step + 1, "meta": meta}, last)
     save({"model": system.state_dict(), "meta": meta, "losses": losses}, done)
     return losses
 
@@ -115,7 +143,7 @@ class CodeAlignRun:
         cfg.validate(modalities=list(self.samples.modalities))
         self.dataset, self.root, self.out = dataset, str(root), Path(out)
         self.student, self.cfg = student, cfg
-        self.assignment = assign_groups(self.samples.ids, len(cfg.groups), cfg.seed)
+        self.assignment = assign_groups(self.samples.ids, len(cfg.groups), cfg.seed, dataset)
         torch.manual_seed(cfg.train_seed)
         self.system = CodeAlignSystem(student, cfg, len(self.samples.classes))
         self.joint = build_student(student, [m for g in cfg.groups for m in g],
@@ -123,6 +151,10 @@ class CodeAlignRun:
         self.split = dict(zip(self.samples.ids, self.assignment, strict=True))
 
     def indices(self, group: int) -> list[int]:
+        """The frames group `group` trains on: its dealt scenes (`split: dealt`) or every
+        training frame (`split: all`, as each official run: one group per yaml)."""
+        if self.cfg.split == "all":
+            return list(range(len(self.samples)))
         return group_indices(self.assignment, group)
 
     def load(self, stage: int) -> None:
@@ -168,37 +200,64 @@ class CodeAlignRun:
                 f"stage0/group{g}", self.out, self.system, [student],
                 lambda s, mods=mods, idx=idx, g=g: group_loader(
                     self.samples, mods, idx, cfg, cfg.stage0_steps, s, g),
-                step, cfg.stage0_steps, cfg, self.meta(0))
+                step, cfg.stage0_steps, cfg, self.meta(0), stage=0)
         losses["joint"] = self.train_joint()
         save({"model": self.system.state_dict(), "joint": self.joint.state_dict(),
               "meta": self.meta(0)}, self.out / "stage0.pt")
         return losses
 
     def train_joint(self) -> list[float]:
-        """The naive reference: one student, every frame with only its group's
-        modalities present (the isolated split, no code spaces, no translators)."""
+        """The naive reference: one student, every frame with only one group's modalities
+        present (no code spaces, no translators): its dealt group's (`split: dealt`) or a
+        group drawn per sample and step (`split: all`, where every group sees every
+        frame)."""
         cfg, mods = self.cfg, self.joint.modalities
         group_mask = torch.tensor([[m in g for m in mods] for g in cfg.groups])
         assignment = torch.tensor(self.assignment)
 
-        def step(batch: dict[str, torch.Tensor], _: torch.Generator) -> torch.Tensor:
-            present = group_mask[assignment[batch["frame"]]]
+        def step(batch: dict[str, torch.Tensor], gen: torch.Generator) -> torch.Tensor:
+            if cfg.split == "all":
+                groups = torch.randint(len(cfg.groups), batch["frame"].shape, generator=gen)
+            else:
+                groups = assignment[batch["frame"]]
+            present = group_mask[groups]
             return seg_loss(self.joint(batch["images"], present).logits, batch["label"])
 
         every = list(range(len(self.samples)))
         return run_steps("stage0/joint", self.out, self.joint, [self.joint],
                          lambda s: group_loader(self.samples, mods, every, cfg,
                                                 cfg.stage0_steps, s, 99),
-                         step, cfg.stage0_steps, cfg, self.meta(0))
+                         step, cfg.stage0_steps, cfg, self.meta(0), stage=0)
+
+    def stage1_start(self, g: int) -> list[nn.Module]:
+        """Group g's stage-1 starting point (after stage 0 is loaded) and what it trains:
+        aligners and code spaces; the back-end too unless it is fixed. A single-modality
+        group's back-end is stage 0's, frozen (official `fix_backend: true`, the
+        single-group yamls); a multi-modality group's per `stage1_backend`: `random`
+        (official, `fix_backend` unset in codebook_pyramid_fixenc_aligner_add_loss.yaml:
+        heter_codebook_shared_head.py loads the back-end only under fix_backend) re-draws
+        it from `train_seed` as at construction, `stage0` keeps stage 0's and trains it,
+        `fixed` keeps stage 0's frozen (official `fix_backend: true`)."""
+        gm = self.system.groups[g]
+        trainable: list[nn.Module] = [gm.aligners, gm.quantisers]
+        mode = self.cfg.stage1_backend if len(self.cfg.groups[g]) > 1 else "fixed"
+        if mode == "random":
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(self.cfg.train_seed * 1_000_003 + 500 + g)
+                for part in gm.backend():
+                    for module in part.modules():
+                        if hasattr(module, "reset_parameters"):
+                            module.reset_parameters()
+        if mode != "fixed":
+            trainable += gm.backend()
+        return trainable
 
     def stage1(self) -> dict[str, list[float]]:
         self.load(0)
         cfg, losses = self.cfg, {}
         for g, mods in enumerate(cfg.groups):
             gm = self.system.groups[g]
-            trainable: list[nn.Module] = [gm.aligners, gm.quantisers]
-            if len(mods) > 1:
-                trainable += gm.backend()
+            trainable = self.stage1_start(g)
 
             def step(batch: dict[str, torch.Tensor], gen: torch.Generator,
                      gm: Any = gm) -> torch.Tensor:
@@ -208,14 +267,14 @@ class CodeAlignRun:
                 f"stage1/group{g}", self.out, self.system, trainable,
                 lambda s, mods=mods, g=g: group_loader(
                     self.samples, mods, self.indices(g), cfg, cfg.stage1_steps, s, 10 + g),
-                step, cfg.stage1_steps, cfg, self.meta(1))
+                step, cfg.stage1_steps, cfg, self.meta(1), stage=1)
         save({"model": self.system.state_dict(), "joint": self.joint.state_dict(),
               "meta": self.meta(1)}, self.out / "stage1.pt")
         return losses
 
     def stage1_loss(self, gm: Any, batch: dict[str, torch.Tensor],
                     gen: torch.Generator) -> torch.Tensor:
-        """CE through the code space, + w_intra x the intra-group L2 where the group has
+        """CE through the code space, + w_intra x the intra-group l2 where the group has
         several modalities; nothing else reaches the codebook (no commitment term)."""
         logits, decoded, _ = gm.coded(batch["images"], gen)
         loss = seg_loss(logits, batch["label"])
@@ -249,7 +308,7 @@ class CodeAlignRun:
                         lambda s, m=m, a=a: group_loader(
                             self.samples, [m], self.indices(a), cfg, cfg.stage2_steps, s,
                             20 + a),
-                        step, cfg.stage2_steps, cfg, self.meta(2))
+                        step, cfg.stage2_steps, cfg, self.meta(2), stage=2)
         save({"model": self.system.state_dict(), "joint": self.joint.state_dict(),
               "meta": self.meta(2)}, self.out / f"stage2{'.control' if control else ''}.pt")
         return losses
@@ -260,13 +319,23 @@ def shuffled(label: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return flat[:, torch.randperm(flat.shape[1], generator=gen)].view_as(label)
 
 
+def official_l2(feat1: torch.Tensor, feat2: torch.Tensor) -> torch.Tensor:
+    """The official `l2_loss` (loss/point_pillar_pyramid_codebook_loss.py) per sample of
+    (B, C, h, w) maps, every cell valid (pixel-aligned inputs need no warp mask): the
+    squared difference summed over channels and cells, divided by the valid cells
+    (+ 1e-6, as there). (B,) values."""
+    cells = feat1.shape[-2] * feat1.shape[-1]
+    return (feat1 - feat2).square().flatten(1).sum(1) / (cells + 1e-6)
+
+
 def intra_l2(decoded: list[torch.Tensor]) -> torch.Tensor:
-    """Mean squared difference between every pair of a group's modalities' decoded
-    features, per stage (the official masked L2; every cell is valid: pixel-aligned
-    inputs need no warping mask)."""
+    """The official `FeatureSimLoss(mode='l2')` on each encoder stage, summed over the
+    stages (each stage is a code space of its own, trained as the official one map is):
+    per stage, the first modality of the group against each other one (the official ego
+    agent against each agent of another modality), averaged over samples and pairs.
+    `decoded`: per stage (B, M, C, h, w)."""
     total = decoded[0].new_zeros(())
     for d in decoded:
-        m = d.shape[1]
-        pairs = [(i, j) for i in range(m) for j in range(i + 1, m)]
-        total = total + sum(((d[:, i] - d[:, j]) ** 2).mean() for i, j in pairs) / len(pairs)
-    return total / len(decoded)
+        total = total + torch.stack([official_l2(d[:, 0], d[:, i])
+                                     for i in range(1, d.shape[1])]).mean()
+    return total
