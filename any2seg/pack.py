@@ -26,6 +26,7 @@ from any2seg import __version__
 from any2seg.datasets.packed import EXTRA, FORMAT, VERSION, Pack, is_pack
 from any2seg.diskspace import remove_stale_temps, temp_path, write_atomic
 from any2seg.errors import DatasetError, PipelineError
+from any2seg.guarded_file import GuardedFile
 
 PREFETCH = 16  # files read ahead of the writer
 
@@ -288,7 +289,9 @@ def _write(tmp: Path, dataset: str, root: Path, groups: Sequence[Group],
     missing = [rel for rel, (size, _) in stats.items() if size < 0]
     digests: dict[str, str] = {}
     done = 0
-    with h5py.File(tmp, "w") as f:
+    # HDF5 writes through GuardedFile: a failed write(2) (another process filled the disk)
+    # crashes HDF5's C layer on close; GuardedFile keeps it from HDF5 and `check` raises it
+    with GuardedFile(tmp) as raw, h5py.File(raw, "w") as f:
         where: dict[str, tuple[Any, int]] = {}  # rel -> (sha256 column, row)
         offsets: dict[str, int] = {}
         blobs = {}
@@ -332,6 +335,7 @@ def _write(tmp: Path, dataset: str, root: Path, groups: Sequence[Group],
             sha[row] = digest.encode()
             digests[rel] = digest
             done += 1
+            raw.check()  # stop at the first failed write
             if progress:
                 progress(done, len(todo))
         f.attrs.update({
@@ -343,5 +347,6 @@ def _write(tmp: Path, dataset: str, root: Path, groups: Sequence[Group],
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "packer": f"any2seg-pipeline {__version__}",
         })
+    raw.check()  # a write of the metadata on closing
     return {"files": len(digests), "source_bytes": sum(stats[r][0] for r in digests),
             "missing": missing, "content": content_hash(digests)}

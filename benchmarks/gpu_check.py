@@ -599,7 +599,7 @@ def _torchrun_vs_plain(ctx: Context) -> dict[str, Any]:
     if proc.returncode:
         raise RuntimeError(f"torchrun failed ({proc.returncode}): {proc.stderr[-2000:]}")
     got = json.loads(out.read_text())
-    params = torch.load(out.with_suffix(".pt"))
+    params = torch.load(out.with_suffix(".pt"), weights_only=True)
     diff = float((params - plain).abs().max())
     loss_rel = max(abs(a - b) / max(abs(a), 1e-12) for a, b in
                    zip(plain_losses, got["losses"], strict=True))

@@ -161,7 +161,12 @@ def store_record(path: Path) -> dict:
 def checkpoint_record(path: Path) -> dict:
     import torch
 
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    # weights only (the numpy globals for the RNG state of checkpoints before it was a tensor)
+    numpy_array = [np._core.multiarray._reconstruct, np.ndarray, np.dtype, np.dtypes.UInt32DType]
+    with torch.serialization.safe_globals(numpy_array):
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    name, keys, *rest = ckpt["rng"]["numpy"]  # hashed as the uint32 array numpy returns
+    ckpt["rng"]["numpy"] = (name, np.asarray(keys).astype(np.uint32), *rest)
     rec = {f"model{k}": v for k, v in tensors(ckpt["model"]).items()}
     rec.update({f"optimizer{k}": v for k, v in tensors(ckpt["optimizer"]).items()})
     rec.update({f"translators{k}": v for k, v in tensors(ckpt["translators"]).items()})

@@ -179,7 +179,7 @@ def test_the_deliver_preset_resolves_its_own_params(project):
     file as `dvc exp run -S` does, and every DVC argument names it (no training here: the
     real run is in tests/test_real_data_flow.py)."""
     deliver = Path("pipelines/deliver/dvc.yaml")
-    setup = prepare("table5", 2, "no-Lcr", ["pipelines/deliver/params.yaml:train.lr=1e-4",
+    setup = prepare("table5", 2, "Lcr", ["pipelines/deliver/params.yaml:train.lr=1e-4",
                                              "eval.limit=4"], [], deliver)
     assert setup.params_path == project / "pipelines" / "deliver" / "params.yaml"
     assert setup.extra == {"train.lr": 0.0001, "eval.limit": 4}
@@ -191,9 +191,13 @@ def test_the_deliver_preset_resolves_its_own_params(project):
     from pipeline.ablation.run import _set_args
 
     prefix = "pipelines/deliver/params.yaml:"
-    assert _set_args(setup, setup.overrides("no-Lcr", 3408)) == [
-        "-S", f"{prefix}train.lr=0.0001", "-S", f"{prefix}eval.limit=4",
-        "-S", f"{prefix}train.loss.w_cr=0.0", "-S", f"{prefix}train.seed=3408"]
+    args = _set_args(setup, setup.overrides("Lcr", 3408))
+    assert args[1::2] == [f"{prefix}{k}={v}" for k, v in (
+        ("train.modalities", '["rgb", "depth"]'), ("train.loss.w_base", "1.0"),
+        ("train.loss.w_sup", "0.0"), ("train.loss.w_cr", "1.0"), ("train.loss.w_se", "0.0"),
+        ("student.backbone", '"mit_b0"'), ("student.pretrained", '"weights/mit-b0"'),
+        ("student.embed_dim", "768"), ("train.lr", "0.0001"), ("eval.limit", "4"),
+        ("train.seed", "3408"))] and set(args[::2]) == {"-S"}
     # train.steps is a key of the root params.yaml only (the preset counts epochs)
     with pytest.raises(PipelineError, match="unknown parameter 'train.steps': pipelines/"
                        "deliver/params.yaml has no such key"):
@@ -208,9 +212,9 @@ def test_bad_options_fail_in_one_line(project, capsys):
                           (["table5", "--rows", "nope"], "has no row 'nope'"),
                           (["table5", "--metric", "mss"], "--metric expects FILE.KEY"),
                           (["table5", "-S", "train.loss.w_cr=0"], "-S train.loss.w_cr "
-                           "conflicts with row 'no-Lcr'"),
+                           "conflicts with row 'Lcr'"),
                           (["nope"], "no ablation plan 'nope'; shipped plans: codealign, "
-                           "mff_variants")):
+                           "mff_variants, table5, table6, table7-rgb")):
         code, out = cli(capsys, "ablate", *args)
         assert code == 1 and message in out and out.count("\n") == 1, (args, out)
 
@@ -282,7 +286,7 @@ TINY = ("-S", "train.steps=2", "-S", "eval.limit=1")
 @pytest.fixture(scope="session")
 def ablated(tmp_path_factory):
     """A tiny pipeline whose stage one ran (dvc.lock left uncommitted, as after `make demo`),
-    then `pipeline ablate table5 --rows ce-only --seeds 2` killed after its first run and
+    then `pipeline ablate table5 --rows Lsup --seeds 2` killed after its first run and
     rerun. Returns (repo, outputs of both ablate calls, the workspace before)."""
 
     repo = tmp_path_factory.mktemp("ablate") / "project"
@@ -308,7 +312,7 @@ def ablated(tmp_path_factory):
         before[path] = path.read_bytes()
     store = repo / "cache" / "sample.zarr" / "zarr.json"
     mtime = store.stat().st_mtime_ns
-    cmd = [sys.executable, "-m", "pipeline", "ablate", "table5", "--rows", "ce-only",
+    cmd = [sys.executable, "-m", "pipeline", "ablate", "table5", "--rows", "Lsup",
            "--seeds", "2", *TINY]
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
            "PYTHONPATH": str(ROOT), "DVC_NO_ANALYTICS": "1"}
@@ -363,7 +367,8 @@ pytest_slow = pytest.mark.slow
 
 
 def exp_metrics(repo):
-    """{experiment name: {"mss.mIoU": ..., ...}} as `dvc exp show --json` reports them."""
+    """{experiment name: {"mss.mIoU": ..., ...}} as `dvc exp show --json` reports them (the
+    headline metrics and table5's F1 and Acc)."""
     shown = json.loads(run(repo, "dvc", "exp", "show", "--json"))
     out = {}
     for commit in shown:
@@ -373,7 +378,8 @@ def exp_metrics(repo):
                 files = {Path(f).stem: v.get("data", {})
                          for f, v in (data.get("metrics") or {}).items()}
                 out[rev["name"]] = {f"{stem}.{key}": files.get(stem, {}).get(key)
-                                    for stem, key in (("mss", "mIoU"), ("miss", "mean_mIoU"),
+                                    for stem, key in (("mss", "mIoU"), ("mss", "mF1"),
+                                                      ("mss", "mAcc"), ("miss", "mean_mIoU"),
                                                       ("sensor", "mean_of_groups_mIoU"))}
     return out
 
@@ -396,7 +402,7 @@ def test_a_killed_ablate_reruns_only_the_missing_runs(ablated):
     events = [line.split()[0] for line in ablated["second"].splitlines()
               if line.startswith(("started ", "finished "))]
     assert events[:2] == ["started", "started"] and events.count("started") == 3, events
-    names = {f"table5-{row}-s{seed}" for row in ("full", "ce-only") for seed in (3407, 3408)}
+    names = {f"table5-{row}-s{seed}" for row in ("base", "Lsup") for seed in (3407, 3408)}
     assert names <= set(exp_metrics(ablated["repo"]))
 
 
@@ -419,24 +425,25 @@ def test_the_report_equals_the_runs_metrics_and_the_hand_computed_interval(ablat
     report = json.loads((repo / "ablations" / "table5" / "report.json").read_text())
     shown = exp_metrics(repo)
     rows = {r["row"]: r for r in report["rows"]}
-    assert list(rows) == ["full", "ce-only"] and report["baseline"] == "full"
+    assert list(rows) == ["base", "Lsup"] and report["baseline"] == "base"
     assert report["plan_file"] == "configs/ablations/table5.yaml"  # as the repository names it
-    assert rows["ce-only"]["overrides"] == {"train.loss.w_cr": 0.0, "train.loss.w_se": 0.0}
+    assert rows["Lsup"]["overrides"] == {"train.loss.w_sup": 1.0}
+    assert report["every_row"]["train.loss.w_base"] == 1.0
     assert report["extra_overrides"] == {"train.steps": 2, "eval.limit": 1}
     assert report["teacher"]["teacher_fingerprint_sha256"]
     for metric in report["metrics"]:
-        for row in ("full", "ce-only"):
+        for row in ("base", "Lsup"):
             m = rows[row]["metrics"][metric]
             values = [shown[f"table5-{row}-s{seed}"][metric] for seed in (3407, 3408)]
             assert m["values"] == values and m["n"] == 2
             assert m["mean"] == pytest.approx(sum(values) / 2)
             assert m["std"] == pytest.approx(abs(values[0] - values[1]) / math.sqrt(2))
-        base = [shown[f"table5-full-s{s}"][metric] for s in (3407, 3408)]
-        mine = [shown[f"table5-ce-only-s{s}"][metric] for s in (3407, 3408)]
+        base = [shown[f"table5-base-s{s}"][metric] for s in (3407, 3408)]
+        mine = [shown[f"table5-Lsup-s{s}"][metric] for s in (3407, 3408)]
         d = [a - b for a, b in zip(mine, base, strict=True)]
         mean, sd = sum(d) / 2, abs(d[0] - d[1]) / math.sqrt(2)
         half = T975[1] * sd / math.sqrt(2)
-        diff = rows["ce-only"]["metrics"][metric]["diff"]
+        diff = rows["Lsup"]["metrics"][metric]["diff"]
         assert diff["mean"] == pytest.approx(mean) and diff["n"] == 2
         assert (diff["low"], diff["high"]) == (pytest.approx(mean - half),
                                                pytest.approx(mean + half))
@@ -444,7 +451,7 @@ def test_the_report_equals_the_runs_metrics_and_the_hand_computed_interval(ablat
             "inside the noise"
         assert diff["verdict"] == verdict
     md = (repo / "ablations" / "table5" / "report.md").read_text()
-    assert "| full | (baseline) |" in md and "(n=2)" in md and report["commit"][:7] in \
+    assert "| base | (baseline) |" in md and "(n=2)" in md and report["commit"][:7] in \
         ablated["second"]
     assert (repo / "ablations" / "table5" / "plot.png").stat().st_size > 0
 
@@ -466,9 +473,10 @@ def test_the_compact_exp_show_of_the_docs_has_the_baseline_and_headline_metrics(
     keep = doc.split("dvc exp show --drop '.*' --keep '", 1)[1].split("'", 1)[0]
     csv = run(ablated["repo"], "dvc", "exp", "show", "--csv", "--drop", ".*", "--keep", keep)
     header, *lines = [line.split(",") for line in csv.splitlines() if line.strip()]
-    assert {"mIoU", "mean_mIoU", "mean_of_groups_mIoU", "train.loss.w_cr"} <= set(header)
+    assert {"mIoU", "mean_mIoU", "mean_of_groups_mIoU"} <= set(header)
+    assert {c.rpartition(":")[2] for c in header} >= {"train.loss.w_sup", "train.loss.w_base"}
     rows = {line[header.index("Experiment")]: line for line in lines}
-    base = rows["table5-full-s3407"]
+    base = rows["table5-base-s3407"]
     assert float(base[header.index("mIoU")]) >= 0 and len(header) < 16
 
 
@@ -484,13 +492,13 @@ def test_a_committed_dvc_lock_works_too(ablated):
     run(repo, "git", "commit", "-qm", "record stage one")
     try:
         cmd = [*ablated["cmd"][:-len(TINY) - 2], "--seeds", "1", *TINY]
-        assert cmd[cmd.index("--seeds") - 1] == "ce-only", cmd
+        assert cmd[cmd.index("--seeds") - 1] == "Lsup", cmd
         out = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True,
                              timeout=600)
         assert out.returncode == 0, out.stdout + out.stderr
         assert "2 runs, 0 finished, 2 to run" in out.stdout, out.stdout
         logs = repo / "ablations" / "table5" / "logs"
-        log = (logs / "table5-ce-only-s3407.log").read_text()
+        log = (logs / "table5-Lsup-s3407.log").read_text()
         assert " -C " not in log.splitlines()[0] and "Running stage 'cache_teacher'" not in log
         report = json.loads((repo / "ablations" / "table5" / "report.json").read_text())
         assert report["commit"][:7] != ablated["second"].split("on commit ")[1][:7]

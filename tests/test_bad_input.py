@@ -233,6 +233,7 @@ CASES = [
     ("train", {}, ["--device", "gpu"], ["--device", "cuda:N"]),
     # evaluate: the eval group and flags, checked before the checkpoint is read
     ("evaluate", {}, ["--limit", "0"], ["--limit", ">= 1"]),
+    ("evaluate", {}, ["--limit", "-1"], ["--limit", ">= 1", "got -1"]),  # was taken as all
     ("evaluate", {"eval.limit": 0}, [], ["eval.limit", ">= 1"]),
     ("evaluate", {"eval.stride": 2000}, [], ["eval.stride", "[1, 1024]"]),
     ("evaluate", {"eval.crop": 0}, [], ["eval.crop", ">= 1"]),
@@ -727,3 +728,88 @@ def test_vanished_dask_scheduler_is_named_with_what_a_rerun_does(teacher_sample,
                                     "--params", params_with(tmp_path, {})])
     assert_one_line_error(code, err, "dask scheduler at tcp://127.0.0.1:8786 went away",
                           "keeps every finished row", "rerun continues")
+
+
+# ---------------------------------------------------------------------------------------
+# Inputs that pass every check of the settings and go wrong where the work happens. Each
+# command runs in a subprocess, so a native crash fails its row instead of the suite:
+# (id, builder(tmp_path, deliver root) -> (arguments, Python run before the command),
+# texts the one-line error must contain)
+
+def _tiny_frames(tmp_path, root):
+    """DELIVER frames of 24 x 32 px scored at their own size: below MiT's 29 px. The
+    checkpoint is an untrained student (the frames are refused before it would matter)."""
+    from dataclasses import asdict
+
+    from stages.student.checkpoint import save_checkpoint
+    from stages.student.model import StudentConfig, build_student
+
+    reader = datasets.get("deliver")
+    student = StudentConfig(embed_dim=16)
+    mods = ["rgb", "depth", "event", "lidar"]
+    ckpt = tmp_path / "run" / "best.pt"
+    ckpt.parent.mkdir()
+    save_checkpoint(ckpt, build_student(student, mods, len(reader.classes)), None, 0, 0.0,
+                    {"student": asdict(student), "modalities": mods, "dataset": "deliver",
+                     "classes": list(reader.classes),
+                     "palette": [list(c) for c in reader.palette]})
+    return ["evaluate", "--checkpoint", ckpt, "--dataset", "deliver", "--root", root,
+            "--split", "train", "--protocol", "native", "--out", tmp_path / "metrics"], ""
+
+
+# the disk fills (another process) after pack checked the free space: writes fail ENOSPC
+DISK_FILLS = """
+import errno, os
+left, real = [20000], os.pwrite
+def pwrite(fd, data, offset):
+    if left[0] <= 0:
+        raise OSError(errno.ENOSPC, "No space left on device")
+    done = real(fd, data[:left[0]], offset)
+    left[0] -= done
+    return done
+os.pwrite = pwrite
+"""
+# the kernel refuses a write inside HDF5 (RLIMIT_FSIZE: EFBIG instead of SIGXFSZ); closing
+# the file crashed HDF5's C layer after that (SIGSEGV) before pack wrote through GuardedFile
+WRITE_REFUSED = """
+import resource, signal
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (20000, 20000))
+"""
+
+
+def _pack_with(prelude):
+    def build(tmp_path, root):
+        return ["pack", "--dataset", "deliver", "--root", root, "--out",
+                tmp_path / "packs" / "deliver.h5"], prelude
+    return build
+
+
+WORK_CASES = [
+    ("evaluate: frames smaller than MiT accepts", _tiny_frames,
+     ["sample cloud/train/MAP_1_point1/000120 of deliver is scored at 32x24 px",
+      "smaller than the student's encoder accepts (29 px on each side)", "--protocol official"]),
+    ("pack: the disk fills during the HDF5 write", _pack_with(DISK_FILLS),
+     ["no space left on the disk of", "packs", "needs about"]),
+    ("pack: write(2) fails inside HDF5", _pack_with(WRITE_REFUSED),
+     ["could not write --out", "deliver.h5", "File too large", "nothing was left there"]),
+]
+
+
+@pytest.mark.parametrize("case", WORK_CASES, ids=[c[0] for c in WORK_CASES])
+def test_failure_during_the_work_is_one_line(case, deliver_root, tmp_path):
+    _, build, named = case
+    root, _ = deliver_root
+    args, prelude = build(tmp_path, root)
+    script = f"{prelude}\nimport sys\nfrom pipeline.cli import main\nmain(sys.argv[1:])\n"
+    done = subprocess.run([sys.executable, "-c", script, *map(str, args)], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert done.returncode == 1, done.stderr[-3000:]  # not a signal (-11: SIGSEGV)
+    assert "Traceback" not in done.stderr and lines[-1].startswith("error: "), done.stderr
+    assert sum(line.startswith("error: ") for line in lines) == 1
+    for text in named:
+        assert text in lines[-1], (text, lines[-1])
+    packs = tmp_path / "packs"
+    assert not packs.exists() or list(packs.iterdir()) == []  # no half pack left

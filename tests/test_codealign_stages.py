@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from stages.student.checkpoint_file import load_checkpoint_file
 from stages.student.codealign import stages as ca_stages
 from stages.student.codealign.config import CodeAlignConfig
 from stages.student.codealign.quantiser import Quantiser
@@ -52,7 +53,7 @@ def ran(small_sample, tmp_path_factory, one_thread):
 
 
 def states(run, name):
-    return torch.load(run.out / f"{name}.pt", weights_only=False)["model"]
+    return load_checkpoint_file(run.out / f"{name}.pt")["model"]
 
 
 def changed(before, after):

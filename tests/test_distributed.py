@@ -20,6 +20,7 @@ import torch
 
 from any2seg.datasets import load as load_dataset
 from pipeline.cli import main
+from stages.student.checkpoint_file import load_checkpoint_file
 from stages.student.config import TrainConfig
 from stages.student.evaluate import evaluate, load_checkpoint
 from stages.student.model import StudentConfig
@@ -70,7 +71,7 @@ def _alive(pid):
 
 
 def _weights(run):
-    return torch.load(run / "last.pt", map_location="cpu", weights_only=False)["model"]
+    return load_checkpoint_file(run / "last.pt")["model"]
 
 
 @pytest.fixture(scope="module")
@@ -134,7 +135,7 @@ def test_two_ranks_train_the_code_loss_as_one_process(teacher_sample, tmp_path):
                                                      **{**TRAIN, **kw}), progress=False)
     finally:
         torch.set_num_threads(threads)
-    a, b = (torch.load(tmp_path / run / "last.pt", weights_only=False)
+    a, b = (load_checkpoint_file(tmp_path / run / "last.pt")
             for run in ("one", "two"))
     assert a["translators"] and a["translators"].keys() == b["translators"].keys()
     for part in ("model", "translators"):
@@ -190,7 +191,7 @@ def test_resume_under_two_ranks_after_both_are_killed(two_ranks):
     while time.time() < deadline and any(_alive(pid) for pid in ranks):
         time.sleep(0.01)
     assert not any(_alive(pid) for pid in ranks), "ranks outlived their launcher"
-    killed_at = torch.load(last, weights_only=False)["step"]
+    killed_at = load_checkpoint_file(last)["step"]
     assert 0 < killed_at < STEPS, "the kill must land mid-run"
     done = _pipeline("train", "--params", params, "--nproc", 2, "--resume", "--json")
     assert done.returncode == 0, done.stderr

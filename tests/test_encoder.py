@@ -36,7 +36,7 @@ def test_pretrained_errors(tmp_path):
     write_mit(tmp_path / "mit-b0")
     with pytest.raises(PipelineError, match="not mit_b1"):
         build_encoder("mit_b1", str(tmp_path / "mit-b0"))
-    with pytest.raises(PipelineError, match="huggingface-cli download nvidia/mit-b2"):
+    with pytest.raises(PipelineError, match="hf download nvidia/mit-b2"):
         build_encoder("mit_b2", str(tmp_path / "missing"))
     with pytest.raises(PipelineError, match="unknown backbone"):
         build_encoder("vgg16")

@@ -9,6 +9,7 @@ import torch
 from any2seg import diskspace
 from any2seg.errors import PipelineError
 from stages.student import train as train_module
+from stages.student.checkpoint_file import load_checkpoint_file
 from stages.student.train import train
 from tests.tiny_run import TINY_STUDENT, tiny
 
@@ -21,13 +22,13 @@ def straight(sample_cache, tmp_path_factory):
     root, cache = sample_cache
     out = tmp_path_factory.mktemp("straight")
     train(TINY_STUDENT, tiny(root, cache, out, **KW), progress=False)
-    ckpt = torch.load(out / "last.pt", weights_only=False)
+    ckpt = load_checkpoint_file(out / "last.pt")
     ckpt["out"] = out
     return ckpt
 
 
 def assert_same_weights(run, reference):
-    got = torch.load(run / "last.pt", weights_only=False)
+    got = load_checkpoint_file(run / "last.pt")
     assert got["step"] == reference["step"]
     for key, value in reference["model"].items():
         assert torch.equal(got["model"][key], value), key
@@ -102,7 +103,7 @@ def test_full_disk_while_checkpointing_keeps_the_last_checkpoint(sample_cache, s
     assert f"no space left on the disk of {out}" in msg and "needs about" in msg, msg
     assert "\n" not in msg
     assert not [p for p in out.iterdir() if ".tmp" in p.name]
-    assert torch.load(out / "last.pt", weights_only=False)["step"] == 1  # kept intact
+    assert load_checkpoint_file(out / "last.pt")["step"] == 1  # kept intact
     if how == "fails mid-write":  # space freed: --resume ends where an uninterrupted run ends
         monkeypatch.undo()
         summary = train(TINY_STUDENT, tiny(root, cache, out, **KW), progress=False, resume=True)

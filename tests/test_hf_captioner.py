@@ -65,7 +65,7 @@ def test_hf_captioner_fills_the_cache(teacher_sample, tmp_path):
 def test_hf_captioner_needs_a_local_model(tmp_path):
     with pytest.raises(PipelineError, match="needs --captioner-option model=PATH"):
         captioners.create("hf", ["a"])
-    with pytest.raises(PipelineError, match="huggingface-cli download"):
+    with pytest.raises(PipelineError, match="hf download"):
         captioners.create("hf", ["a"], model=str(tmp_path / "missing"))
     with pytest.raises(PipelineError, match="needs --captioner-option checkpoint=PATH"):
         captioners.create("llama-adapter", ["a"])

@@ -117,11 +117,11 @@ def test_corrupt_weights_are_named(tmp_path):
 def test_missing_branch_and_offline_hub_id(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    with pytest.raises(PipelineError, match="huggingface-cli download LanguageBind/"
+    with pytest.raises(PipelineError, match="hf download LanguageBind/"
                                             "LanguageBind_Depth"):
         resolve_branch_dir(tmp_path, "depth")
     with pytest.raises(PipelineError, match="not in the local Hugging Face cache.*"
-                                            "huggingface-cli download"):
+                                            "hf download"):
         resolve_branch_dir("LanguageBind", "depth")
 
 

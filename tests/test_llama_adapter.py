@@ -75,7 +75,7 @@ def test_bad_checkpoints_are_refused(files, tmp_path):
         la.load(bad, files["llama_dir"], files["clip"], v_num_heads=2)
     with pytest.raises(PipelineError, match="7B/consolidated.00.pth"):
         la.load(files["checkpoint"], tmp_path, files["clip"], v_num_heads=2)
-    with pytest.raises(PipelineError, match="huggingface-cli download openai/clip-vit-large"):
+    with pytest.raises(PipelineError, match="hf download openai/clip-vit-large"):
         la.load(files["checkpoint"], files["llama_dir"], tmp_path / "noclip", v_num_heads=2)
     bad.write_bytes(b"not a checkpoint")
     with pytest.raises(PipelineError, match="corrupt"):

@@ -19,6 +19,7 @@ from any2seg.datasets.packed import PackedPath
 from any2seg.errors import DatasetError, PipelineError
 from any2seg.pack import pack
 from pipeline.cli import main
+from stages.student.checkpoint_file import load_checkpoint_file
 from tests.layouts import write_deliver
 
 
@@ -312,7 +313,7 @@ def test_train_and_evaluate_read_the_pack_like_the_folder(sample_cache, tmp_path
                           out=str(tmp_path / name), steps=2, batch_size=2, crop=64,
                           workers=2, val_limit=2, seed=7)
         train(StudentConfig(backbone="mit_b0", embed_dim=32), cfg, progress=False)
-        weights[name] = torch.load(tmp_path / name / "last.pt", weights_only=False)["model"]
+        weights[name] = load_checkpoint_file(tmp_path / name / "last.pt")["model"]
     for key, value in weights["folder"].items():
         torch.testing.assert_close(weights["pack"][key], value, rtol=0, atol=0)
     metrics = {}

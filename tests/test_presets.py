@@ -1,5 +1,5 @@
-"""Presets: shipped in the wheel, never silently empty; the real-data recipes are one file
-each (pipelines/NAME/params.yaml), and MCubeS takes DELIVER's training recipe."""
+"""Presets: shipped in the wheel, never silently empty, and the preset pipelines' params
+files equal to them (one recipe, two ways to run it)."""
 
 import os
 import subprocess
@@ -19,22 +19,21 @@ PRESETS = sorted(p.relative_to(ROOT / "configs").as_posix()
 
 
 @pytest.mark.parametrize("name", ["deliver", "mcubes"])
-def test_each_recipe_is_one_file_its_pipeline_runs(name):
-    """pipelines/NAME/params.yaml is what `dvc repro pipelines/NAME/dvc.yaml` runs and what
-    `pipeline train --params` reads; no second copy of it lives under configs/."""
+def test_preset_pipeline_params_equal_the_preset(name):
+    """pipelines/NAME/params.yaml is what `dvc repro pipelines/NAME/dvc.yaml` runs; it must
+    say the same as configs/params/NAME.yaml, the shipped copy `pipeline ablate` compares an
+    edited pipeline against to tell the paper's setting (pipeline/ablation/setup.py)."""
     from any2seg import datasets
     from stages.student.codealign.config import CodeAlignConfig
     from stages.student.config import TrainConfig
-    from stages.student.eval_config import EvalConfig
     from stages.teacher.run import TeacherConfig
 
     pipeline_params = yaml.safe_load((ROOT / "pipelines" / name / "params.yaml").read_text())
-    assert config.preset_path("params", name) is None
+    assert pipeline_params == config.preset("params", name)
     assert pipeline_params["dataset"]["name"] == name
     assert pipeline_params["teacher"]["modality_branch"] == "auto"
     TrainConfig.from_params(pipeline_params, {})
     TeacherConfig.from_params(pipeline_params, {})
-    EvalConfig.from_params(pipeline_params, {})
     stages = yaml.safe_load((ROOT / "pipelines" / name / "dvc.yaml").read_text())["stages"]
     assert set(stages) == {"cache_teacher", "train", "evaluate", "codealign_stage0",
                            "codealign_stage1", "codealign_stage2", "codealign_evaluate"}
@@ -62,9 +61,9 @@ def test_mcubes_trains_with_the_deliver_recipe():
 
 
 def test_a_missing_preset_is_an_error_naming_what_there_is(tmp_path, monkeypatch):
-    with pytest.raises(PipelineError, match=r"no preset .*datasets/delivr\.yaml; datasets "
-                                            r"presets: deliver, mcubes, sample"):
-        config.preset("datasets", "delivr")
+    with pytest.raises(PipelineError, match=r"no preset .*params/delivr\.yaml; params "
+                                            r"presets: deliver, mcubes"):
+        config.preset("params", "delivr")
     monkeypatch.setenv("ANY2SEG_CONFIGS", str(tmp_path / "nowhere"))
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(config, "__file__", str(tmp_path / "pkg" / "config.py"))
@@ -90,13 +89,13 @@ def test_the_wheel_ships_the_presets_and_an_install_reads_them(tmp_path):
     env["PYTHONPATH"] = str(tmp_path / "site")  # the install, never this checkout
     run = tmp_path / "elsewhere"
     run.mkdir()
-    probe = ("import any2seg.config as c; p = c.preset('datasets', 'deliver'); "
-             "print(c.__file__); print(c.configs_dir()); print(p['root'])")
+    probe = ("import any2seg.config as c; p = c.preset('params', 'deliver'); "
+             "print(c.__file__); print(c.configs_dir()); print(p['student']['backbone'])")
     out = subprocess.run([sys.executable, "-c", probe], check=True, env=env, cwd=run,
                          capture_output=True, text=True).stdout.split()
     assert out[0].startswith(str(tmp_path / "site"))
     assert out[1] == str(tmp_path / "site" / "any2seg" / "configs")
-    assert out[2] == config.preset("datasets", "deliver")["root"]
+    assert out[2] == "mit_b2"
 
 
 def test_read_params_refuses_a_named_file_that_is_missing(tmp_path, monkeypatch):

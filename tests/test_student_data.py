@@ -1,9 +1,12 @@
 """The student's input conversion: fewer full-frame copies, the same numbers."""
 
+import platform
+
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.nn.functional import interpolate
 
 from stages.student.data import (
     IMAGENET_MEAN,
@@ -73,6 +76,82 @@ def test_items_equal_the_old_conversion_bit_for_bit(small_sample, threads):
         torch.set_num_threads(before)
 
 
+def _at_threads(threads, fn, *args, **kwargs):
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_bilinear_resize_has_the_same_bits_at_every_thread_count(dtype):
+    """torch resizes a 3-channel float image with another kernel at one thread than at
+    more; `resize_bilinear` gives one result, for contiguous and channels-last inputs (the
+    readers' H x W x 3 arrays permuted), up- and downscaled, and keeps the input's layout."""
+    from any2seg.datasets.resize import resize_bilinear
+
+    gen = torch.Generator().manual_seed(5)
+    for (h, w), (nh, nw) in [((57, 91), (130, 77)), ((200, 150), (96, 301)),
+                             ((31, 40), (45, 50)), ((120, 120), (240, 240))]:
+        x = torch.rand(1, 3, h, w, generator=gen, dtype=dtype) * 4 - 1
+        for src in (x, x.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)):
+            got = [_at_threads(t, resize_bilinear, src, nh, nw) for t in (1, 2, 3)]
+            assert all(torch.equal(g, got[0]) for g in got[1:])
+            assert got[0].shape == (1, 3, nh, nw) and got[0].dtype == dtype
+            assert got[0].is_contiguous() == src.is_contiguous()
+            ref = _at_threads(2, interpolate, src, size=(nh, nw), mode="bilinear",
+                              align_corners=False)  # torch's generic kernel
+            assert torch.allclose(got[0], ref, rtol=0, atol=1e-5 if dtype == torch.float32
+                                  else 1e-12)
+
+
+@pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"),
+                    reason="the fourth channel keeps torch's scalar loop where a SIMD "
+                           "register holds more than 4 floats (x86)")
+def test_bilinear_resize_gives_torchs_one_thread_numbers():
+    """The numbers of a DataLoader worker (one thread), as the official loaders compute
+    them: so `train.workers >= 1` trains the same weights as before the fix."""
+    from any2seg.datasets.resize import resize_bilinear
+
+    gen = torch.Generator().manual_seed(6)
+    for (h, w), (nh, nw) in [((64, 64), (150, 137)), ((300, 211), (120, 97)),
+                             ((40, 52), (30, 70))]:
+        x = torch.rand(1, 3, h, w, generator=gen)
+        one = _at_threads(1, interpolate, x, size=(nh, nw), mode="bilinear",
+                          align_corners=False)
+        assert torch.equal(_at_threads(2, resize_bilinear, x, nh, nw), one)
+
+
+def test_training_items_have_the_same_bits_at_any_thread_and_worker_count(small_sample):
+    """Augmented items (resize to crops large enough that torch splits reductions across
+    threads, jitter and blur always on) are the same at 1 and 2 threads, and from the main
+    process and from a loader worker: `train.workers` 0 and 1 train the same weights."""
+    from any2seg import datasets
+    from stages.student.data import ScheduleSampler
+
+    root, _ = small_sample
+    samples = datasets.load("sample", root, "train", modalities=MODALITIES)[:4]
+    keys = [(0, i) for i in range(4)] + [(1, 2), (2, 3)]
+    for crop in (64, 192):  # below and above the size torch reduces on one thread
+        data = StudentData(samples, MODALITIES, None, crop,
+                           AugmentConfig(jitter=1.0, blur=1.0), seed=11)
+        one, two = ([_at_threads(t, data.__getitem__, k) for k in keys] for t in (1, 2))
+        for a, b in zip(one, two, strict=True):
+            assert torch.equal(a["images"], b["images"])
+            assert torch.equal(a["label"], b["label"])
+
+    def batches(workers):
+        loader = torch.utils.data.DataLoader(
+            data, batch_sampler=ScheduleSampler(len(data), 2, 3, 11), num_workers=workers)
+        return list(loader)
+
+    main, worker = _at_threads(2, batches, 0), _at_threads(2, batches, 1)
+    for a, b in zip(main, worker, strict=True):
+        assert torch.equal(a["images"], b["images"]) and torch.equal(a["label"], b["label"])
+
+
 def old_window(src, size, top, left, crop, fill):
     """Resize the whole map through float with `nearest`, pad, crop (as augment did)."""
     x = F.interpolate(src[(None,) * (4 - src.dim())].double(), size=size, mode="nearest")
@@ -115,7 +194,8 @@ def old_resize(arr, height, width, nearest):
 @pytest.mark.parametrize("threads", [1, 2])
 def test_official_protocol_items_equal_the_old_conversion(small_sample, threads):
     """Validation items under the official resize (down to 200 px, then up to 224, as
-    DELIVER's multiples of 32) are the numbers of the old resize, to_unit and normalise."""
+    DELIVER's multiples of 32) are the numbers of the old resize, to_unit and normalise
+    on one thread (a loader worker's), at 1 and 2 threads (`resize_bilinear`)."""
     from any2seg import datasets
     from stages.student.protocol import _OfficialResize, resize_tensor_like
 
@@ -132,15 +212,16 @@ def test_official_protocol_items_equal_the_old_conversion(small_sample, threads)
             sample = samples[index]
             images, label = dict(sample.modalities), sample.label
             for size in (200, 224):
-                images = {m: old_resize(x, size, size, False) for m, x in images.items()}
+                images = {m: _at_threads(1, old_resize, x, size, size, False)
+                          for m, x in images.items()}
                 label = old_resize(label, size, size, True)
             ref = torch.stack([old_normalise(m, old_to_unit(images[m])) for m in MODALITIES])
             assert item["images"].shape == (4, 3, 224, 224) and torch.equal(item["images"], ref)
             assert torch.equal(item["label"], torch.from_numpy(label))
         depth = (sample.modalities["depth"].astype(np.uint16) * 257)[:, :, 0]  # 16-bit, 2-D
         for nearest in (False, True):
-            got, ref = resize_tensor_like(depth, 97, 131, nearest), old_resize(depth, 97, 131,
-                                                                              nearest)
+            got = resize_tensor_like(depth, 97, 131, nearest)
+            ref = _at_threads(1, old_resize, depth, 97, 131, nearest)
             assert got.dtype == ref.dtype and np.array_equal(got, ref)
     finally:
         torch.set_num_threads(before)

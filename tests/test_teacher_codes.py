@@ -10,6 +10,7 @@ import torch
 
 from any2seg.errors import PipelineError
 from any2seg.store import describe, open_cache
+from stages.student.checkpoint_file import load_checkpoint_file
 from stages.student.code_targets import NO_CODE, code_map, isolated_modality
 from stages.student.codes import CodeTranslators, code_loss, decoded_loss
 from stages.student.data import AugmentConfig, ScheduleSampler, StudentData, augment
@@ -308,10 +309,10 @@ def test_training_with_codes_and_isolation(dense_cache, sample_cache, tmp_path):
     result = train(student, cfg(out, "iso", loss={"w_teacher_code": 1.0}, single_modality=True),
                    progress=False)
     assert result["status"] == "trained" and np.isfinite(result["last_loss"])
-    ckpt = torch.load(tmp_path / "iso" / "last.pt", weights_only=False)
+    ckpt = load_checkpoint_file(tmp_path / "iso" / "last.pt")
     assert ckpt["meta"]["cache"]["codebook_fingerprint"] == open_cache(out).codebook_fingerprint
     assert any(k.startswith("translate.rgb->depth") for k in ckpt["translators"])
-    best = torch.load(tmp_path / "iso" / "best.pt", weights_only=False)
+    best = load_checkpoint_file(tmp_path / "iso" / "best.pt")
     assert best["translators"] is None  # the student evaluated is the plain student
     code = (tmp_path / "iso" / "dvclive" / "plots" / "metrics" / "train" / "L_code.tsv")
     assert code.is_file()
@@ -325,7 +326,7 @@ def test_training_with_codes_and_isolation(dense_cache, sample_cache, tmp_path):
     decoded = [float(v) for v in metrics["train/L_decoded"]["values"]]
     assert len(decoded) == 2 and all(0 < v <= 2 for v in decoded)
     assert "train/L_code" not in metrics
-    ckpt = torch.load(tmp_path / "dec" / "last.pt", weights_only=False)
+    ckpt = load_checkpoint_file(tmp_path / "dec" / "last.pt")
     assert any(k.startswith("translate.rgb->depth") for k in ckpt["translators"])
     with pytest.raises(PipelineError, match="train.modality_dropout"):
         TrainConfig(dataset="sample", steps=1, single_modality=True,

@@ -11,6 +11,7 @@ import torch
 
 from any2seg.errors import PipelineError
 from stages.student.checkpoint import CHECKPOINT_VERSION
+from stages.student.checkpoint_file import load_checkpoint_file
 from stages.student.config import TrainConfig
 from stages.student.evaluate import load_checkpoint, subsets
 from stages.student.model import StudentConfig
@@ -54,7 +55,7 @@ def test_resume_after_kill_ends_at_the_same_weights(sample_cache, tmp_path):
     time.sleep(0.3)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    killed_at = torch.load(last, weights_only=False)["step"]
+    killed_at = load_checkpoint_file(last)["step"]
     assert 0 < killed_at < 20, "the kill must land mid-run"
     student = StudentConfig(backbone="mit_b0", embed_dim=32)
     kw = dict(steps=20, checkpoint_every=2, val_every=5, modality_dropout=0.5)
@@ -62,8 +63,8 @@ def test_resume_after_kill_ends_at_the_same_weights(sample_cache, tmp_path):
                     resume=True)
     assert resumed["start"] == killed_at
     train(student, tiny(root, cache, tmp_path / "straight", **kw), progress=False)
-    a = torch.load(tmp_path / "killed" / "last.pt", weights_only=False)["model"]
-    b = torch.load(tmp_path / "straight" / "last.pt", weights_only=False)["model"]
+    a = load_checkpoint_file(tmp_path / "killed" / "last.pt")["model"]
+    b = load_checkpoint_file(tmp_path / "straight" / "last.pt")["model"]
     for key in a:
         assert torch.equal(a[key], b[key]), key
     # dvclive: each step logged once, validation at the same steps, the real last step
@@ -252,3 +253,24 @@ def test_se_target_identity_replaces_the_class_embeddings(sample_cache, tmp_path
     identity, teacher = seen
     assert torch.equal(identity, torch.eye(25))
     assert teacher.shape[0] == 25 and not torch.equal(teacher, torch.eye(25))
+
+
+@pytest.mark.parametrize("variant", ["author", "paper"])
+def test_l_base_alone_trains_the_table5_baseline(sample_cache, tmp_path, variant):
+    """Table 5's base row: only L_base (CE on the mean of the per-modality logits), on
+    RGB-Depth; the logged loss is L_base, and the checkpoint knows its two modalities."""
+    root, cache = sample_cache
+    out = tmp_path / "run"
+    student = StudentConfig(backbone="mit_b0", embed_dim=16, mff={"variant": variant})
+    train(student, tiny(root, cache, out, steps=2, checkpoint_every=2,
+                        modalities=["rgb", "depth"],
+                        loss={"w_base": 1.0, "w_sup": 0.0, "w_cr": 0.0, "w_se": 0.0}),
+          progress=False)
+    run = logged(out)
+    base = [float(v) for v in run["train/L_base"]["values"]]
+    loss = [float(v) for v in run["train/loss"]["values"]]
+    assert len(base) == 2 and all(b > 0 for b in base)
+    assert loss == pytest.approx(base)
+    assert "train/L_cr" not in run and "train/L_se" not in run
+    _, meta = load_checkpoint(out / "last.pt")
+    assert meta["modalities"] == ["rgb", "depth"] and meta["train"]["loss"]["w_base"] == 1.0

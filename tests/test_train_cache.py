@@ -6,10 +6,10 @@ import shutil
 
 import numpy as np
 import pytest
-import torch
 
 from any2seg.errors import PipelineError
 from any2seg.store import StoreDamage
+from stages.student.checkpoint_file import load_checkpoint_file
 from stages.student.train import train
 from stages.teacher.run import TeacherConfig, cache_teacher
 from tests.tiny_run import TINY_STUDENT, logged
@@ -61,7 +61,7 @@ def test_resumed_run_logs_each_step_once(sample_cache, tmp_path, monkeypatch):
     root, cache = sample_cache
     kw = dict(steps=6, checkpoint_every=2, val_every=3)
     run_until(monkeypatch, tiny(root, cache, tmp_path / "killed", **kw), steps_done=5)
-    assert torch.load(tmp_path / "killed" / "last.pt", weights_only=False)["step"] == 4
+    assert load_checkpoint_file(tmp_path / "killed" / "last.pt")["step"] == 4
     assert logged(tmp_path / "killed")["train/loss"]["steps"] == list(range(1, 6))
     resumed = train(TINY_STUDENT, tiny(root, cache, tmp_path / "killed", **kw), progress=False,
                     resume=True)

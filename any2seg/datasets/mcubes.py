@@ -92,10 +92,11 @@ def _resize_linear(img: np.ndarray, height: int, width: int) -> np.ndarray:
     """cv2.resize INTER_LINEAR on a float image (half-pixel centres, no antialiasing),
     which is torch's bilinear with align_corners=False."""
     import torch
-    import torch.nn.functional as F
+
+    from any2seg.datasets.resize import resize_bilinear
 
     x = torch.from_numpy(np.array(img)).permute(2, 0, 1)[None]  # a writable copy
-    out = F.interpolate(x, size=(height, width), mode="bilinear", align_corners=False)
+    out = resize_bilinear(x, height, width)  # the same bits at every thread count
     return out[0].permute(1, 2, 0).numpy()
 
 

@@ -17,6 +17,23 @@ and the key its seeds vary (CodeAlign is its own chain of stages):
     metrics: [codealign.mean.translated]        # FILE.KEY of the target's metrics files
     seed: codealign.train_seed
 
+A plan may also carry what makes it the paper's experiment: `every_row` (overrides of
+every row, the baseline included: the table's loss switches and modalities), `recipe`
+(overrides added only when the plan runs a given pipeline, e.g. SegFormer-B0 on
+`pipelines/deliver/dvc.yaml`, with a declared `step_seconds` for `--dry-run`'s estimate)
+and `reference` (the paper's published figures per row, shown beside the measured means
+only where the recipe applied):
+
+    every_row: {train.loss.w_base: 1.0, train.modalities: [rgb, depth]}
+    recipe:
+      pipelines/deliver/dvc.yaml:
+        params: {student.backbone: mit_b0}
+        step_seconds: 0.2                       # declared, with its source in a comment
+    reference:
+      source: Any2Seg Table 5 (DELIVER val, MSS)
+      values: {base: {mss.mIoU: 61.93}}         # published means
+      diffs: {Lse-dual: {mss.mIoU: 0.81}}       # published changes to the baseline
+
 Every check here runs before anything trains, and each failure is one line naming the
 plan file and the row.
 """
@@ -24,7 +41,7 @@ plan file and the row.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +50,10 @@ from any2seg.errors import PipelineError
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 NAME_RULE = "letters, digits, - and _ (it becomes part of a DVC experiment name)"
-PLAN_KEYS = ("description", "baseline", "rows", "target", "metrics", "seed")
+PLAN_KEYS = ("description", "baseline", "rows", "target", "metrics", "seed", "every_row",
+             "recipe", "reference")
+RECIPE_KEYS = ("params", "step_seconds")
+REFERENCE_KEYS = ("source", "values", "diffs")
 
 
 @dataclass(frozen=True)
@@ -48,6 +68,13 @@ class Plan:
     target: str = "evaluate"  # the stage each run reproduces (with what it depends on)
     metrics: tuple[str, ...] = ()  # FILE.KEY; none: the evaluate stage's headline metrics
     seed: str = "train.seed"  # the key --seeds varies
+    every_row: dict[str, Any] = field(default_factory=dict)  # overrides of every row
+    recipes: dict[str, dict[str, Any]] = field(default_factory=dict)  # dvc.yaml -> recipe
+    reference: dict[str, Any] = field(default_factory=dict)  # source, values, diffs
+
+    def recipe(self, pipeline: str) -> dict[str, Any] | None:
+        """The recipe for `pipeline` (dvc.yaml relative to the repository), None if none."""
+        return self.recipes.get(pipeline)
 
 
 def plan_file(name: str) -> Path:
@@ -123,8 +150,55 @@ def load_plan(name: str) -> Plan:
     if target != "evaluate" and not metrics:
         raise PipelineError(f"{path}: a plan with target {target!r} must name its metrics "
                             "(FILE.KEY of the metrics files that stage writes)")
+    every_row = _overrides(path, "every_row", data.get("every_row"))
+    recipes = data.get("recipe") or {}
+    if not isinstance(recipes, dict):
+        raise PipelineError(f"{path}: recipe must map a dvc.yaml path (relative to the "
+                            f"repository) to {{params: ..., step_seconds: ...}}, got {recipes!r}")
+    for pipeline, recipe in recipes.items():
+        if not isinstance(recipe, dict) or set(recipe) - set(RECIPE_KEYS):
+            raise PipelineError(f"{path}: recipe {pipeline!r} must hold "
+                                f"{' and '.join(RECIPE_KEYS)}, got {recipe!r}")
+        _overrides(path, f"recipe {pipeline!r}", recipe.get("params"))
+        seconds = recipe.get("step_seconds")
+        if seconds is not None and (isinstance(seconds, bool) or
+                                    not isinstance(seconds, int | float) or seconds <= 0):
+            raise PipelineError(f"{path}: recipe {pipeline!r}: step_seconds must be a number "
+                                f"> 0 (seconds per training step), got {seconds!r}")
+    reference = _reference(path, data.get("reference"), rows)
     return Plan(stem, path, str(data.get("description") or ""), baseline,
-                {r: dict(o or {}) for r, o in rows.items()}, target, tuple(metrics), seed)
+                {r: dict(o or {}) for r, o in rows.items()}, target, tuple(metrics), seed,
+                every_row, {str(k): dict(v) for k, v in recipes.items()}, reference)
+
+
+def _overrides(path: Path, what: str, value: Any) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict) or not all(isinstance(k, str) and k for k in value):
+        raise PipelineError(f"{path}: {what} must map dotted params.yaml keys to values, "
+                            f"got {value!r}")
+    return dict(value)
+
+
+def _reference(path: Path, value: Any, rows: dict[str, Any]) -> dict[str, Any]:
+    """The paper's figures: {source, values: {row: {FILE.KEY: number}}, diffs: same}."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict) or set(value) - set(REFERENCE_KEYS) or \
+            not value.get("source"):
+        raise PipelineError(f"{path}: reference must hold source (where the figures are "
+                            f"published) and values and/or diffs, got {value!r}")
+    for part in ("values", "diffs"):
+        for row, figures in (value.get(part) or {}).items():
+            if row not in rows:
+                raise PipelineError(f"{path}: reference {part}: no row {row!r} in the plan")
+            if not isinstance(figures, dict) or not all(
+                    isinstance(k, str) and "." in k and isinstance(v, int | float) and
+                    not isinstance(v, bool) for k, v in figures.items()):
+                raise PipelineError(f"{path}: reference {part} of row {row!r} must map "
+                                    f"FILE.KEY to a number, got {figures!r}")
+    return {"source": str(value["source"]), "values": dict(value.get("values") or {}),
+            "diffs": dict(value.get("diffs") or {})}
 
 
 def lookup(params: dict[str, Any], key: str) -> tuple[bool, Any]:
@@ -135,6 +209,19 @@ def lookup(params: dict[str, Any], key: str) -> tuple[bool, Any]:
             return False, None
         node = node[part]
     return True, node
+
+
+def leaves(params: dict[str, Any], key: str) -> dict[str, Any]:
+    """{dotted key: value} of every leaf under `key` (a group or a single value)."""
+    found, node = lookup(params, key)
+    if not found:
+        return {}
+    if not isinstance(node, dict) or not node:
+        return {key: node}
+    out = {}
+    for sub in node:
+        out.update(leaves(params, f"{key}.{sub}"))
+    return out
 
 
 def assign(params: dict[str, Any], key: str, value: Any) -> None:
@@ -152,8 +239,10 @@ def _under(key: str, entry: str) -> bool:
 
 def check_rows(plan: Plan, selected: list[str], extra: dict[str, Any], params: dict[str, Any],
                ablated: dict[str, list[str]], frozen: dict[str, list[str]],
-               params_path: str = "params.yaml") -> dict[str, dict[str, Any]]:
-    """Every selected row's overrides (with `extra`, the command line's -S, added), checked
+               params_path: str = "params.yaml", common: dict[str, Any] | None = None
+               ) -> dict[str, dict[str, Any]]:
+    """Every selected row's overrides (on top of `common`, the plan's every_row and recipe,
+    and `extra`, the command line's -S), checked
     against params.yaml and the pipeline: keys that exist, that only the stages the target
     runs after stage one read (`ablated`: stage -> its params keys; `frozen`: stage one and
     its inputs, which never rerun), and rows that really differ from the baseline and from
@@ -187,8 +276,18 @@ def check_rows(plan: Plan, selected: list[str], extra: dict[str, Any], params: d
                                 "give the plan the target stage that uses it")
 
     check_key(plan.seed, f"{where}: seed")
+    for key in common or {}:
+        if key == plan.seed:
+            raise PipelineError(f"{where}: every_row / recipe sets {key}; the seeds come "
+                                f"from --seeds ({key}, {key} + 1, ...)")
+        check_key(key, f"{where}: every_row / recipe")
     for key in extra:
         check_key(key, "-S")
+    import copy
+
+    base = copy.deepcopy(params)  # what the baseline row runs
+    for key, value in {**(common or {}), **extra}.items():
+        assign(base, key, value)
     out: dict[str, dict[str, Any]] = {}
     seen: dict[tuple, str] = {}
     for row in names:
@@ -201,10 +300,11 @@ def check_rows(plan: Plan, selected: list[str], extra: dict[str, Any], params: d
             if key in extra:
                 raise PipelineError(f"-S {key} conflicts with row {row!r} of {where}, which "
                                     "sets it; leave that row out with --rows")
-        changed = {k: v for k, v in overrides.items() if lookup(params, k)[1] != v}
+        changed = {k: v for k, v in overrides.items() if lookup(base, k)[1] != v}
         if row != plan.baseline and not changed:
-            raise PipelineError(f"{where}: row {row!r} changes nothing ({params_path} already "
-                                f"has {overrides or 'every value'}): it duplicates the "
+            raise PipelineError(f"{where}: row {row!r} changes nothing ({params_path}"
+                                f"{' with every_row / recipe / -S' if base != params else ''} "
+                                f"already has {overrides or 'every value'}): it duplicates the "
                                 f"baseline {plan.baseline!r}; drop it or give it an override")
         signature = tuple(sorted((k, repr(v)) for k, v in changed.items()))
         if signature in seen and row != plan.baseline:

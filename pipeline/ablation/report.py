@@ -72,6 +72,9 @@ def summarise(setup: Setup, runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
                            [_value(by_row[base][s], stem, key) for s in shared], CONFIDENCE)
                 m["diff"] = {"n": d.n, "mean": d.mean, "std": d.std, "low": d.low,
                              "high": d.high, "confidence": CONFIDENCE, "verdict": d.verdict}
+            ref = reference(setup, row, name)
+            if ref:
+                m["reference"] = ref
             entry["metrics"][name] = m
         rows.append(entry)
     plan_file = Path(setup.plan.path).resolve()
@@ -82,8 +85,42 @@ def summarise(setup: Setup, runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
             "target": setup.plan.target, "seed_key": setup.plan.seed,
             "commit": setup.baseline_rev, "seeds": setup.seeds, "extra_overrides": setup.extra,
             "metrics": [f"{s}.{k}" for s, k in setup.metrics], "rows": rows,
+            "every_row": setup.common, "reference": reference_note(setup),
             "runs": {name: {k: r[k] for k in ("row", "seed", "commit")}
                      for name, r in runs.items()}}
+
+
+def reference(setup: Setup, row: str, metric: str) -> dict[str, float]:
+    """The paper's figure for (row, metric) where these runs are the paper's setting:
+    {"mean": published value} and/or {"diff": published change to the baseline}."""
+    if not setup.paper_setting:
+        return {}
+    ref = setup.plan.reference
+    out = {}
+    if metric in (ref.get("values") or {}).get(row, {}):
+        out["mean"] = float(ref["values"][row][metric])
+    if metric in (ref.get("diffs") or {}).get(row, {}):
+        out["diff"] = float(ref["diffs"][row][metric])
+    return out
+
+
+def reference_note(setup: Setup) -> str:
+    """Why the report shows, or does not show, the paper's figures."""
+    if not setup.plan.reference:
+        return "the plan carries no published figures"
+    if setup.recipe is None:
+        return (f"not shown: the plan has no recipe for {_pipeline(setup)} (the paper's "
+                f"setting is {', '.join(setup.plan.recipes) or 'not given'})")
+    off = setup.off_recipe()
+    if off:
+        more = f" and {len(off) - 3} more" if len(off) > 3 else ""
+        return f"not shown: not the paper's setting ({'; '.join(off[:3])}{more})"
+    return f"{setup.plan.reference['source']} (published, not measured here)"
+
+
+def _pipeline(setup: Setup) -> str:
+    path = setup.pipeline.resolve()
+    return str(path.relative_to(setup.root)) if path.is_relative_to(setup.root) else str(path)
 
 
 def _num(x: float) -> str:
@@ -105,6 +142,12 @@ def _diff_cell(d: dict[str, Any]) -> str:
     return f"{d['mean']:+.2f} [{d['low']:+.2f}, {d['high']:+.2f}] {d['verdict']}"
 
 
+def _ref_cell(ref: dict[str, float]) -> str:
+    parts = ([f"{ref['mean']:.2f}"] if "mean" in ref else []) + \
+        ([f"Δ {ref['diff']:+.2f}"] if "diff" in ref else [])
+    return ", ".join(parts) or "–"
+
+
 def markdown(summary: dict[str, Any], context: dict[str, Any]) -> str:
     base = summary["baseline"]
     lines = [f"# Ablation `{summary['plan']}`: {summary['description']}", "",
@@ -118,47 +161,76 @@ def markdown(summary: dict[str, Any], context: dict[str, Any]) -> str:
               f"- teacher cache: not read by `{summary['target']}`"),
              f"- evaluation: {context['protocol']}",
              "- every row: " + (", ".join(f"`{k}={v}`" for k, v in
-                                          summary["extra_overrides"].items()) or "params.yaml"),
+                                          {**summary["every_row"],
+                                           **summary["extra_overrides"]}.items())
+                                or "params.yaml"),
+             f"- paper (reference values): {summary['reference']}",
              f"- cells: mean ± sample std over seeds (n seeds); Δ: the paired difference to "
              f"`{base}` seed by seed, its {int(100 * CONFIDENCE)} % paired-t interval, and "
              "`better` / `worse` when the whole interval is above / below 0, else "
              "`inside the noise`", ""]
+    refs = any("reference" in m for r in summary["rows"] for m in r["metrics"].values())
     for metric in summary["metrics"]:
-        lines += [f"## {metric}", "", "| row | overrides | value | Δ to baseline [95 % CI] |",
-                  "|---|---|---:|---|"]
+        head = "| row | overrides | value | Δ to baseline [95 % CI] |"
+        lines += [f"## {metric}", "", head + (" paper (reference) |" if refs else ""),
+                  "|---|---|---:|---|" + ("---:|" if refs else "")]
         for r in summary["rows"]:
             m = r["metrics"][metric]
             over = ", ".join(f"`{k}={v}`" for k, v in r["overrides"].items()) or "(baseline)"
             diff = _diff_cell(m["diff"]) if "diff" in m else "baseline"
-            lines.append(f"| {r['row']} | {over} | {_cell(m)} | {diff} |")
+            line = f"| {r['row']} | {over} | {_cell(m)} | {diff} |"
+            if refs:
+                line += f" {_ref_cell(m.get('reference') or {})} |"
+            lines.append(line)
         lines.append("")
     lines += ["Runs (DVC experiments; `dvc exp apply NAME` restores one): " +
               ", ".join(f"`{n}`" for n in summary["runs"]), ""]
     return "\n".join(lines)
 
 
-def plot(summary: dict[str, Any], path: Path) -> Path:
-    """One panel per metric: each row's mean with its seed std as error bars."""
+def figure(summary: dict[str, Any]) -> Any:
+    """One panel per metric: each row's paired difference to the baseline with its 95 %
+    interval (a point alone where one seed gives none) and verdict, around a zero line."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     metrics = summary["metrics"]
-    names = [r["row"] for r in summary["rows"]]
-    fig, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics) + 1, 3.6),
-                             squeeze=False)
+    rows = [r for r in summary["rows"] if r["row"] != summary["baseline"]]
+    colour = {"better": "#2e8b57", "worse": "#c0392b"}
+    fig, axes = plt.subplots(1, len(metrics), figsize=(3.6 * len(metrics) + 1.2,
+                                                        0.55 * len(rows) + 1.8),
+                             squeeze=False, sharey=True)
     for ax, metric in zip(axes[0], metrics, strict=True):
-        ms = [r["metrics"][metric] for r in summary["rows"]]
-        means = [m["mean"] for m in ms]
-        stds = [m["std"] if math.isfinite(m["std"]) else 0.0 for m in ms]
-        ax.bar(range(len(names)), means, yerr=stds, capsize=4,
-               color=["#777777" if n == summary["baseline"] else "#3a7bd5" for n in names])
-        ax.set_xticks(range(len(names)), names, rotation=35, ha="right", fontsize=8)
+        ax.axvline(0.0, color="#555555", lw=1)
+        for y, r in enumerate(rows):
+            d = r["metrics"][metric].get("diff") or {}
+            if not d.get("n"):
+                continue
+            low, high = d["low"], d["high"]
+            err = [[d["mean"] - low], [high - d["mean"]]] if math.isfinite(low) else None
+            ax.errorbar(d["mean"], y, xerr=err, fmt="o", capsize=4,
+                        color=colour.get(d["verdict"], "#3a7bd5"))
+            ax.annotate(d["verdict"], (d["mean"], y), textcoords="offset points",
+                        xytext=(0, 7), ha="center", fontsize=7)
+        ax.set_yticks(range(len(rows)), [r["row"] for r in rows], fontsize=8)
+        ax.set_ylim(-0.7, len(rows) - 0.3)
+        ax.invert_yaxis()
         ax.set_title(metric, fontsize=9)
-    fig.suptitle(f"{summary['plan']}: mean ± std over {len(summary['seeds'])} seeds",
+        ax.set_xlabel(f"Δ to baseline {summary['baseline']!r}", fontsize=8)
+    fig.suptitle(f"{summary['plan']}: paired difference to the baseline "
+                 f"{summary['baseline']!r}, {int(100 * CONFIDENCE)} % interval over "
+                 f"{len(summary['seeds'])} seed" + "s" * (len(summary["seeds"]) != 1),
                  fontsize=10)
     fig.tight_layout()
+    return fig
+
+
+def plot(summary: dict[str, Any], path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig = figure(summary)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -183,12 +255,12 @@ def collect(setup: Setup) -> dict[str, dict[str, Any]]:
     if not setup.baseline_rev:
         setup.baseline_rev = baseline_rev(setup.root)
     done = finished_runs(setup.root, setup.baseline_rev)
+    check_finished(setup, done)
     out = {}
     for row, seed in setup.runs():
         name = setup.run_name(row, seed)
         if name not in done:
             continue
-        check_finished(setup, name, done[name], row, seed)
         files = {stem: json.loads(dvc.api.read(path, repo=str(setup.root), rev=done[name]))
                  for stem, path in setup.metric_files.items()
                  if stem in {s for s, _ in setup.metrics}}

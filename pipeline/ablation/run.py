@@ -16,6 +16,7 @@ by `pipeline.ablation.setup.prepare`.
 from __future__ import annotations
 
 import concurrent.futures
+import copy
 import hashlib
 import json
 import os
@@ -32,7 +33,7 @@ from any2seg.errors import PipelineError
 from pipeline.ablation import workspace as ablation_workspace
 from pipeline.ablation.dag import STAGE_ONE
 from pipeline.ablation.leftovers import MARKER, clean_killed_runs
-from pipeline.ablation.plan import lookup
+from pipeline.ablation.plan import assign, leaves
 from pipeline.ablation.setup import Setup
 from pipeline.ablation.setup import git as _git
 
@@ -125,15 +126,72 @@ def run_params(setup: Setup, commit: str) -> dict[str, Any]:
     return yaml.safe_load(_git(setup.root, "show", f"{commit}:{rel}")) or {}
 
 
-def check_finished(setup: Setup, name: str, commit: str, row: str, seed: int) -> None:
-    """A finished run of that name must have the params this row asks for."""
-    recorded = run_params(setup, commit)
+ABSENT = "(not set)"
+
+
+def expected_params(setup: Setup, row: str, seed: int) -> dict[str, Any]:
+    """The params file the run of (row, seed) would record: the pipeline's params with
+    every override the run sets."""
+    merged = copy.deepcopy(setup.params)
     for key, value in setup.overrides(row, seed).items():
-        found, have = lookup(recorded, key)
-        if not found or have != value:
-            raise PipelineError(f"experiment {name!r} exists with {key}={have!r}, the plan "
-                                f"asks for {value!r}; remove it (`dvc exp remove {name}`) or "
-                                "commit first (experiments belong to a commit)")
+        assign(merged, key, value)
+    return merged
+
+
+def differences(recorded: dict[str, Any], expected: dict[str, Any], keys: list[str]
+                ) -> list[tuple[str, Any, Any]]:
+    """(key, recorded value, expected value) for every leaf of the listed params keys whose
+    values differ (ABSENT where one side lacks the key)."""
+    out = []
+    for key in keys:
+        have, want = leaves(recorded, key), leaves(expected, key)
+        for leaf in sorted(set(have) | set(want)):
+            a, b = have.get(leaf, ABSENT), want.get(leaf, ABSENT)
+            if a != b or (type(a) is bool) != (type(b) is bool):
+                out.append((leaf, a, b))
+    return out
+
+
+def run_keys(setup: Setup) -> list[str]:
+    """The params keys every stage the target runs lists (stage one's included)."""
+    keys: list[str] = []
+    for stage in setup.dag.runs(setup.target):
+        keys += [k for k in setup.dag.stages[stage].params if k not in keys]
+    return keys
+
+
+def mismatch(setup: Setup, commit: str, row: str, seed: int) -> list[tuple[str, Any, Any]]:
+    """How the params a finished run recorded differ from what this command would run."""
+    return differences(run_params(setup, commit), expected_params(setup, row, seed),
+                       run_keys(setup))
+
+
+def check_finished(setup: Setup, done: dict[str, str]) -> None:
+    """A finished run counts only if it is the run this command would start: every param
+    of every stage it ran equal. Refused otherwise, in one line, with how to go on."""
+    bad: dict[str, list[tuple[str, Any, Any]]] = {}
+    for row, seed in setup.runs():
+        name = setup.run_name(row, seed)
+        if name in done:
+            diff = mismatch(setup, done[name], row, seed)
+            if diff:
+                bad[name] = diff
+    if not bad:
+        return
+    name, diff = next(iter(bad.items()))
+    shown = "; ".join(f"{k}: {_show(a)} there, {_show(b)} now" for k, a, b in diff[:4])
+    more = f" and {len(diff) - 4} more" if len(diff) > 4 else ""
+    others = f" ({len(bad) - 1} more of the plan's runs differ too)" if len(bad) > 1 else ""
+    raise PipelineError(
+        f"experiment {name!r} of commit {setup.baseline_rev[:7]} ran with other params than "
+        f"this command would run ({shown}{more}){others}: rerun with the options it was "
+        f"run with, remove those runs (`dvc exp remove {' '.join(bad)}`), or run this under "
+        f"another plan name (a copy of {_rel(setup, setup.plan.path.resolve())} named "
+        "otherwise)")
+
+
+def _show(value: Any) -> str:
+    return value if value == ABSENT else json.dumps(value)
 
 
 def _gpus() -> list[str]:
@@ -235,10 +293,9 @@ def ablate(setup: Setup, jobs: int = 1, echo: Any = print) -> dict[str, str]:
     todo = []
     for row, seed in setup.runs():
         name = setup.run_name(row, seed)
-        if name in done:
-            check_finished(setup, name, done[name], row, seed)
-        else:
+        if name not in done:
             todo.append((row, seed))
+    check_finished(setup, done)
     total = len(setup.runs())
     seeds = f"{len(setup.seeds)} seed" + "s" * (len(setup.seeds) != 1)
     echo(f"{setup.plan.name}: {len(setup.rows)} rows x {seeds} = {total} "

@@ -19,10 +19,19 @@ import yaml
 
 from any2seg.errors import PipelineError
 from pipeline.ablation.dag import Pipeline, load_pipeline
-from pipeline.ablation.plan import Plan, assign, check_rows, load_plan, lookup
+from pipeline.ablation.plan import Plan, assign, check_rows, leaves, load_plan, lookup
 
 EXPONENT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 HEADLINE = {"mss": "mIoU", "miss": "mean_mIoU", "sensor": "mean_of_groups_mIoU"}
+# -S keys that change how a run is computed, not its result (the paper's reference figures
+# still apply)
+RUN_ONLY = ("train.nproc", "train.workers", "train.persistent_workers", "train.prefetch_factor",
+            "train.device", "train.compile", "train.checkpoint_every", "eval.nproc")
+PATHS = ("student.pretrained",)  # where the same weights are
+
+
+def _short(value: Any) -> str:
+    return "absent" if value is None else str(value)
 
 
 @dataclass
@@ -43,6 +52,33 @@ class Setup:
     extra: dict[str, Any] = field(default_factory=dict)
     links: list[str] = field(default_factory=list)  # untracked inputs in the repository
     outside: list[str] = field(default_factory=list)  # inputs outside it (read in place)
+    common: dict[str, Any] = field(default_factory=dict)  # the plan's every_row and recipe
+    recipe: dict[str, Any] | None = None  # the plan's recipe for this pipeline, if any
+
+    @property
+    def paper_setting(self) -> bool:
+        """The runs are the paper's experiment: the plan has a recipe for this pipeline,
+        the pipeline's params are its shipped preset's (the authors' recipe) and no -S
+        changes what the weights come out as (only how they are computed)."""
+        return self.recipe is not None and not self.off_recipe()
+
+    def off_recipe(self) -> list[str]:
+        """What takes these runs away from the recipe: -S keys, and params keys whose
+        value differs from the shipped preset of the dataset (configs/params/NAME.yaml),
+        paths and how-to-compute keys aside."""
+        from any2seg.config import preset, preset_path
+
+        off = [f"-S {k}" for k in self.extra if k not in RUN_ONLY]
+        name = str((self.params.get("dataset") or {}).get("name", ""))
+        if preset_path("params", name) is None:
+            return [*off, f"no shipped preset for {name!r}"]
+        shipped = preset("params", name)
+        for group in ("student", "train", "eval"):
+            mine, theirs = leaves(self.params, group), leaves(shipped, group)
+            off += [f"{k} ({_short(mine.get(k))} here, {_short(theirs.get(k))} in the "
+                    f"preset)" for k in sorted(set(mine) | set(theirs))
+                    if k not in RUN_ONLY + PATHS and mine.get(k) != theirs.get(k)]
+        return off
 
     @property
     def linked(self) -> bool:
@@ -62,8 +98,9 @@ class Setup:
         return [(row, seed) for seed in self.seeds for row in self.rows]
 
     def overrides(self, row: str, seed: int) -> dict[str, Any]:
-        """What the run sets: the -S overrides, the row's own and its seed."""
-        return {**self.extra, **self.rows[row], self.plan.seed: seed}
+        """What the run sets: the plan's every_row and recipe, the -S overrides (which win
+        over those), the row's own and its seed."""
+        return {**self.common, **self.extra, **self.rows[row], self.plan.seed: seed}
 
     @property
     def out(self) -> Path:
@@ -126,13 +163,15 @@ def prepare(plan_name: str, seeds: int, rows: str | None, sets: list[str] | tupl
         raise PipelineError(f"{plan.path}: target {plan.target!r}: {dvc_yaml} has no such "
                             f"stage (its stages: {', '.join(dag.stages)})")
     extra = parse_set(sets, params_path)
+    recipe = plan.recipe(os.path.relpath(dvc_yaml, root))
+    common = {**plan.every_row, **((recipe or {}).get("params") or {})}
     selected = [r.strip() for r in rows.split(",") if r.strip()] if rows else []
     checked = check_rows(plan, selected, extra, params,
                          {s: list(dag.stages[s].params) for s in dag.ablated(plan.target)},
                          {s: list(dag.stages[s].params) for s in dag.frozen(plan.target)},
-                         rel_params)
-    _check_values({r: {**extra, **o} for r, o in checked.items()}, params, rel_params,
-                  dag.ablated(plan.target))
+                         rel_params, common)
+    _check_values({r: {**common, **extra, **o} for r, o in checked.items()}, params,
+                  rel_params, dag.ablated(plan.target))
     files = {Path(path).stem: path for path in dag.stages[plan.target].metrics}
     if plan.metrics:
         wanted = [tuple(m.split(".", 1)) for m in plan.metrics]
@@ -157,7 +196,8 @@ def prepare(plan_name: str, seeds: int, rows: str | None, sets: list[str] | tupl
         raise PipelineError(f"{rel_params}: {plan.seed} must be an integer, got {base_seed!r}")
     extra.pop(plan.seed, None)
     return Setup(plan, root, dvc_yaml, params_path, params, checked,
-                 [base_seed + i for i in range(seeds)], wanted, files, dag, extra=extra)
+                 [base_seed + i for i in range(seeds)], wanted, files, dag, extra=extra,
+                 common=common, recipe=recipe)
 
 
 def _check_values(rows: dict[str, dict[str, Any]], params: dict[str, Any], source: str,

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from any2seg.errors import PipelineError
 from pipeline.cli.options import CONTEXT
 
 
@@ -17,7 +18,9 @@ from pipeline.cli.options import CONTEXT
 @click.option("--rows", default=None, help="Comma-separated rows to run (the baseline always "
               "runs).  [default: every row of the plan]")
 @click.option("-S", "--set", "sets", multiple=True, metavar="KEY=VALUE",
-              help="A params.yaml override added to every row (repeatable), as dvc exp run -S.")
+              help="A params.yaml override added to every row (repeatable), as dvc exp run -S; "
+              "it wins over the plan's every_row and recipe. -S train.seed=N (the plan's "
+              "seed key) sets the first seed: the seeds are N, N+1, ...")
 @click.option("--jobs", type=int, default=1, help="Runs at once (one GPU each when there are "
               "GPUs, through CUDA_VISIBLE_DEVICES).")
 @click.option("--metric", "metrics", multiple=True, metavar="FILE.KEY",
@@ -28,8 +31,16 @@ from pipeline.cli.options import CONTEXT
               help="The dvc.yaml to run.  [default: ./dvc.yaml]")
 @click.option("--report", "report_only", is_flag=True,
               help="Only re-render the report from the finished runs (no training).")
+@click.option("--dry-run", is_flag=True,
+              help="Say what would run (runs to start, finished ones, stages, the recipe) and "
+              "estimate the training time; runs nothing, needs neither weights nor data.")
+@click.option("--step-seconds", type=float, default=None, metavar="S",
+              help="Seconds per training step for --dry-run's estimate (yours, e.g. from "
+              "benchmarks/gpu_check.py).  [default: measured from this plan's finished "
+              "runs, else the plan's declared figure]")
 def ablate_cmd(plan: str, seeds: int, rows: str | None, sets: tuple[str, ...], jobs: int,
-               metrics: tuple[str, ...], pipeline_path: Path | None, report_only: bool) -> None:
+               metrics: tuple[str, ...], pipeline_path: Path | None, report_only: bool,
+               dry_run: bool, step_seconds: float | None) -> None:
     """Run an ablation plan (configs/ablations/PLAN.yaml) as rows x seeds of DVC experiments.
 
     Each run is `dvc exp run --temp --name PLAN-ROW-sSEED` of the plan's target stage
@@ -38,7 +49,9 @@ def ablate_cmd(plan: str, seeds: int, rows: str | None, sets: tuple[str, ...], j
     DVC does not hold (data/DELIVER, weights/, or folders outside the repository) runs in
     linked workspaces under .dvc/tmp/ablate instead of --temp copies (the data linked and
     read in place, hashed once per workspace). A rerun starts only the
-    missing runs and removes what killed ones left. Writes ablations/PLAN/report.md,
+    missing runs and removes what killed ones left; a finished run is reused only when
+    every param it recorded equals what this command would run (else it is refused).
+    --dry-run says what would run and estimates the time. Writes ablations/PLAN/report.md,
     report.json and plot.png: mean ± std over seeds, the paired difference to the baseline
     with its 95 % t interval and verdict.
     """
@@ -46,6 +59,13 @@ def ablate_cmd(plan: str, seeds: int, rows: str | None, sets: tuple[str, ...], j
     from pipeline.ablation.setup import prepare
 
     setup = prepare(plan, seeds, rows, sets, metrics, pipeline_path)
+    if dry_run:
+        from pipeline.ablation.dryrun import dry_run as say
+
+        if step_seconds is not None and not step_seconds > 0:
+            raise PipelineError(f"--step-seconds must be > 0, got {step_seconds:g}")
+        say(setup, step_seconds, jobs, echo=click.echo)
+        return
     if not report_only:
         ablate.check_stage_one(setup)
         ablate.ablate(setup, jobs, echo=click.echo)

@@ -115,7 +115,7 @@ class LimitType(click.ParamType):
 
     def convert(self, value: Any, param: click.Parameter | None,
                 ctx: click.Context | None) -> Any:
-        if value == "all" or value == ALL:
+        if value == ALL:
             return ALL
         try:
             return int(value)
@@ -123,7 +123,7 @@ class LimitType(click.ParamType):
             self.fail(f"{value!r} is not an integer or all", param, ctx)
 
 
-ALL = -1  # LimitType's value for `all`
+ALL = "all"  # LimitType's value for `all` (not a number: `--limit -1` is checked as one)
 
 
 DATASET_OPTION = click.option("--dataset", type=DATASET, required=True,

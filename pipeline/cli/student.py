@@ -157,8 +157,9 @@ def train_cmd(dataset: str | None, root: Path | None, cache: str | None, out: st
               help="Parameters file (its `eval` group).  [default: ./params.yaml if present]")
 def evaluate_cmd(checkpoint: Path, dataset: str | None, root: Path | None, split: str | None,
                  setting: str | None, protocol: str | None, mode: str | None,
-                 crop: int | None, stride: int | None, missing: str | None, limit: int | None,
-                 examples: int | None, device: str, nproc: int | None, out: Path,
+                 crop: int | None, stride: int | None, missing: str | None,
+                 limit: int | str | None, examples: int | None, device: str,
+                 nproc: int | None, out: Path,
                  params_path: Path | None) -> None:
     """Evaluate a student: mIoU, mAcc, F1 and pixel accuracy per setting, with charts.
 

@@ -4,7 +4,9 @@ teacher cache before anything is restored).
 
 Format (version `CHECKPOINT_VERSION`): a dict of version, step, best (val mIoU), meta
 (student and train settings, modalities, classes, dataset, steps, palette, the teacher
-cache's fingerprints), model, translators, optimizer and rng (torch, numpy, python, cuda).
+cache's fingerprints), model, translators, optimizer and rng (torch, numpy, python, cuda),
+all in plain types (`checkpoint_file`: read without running code; numpy's RNG state as a
+tuple with an int64 tensor, or the numpy array that files of earlier versions hold).
 """
 
 from __future__ import annotations
@@ -19,13 +21,21 @@ import torch
 from any2seg.diskspace import write_atomic
 from any2seg.errors import PipelineError
 from any2seg.store import TeacherCache, fingerprint_diff
+from stages.student.checkpoint_file import (
+    load_checkpoint_file,
+    numpy_rng_state,
+    plain,
+    set_numpy_rng_state,
+)
 
 CHECKPOINT_VERSION = 2  # 2: meta["cache"] holds the teacher cache's fingerprints
 
 
 def read_checkpoint(path: Path) -> dict[str, Any]:
-    """A checkpoint to resume from, refused in one line when its format is not this one."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    """A checkpoint to resume from, refused in one line when its format is not this one
+    or it holds anything but plain data (`load_checkpoint_file`)."""
+    ckpt = load_checkpoint_file(path, "resume only from a last.pt `pipeline train` wrote, or "
+                                      "start a new --out")
     version = ckpt.get("version") if isinstance(ckpt, dict) else None
     if version != CHECKPOINT_VERSION:
         what = (f"format version {version}" if version is not None
@@ -83,7 +93,7 @@ def restore(ckpt: dict[str, Any], model: torch.nn.Module, optimizer: torch.optim
         translators.load_state_dict(ckpt["translators"])
     optimizer.load_state_dict(ckpt["optimizer"])
     torch.set_rng_state(ckpt["rng"]["torch"])
-    np.random.set_state(ckpt["rng"]["numpy"])
+    set_numpy_rng_state(ckpt["rng"]["numpy"])
     random.setstate(ckpt["rng"]["python"])
     if ckpt["rng"]["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
@@ -102,10 +112,11 @@ def save_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
         "model": model.state_dict(),
         "translators": translators.state_dict() if translators is not None else None,
         "optimizer": optimizer.state_dict() if optimizer is not None else None,
-        "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
+        "rng": {"torch": torch.get_rng_state(), "numpy": numpy_rng_state(),
                 "python": random.getstate(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
     }
+    state = plain(state)  # what load_checkpoint_file reads back, or a TypeError here
     write_atomic(path, lambda tmp: torch.save(state, tmp), _state_bytes(state),
                  f"the checkpoint {path.name} of the run folder")
 

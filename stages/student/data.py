@@ -2,7 +2,10 @@
 
 Augmentation draws from `numpy.random.default_rng([seed, epoch, index])`, so a batch
 depends only on its position in the schedule, not on worker count or on whether the
-run was resumed; that is what makes `--resume` end at the same weights.
+run was resumed; that is what makes `--resume` end at the same weights. Its arithmetic
+does not depend on torch's thread count either (a loader worker runs one thread, the
+main process several): the resize is `resize_bilinear` (torch's one-thread kernel at any
+count) and the jitter's mean is summed per channel first (`_mean`).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import torch.nn.functional as F
 
 from any2seg.config import Where
 from any2seg.datasets import Sample, SampleSequence
+from any2seg.datasets.resize import resize_bilinear
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -82,6 +86,19 @@ def black(name: str) -> torch.Tensor:
     return normalise(name, torch.zeros(3, 1, 1)).flatten()
 
 
+REDUCE_ONE_THREAD = 32768  # torch reduces fewer elements on one thread (its GRAIN_SIZE)
+
+
+def _mean(img: torch.Tensor) -> torch.Tensor:
+    """The mean of a (C, H, W) image with the same bits at every thread count: torch splits
+    one full reduction of a large crop across its threads, so `img.mean()` has other bits
+    at one thread than at two; there the sum runs per channel first (each channel's sum
+    stays on one thread). Smaller crops keep `img.mean()`, already one-threaded."""
+    if img.numel() < REDUCE_ONE_THREAD:
+        return img.mean()
+    return img.reshape(img.shape[0], -1).sum(1).sum() / img.numel()
+
+
 def _gaussian_blur(img: torch.Tensor, sigma: float) -> torch.Tensor:
     radius = max(1, int(round(2 * sigma)))
     x = torch.arange(-radius, radius + 1, dtype=torch.float32)
@@ -131,8 +148,7 @@ def augment(images: dict[str, torch.Tensor], label: torch.Tensor, crop: int,
     h, w = label.shape
     s = rng.uniform(*cfg.scale) * crop / min(h, w)
     nh, nw = max(1, int(round(h * s))), max(1, int(round(w * s)))
-    images = {m: F.interpolate(x[None], size=(nh, nw), mode="bilinear",
-                               align_corners=False)[0] for m, x in images.items()}
+    images = {m: resize_bilinear(x[None], nh, nw)[0] for m, x in images.items()}
     ph, pw = max(0, crop - nh), max(0, crop - nw)
     if ph or pw:
         images = {m: F.pad(x, (0, pw, 0, ph)) for m, x in images.items()}
@@ -154,7 +170,8 @@ def augment(images: dict[str, torch.Tensor], label: torch.Tensor, crop: int,
             b, c, sat = rng.uniform(0.8, 1.2, size=3)
             grey = rgb.mean(0, keepdim=True)
             rgb = (rgb - grey) * sat + grey
-            rgb = (rgb - rgb.mean()) * c + rgb.mean()
+            mean = _mean(rgb)
+            rgb = (rgb - mean) * c + mean
             rgb = (rgb * b).clamp(0, 1)
         if rng.random() < cfg.blur:
             rgb = _gaussian_blur(rgb, float(rng.uniform(0.1, 2.0)))

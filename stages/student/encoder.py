@@ -63,6 +63,7 @@ class Encoder(nn.Module, ABC):
     """Interface: four feature maps at strides 4..32 with `channels` channels."""
 
     channels: list[int]
+    min_side: int | None = None  # the smallest input side it accepts, where known
 
     @abstractmethod
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
@@ -84,7 +85,7 @@ class SegformerEncoder(Encoder):
             if not (folder / "config.json").is_file():
                 raise PipelineError(
                     f"no SegFormer/MiT weights at {folder}; download them with "
-                    f"`huggingface-cli download nvidia/mit-{variant} --local-dir {folder}`")
+                    f"`hf download nvidia/mit-{variant} --local-dir {folder}`")
             try:
                 self.model = SegformerModel.from_pretrained(str(folder), local_files_only=True,
                                                             drop_path_rate=drop_path_rate)
@@ -104,8 +105,12 @@ class SegformerEncoder(Encoder):
                                      sr_ratios=MIT_SR_RATIOS, drop_path_rate=drop_path_rate)
             self.model = SegformerModel(config)
         self.channels = list(hidden)
+        self.min_side = mit_min_input()
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        if min(x.shape[-2:]) < self.min_side:  # else a shape error deep inside MiT
+            raise PipelineError(f"an input of {x.shape[-1]}x{x.shape[-2]} px is smaller than "
+                                f"MiT accepts ({self.min_side} px on each side)")
         return list(self.model(pixel_values=x, output_hidden_states=True).hidden_states)
 
 

@@ -28,6 +28,7 @@ from any2seg.datasets.base import unit_image
 from any2seg.errors import PipelineError
 from any2seg.metrics import Confusion
 from any2seg.progress import progress as progress_bar
+from stages.student.checkpoint_file import load_checkpoint_file
 from stages.student.data import AugmentConfig, StudentData
 from stages.student.distributed import World
 from stages.student.eval_config import INFERENCE_MODES
@@ -54,7 +55,8 @@ def load_checkpoint(path: Path | str, device: str = "cpu") -> tuple[Any2Seg, dic
     if not path.is_file():
         raise PipelineError(f"checkpoint {path} does not exist; train with `pipeline train`")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        ckpt = load_checkpoint_file(path, "evaluate a checkpoint `pipeline train` wrote "
+                                          "(runs/NAME/best.pt)")
         meta = ckpt["meta"]
         model = build_student(StudentConfig(**meta["student"]), meta["modalities"],
                               len(meta["classes"]))
@@ -261,6 +263,7 @@ def evaluate(model: Any2Seg, samples: datasets.SampleSequence, settings: tuple[s
     drawn: list[tuple[int, dict[str, np.ndarray]]] = []
     for batch in progress_bar(loader, desc="evaluating", unit="batch",
                               enabled=progress and world.main, leave=False):
+        _check_frame_size(model, samples, batch, protocol)
         images = batch["images"].to(device, next(model.parameters()).dtype)
         label = batch["label"].to(device)
         preds = predict(model, images, mask_tensor, mode, crop, stride, filler_cache)
@@ -303,6 +306,21 @@ def evaluate(model: Any2Seg, samples: datasets.SampleSequence, settings: tuple[s
     if "sensor" in settings:
         result.sensor = {g: groups[g].scores(names) for g in SENSOR_GROUPS if g in groups}
     return result
+
+
+def _check_frame_size(model: Any2Seg, samples: datasets.SampleSequence,
+                      batch: dict[str, torch.Tensor], protocol: str) -> None:
+    """Frames smaller than the encoder accepts are refused naming the sample (a window
+    is never larger than its frame, so the frame decides)."""
+    smallest = model.encoder.min_side
+    h, w = batch["images"].shape[-2:]
+    if smallest and min(h, w) < smallest:
+        sample = samples.ids[int(batch["index"][0])]
+        raise PipelineError(
+            f"sample {sample} of {samples.name} is scored at {w}x{h} px under the {protocol} "
+            f"protocol, smaller than the student's encoder accepts ({smallest} px on each "
+            "side); score frames of at least that size (`--protocol official` resizes "
+            "DELIVER and MCubeS frames)")
 
 
 def _clean(x: float) -> float | None:

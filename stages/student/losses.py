@@ -1,6 +1,10 @@
 """LSCD losses (Any2Seg section 3.2) and the supervised term.
 
-L = w_sup * CE + w_cr * L_cr + w_se * L_se, with the teacher side read from the cache:
+L = w_sup * CE + w_base * L_base + w_cr * L_cr + w_se * L_se, with the teacher side read
+from the cache. L_base (the paper's Tables 5, 7 and 8 keep it in every row but never define
+it) is this project's reading of the authors' baseline: the same cross-entropy on the mean
+of the per-modality logits (the shared head on each present modality alone, averaged over
+the present ones), where L_sup scores the MFF-fused prediction (Eq. 7); docs/ablations.md.
 - L_cr (inter-modal correlation): for the present modalities m, the student's M^f_m and
   the teacher's M^e_m = cos(E_m, E_S); KL(softmax(M^f / tau) || softmax(M^e / tau)).
   M^f_m is cos(GAP(f_m), GAP(f_ma)) on the last stage (`gap_correlation`), or under
@@ -41,6 +45,7 @@ class LossConfig:
     """The `train.loss` group of params.yaml."""
 
     w_sup: float = 1.0
+    w_base: float = 0.0  # L_base: CE on the mean of the per-modality logits; 0: off
     w_cr: float = 1.0
     w_se: float = 1.0
     w_teacher_code: float = 0.0  # teacher-code distillation (`stages.student.codes`); 0: off
@@ -58,13 +63,14 @@ class LossConfig:
         """Refused before a step is taken: a NaN weight or a zero temperature would only
         show up later as a non-finite loss."""
         where = where or Where("train.loss", None)
-        for name in ("w_sup", "w_cr", "w_se", "w_teacher_code", "w_teacher_decoded"):
+        for name in ("w_sup", "w_base", "w_cr", "w_se", "w_teacher_code",
+                     "w_teacher_decoded"):
             where.number(name, getattr(self, name), 0, why="a loss weight; 0 switches the "
                          "term off")
-        if not (self.w_sup or self.w_cr or self.w_se or self.w_teacher_code or
+        if not (self.w_sup or self.w_base or self.w_cr or self.w_se or self.w_teacher_code or
                 self.w_teacher_decoded):
-            where.fail("w_sup", "> 0 when w_cr, w_se, w_teacher_code and w_teacher_decoded "
-                       "are 0 (nothing would be trained)", self.w_sup)
+            where.fail("w_sup", "> 0 when w_base, w_cr, w_se, w_teacher_code and "
+                       "w_teacher_decoded are 0 (nothing would be trained)", self.w_sup)
         for name in ("tau_cr", "tau_se"):
             where.number(name, getattr(self, name), 0, lo_open=True,
                          why="a softmax temperature")

@@ -31,6 +31,7 @@ class StudentOutput:
     fused: list[MFFOutput]  # per stage; `author`: one, on the class-score maps
     present: torch.Tensor  # (B, M) the mask MFF used
     decoded: torch.Tensor | None = None  # the head's stride-4 features (not under `author`)
+    base_logits: torch.Tensor | None = None  # (B, K, H/4, W/4) when `with_base` (L_base)
 
 
 class Any2Seg(nn.Module):
@@ -56,6 +57,9 @@ class Any2Seg(nn.Module):
         self.missing = missing
         self.mff = MFF(mff)
         self.head = AllMLPHead(encoder.channels, num_classes, embed_dim, dropout)
+        # also the mean of the per-modality logits (L_base's prediction); free under
+        # `author`, which decodes each modality anyway
+        self.with_base = False
 
     def filler(self, like: torch.Tensor) -> torch.Tensor:
         """(1, M, 3, 1, 1) normalised value fed for an absent modality (black / zero-fill)."""
@@ -84,6 +88,19 @@ class Any2Seg(nn.Module):
         outputs = [self.mff(f, present) for f in feats]
         decoded = self.head.decode([o.fused for o in outputs])
         return self.head.classify(self.head.dropout(decoded)), outputs, decoded
+
+    def base(self, feats: list[torch.Tensor], fused: list[MFFOutput],
+             present: torch.Tensor) -> torch.Tensor | None:
+        """L_base's prediction when `with_base` asks for it: the shared head on each present
+        modality alone, averaged over the present ones (under `author` that is MFF's own
+        anchor, the mean of the maps it fuses; else one more head pass)."""
+        if not self.with_base:
+            return None
+        if self.mff.config.variant == "author":
+            return fused[0].mean
+        logits = self.modality_logits(feats, present)
+        weight = present.to(logits.dtype)[:, :, None, None, None]
+        return (logits * weight).sum(1) / weight.sum(1).clamp(min=1)
 
     def modality_logits(self, feats: list[torch.Tensor],
                         present: torch.Tensor) -> torch.Tensor:
@@ -119,7 +136,8 @@ class Any2Seg(nn.Module):
                 stages = self.encoder(flat)
             feats = [f.view(b, m, *f.shape[1:]) for f in stages]
             logits, fused, decoded = self.fuse(feats, present)
-            return StudentOutput(logits, feats, fused, present, decoded)
+            return StudentOutput(logits, feats, fused, present, decoded,
+                                 self.base(feats, fused, present))
         keep = present.flatten().nonzero().squeeze(1)
         with using(None if keys is None else row_keys(keys, m)[keep]):
             stages = self.encoder(flat[keep])
@@ -129,7 +147,8 @@ class Any2Seg(nn.Module):
             full[keep] = f
             feats.append(full.view(b, m, *f.shape[1:]))
         logits, fused, decoded = self.fuse(feats, present)
-        return StudentOutput(logits, feats, fused, present, decoded)
+        return StudentOutput(logits, feats, fused, present, decoded,
+                             self.base(feats, fused, present))
 
 
 @dataclass

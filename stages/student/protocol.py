@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from any2seg import datasets
+from any2seg.datasets.resize import resize_bilinear
 from any2seg.errors import PipelineError
 from stages.student.data import Transform, nearest_index
 
@@ -74,7 +75,7 @@ def resize_tensor_like(arr: np.ndarray, height: int, width: int, nearest: bool) 
     if nearest:
         x = F.interpolate(x, size=(height, width), mode="nearest")
     else:
-        x = F.interpolate(x, size=(height, width), mode="bilinear", align_corners=False)
+        x = resize_bilinear(x, height, width)  # the same bits at every thread count
     out = x[0].permute(1, 2, 0).numpy()
     if integer:  # np.rint: half to even, as torch.round and np.round
         out = np.rint(out, out=out).astype(arr.dtype)

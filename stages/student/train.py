@@ -39,9 +39,11 @@ from stages.student.checkpoint import (
     restore,
     save_checkpoint,
 )
+from stages.student.checkpoint_file import plain
 from stages.student.codes import CodeTranslators, code_loss, decoded_loss
 from stages.student.config import TrainConfig
 from stages.student.data import IGNORE, ScheduleSampler, StudentData, Targets
+from stages.student.estimate import train_steps
 from stages.student.evaluate import evaluate, evaluation_loader
 from stages.student.losses import (
     correlation_kl,
@@ -201,17 +203,18 @@ def _train(student: StudentConfig, cfg: TrainConfig, progress: bool,
         "w_teacher_decoded" if loss_cfg.w_teacher_decoded else None
     codebooks = load_codes(cache, targets, train_set.ids, modalities, code_key) if code_key \
         else None
-    steps = cfg.steps or math.ceil(cfg.epochs * max(1, len(train_set) // cfg.batch_size))
-    meta = {"student": asdict(student), "train": cfg.settings(), "modalities": modalities,
-            "classes": list(train_set.classes), "dataset": cfg.dataset, "steps": steps,
-            "palette": [list(c) for c in datasets.get(cfg.dataset).palette],
-            "cache": cache_fingerprints(cache)}
+    steps = train_steps(cfg, len(train_set))
+    meta = plain({"student": asdict(student), "train": cfg.settings(), "modalities": modalities,
+                  "classes": list(train_set.classes), "dataset": cfg.dataset, "steps": steps,
+                  "palette": [list(c) for c in datasets.get(cfg.dataset).palette],
+                  "cache": cache_fingerprints(cache)})  # as a checkpoint holds it
 
     # -- model, optimiser, schedule --------------------------------------------------------
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
     random.seed(cfg.seed)
     model = build_student(student, modalities, len(train_set.classes)).to(device, dtype)
+    model.with_base = bool(loss_cfg.w_base)  # L_base: the mean of the per-modality logits
     translators = None
     if codebooks is not None:  # after the student, so its initial weights do not move
         translators = CodeTranslators(modalities, model.encoder.channels[-1],
@@ -282,6 +285,9 @@ def _train(student: StudentConfig, cfg: TrainConfig, progress: bool,
             output = net(images, present)
             fused = upcast(output.fused[-1].fused)
             terms = {"L_sup": supervised(upcast(output.logits), label, loss_cfg, world.total)}
+            if loss_cfg.w_base:
+                terms["L_base"] = supervised(upcast(output.base_logits), label, loss_cfg,
+                                             world.total)
             if loss_cfg.w_cr:
                 # the student side: MFF's re-weighting correlations under `author`
                 m_f = (output.fused[-1].correlation if fuse_classes
@@ -302,7 +308,8 @@ def _train(student: StudentConfig, cfg: TrainConfig, progress: bool,
                     terms["L_decoded"] = decoded_loss(translators, upcast(output.feats[-1]),
                                                       present, codes, world.total)
         ramp = distill_ramp(step, steps, loss_cfg.distill_warmup)
-        weights = {"L_sup": loss_cfg.w_sup, "L_cr": loss_cfg.w_cr * ramp,
+        weights = {"L_sup": loss_cfg.w_sup, "L_base": loss_cfg.w_base,
+                   "L_cr": loss_cfg.w_cr * ramp,
                    "L_se": loss_cfg.w_se * ramp, "L_code": loss_cfg.w_teacher_code,
                    "L_decoded": loss_cfg.w_teacher_decoded}
         for name, value in terms.items():

@@ -29,7 +29,7 @@ def resolve_branch_dir(teacher_root: str | Path, branch: str) -> Path:
     """Folder of one branch: `<root>/LanguageBind_<Branch>` or a hub id's local snapshot.
 
     `teacher_root` is either a folder holding the hub folder names (as
-    `huggingface-cli download LanguageBind/LanguageBind_Depth --local-dir
+    `hf download LanguageBind/LanguageBind_Depth --local-dir
     DIR/LanguageBind_Depth` leaves them) or a hub namespace such as `LanguageBind`.
     """
     if branch not in BRANCH_FOLDERS:
@@ -69,11 +69,11 @@ def resolve_branch_dir(teacher_root: str | Path, branch: str) -> Path:
         raise PipelineError(
             f"LanguageBind weights {repo_id} are not in the local Hugging Face cache and "
             f"cannot be downloaded here; fetch them on a machine with network access with "
-            f"`huggingface-cli download {repo_id} --local-dir DIR/{folder}` and pass "
+            f"`hf download {repo_id} --local-dir DIR/{folder}` and pass "
             f"--teacher-root DIR")
     raise PipelineError(
         f"no {folder}/ under teacher root {teacher_root}; download it with "
-        f"`huggingface-cli download LanguageBind/{folder} --local-dir "
+        f"`hf download LanguageBind/{folder} --local-dir "
         f"{Path(teacher_root) / folder}` (or, for the sample, fit the default teacher with "
         f"`pipeline fit-teacher --out {teacher_root}`)")
 

@@ -460,7 +460,7 @@ def _clip_tower(clip: str | Path) -> nn.Module:
     if not (clip / "config.json").is_file():
         raise PipelineError(f"no CLIP ViT-L/14 at {clip}; give OpenAI's ViT-L-14.pt (as "
                             "clip.load caches it in ~/.cache/clip) or a folder from "
-                            "`huggingface-cli download openai/clip-vit-large-patch14 "
+                            "`hf download openai/clip-vit-large-patch14 "
                             f"--local-dir {clip}`")
     try:
         model = CLIPModel.from_pretrained(str(clip))

@@ -33,6 +33,7 @@ from torch import nn
 
 from any2seg import datasets
 from any2seg.errors import PipelineError
+from stages.student.checkpoint_file import load_checkpoint_file, plain
 from stages.student.codealign.config import CodeAlignConfig
 from stages.student.codealign.model import CodeAlignSystem, pair_name, seg_loss
 from stages.student.codealign.split import GroupData, assign_groups, group_indices
@@ -101,7 +102,8 @@ def run_steps(name: str, out: Path, system: nn.Module, trainable: list[nn.Module
     last, done = out / f"{name}.last.pt", out / f"{name}.pt"
     start = 0
     if last.is_file():
-        state = torch.load(last, map_location="cpu", weights_only=False)
+        state = load_checkpoint_file(last, f"delete it (or the run folder) to start {name} "
+                                           "again")
         if state["meta"] != meta:
             raise PipelineError(f"{last} was written for other codealign settings or another "
                                 f"split; delete it (or the run folder) to start {name} again")
@@ -130,7 +132,7 @@ def run_steps(name: str, out: Path, system: nn.Module, trainable: list[nn.Module
 def save(obj: dict[str, Any], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    torch.save(obj, tmp)
+    torch.save(plain(obj), tmp)  # what load_checkpoint_file reads back
     tmp.replace(path)
 
 
@@ -164,8 +166,8 @@ class CodeAlignRun:
         """What shaped stage `stage`'s weights: the split, `student` and the `codealign`
         keys read by stages 0..stage (so a later stage's key leaves earlier ones valid)."""
         keys = [k for n in range(stage + 1) for k in STAGE_KEYS[n]]
-        return {"split": self.split, "student": vars(self.student),
-                "codealign": {k: getattr(self.cfg, k) for k in keys}}
+        return plain({"split": self.split, "student": vars(self.student),
+                      "codealign": {k: getattr(self.cfg, k) for k in keys}})
 
     def load_file(self, path: Path, stage: str | None = None) -> None:
         """Weights of a finished stage: only what that stage (and earlier ones) trained,
@@ -174,7 +176,7 @@ class CodeAlignRun:
         number = int(stage[5])
         if not path.is_file():
             raise PipelineError(f"{path} is missing: run `pipeline codealign {stage}` first")
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = load_checkpoint_file(path, f"rerun `pipeline codealign {stage}`")
         if state["meta"] != self.meta(number):
             raise PipelineError(f"{path} was written for other codealign/student settings or "
                                 f"another split; rerun `pipeline codealign {stage}`")

@@ -34,7 +34,7 @@ class HFCaptioner(Captioner):
                                 "captioning-base)")
         if not (Path(model) / "config.json").is_file():
             raise PipelineError(f"no transformers model at {model} (config.json missing); "
-                                f"download one with `huggingface-cli download REPO --local-dir "
+                                f"download one with `hf download REPO --local-dir "
                                 f"{model}`")
         self.device, self.dtype = device, dtype
         self._model: Any = None
