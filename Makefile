@@ -35,7 +35,7 @@ test: $(STAMP)
 
 # regenerate requirements.lock from pyproject.toml, keeping every pin that still fits;
 # lock-upgrade moves every package to the newest release the ranges allow
-LOCK_FLAGS = --quiet --extra dev --allow-unsafe --strip-extras --no-emit-index-url \
+LOCK_FLAGS = --quiet --extra dev --extra export --allow-unsafe --strip-extras --no-emit-index-url \
 	--no-emit-find-links \
 	$(if $(PIP_CONSTRAINT_FILE),--constraint $(PIP_CONSTRAINT_FILE))
 lock: $(STAMP)

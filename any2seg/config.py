@@ -34,6 +34,20 @@ def configs_dir() -> Path | None:
     return None
 
 
+def yaml_error(path: Path, exc: yaml.YAMLError) -> str:
+    """One line, `FILE:LINE:COLUMN: invalid YAML: problem (context, from LINE:COLUMN)`, as
+    editors and compilers print it (1-based, where YAML's marks count from 0), so the line
+    and column the parser reported survive; the parser's own message spans several lines."""
+    mark = getattr(exc, "problem_mark", None)
+    where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    context, cmark = getattr(exc, "context", None), getattr(exc, "context_mark", None)
+    if context and cmark is not None and (mark is None or cmark.line != mark.line
+                                          or cmark.column != mark.column):
+        context = f"{context} from {cmark.line + 1}:{cmark.column + 1}"
+    return f"{where}: invalid YAML: {problem}" + (f" ({context})" if context else "")
+
+
 def load_yaml(path: Path) -> dict[str, Any]:
     """Parse a YAML mapping, naming the file in any error."""
     try:
@@ -41,7 +55,7 @@ def load_yaml(path: Path) -> dict[str, Any]:
     except OSError as exc:
         raise PipelineError(f"cannot read config {path}: {exc.strerror}") from exc
     except yaml.YAMLError as exc:
-        raise PipelineError(f"invalid YAML in {path}: {str(exc).splitlines()[0]}") from exc
+        raise PipelineError(yaml_error(path, exc)) from exc
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -3,8 +3,8 @@
     python benchmarks/gpu_check.py [--device cuda] [--sections agreement,stage_one,...]
     python benchmarks/gpu_check.py --device cpu --tiny      # the dry run (tests, seconds)
 
-GPU time is scarce, so this runs in one go (under 8 minutes on one modern GPU) and was
-proven on CPU beforehand (`--device cpu --tiny`, run by tests/test_gpu_check.py). Five
+GPU time is scarce, so this runs in one go (under 10 minutes on one modern GPU) and was
+proven on CPU beforehand (`--device cpu --tiny`, run by tests/test_gpu_check.py). Six
 sections, each with a time budget, each timed and each failure recorded without losing
 the others (the JSON is rewritten after every section, so a killed run keeps what it had):
 
@@ -19,6 +19,11 @@ the others (the JSON is rewritten after every section, so a killed run keeps wha
 4. `evaluation`: the official protocol (1024 px, 15 MISS subsets, sensor groups), s/frame.
 5. `feeding`: samples/s per DataLoader worker at 1042 px from the folder and from a
    `pipeline pack` file, and the workers needed to feed the measured training step.
+6. `inference`: `pipeline predict` / `pipeline export` at 1024 px (mit_b2, head 768):
+   s/frame of the eager predict path and of the exported subset graph on the device, and
+   of the ONNX graph on ONNX Runtime's CUDA provider where the installed onnxruntime has
+   it (the locked CPU wheel has not: then its CPU provider on all cores), for all four
+   modalities and RGB alone, with the device's logits against ONNX Runtime's.
 
 Writes benchmarks/results/gpu_check.json and gpu_check.md (`--out`). `--sections` reruns
 some and keeps the other sections of an existing JSON.
@@ -48,7 +53,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-SECTIONS = ("agreement", "stage_one", "training", "evaluation", "feeding")
+SECTIONS = ("agreement", "stage_one", "training", "evaluation", "feeding", "inference")
 MODALITIES = ["rgb", "depth", "event", "lidar"]
 # the DELIVER recipe's peak learning rate, read from its one home
 RECIPE_LR = float(yaml.safe_load((Path(__file__).resolve().parents[1] / "pipelines" / "deliver" /
@@ -70,8 +75,9 @@ FULL: dict[str, Any] = {
                 "warmup": 2, "steps": 5, "ddp_steps": 3, "ddp_batch": 2, "ddp_crop": 512},
     "eval": {"backbone": "mit_b2", "embed_dim": 768, "frames": 4, "protocol": "official"},
     "feed": {"workers": [1, 4], "batches": 3, "batch": 8, "crop": 1024},
+    "infer": {"backbone": "mit_b2", "embed_dim": 768, "size": 1024, "repeats": 5},
     "budgets": {"agreement": 45, "stage_one": 150, "training": 180, "evaluation": 45,
-                "feeding": 60},
+                "feeding": 60, "inference": 120},
 }
 TINY: dict[str, Any] = {
     "frame": 64, "frames": {"train": 8, "val": 4, "test": 4},
@@ -86,9 +92,10 @@ TINY: dict[str, Any] = {
                 "warmup": 1, "steps": 1, "ddp_steps": 2, "ddp_batch": 1, "ddp_crop": 32},
     "eval": {"backbone": "mit_b0", "embed_dim": 16, "frames": 1, "protocol": "native"},
     "feed": {"workers": [1], "batches": 2, "batch": 2, "crop": 32},
+    "infer": {"backbone": "mit_b0", "embed_dim": 16, "size": 64, "repeats": 1},
     # the dry run must reach every sub-measurement, however loaded the CPU
     "budgets": {"agreement": 900, "stage_one": 900, "training": 900, "evaluation": 900,
-                "feeding": 900},
+                "feeding": 900, "inference": 900},
 }
 
 
@@ -717,10 +724,86 @@ def section_feeding(ctx: Context) -> dict[str, Any]:
             "rows": rows, "workers_needed": need}
 
 
+# ---------------------------------------------------------------------------------------
+# 6. prediction and export
+# ---------------------------------------------------------------------------------------
+def _median_s(run: Callable[[], Any], device: str, repeats: int) -> float:
+    run()  # warm-up (allocation, cuDNN / ORT planning)
+    sync(device)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        run()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return round(float(np.median(times)), 4)
+
+
+def section_inference(ctx: Context) -> dict[str, Any]:
+    """Tolerances: the device's eager float32 logits (TF32 off) against ONNX Runtime's on
+    the same frame, to 1e-4 of their scale (`logit_agreement`, as `agreement`)."""
+    import onnxruntime as ort
+
+    from stages.student.evaluate import infer
+    from stages.student.export import SubsetGraph, export_onnx, onnx_session, random_frames
+
+    f = ctx.sizes["infer"]
+    model = student(f["backbone"], f["embed_dim"], variant="author").eval()
+    cuda_ort = "CUDAExecutionProvider" in ort.get_available_providers()
+    providers = (["CUDAExecutionProvider", "CPUExecutionProvider"] if cuda_ort and ctx.cuda
+                 else ["CPUExecutionProvider"])
+    tf32 = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    rows = []
+    try:
+        for name, subset in (("all four", MODALITIES), ("rgb", ["rgb"])):
+            if not ctx.time_left(f"inference {name}"):
+                continue
+            t0 = time.perf_counter()
+            path = export_onnx(model, subset, ctx.scratch / f"student.{'+'.join(subset)}.onnx")
+            export_s = time.perf_counter() - t0
+            x = torch.stack(random_frames(model, subset, [(f["size"], f["size"])], 1))
+            idx = [MODALITIES.index(m) for m in subset]
+            full = model.filler(x).expand(1, -1, 3, *x.shape[-2:]).clone()
+            full[:, idx] = x
+            mask = torch.zeros(1, len(MODALITIES), dtype=torch.bool)
+            mask[0, idx] = True
+            dev = model.to(ctx.device)
+            graph = SubsetGraph(dev, subset).eval()
+            xd, fulld, maskd = x.to(ctx.device), full.to(ctx.device), mask.to(ctx.device)
+            session = onnx_session(path, providers=providers)
+            feed = {"images": x.numpy()}
+            with torch.inference_mode():
+                eager_logits = graph(xd).float().cpu()
+                row = {"subset": name, "export_s": round(export_s, 1),
+                       "eager_graph_s": _median_s(lambda g=graph, v=xd: g(v), ctx.device,
+                                                  f["repeats"]),
+                       "eager_predict_s": _median_s(
+                           lambda m=dev, v=fulld, k=maskd: infer(m, v, k, filler_cache={}),
+                           ctx.device, f["repeats"])}
+            row["onnxruntime_s"] = _median_s(lambda s=session, d=feed: s.run(None, d), "cpu",
+                                             f["repeats"])
+            got = torch.from_numpy(session.run(None, feed)[0])
+            row["onnxruntime_provider"] = session.get_providers()[0]
+            row["agreement"] = logit_agreement(eager_logits, got)
+            rows.append(row)
+            model = model.cpu()
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+    bad = [r["subset"] for r in rows if not r["agreement"]["ok"]]
+    out = {"settings": {**f, "mff": "author", "missing": "exclude", "dtype": "float32",
+                        "tf32": False, "onnxruntime": ort.__version__,
+                        "providers": ort.get_available_providers()},
+           "cuda_provider": cuda_ort, "rows": rows}
+    if bad:
+        raise AssertionError(f"{ctx.device} eager and ONNX Runtime disagree on {bad} ({out})")
+    return out
+
+
 RUNNERS: dict[str, Callable[[Context], dict[str, Any]]] = {
     "agreement": section_agreement, "stage_one": section_stage_one,
     "training": section_training, "evaluation": section_evaluation,
-    "feeding": section_feeding}
+    "feeding": section_feeding, "inference": section_inference}
 
 
 # ---------------------------------------------------------------------------------------
@@ -779,6 +862,11 @@ def _figures(name: str, sec: dict[str, Any]) -> str:
     if name == "evaluation":
         return (f"{r['s_per_frame']} s/frame ({r['subsets']} subsets, "
                 f"{r['sensor_groups']} sensor groups)")
+    if name == "inference":
+        return "; ".join(f"{x['subset']}: eager graph {x['eager_graph_s']} s, predict "
+                         f"{x['eager_predict_s']} s, ORT {x['onnxruntime_provider']} "
+                         f"{x['onnxruntime_s']} s, agree {x['agreement']['ok']}"
+                         for x in r["rows"])
     rows = "; ".join(f"{x['source']} w{x['workers']}: {x['per_worker']}/s per worker"
                      for x in r["rows"])
     return rows + (f"; needed {r['workers_needed']}" if r.get("workers_needed") else "")

@@ -23,7 +23,11 @@ DIRECT = "any2seg-pipeline (pyproject.toml)"
 FIX = "run `make lock` and commit requirements.lock"
 
 
-def declared(pyproject: Path, extras: tuple[str, ...] = ("dev",)) -> dict[str, Requirement]:
+LOCKED_EXTRAS = ("dev", "export")  # the extras the Makefile's LOCK_FLAGS name
+
+
+def declared(pyproject: Path, extras: tuple[str, ...] = LOCKED_EXTRAS
+             ) -> dict[str, Requirement]:
     """Direct requirements of the project (core and the named extras) by canonical name."""
     project = tomllib.loads(pyproject.read_text())["project"]
     lines = list(project.get("dependencies", []))

@@ -91,6 +91,9 @@ BAD_PLANS = {
                         "row 'x' sets train.seed; the seeds come from --seeds"),
     "value out of range": ({"baseline": "full", "rows": {"full": {}, "x": {"train.crop": 7}}},
                            "row 'x': params.yaml: train.crop must be an integer >= 29"),
+    # the line and column YAML reported (1-based), not just "while parsing a block mapping"
+    "a YAML syntax error": ("baseline: full\nrows:\n  full: {}\n  x: {train.loss.w_cr: 0\n"
+                            "  y: {}\n", "p.yaml:5:4: invalid YAML: expected ',' or '}'"),
 }
 
 

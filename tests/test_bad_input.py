@@ -338,6 +338,20 @@ def test_bad_config_is_one_line_naming_the_key(case, capsys, tmp_path, monkeypat
     assert sorted(tmp_path.rglob("*")) == before  # refused before anything was written
 
 
+@pytest.mark.parametrize("command", ["train", "cache-teacher", "evaluate"])
+def test_a_yaml_syntax_error_in_params_names_file_line_and_column(command, capsys, tmp_path,
+                                                                   monkeypatch):
+    """The parser's line and column survive into the one-line error (the old message kept
+    only its first line, "mapping values are not allowed here", with no place)."""
+    monkeypatch.chdir(tmp_path)
+    params = tmp_path / "params.yaml"
+    params.write_text("train:\n  steps: 3\n  lr: 0.001\n   crop: 64\n")
+    extra = ["--checkpoint", tmp_path / "best.pt"] if command == "evaluate" else []
+    code, out, err = run_cli(capsys, [command, "--params", params, *extra])
+    assert_one_line_error(code, err, f"{params}:4:8: invalid YAML: mapping values are not "
+                          "allowed here")
+
+
 def test_scheduler_local_0_fails_at_once_and_leaves_the_store_unlocked(teacher_sample,
                                                                         tmp_path, capsys):
     """It used to start a cluster with no worker and wait forever holding the lock."""

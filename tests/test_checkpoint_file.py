@@ -162,3 +162,28 @@ def test_a_format_2_checkpoint_of_the_earlier_layout_still_loads(tmp_path):
     torch.save({"x": np.array([1.5])}, tmp_path / "float.pt")  # only the RNG's uint32 arrays
     with pytest.raises(PipelineError, match="Float64DType"):
         load_checkpoint_file(tmp_path / "float.pt")
+
+
+@pytest.mark.parametrize("command", ["predict", "export"])
+def test_predict_and_export_refuse_it(command, small_sample, tmp_path, capsys, monkeypatch):
+    """The commands that apply a checkpoint to new frames read it as evaluate does."""
+    root, _ = small_sample
+    monkeypatch.chdir(tmp_path)
+    target = tmp_path / "created"
+    path = crafted(tmp_path / "run" / "best.pt", target)
+    args = ["--rgb", root / "img"] if command == "predict" else ["--format", "onnx"]
+    code, _, err = run_cli(capsys, [command, "--checkpoint", path, *args,
+                                    "--out", tmp_path / "out"])
+    assert_one_line_error(code, err, str(path), "refused unread", "`io.open`")
+    assert not target.exists() and not (tmp_path / "out").exists()
+
+
+def test_load_student_refuses_it(tmp_path):
+    """The Python entry point users embed: the same refusal, as an exception."""
+    from stages.student.predict import load_student
+
+    target = tmp_path / "created"
+    path = crafted(tmp_path / "best.pt", target)
+    with pytest.raises(PipelineError, match="refused unread"):
+        load_student(path)
+    assert not target.exists()

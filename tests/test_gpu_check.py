@@ -19,7 +19,8 @@ def test_dry_run_every_section_ok(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads(out.read_text())
     sections = report["sections"]
-    assert set(sections) == {"agreement", "stage_one", "training", "evaluation", "feeding"}
+    assert set(sections) == {"agreement", "stage_one", "training", "evaluation", "feeding",
+                             "inference"}
     for name, sec in sections.items():
         assert sec["status"] == "ok", (name, sec.get("error"))
         assert sec["skipped"] == [], (name, sec["skipped"])
@@ -57,7 +58,12 @@ def test_dry_run_every_section_ok(tmp_path):
     assert {r["source"] for r in feed["rows"]} == {"folder", "pack"}
     assert all(r["per_worker"] > 0 for r in feed["rows"])
     assert feed["workers_needed"]["workers_folder"] >= 1
-    assert out.with_suffix(".md").read_text().count("| ok |") == 5
+    inference = sections["inference"]["result"]
+    assert [r["subset"] for r in inference["rows"]] == ["all four", "rgb"]
+    for r in inference["rows"]:
+        assert r["agreement"]["ok"] and r["onnxruntime_provider"] == "CPUExecutionProvider"
+        assert min(r["eager_graph_s"], r["eager_predict_s"], r["onnxruntime_s"]) > 0
+    assert out.with_suffix(".md").read_text().count("| ok |") == 6
 
 
 def test_unknown_section_is_refused(tmp_path):

@@ -89,3 +89,17 @@ def test_the_pin_count_the_docs_state_is_the_locks():
     pins = [line for line in (ROOT / "requirements.lock").read_text().splitlines()
             if "==" in line and not line.lstrip().startswith("#")]
     assert stated == len(pins)
+
+
+def test_the_lock_holds_the_extras_the_makefile_locks():
+    """`make lock` (LOCK_FLAGS' --extra) and the check read the same extras, so the export
+    extra's packages are both locked and checked."""
+    import re
+
+    from tests.check_lock import LOCKED_EXTRAS
+
+    flags = re.search(r"^LOCK_FLAGS = (.*?)(?<!\\)$", (ROOT / "Makefile").read_text(),
+                      re.M | re.S).group(1)
+    assert tuple(re.findall(r"--extra (\S+)", flags)) == LOCKED_EXTRAS
+    pins, _ = locked(ROOT / "requirements.lock")
+    assert {"onnx", "onnxruntime", "onnxscript"} <= set(pins)

@@ -181,19 +181,41 @@ class DeliverReader(DatasetReader):
         return variants, []
 
     # -- decoding ---------------------------------------------------------------------
-    def decode(self, record: Record) -> Sample:
-        label_raw = read_png(record.files["label"])
-        label = decode_label(label_raw, record.files["label"])
-        height, width = label.shape
+    @staticmethod
+    def _read_images(files: dict[str, Path]) -> tuple[dict[str, np.ndarray],
+                                                      dict[str, np.ndarray]]:
+        """Every image file of a frame as stored (16-bit kept) and, for 16-bit ones, raw."""
         images: dict[str, np.ndarray] = {}
         raw: dict[str, np.ndarray] = {}
-        for m, path in record.files.items():
+        for m, path in files.items():
             if m == "label":
                 continue
             stored = read_png(path)
             if stored.dtype == np.uint16:
                 raw[m] = stored
             images[m] = to_rgb3(stored, path, keep_16bit=True)  # MISS: read_image keeps uint16
+        return images, raw
+
+    def decode_inputs(self, files: dict[str, Path]) -> dict[str, np.ndarray]:
+        """A frame's images without a label, as `decode` makes them: event brought to the
+        others' size by the official nearest resize; the others must agree."""
+        images, _ = self._read_images(files)
+        sizes = {img.shape[:2] for m, img in images.items() if m != "event"}
+        if len(sizes) > 1:
+            shown = ", ".join(f"{m} {files[m]} is {img.shape[1]}x{img.shape[0]}"
+                              for m, img in images.items() if m != "event")
+            raise DatasetError(f"the images of one frame differ in size ({shown}); all "
+                               "modalities but event must have one size")
+        if sizes and "event" in images:
+            (height, width), = sizes
+            images["event"] = resize_nearest(images["event"], height, width)
+        return images
+
+    def decode(self, record: Record) -> Sample:
+        label_raw = read_png(record.files["label"])
+        label = decode_label(label_raw, record.files["label"])
+        height, width = label.shape
+        images, raw = self._read_images(record.files)
         sizes = {img.shape[:2] for m, img in images.items() if m != "event"}
         if len(sizes) == 1 and sizes != {(height, width)}:  # the images agree: the label is off
             (h, w), = sizes

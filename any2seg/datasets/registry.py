@@ -7,6 +7,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
+import numpy as np
+
 from any2seg.datasets.base import Record, Sample, SampleSequence
 from any2seg.errors import DatasetError
 
@@ -39,6 +41,13 @@ class DatasetReader(ABC):
     @abstractmethod
     def decode(self, record: Record) -> Sample:
         """Read one record's files into a `Sample`, raising `DatasetError` naming the file."""
+
+    def decode_inputs(self, files: dict[str, Path]) -> dict[str, np.ndarray]:
+        """One frame's images {modality: file} without a label, as `decode` makes them
+        (prediction on new frames). Formats that can only place a frame by its label
+        refuse."""
+        raise DatasetError(f"{self.name} frames can be read only with their labels, from a "
+                           f"{self.name} root (--dataset {self.name} --root ...)")
 
     @abstractmethod
     def load(self, root: Path | str | None, split: str | Sequence[str],

@@ -115,11 +115,11 @@ def dry_run(setup: Setup, step_seconds: float | None = None, jobs: int = 1,
         echo(f"estimate: unknown steps ({source})")
     elif estimate.seconds is None:
         echo(f"estimate: {per_run:,} steps per run (train split {n}: {source}); "
-             f"{estimate.time_from}")
+             f"{estimate.basis}")
     else:
         total = estimate.seconds * len(todo)
         echo(f"estimate: {len(todo)} runs x {per_run:,} steps (train split of {n} samples, "
-             f"{source}) x {estimate.step_seconds:g} s/step ({estimate.time_from}) = "
+             f"{source}) x {estimate.step_seconds:g} s/step ({estimate.basis}) = "
              f"{duration(total)} ({duration(estimate.seconds)} per run"
              + (f"; about {duration(total / min(len(todo), jobs))} with --jobs {jobs}"
                if jobs > 1 and todo else "") + "; evaluation not included unless measured)")

@@ -16,7 +16,7 @@ import click
 
 from any2seg.errors import PipelineError, ReportedError
 from pipeline import __version__
-from pipeline.cli import ablate, data, student, teacher
+from pipeline.cli import ablate, data, inference, student, teacher
 from pipeline.cli.codealign import codealign_group
 from pipeline.cli.options import CONTEXT, remember_argv
 
@@ -56,7 +56,8 @@ def cli(ctx: click.Context, debug: bool) -> None:
 for _command in (data.make_sample_cmd, data.datasets_group, data.pack_cmd,
                  teacher.cache_teacher_cmd, teacher.fit_teacher_cmd, teacher.cache_info_cmd,
                  teacher.cache_verify_cmd, student.train_cmd, student.evaluate_cmd,
-                 ablate.ablate_cmd, codealign_group):
+                 inference.predict_cmd, inference.export_cmd, ablate.ablate_cmd,
+                 codealign_group):
     cli.add_command(_command)
 
 

@@ -18,6 +18,12 @@ from pipeline.cli.options import PARAMS
 CONTEXT = {k: v for k, v in _CONTEXT.items() if k != "terminal_width"}
 
 
+RESUME = click.option(
+    "--resume", type=click.Choice(["strict", "auto"]), default="strict",
+    help="A part's checkpoint of other settings, split or code: strict refuses it; auto "
+    "(what the DVC stages run) trains that part again from scratch, saying why.")
+
+
 def _common(fn: Any) -> Any:
     fn = PARAMS(fn)
     fn = click.option("--out", type=click.Path(path_type=Path), default=Path("runs/codealign"),
@@ -29,7 +35,8 @@ def _common(fn: Any) -> Any:
                         help="Dataset.  [default: dataset.name of params.yaml]")(fn)
 
 
-def _run(dataset: str | None, root: Path | None, out: Path, params_path: Path | None) -> Any:
+def _run(dataset: str | None, root: Path | None, out: Path, params_path: Path | None,
+         resume: str = "strict") -> Any:
     from any2seg.config import DEFAULT_DATASET, Where, build, dataset_root, read_params
     from stages.student.codealign.config import CodeAlignConfig
     from stages.student.codealign.stages import CodeAlignRun
@@ -48,7 +55,7 @@ def _run(dataset: str | None, root: Path | None, out: Path, params_path: Path | 
     cfg.validate(Where("codealign", source))
     student = build(StudentConfig, dict(params.get("student") or {}), Where("student", source))
     student.validate(Where("student", source))
-    return CodeAlignRun(dataset, root, out, student, cfg)
+    return CodeAlignRun(dataset, root, out, student, cfg, resume)
 
 
 def _report(losses: dict[str, list[float]], as_json: bool) -> None:
@@ -68,31 +75,34 @@ def codealign_group() -> None:
 
 @codealign_group.command("stage0", context_settings=CONTEXT)
 @_common
+@RESUME
 @click.option("--json", "as_json", is_flag=True, help="Print the final losses as JSON.")
 def stage0_cmd(dataset: str | None, root: Path | None, out: Path, params_path: Path | None,
-               as_json: bool) -> None:
+               resume: str, as_json: bool) -> None:
     """A model per group on its own frames, and the naive-joint reference."""
-    _report(_run(dataset, root, out, params_path).stage0(), as_json)
+    _report(_run(dataset, root, out, params_path, resume).stage0(), as_json)
 
 
 @codealign_group.command("stage1", context_settings=CONTEXT)
 @_common
+@RESUME
 @click.option("--json", "as_json", is_flag=True, help="Print the final losses as JSON.")
 def stage1_cmd(dataset: str | None, root: Path | None, out: Path, params_path: Path | None,
-               as_json: bool) -> None:
+               resume: str, as_json: bool) -> None:
     """Aligners and code spaces, encoders frozen (reads OUT/stage0.pt)."""
-    _report(_run(dataset, root, out, params_path).stage1(), as_json)
+    _report(_run(dataset, root, out, params_path, resume).stage1(), as_json)
 
 
 @codealign_group.command("stage2", context_settings=CONTEXT)
 @_common
+@RESUME
 @click.option("--control", is_flag=True,
               help="Shuffled-label control: label pixels permuted (writes stage2.control.pt).")
 @click.option("--json", "as_json", is_flag=True, help="Print the final losses as JSON.")
 def stage2_cmd(dataset: str | None, root: Path | None, out: Path, params_path: Path | None,
-               control: bool, as_json: bool) -> None:
+               resume: str, control: bool, as_json: bool) -> None:
     """Translators between groups, everything else frozen (reads OUT/stage1.pt)."""
-    _report(_run(dataset, root, out, params_path).stage2(control=control), as_json)
+    _report(_run(dataset, root, out, params_path, resume).stage2(control=control), as_json)
 
 
 @codealign_group.command("evaluate", context_settings=CONTEXT)

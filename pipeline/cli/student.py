@@ -62,14 +62,23 @@ from pipeline.help_defaults import ParamsCommand, Tunable
 @click.option("--nproc", type=int, default=None, help="Processes on this machine (one per "
               "GPU; gloo ranks on CPU), started through torch's elastic launcher; "
               "--batch-size is the global batch.", cls=Tunable, key="train.nproc")
-@click.option("--resume", is_flag=True, help="Continue from OUT/last.pt.")
+@click.option("--resume", type=click.Choice(["strict", "auto"]), is_flag=False,
+              flag_value="strict", default=None,
+              help="Continue from OUT/last.pt. strict (the bare flag): refuse a last.pt of "
+              "other settings or another teacher cache; auto (what the DVC train stage "
+              "runs): continue when settings, data, teacher and code are the same, else "
+              "start fresh saying what differs.")
+@click.option("--dry-run", is_flag=True, help="Print the resolved configuration (each value's "
+              "source), the steps, checkpoints, resume decision and a time estimate; train "
+              "nothing, write nothing, need no weights or data.")
 @PARAMS
 @click.option("--json", "as_json", is_flag=True, help="Print the run summary as JSON.")
 def train_cmd(dataset: str | None, root: Path | None, cache: str | None, out: str | None,
               variant: str | None, pretrained: str | None, steps: int | None,
               epochs: float | None, batch_size: int | None, crop: int | None, lr: float | None,
               workers: int | None, device: str | None, seed: int | None, nproc: int | None,
-              resume: bool, params_path: Path | None, as_json: bool) -> None:
+              resume: str | None, dry_run: bool, params_path: Path | None,
+              as_json: bool) -> None:
     """Stage two: train the Any2Seg student (shared encoder, MFF, LSCD losses) from the cache.
 
     Every tunable is in params.yaml under `student` and `train`; flags override them.
@@ -91,30 +100,40 @@ def train_cmd(dataset: str | None, root: Path | None, cache: str | None, out: st
                  "workers": workers, "device": device, "seed": seed, "nproc": nproc}
     if steps is not None:
         overrides["epochs"] = None
-    student, cfg = TrainConfig.from_params(params, overrides, source,
-                                           flags(overrides, {"backbone": "--variant"}))
+    named = flags(overrides, {"backbone": "--variant"})
+    student, cfg = TrainConfig.from_params(params, overrides, source, named)
     if steps is not None:
         cfg.epochs = None
     if epochs is not None and steps is None:
         cfg.steps = None
+    if dry_run:
+        from stages.student.dry_run import describe
+
+        click.echo(describe(student, cfg, params, source, named, resume))
+        return
     if cfg.nproc > 1 and not distributed.launched():
         distributed.World(size=cfg.nproc).split(cfg.batch_size)  # refused before any start
         distributed.launch(cfg.nproc, argv(), resolve_device(cfg.device), debug())
         return  # rank 0 printed the summary
     try:
-        summary = train(student, cfg, progress=True, resume=resume)
+        summary = train(student, cfg, progress=True, resume=resume or False)
     finally:
         distributed.leave()
     if os.environ.get("RANK", "0") != "0":
         return
     if as_json:
         click.echo(json.dumps(summary, indent=2))
+    elif summary["status"] == "finished" and resume == "auto":
+        click.echo(f"{summary['out']} has finished this run (same settings, data, teacher "
+                   f"and code): its last.pt is at step {summary['start']} of "
+                   f"{summary['steps']}; nothing to do")
     elif summary["status"] == "finished":
         click.echo(f"{summary['out']} has finished: its last.pt is at step {summary['start']} "
                    f"of {summary['steps']}; nothing to resume (evaluate "
                    f"{summary['out']}/best.pt, or train more steps into a new --out)")
     else:
-        click.echo(f"trained {summary['steps']} steps into {summary['out']} in "
+        resumed = f" (resumed at step {summary['start']})" if summary["start"] else ""
+        click.echo(f"trained {summary['steps']} steps{resumed} into {summary['out']} in "
                    f"{summary['seconds']} s: loss {summary['first_loss']:.3f} -> "
                    f"{summary['last_loss']:.3f}, val mIoU {summary['val_mIoU']}")
 

@@ -1,12 +1,13 @@
-"""Checkpoints of a training run: what `last.pt` / `best.pt` hold, the atomic write, and
-resuming (refusing a checkpoint of another format version, other settings or another
-teacher cache before anything is restored).
+"""Checkpoints of a training run: what `last.pt` / `best.pt` hold, the atomic write,
+reading one back (refusing another format version) and restoring it. Which checkpoint
+continues which run (settings, teacher cache, code): `stages.student.resume`.
 
 Format (version `CHECKPOINT_VERSION`): a dict of version, step, best (val mIoU), meta
 (student and train settings, modalities, classes, dataset, steps, palette, the teacher
-cache's fingerprints), model, translators, optimizer and rng (torch, numpy, python, cuda),
-all in plain types (`checkpoint_file`: read without running code; numpy's RNG state as a
-tuple with an int64 tensor, or the numpy array that files of earlier versions hold).
+cache's fingerprints, the code's sources), model, translators, optimizer and rng (torch,
+numpy, python, cuda), all in plain types (`checkpoint_file`: read without running code;
+numpy's RNG state as a tuple with an int64 tensor, or the numpy array that files of earlier
+versions hold).
 """
 
 from __future__ import annotations
@@ -30,30 +31,31 @@ from stages.student.checkpoint_file import (
 
 CHECKPOINT_VERSION = 2  # 2: meta["cache"] holds the teacher cache's fingerprints
 
+RESUME_REMEDY = ("move it away to start this run again, or restore it (it may be the only "
+                 "copy of a long run)")
 
-def read_checkpoint(path: Path) -> dict[str, Any]:
-    """A checkpoint to resume from, refused in one line when its format is not this one
-    or it holds anything but plain data (`load_checkpoint_file`)."""
-    ckpt = load_checkpoint_file(path, "resume only from a last.pt `pipeline train` wrote, or "
-                                      "start a new --out")
+
+def read_checkpoint_file(path: Path) -> Any:
+    """A run folder's checkpoint as saved, read without running code; one that cannot be
+    read (or asks for anything but plain data) is refused in one line and left in place."""
+    return load_checkpoint_file(path, RESUME_REMEDY)
+
+
+def check_format(path: Path, ckpt: Any) -> None:
+    """Refuse, in one line, a checkpoint of another format version (or not ours)."""
     version = ckpt.get("version") if isinstance(ckpt, dict) else None
     if version != CHECKPOINT_VERSION:
         what = (f"format version {version}" if version is not None
                 else "no checkpoint format version (not written by `pipeline train`)")
         raise PipelineError(f"{path} has {what}; this version resumes format version "
                             f"{CHECKPOINT_VERSION} only: start a new --out")
+
+
+def read_checkpoint(path: Path) -> dict[str, Any]:
+    """A checkpoint to resume from, refused in one line when its format is not this one."""
+    ckpt = read_checkpoint_file(path)
+    check_format(path, ckpt)
     return ckpt
-
-
-def check_same_settings(last: Path, recorded: dict[str, Any], now: dict[str, Any]) -> None:
-    """Refuse to resume with student or train settings other than the checkpoint's."""
-    if recorded["student"] != now["student"] or recorded["train"] != now["train"]:
-        differ = fingerprint_diff(
-            {"student": recorded["student"], "train": recorded["train"]},
-            {"student": now["student"], "train": now["train"]})
-        differ = [d.replace(" in the store,", " in the checkpoint,") for d in differ]
-        raise PipelineError(f"{last} was written with other settings ({'; '.join(differ)}); "
-                            "resume with the same parameters or start a new --out")
 
 
 def cache_fingerprints(cache: TeacherCache) -> dict[str, Any]:
@@ -63,12 +65,12 @@ def cache_fingerprints(cache: TeacherCache) -> dict[str, Any]:
             "codebook_fingerprint": cache.codebook_fingerprint}
 
 
-def check_same_cache(last: Path, recorded: dict[str, Any] | None, now: dict[str, Any]) -> None:
-    """Refuse to resume on targets other than those the run started with."""
+def cache_diff(recorded: dict[str, Any] | None, now: dict[str, Any], last: Path) -> list[str]:
+    """How the teacher cache a run would train on differs from the one `last` recorded:
+    targets of two caches must never be mixed in one run."""
     if recorded is None:
-        raise PipelineError(f"{last} records no teacher cache fingerprints (written by an older "
-                            "version), so resuming cannot prove the targets are the same; "
-                            "start a new --out")
+        return [f"teacher cache fingerprints (not recorded in {last}: written by an older "
+                "version)"]
     changed = [f"teacher {d}" for d in fingerprint_diff(recorded["teacher_fingerprint"],
                                                          now["teacher_fingerprint"])]
     if recorded.get("codebook_fingerprint") != now.get("codebook_fingerprint"):
@@ -78,11 +80,7 @@ def check_same_cache(last: Path, recorded: dict[str, Any] | None, now: dict[str,
         changed.append(f"dataset fingerprint ({recorded['dataset_fingerprint']} at the "
                        f"checkpoint, {now['dataset_fingerprint']} now: rows were recomputed "
                        "from changed files, or the store was rebuilt for other samples)")
-    if changed:
-        shown = "; ".join(changed[:4]).replace(" in the store, ", " at the checkpoint, ")
-        raise PipelineError(f"{now['path']} changed since {last} was written: {shown}; "
-                            "resuming would mix targets of two caches: start a new --out, or "
-                            "restore the cache the run started with")
+    return [c.replace(" in the store, ", " at the checkpoint, ") for c in changed]
 
 
 def restore(ckpt: dict[str, Any], model: torch.nn.Module, optimizer: torch.optim.Optimizer,

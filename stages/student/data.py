@@ -80,6 +80,17 @@ def normalise(name: str, img: torch.Tensor, out: torch.Tensor | None = None) -> 
     return img if out is None else out.copy_(img)
 
 
+def model_input(arrays: dict[str, np.ndarray], modalities: Sequence[str]) -> torch.Tensor:
+    """Stored arrays (H x W x 3, after any protocol resize) -> the (M, 3, H, W) input the
+    student is evaluated on: each modality converted (`to_unit`) and normalised in its slot
+    (what evaluation and prediction feed the student)."""
+    h, w, c = arrays[modalities[0]].shape
+    stacked = torch.empty((len(modalities), c, h, w), dtype=torch.float32)
+    for i, m in enumerate(modalities):
+        normalise(m, to_unit(arrays[m], out=stacked[i]), out=stacked[i])
+    return stacked
+
+
 def black(name: str) -> torch.Tensor:
     """(3,) value of an all-black frame of `name` after normalisation: what MISS feeds for a
     missing sensor (RGB -> -mean/std, about (-2.118, -2.036, -1.804); the others 0)."""
@@ -231,12 +242,9 @@ class StudentData(torch.utils.data.Dataset):
         present = torch.ones(len(self.modalities), dtype=torch.bool)
         maps = None
         training = epoch >= 0 and bool(self.crop)
-        if not training:  # each modality converted and normalised in its slot of the item
-            h, w, c = arrays[self.modalities[0]].shape
-            stacked = torch.empty((len(self.modalities), c, h, w), dtype=torch.float32)
-            for i, m in enumerate(self.modalities):
-                normalise(m, to_unit(arrays[m], out=stacked[i]), out=stacked[i])
-            return self._item(stacked, label, present, index, None)
+        if not training:
+            return self._item(model_input(arrays, self.modalities), label, present, index,
+                              None)
         images = {m: to_unit(arrays[m]) for m in self.modalities}
         if self.targets is not None and self.targets.codes is not None:
             maps = code_map(self.targets.codes[index], *label.shape,

@@ -108,10 +108,12 @@ class Any2Seg(nn.Module):
         for absent ones."""
         b, m = present.shape
         keys = current()  # the head sees (sample, modality) rows, as the encoder does
-        if bool(present.all()):  # nothing absent: no gather, no scatter into zeros
+        exporting = torch.compiler.is_exporting()  # a graph: no data-dependent branch
+        if exporting or bool(present.all()):  # nothing absent: no gather, no scatter
             with using(None if keys is None else row_keys(keys, m)):
                 out = self.head([f.flatten(0, 1) for f in feats])
-            return out.view(b, m, *out.shape[1:])
+            out = out.view(b, m, *out.shape[1:])
+            return out * present[:, :, None, None, None].to(out.dtype) if exporting else out
         keep = present.flatten().nonzero().squeeze(1)
         with using(None if keys is None else row_keys(keys, m)[keep]):
             out = self.head([f.flatten(0, 1)[keep] for f in feats])

@@ -82,17 +82,19 @@ def resize_tensor_like(arr: np.ndarray, height: int, width: int, nearest: bool) 
     return out if arr.ndim == 3 else out[:, :, 0]
 
 
-def official_resize(arrays: dict[str, np.ndarray], label: np.ndarray,
-                    size: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
+def official_resize(arrays: dict[str, np.ndarray], label: np.ndarray | None,
+                    size: int) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
     """DELIVER `augmentations_mm.Resize.__call__` (lines 288-312): scale = size / short
-    side, (round(H * scale), round(W * scale)), then up to multiples of 32."""
-    h, w = label.shape
+    side, (round(H * scale), round(W * scale)), then up to multiples of 32. Without a
+    label (prediction on new frames) the images' common size is the frame's."""
+    h, w = label.shape if label is not None else next(iter(arrays.values())).shape[:2]
     scale = size / min(h, w)
     nh, nw = round(h * scale), round(w * scale)
     ah, aw = int(math.ceil(nh / 32)) * 32, int(math.ceil(nw / 32)) * 32
     for th, tw in ((nh, nw), (ah, aw)):
         arrays = {m: resize_tensor_like(x, th, tw, nearest=False) for m, x in arrays.items()}
-        label = resize_tensor_like(label, th, tw, nearest=True)
+        if label is not None:
+            label = resize_tensor_like(label, th, tw, nearest=True)
     return arrays, label
 
 
@@ -111,8 +113,8 @@ class _OfficialResize:
     def __init__(self, size: int) -> None:
         self.size = size
 
-    def __call__(self, arrays: dict[str, np.ndarray],
-                 label: np.ndarray) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    def __call__(self, arrays: dict[str, np.ndarray], label: np.ndarray | None
+                 ) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
         return official_resize(arrays, label, self.size)
 
     def __repr__(self) -> str:

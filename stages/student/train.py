@@ -31,15 +31,9 @@ from any2seg.progress import progress as progress_bar
 from any2seg.runlock import check_run_folder, folder_lock
 from any2seg.store import TeacherCache, open_cache, sample_list_fingerprint
 from stages.student import distributed, noise
-from stages.student.checkpoint import (
-    cache_fingerprints,
-    check_same_cache,
-    check_same_settings,
-    read_checkpoint,
-    restore,
-    save_checkpoint,
-)
+from stages.student.checkpoint import cache_fingerprints, restore, save_checkpoint
 from stages.student.checkpoint_file import plain
+from stages.student.code_version import code_fingerprint
 from stages.student.codes import CodeTranslators, code_loss, decoded_loss
 from stages.student.config import TrainConfig
 from stages.student.data import IGNORE, ScheduleSampler, StudentData, Targets
@@ -53,6 +47,7 @@ from stages.student.losses import (
     supervised,
 )
 from stages.student.model import StudentConfig, build_student
+from stages.student.resume import clear_run, decide
 from stages.student.tracking import open_live
 
 log = logging.getLogger("pipeline.train")
@@ -153,9 +148,12 @@ def _likely_cause(term: str, batch: dict[str, torch.Tensor], output: Any, target
 
 
 def train(student: StudentConfig, cfg: TrainConfig, progress: bool = True,
-          resume: bool = False) -> dict[str, Any]:
+          resume: bool | str = False) -> dict[str, Any]:
     """Train under a lock on the run folder (only the rank that writes takes it): a second
-    trainer on the same --out is refused instead of renaming checkpoints under the first."""
+    trainer on the same --out is refused instead of renaming checkpoints under the first.
+    `resume`: False starts at step 0; True or "strict" continues from OUT/last.pt, refusing
+    one of other settings; "auto" continues when it is this run and starts fresh, saying
+    why, otherwise (`stages.student.resume`)."""
     student.validate()
     cfg.validate(student=student)
     if os.environ.get("RANK", "0") != "0":
@@ -167,7 +165,7 @@ def train(student: StudentConfig, cfg: TrainConfig, progress: bool = True,
 
 
 def _train(student: StudentConfig, cfg: TrainConfig, progress: bool,
-           resume: bool) -> dict[str, Any]:
+           resume: bool | str) -> dict[str, Any]:
     # -- this process's place in the job (torchrun: one rank per GPU) ------------------------
     world = distributed.join(resolve_device(cfg.device))
     device, local_batch = world.device, world.split(cfg.batch_size)
@@ -207,7 +205,8 @@ def _train(student: StudentConfig, cfg: TrainConfig, progress: bool,
     meta = plain({"student": asdict(student), "train": cfg.settings(), "modalities": modalities,
                   "classes": list(train_set.classes), "dataset": cfg.dataset, "steps": steps,
                   "palette": [list(c) for c in datasets.get(cfg.dataset).palette],
-                  "cache": cache_fingerprints(cache)})  # as a checkpoint holds it
+                  "cache": cache_fingerprints(cache),
+                  "code": code_fingerprint()})  # as a checkpoint holds it
 
     # -- model, optimiser, schedule --------------------------------------------------------
     torch.manual_seed(cfg.seed)
@@ -240,16 +239,22 @@ def _train(student: StudentConfig, cfg: TrainConfig, progress: bool,
     out.mkdir(parents=True, exist_ok=True)
     last, best_path = out / "last.pt", out / "best.pt"
     start, best = 0, -math.inf
-    if resume and last.is_file():
-        ckpt = read_checkpoint(last)  # refuses another format version
-        check_same_settings(last, ckpt["meta"], meta)
-        if int(ckpt["step"]) >= steps:
-            return {"out": str(out), "steps": steps, "start": int(ckpt["step"]),
-                    "status": "finished", "best_val_mIoU": float(ckpt["best"])}
-        check_same_cache(last, ckpt["meta"].get("cache"), meta["cache"])
-        start, best = restore(ckpt, model, optimizer, translators)
-    elif resume:
-        raise PipelineError(f"nothing to resume: {last} does not exist")
+    if resume:
+        # every rank decides from the same files; rank 0 alone clears a stale run, and no
+        # rank can write a new last.pt before all have decided (DDP's first all-reduce)
+        decision = decide(last, meta, steps, "strict" if resume is True else str(resume))
+        if decision.action == "finished":
+            return {"out": str(out), "steps": steps, "start": decision.step,
+                    "status": "finished", "resume": resume,
+                    "best_val_mIoU": float(decision.checkpoint["best"])}
+        if decision.action == "resume":
+            start, best = restore(decision.checkpoint, model, optimizer, translators)
+            if world.main:
+                log.info("resuming %s at step %d of %d", last, start, steps)
+        elif world.main:  # fresh: nothing of an earlier run may outlive this one
+            if decision.why:
+                log.warning("%s", decision.why)
+            clear_run(out)
 
     data = StudentData(train_set, modalities, targets, cfg.crop, cfg.augment_config(),
                        cfg.seed, cfg.modality_dropout, single_modality=cfg.single_modality)

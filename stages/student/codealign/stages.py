@@ -18,12 +18,16 @@ per stage.
 
 Checkpoints: out/stage{N}.pt when a stage is done; inside it, per trained part (a
 group, the joint model, a translator) out/stage{N}/<part>.last.pt every
-`checkpoint_every` steps (model, optimiser, schedule, step, the settings and split); a rerun
-resumes from it, a finished part is not trained again.
+`checkpoint_every` steps (model, optimiser, schedule, step, the settings and split,
+the code's fingerprint); a rerun resumes from it, a finished part is not trained
+again. One of other settings is refused, or under `--resume auto` (the DVC stages)
+trained again from scratch.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -34,6 +38,7 @@ from torch import nn
 from any2seg import datasets
 from any2seg.errors import PipelineError
 from stages.student.checkpoint_file import load_checkpoint_file, plain
+from stages.student.code_version import code_diff, code_fingerprint
 from stages.student.codealign.config import CodeAlignConfig
 from stages.student.codealign.model import CodeAlignSystem, pair_name, seg_loss
 from stages.student.codealign.split import GroupData, assign_groups, group_indices
@@ -51,6 +56,7 @@ STAGE_KEYS: dict[int | str, tuple[str, ...]] = {
         "stage2_milestones"),
     "evaluate": ("eval_quantiser", "eval_seed"),
 }
+log = logging.getLogger("pipeline.codealign")
 # read by every training stage but changing no weight: listed by the DVC stage 0 only
 UNRECORDED = ("checkpoint_every",)
 Step = Callable[[dict[str, torch.Tensor], torch.Generator], torch.Tensor]
@@ -93,17 +99,28 @@ def optimiser(params: list[nn.Parameter], cfg: CodeAlignConfig, stage: int, step
 
 def run_steps(name: str, out: Path, system: nn.Module, trainable: list[nn.Module],
               loader_at: Callable[[int], torch.utils.data.DataLoader], step_fn: Step,
-              steps: int, cfg: CodeAlignConfig, meta: dict[str, Any], *, stage: int
-              ) -> list[float]:
+              steps: int, cfg: CodeAlignConfig, meta: dict[str, Any], *, stage: int,
+              resume: str = "strict") -> list[float]:
     """Train `trainable` for `steps` with stage `stage`'s optimiser and schedule, resuming
-    from out/{name}.last.pt; returns losses."""
+    from out/{name}.last.pt; returns losses. `resume`: strict refuses a checkpoint of other
+    settings or split; auto (the DVC stages, whose folders persist) starts the part afresh,
+    saying why, when its settings, split or code differ."""
     params = freeze_all_but(system, trainable)
     opt, schedule = optimiser(params, cfg, stage, steps)
     last, done = out / f"{name}.last.pt", out / f"{name}.pt"
     start = 0
-    if last.is_file():
-        state = load_checkpoint_file(last, f"delete it (or the run folder) to start {name} "
-                                           "again")
+    code = code_fingerprint()
+    state = load_checkpoint_file(last, f"delete it (or the run folder) to start {name} again") \
+        if last.is_file() else None
+    if state is not None and resume == "auto":
+        differ = meta_diff(state["meta"], meta) + code_diff(state.get("code"), code)
+        if differ:
+            shown = "; ".join(differ[:4])
+            log.warning("%s (step %d) does not continue this run: %s%s; starting %s fresh",
+                        last, state["step"], shown,
+                        f"; and {len(differ) - 4} more" if len(differ) > 4 else "", name)
+            state = None
+    if state is not None:
         if state["meta"] != meta:
             raise PipelineError(f"{last} was written for other codealign settings or another "
                                 f"split; delete it (or the run folder) to start {name} again")
@@ -124,9 +141,28 @@ def run_steps(name: str, out: Path, system: nn.Module, trainable: list[nn.Module
         losses.append(float(loss.detach()))
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == steps:
             save({"model": system.state_dict(), "optimizer": opt.state_dict(),
-                  "schedule": schedule.state_dict(), "step": step + 1, "meta": meta}, last)
+                  "schedule": schedule.state_dict(), "step": step + 1, "meta": meta,
+                  "code": code}, last)
     save({"model": system.state_dict(), "meta": meta, "losses": losses}, done)
     return losses
+
+
+def meta_diff(recorded: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """The settings that differ, as `codealign.lr (0.02 at the checkpoint, 0.01 now)`, and
+    the split as one item (it names every frame)."""
+    def show(value: Any) -> str:
+        return json.dumps(value, default=str)
+
+    out = []
+    for group in sorted((set(recorded) | set(now)) - {"split"}):
+        old, new = recorded.get(group) or {}, now.get(group) or {}
+        out += [f"{group}.{k} ({show(old.get(k))} at the checkpoint, {show(new.get(k))} now)"
+                for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    old, new = recorded.get("split") or {}, now.get("split") or {}
+    if old != new:
+        moved = sum(old.get(k) != new.get(k) for k in set(old) | set(new))
+        out.append(f"the split ({moved} of {len(new)} frames in another group or absent)")
+    return out
 
 
 def save(obj: dict[str, Any], path: Path) -> None:
@@ -140,11 +176,11 @@ class CodeAlignRun:
     """One run folder: the data, the split, the system and the stage entry points."""
 
     def __init__(self, dataset: str, root: str | Path, out: str | Path,
-                 student: StudentConfig, cfg: CodeAlignConfig) -> None:
+                 student: StudentConfig, cfg: CodeAlignConfig, resume: str = "strict") -> None:
         self.samples = datasets.load(dataset, root, "train")
         cfg.validate(modalities=list(self.samples.modalities))
         self.dataset, self.root, self.out = dataset, str(root), Path(out)
-        self.student, self.cfg = student, cfg
+        self.student, self.cfg, self.resume = student, cfg, resume
         self.assignment = assign_groups(self.samples.ids, len(cfg.groups), cfg.seed, dataset)
         torch.manual_seed(cfg.train_seed)
         self.system = CodeAlignSystem(student, cfg, len(self.samples.classes))
@@ -202,7 +238,7 @@ class CodeAlignRun:
                 f"stage0/group{g}", self.out, self.system, [student],
                 lambda s, mods=mods, idx=idx, g=g: group_loader(
                     self.samples, mods, idx, cfg, cfg.stage0_steps, s, g),
-                step, cfg.stage0_steps, cfg, self.meta(0), stage=0)
+                step, cfg.stage0_steps, cfg, self.meta(0), stage=0, resume=self.resume)
         losses["joint"] = self.train_joint()
         save({"model": self.system.state_dict(), "joint": self.joint.state_dict(),
               "meta": self.meta(0)}, self.out / "stage0.pt")
@@ -229,7 +265,8 @@ class CodeAlignRun:
         return run_steps("stage0/joint", self.out, self.joint, [self.joint],
                          lambda s: group_loader(self.samples, mods, every, cfg,
                                                 cfg.stage0_steps, s, 99),
-                         step, cfg.stage0_steps, cfg, self.meta(0), stage=0)
+                         step, cfg.stage0_steps, cfg, self.meta(0), stage=0,
+                         resume=self.resume)
 
     def stage1_start(self, g: int) -> list[nn.Module]:
         """Group g's stage-1 starting point (after stage 0 is loaded) and what it trains:
@@ -269,7 +306,7 @@ class CodeAlignRun:
                 f"stage1/group{g}", self.out, self.system, trainable,
                 lambda s, mods=mods, g=g: group_loader(
                     self.samples, mods, self.indices(g), cfg, cfg.stage1_steps, s, 10 + g),
-                step, cfg.stage1_steps, cfg, self.meta(1), stage=1)
+                step, cfg.stage1_steps, cfg, self.meta(1), stage=1, resume=self.resume)
         save({"model": self.system.state_dict(), "joint": self.joint.state_dict(),
               "meta": self.meta(1)}, self.out / "stage1.pt")
         return losses
@@ -310,7 +347,7 @@ class CodeAlignRun:
                         lambda s, m=m, a=a: group_loader(
                             self.samples, [m], self.indices(a), cfg, cfg.stage2_steps, s,
                             20 + a),
-                        step, cfg.stage2_steps, cfg, self.meta(2), stage=2)
+                        step, cfg.stage2_steps, cfg, self.meta(2), stage=2, resume=self.resume)
         save({"model": self.system.state_dict(), "joint": self.joint.state_dict(),
               "meta": self.meta(2)}, self.out / f"stage2{'.control' if control else ''}.pt")
         return losses
