@@ -1,7 +1,11 @@
 import os
+import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# the environment's own commands (dvc, pipeline, torchrun) first, as `make demo` has them:
+# `make test` runs .venv/bin/python without the venv on PATH
+os.environ["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), os.environ["PATH"]])
 
 import pytest  # noqa: E402
 
