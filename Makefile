@@ -30,7 +30,7 @@ $(STAMP): $(LOCK) pyproject.toml setup.py
 
 test: $(STAMP)
 	@$(PY) tests/check_lock.py
-	@$(VENV)/bin/ruff check --quiet pipeline stages tests benchmarks
+	@$(VENV)/bin/ruff check --quiet any2seg pipeline stages tests benchmarks
 	@$(PY) -m pytest -n $(TEST_WORKERS) --durations=15
 
 # regenerate requirements.lock from pyproject.toml, keeping every pin that still fits;
@@ -47,7 +47,7 @@ lock-upgrade: $(STAMP)
 	@echo "$(LOCK) upgraded; run 'make test' before committing it"
 
 lint: $(STAMP)
-	@$(VENV)/bin/ruff check pipeline stages tests benchmarks
+	@$(VENV)/bin/ruff check any2seg pipeline stages tests benchmarks
 
 # the embedded default end to end: sample -> teacher -> cache_teacher -> train -> evaluate
 demo: $(STAMP)

@@ -17,6 +17,10 @@ import yaml
 
 from any2seg.errors import PipelineError
 
+# the data set a command reads when neither a flag nor the parameters file names one: the
+# embedded, generated sample (configs/datasets/sample.yaml)
+DEFAULT_DATASET = "sample"
+
 
 def configs_dir() -> Path | None:
     candidates = []
@@ -108,6 +112,27 @@ def read_params(path: Path | None) -> tuple[dict[str, Any], str]:
     if path is not None and not path.is_file():
         raise PipelineError(f"parameters file {path} does not exist")
     return load_params(path), str(path or "params.yaml")
+
+
+def apply_overrides(overrides: Mapping[str, Any], *configs: Any) -> None:
+    """The command line over the parameters file, for every config built from one: each
+    value given (not None) replaces the field of the first of `configs` that has it, an
+    unknown name is refused. A dataset other than the file's drops the file's root (the
+    file's `dataset.root` belongs to the file's `dataset.name`)."""
+    import dataclasses
+
+    first = configs[0]
+    if overrides.get("dataset") not in (None, getattr(first, "dataset", None)) and \
+            overrides.get("root") is None and hasattr(first, "root"):
+        first.root = None
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        owner = next((c for c in configs
+                      if key in {f.name for f in dataclasses.fields(c)}), None)
+        if owner is None:
+            raise PipelineError(f"unknown option {key}")
+        setattr(owner, key, value)
 
 
 class Where:

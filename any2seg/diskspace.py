@@ -59,13 +59,33 @@ def is_disk_full(exc: BaseException) -> bool:
     return False
 
 
+def temp_path(path: Path) -> Path:
+    """The temporary sibling this process writes `path` through: `.<name>.tmp-<pid>`."""
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+def remove_stale_temps(path: Path) -> None:
+    """Drop the temporary siblings of `path` (files or folders) left by killed writers,
+    whose process no longer exists; a live writer's (this user's or another's) stays."""
+    for tmp in path.parent.glob(f".{path.name}.tmp-*"):
+        try:
+            os.kill(int(tmp.name.rsplit("-", 1)[1]), 0)
+        except (ValueError, ProcessLookupError):
+            if tmp.is_dir() and not tmp.is_symlink():
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:
+                tmp.unlink(missing_ok=True)
+        except PermissionError:
+            pass  # another user's live process
+
+
 def write_atomic(path: Path, write: Callable[[Path], None], needed: int, what: str) -> None:
-    """Write `path` through a temporary file unique to this writer (`.<name>.tmp-<pid>`),
+    """Write `path` through a temporary file unique to this writer (`temp_path`),
     flushed to disk and renamed over `path`: a reader sees the old file or the new one,
     two writers never rename each other's file, and a failure (a full disk) leaves the old
     file as it was and no temporary file behind."""
     check_free_space(path.parent, needed, what)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = temp_path(path)
     try:
         write(tmp)
         fd = os.open(tmp, os.O_RDONLY)

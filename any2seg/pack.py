@@ -13,7 +13,6 @@ unchanged source does nothing; an output packed from other data is refused.
 from __future__ import annotations
 
 import hashlib
-import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -25,7 +24,7 @@ import numpy as np
 
 from any2seg import __version__
 from any2seg.datasets.packed import EXTRA, FORMAT, VERSION, Pack, is_pack
-from any2seg.diskspace import check_free_space, full_disk_error, is_disk_full
+from any2seg.diskspace import remove_stale_temps, temp_path, write_atomic
 from any2seg.errors import DatasetError, PipelineError
 from any2seg.guarded_file import GuardedFile
 
@@ -178,17 +177,6 @@ def _stored(out: Path) -> dict[str, Any] | None:
         existing.close()
 
 
-def _remove_stale_tmp(out: Path) -> None:
-    """Drop half files of killed runs (their process no longer exists)."""
-    for tmp in out.parent.glob(f".{out.name}.tmp-*"):
-        try:
-            os.kill(int(tmp.name.rsplit("-", 1)[1]), 0)
-        except (ValueError, ProcessLookupError):
-            tmp.unlink(missing_ok=True)
-        except PermissionError:
-            pass  # another user's live process
-
-
 def pack(dataset: str, root: Path | str, out: Path | str,
          splits: Sequence[str] | None = None, modalities: Sequence[str] | None = None, *,
          overwrite: bool = False, workers: int = 4,
@@ -236,27 +224,19 @@ def pack(dataset: str, root: Path | str, out: Path | str,
         return {**report, "status": "up-to-date", "files": int(stored.get("files", 0)),
                 "bytes": out.stat().st_size, "seconds": round(time.perf_counter() - start, 2)}
 
-    _remove_stale_tmp(out)
-    # refuse a pack the disk cannot hold before it starts (a disk that fills up meanwhile
-    # ends in one line too: `GuardedFile`)
-    needed = _pack_bytes(stats)
-    check_free_space(out.parent, needed, f"the pack {out.name}")
+    remove_stale_temps(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    try:
-        written = _write(tmp, dataset, root, groups, stats, splits, modalities, layout,
-                         source_stat, workers, progress)
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, out)
-    except BaseException as exc:
-        tmp.unlink(missing_ok=True)
-        if isinstance(exc, Exception) and is_disk_full(exc):
-            raise full_disk_error(out.parent, needed, f"the pack {out.name}") from exc
-        if isinstance(exc, OSError) and (exc.filename is None or str(tmp) in str(exc)):
+    written: dict[str, Any] = {}
+
+    def write(tmp: Path) -> None:
+        written.update(_write(tmp, dataset, root, groups, stats, splits, modalities, layout,
+                              source_stat, workers, progress))
+
+    try:  # refused before it starts when it cannot fit: HDF5 may crash (SIGSEGV) rather
+        # than fail on a full disk
+        write_atomic(out, write, _pack_bytes(stats), f"the pack {out.name}")
+    except OSError as exc:
+        if exc.filename is None or str(temp_path(out)) in str(exc):
             # h5py's write errors carry HDF5's whole error stack: keep its first line
             raise PipelineError(f"could not write --out {out} ({str(exc).splitlines()[0]}); "
                                 "nothing was left there: check the disk and rerun") from exc

@@ -1,6 +1,7 @@
 """The set-up the sample benchmarks share: the generated sample, the fitted default teacher
 and its cache, all kept in one work folder so a second run (or another script given the
-same folder) reuses them instead of fitting the teacher again (about 2 minutes on 2 cores).
+same folder) reuses them instead of fitting the teacher again (54 CPU seconds on one
+thread: benchmarks/results/fit_teacher.json).
 
 Used by `teacher_codes.py` (and by `ablation_sample.py` before it called `pipeline ablate`);
 imported as a sibling module (run as `python benchmarks/<script>.py`, which puts this folder

@@ -51,9 +51,13 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+import yaml
 
 SECTIONS = ("agreement", "stage_one", "training", "evaluation", "feeding", "inference")
 MODALITIES = ["rgb", "depth", "event", "lidar"]
+# the DELIVER recipe's peak learning rate, read from its one home
+RECIPE_LR = float(yaml.safe_load((Path(__file__).resolve().parents[1] / "pipelines" / "deliver" /
+                                  "params.yaml").read_text())["train"]["lr"])
 
 # Sizes: the real ones (GPU, ~8 minutes) and the dry run's (CPU, seconds). Budgets are
 # seconds per section; a sub-measurement that would start past its budget is skipped
@@ -498,7 +502,7 @@ def _time_steps(ctx: Context, s: dict[str, Any], batch: int, compiled: bool) -> 
     if ctx.cuda:
         model = model.to(memory_format=torch.channels_last)
     net = distributed.parallel(model, World(device=ctx.device), compiled)
-    step = Step(model, net, World(device=ctx.device), ctx.device, autocast=True, lr=6e-5,
+    step = Step(model, net, World(device=ctx.device), ctx.device, autocast=True, lr=RECIPE_LR,
                 ohem=True)
     data = synthetic_batch(batch, s["crop"], 768 if not ctx.tiny else 32)
     if ctx.cuda:
@@ -568,7 +572,7 @@ def _ddp_steps(s: dict[str, Any], device: str, world: Any, ddp: bool
         model = distributed.sync_batchnorm(model, device)
         ids = [torch.device(device).index or 0] if device.startswith("cuda") else None
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
-    step = Step(model, net, world, device, autocast=False, lr=6e-5, ohem=True)
+    step = Step(model, net, world, device, autocast=False, lr=RECIPE_LR, ohem=True)
     model.train()
     losses = [step(synthetic_batch(s["ddp_batch"], s["ddp_crop"], 32, seed=i), i)
               for i in range(s["ddp_steps"])]
@@ -610,7 +614,7 @@ def _torchrun_vs_plain(ctx: Context) -> dict[str, Any]:
     # are exact, so only kernel non-determinism separates the runs (float32, no autocast)
     # (AdamW can still turn a last-bit difference of a near-zero gradient into an
     # lr-sized step: the bound of `agreement`)
-    bound = 2 * 6e-5 * s["ddp_steps"]
+    bound = 2 * RECIPE_LR * s["ddp_steps"]
     ok = loss_rel <= 1e-5 and diff <= bound
     result = {"backend": got["backend"], "world_size": got["world_size"],
               "steps": s["ddp_steps"], "batch": s["ddp_batch"], "crop": s["ddp_crop"],

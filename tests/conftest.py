@@ -1,7 +1,11 @@
 import os
+import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# the environment's own commands (dvc, pipeline, torchrun) first, as `make demo` has them:
+# `make test` runs .venv/bin/python without the venv on PATH
+os.environ["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), os.environ["PATH"]])
 
 import pytest  # noqa: E402
 
@@ -65,18 +69,47 @@ def own_sample(teacher_sample, tmp_path):
     return copy
 
 
+@pytest.fixture(scope="session")
+def stage_one_project(tmp_path_factory):
+    """The root pipeline at the tests' tiny params after `dvc repro cache_teacher`, built
+    once per run for all workers (tests/dvc_project.py); (folder, that repro's output).
+    Read-only: a module copies it with `clone_project` before running or editing."""
+    from tests.dvc_project import build_stage_one, shared_build
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # the workers' basetemps share this run's folder
+        root = root.parent
+    return shared_build(root, "stage-one", build_stage_one)
+
+
 # `make test` runs pytest on 2 workers (pytest-xdist). The tests of a module that share an
-# expensive DVC repository fixture go to one worker as one unit, so it is built once; every
+# expensive repository fixture go to one worker as one unit, so it is built once; every
 # other test is its own unit. (This is what `--dist loadgroup` does, but under pytest 9.2
 # xdist 3.8's group suffix no longer reaches the node id, so the scope is computed here.)
-_ONE_WORKER = {"test_ablate.py": "ablate", "test_dvc.py": "dvc"}
+_ONE_WORKER = {"test_ablate.py": "ablate", "test_dvc.py": "dvc",
+               "test_real_data_flow.py": "real-data"}
+# The longest units start first, in this order, so the wall time is about half the work:
+# worker 1 builds stage one in test_dvc's fixture while worker 2 runs the README flow; as
+# that unit has fewer than 3 tests, worker 2 is sent test_ablate next, whose fixture finds
+# stage one built (tests/dvc_project.py). The short tests then go to whichever is free.
+_FIRST = ("dvc", "real-data", "ablate")
 
 
 def pytest_xdist_make_scheduler(config, log):
     from xdist.scheduler import LoadScopeScheduling
 
     class SharedFixtureScheduling(LoadScopeScheduling):
+        ordered = False
+
         def _split_scope(self, nodeid: str) -> str:
             return _ONE_WORKER.get(nodeid.split("::", 1)[0].rsplit("/", 1)[-1], nodeid)
+
+        def _assign_work_unit(self, node) -> None:
+            if not self.ordered:  # the queue is complete at the first assignment
+                self.ordered = True
+                rank = {unit: i for i, unit in enumerate(_FIRST)}
+                for unit in sorted(self.workqueue, key=lambda u: rank.get(u, len(rank))):
+                    self.workqueue.move_to_end(unit)  # stable: the rest keep their order
+            super()._assign_work_unit(node)
 
     return SharedFixtureScheduling(config, log)

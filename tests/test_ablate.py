@@ -21,7 +21,7 @@ from pipeline.ablation.report import metric_value
 from pipeline.ablation.setup import prepare
 from pipeline.ablation.stats import paired, t_quantile
 from pipeline.cli import main
-from tests.test_dvc import ROOT, copy_project, edit_params, run
+from tests.dvc_project import ROOT, clone_project, run
 
 # 97.5 % quantiles of Student's t, solved at 40 digits with mpmath's regularised incomplete
 # beta (P(|T| > t) = I_{v/(v+t^2)}(v/2, 1/2)); df 1 is tan(0.475 pi) as well
@@ -287,26 +287,13 @@ TINY = ("-S", "train.steps=2", "-S", "eval.limit=1")
 
 
 @pytest.fixture(scope="session")
-def ablated(tmp_path_factory):
+def ablated(stage_one_project, tmp_path_factory):
     """A tiny pipeline whose stage one ran (dvc.lock left uncommitted, as after `make demo`),
     then `pipeline ablate table5 --rows Lsup --seeds 2` killed after its first run and
     rerun. Returns (repo, outputs of both ablate calls, the workspace before)."""
 
-    repo = tmp_path_factory.mktemp("ablate") / "project"
-    copy_project(repo)
-    edit_params(repo, dataset__sample__size=64, dataset__sample__train=8,
-                dataset__sample__val=4, dataset__sample__test=2,
-                dataset__sample__frames_per_scene=2, train__steps=3, train__batch_size=2,
-                train__crop=64, train__workers=0, train__val_limit=1,
-                train__checkpoint_every=3, train__val_every=0, student__embed_dim=16,
-                eval__limit=2, eval__examples=1, eval__setting="all",
-                teacher__rows_per_shard=8, teacher__fit__hidden=16, teacher__fit__layers=1,
-                teacher__fit__projection=16, teacher__fit__image_size=32,
-                teacher__fit__image_epochs=1, teacher__fit__branch_epochs=1)
-    run(repo, "git", "init", "-q")
-    run(repo, "git", "add", "-A")
-    run(repo, "git", "commit", "-qm", "tiny pipeline")
-    run(repo, "dvc", "repro", "cache_teacher")  # stage one only: the runs train the rest
+    source, _ = stage_one_project  # stage one ran (tests/dvc_project.py): the runs train the rest
+    repo = clone_project(source, tmp_path_factory.mktemp("ablate") / "project")
     before = {}
     for rel in ("metrics/mss.json", "metrics/report.md", "runs/sample/best.pt"):
         path = repo / rel  # the workspace's own results: no run may overwrite them

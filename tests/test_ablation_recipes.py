@@ -18,6 +18,7 @@ from pipeline.ablation import report as ablation_report
 from pipeline.ablation import run as ablate
 from pipeline.ablation.plan import load_plan
 from pipeline.ablation.setup import prepare
+from stages.student.estimate import duration
 from tests.test_ablate import cli
 from tests.test_dvc import ROOT
 
@@ -225,7 +226,7 @@ def test_dry_run_needs_no_data_or_weights_and_says_what_would_run(project, capsy
     code, out = cli(capsys, "ablate", "table5", "--seeds", "1", "--dry-run", "--pipeline",
                     "pipelines/deliver/dvc.yaml", "--step-seconds", "0.5")
     assert "declared by you (--step-seconds)" in out
-    assert f"{7 * steps * 0.5 / 3600:.1f} h" in out
+    assert duration(7 * steps * 0.5) in out
 
 
 def test_dry_run_lists_finished_runs_and_measures_from_their_logs(project, capsys):

@@ -478,7 +478,7 @@ def test_library_calls_are_validated_too(sample_cache, tmp_path):
 # ---------------------------------------------------------------------------------------
 def _registered():
     from stages.student.encoder import backbone_names
-    from stages.student.evaluate import INFERENCE_MODES, SETTINGS
+    from stages.student.eval_config import INFERENCE_MODES, SETTINGS
     from stages.student.model import MISSING_MODES
     from stages.student.protocol import PROTOCOLS
     from stages.teacher import captioners

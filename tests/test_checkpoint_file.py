@@ -66,7 +66,7 @@ def test_train_resume_refuses_it(sample_cache, tmp_path, capsys, monkeypatch):
                                     path.parent, "--resume", "--steps", "2", "--crop", "64",
                                     "--batch-size", "2", "--workers", "0"])
     assert_one_line_error(code, err, str(path), "refused unread", "`io.open`",
-                          "start a new --out")
+                          "move it away to start this run again")
     assert not target.exists()
 
 

@@ -1,5 +1,7 @@
 """CodeAlign as its authors run it: isolated groups, code spaces, translators (tiny runs)."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -10,8 +12,12 @@ from stages.student.codealign.quantiser import Quantiser
 from stages.student.codealign.split import assign_groups, group_indices, scene_of
 from stages.student.codealign.stages import CodeAlignRun, group_loader
 from stages.student.model import StudentConfig
+from tests.tiny_run import TINY_BACKBONE
 
 GROUPS = [["rgb"], ["depth", "event"]]  # a single- and a two-modality group
+# one aligner block: its code path, smaller checkpoints (the translators keep the width the
+# shuffled-label control needs to tell apart)
+NARROW = {"aligner_blocks": 1}
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +40,7 @@ def ran(small_sample, tmp_path_factory, one_thread):
                           # 4 steps to learn from (the schedule: test_codealign_recipe.py)
                           stage1_milestones=[], stage2_milestones=[])
     run = CodeAlignRun("sample", root, tmp_path_factory.mktemp("codealign"),
-                       StudentConfig(embed_dim=32), cfg)
+                       StudentConfig(backbone=TINY_BACKBONE, embed_dim=32), replace(cfg, **NARROW))
     seen: dict[tuple[str, int], list[int]] = {}
     real = ca_stages.group_loader
 

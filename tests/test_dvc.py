@@ -1,48 +1,23 @@
 """The DVC pipeline in a temporary git repository with a tiny configuration."""
 
 import json
-import os
-import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
-import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.dvc_project import (  # noqa: F401 (some imported from here by other modules)
+    ROOT,
+    STAGE_ONE,
+    clone_project,
+    copy_project,
+    edit_params,
+    ran,
+    run,
+)
+
 pytestmark = pytest.mark.slow
 ANY2SEG = {"sample", "teacher", "cache_teacher", "train", "evaluate"}
 CODEALIGN = {"codealign_stage0", "codealign_stage1", "codealign_stage2", "codealign_evaluate"}
 STAGES = ANY2SEG | CODEALIGN
-
-
-def run(repo, *args, check=True):
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
-           "DVC_NO_ANALYTICS": "1", "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t",
-           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
-    result = subprocess.run(args, cwd=repo, env=env, capture_output=True, text=True,
-                            timeout=600)
-    if check and result.returncode != 0:
-        raise AssertionError(f"{' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")
-    return result.stdout + result.stderr
-
-
-def edit_params(repo, **changes):
-    path = repo / "params.yaml"
-    params = yaml.safe_load(path.read_text())
-    for dotted, value in changes.items():
-        group, *keys = dotted.split("__")
-        node = params[group]
-        for key in keys[:-1]:
-            node = node[key]
-        node[keys[-1]] = value
-    path.write_text(yaml.safe_dump(params, sort_keys=False))
-
-
-def ran(output):
-    return {line.split("'")[1] for line in output.splitlines()
-            if line.startswith("Running stage")}
 
 
 def skipped(output):
@@ -50,40 +25,16 @@ def skipped(output):
             if line.startswith("Stage") and "didn't change, skipping" in line}
 
 
-def copy_project(repo: Path, *extra: str) -> None:
-    """The project's pipeline files, presets and the code its stages depend on, into `repo`
-    (plus the `extra` folders, such as `pipelines` for the DELIVER preset)."""
-    repo.mkdir()
-    for name in ("dvc.yaml", "params.yaml", ".gitignore", ".dvcignore"):
-        shutil.copy(ROOT / name, repo / name)
-    shutil.copytree(ROOT / ".dvc", repo / ".dvc", ignore=shutil.ignore_patterns("tmp", "cache"))
-    for folder in ("configs", "any2seg", "pipeline", "stages", *extra):  # code deps
-        shutil.copytree(ROOT / folder, repo / folder,
-                        ignore=shutil.ignore_patterns("__pycache__"))
-
-
 @pytest.fixture(scope="module")
-def repo(tmp_path_factory):
-    repo = tmp_path_factory.mktemp("dvc") / "project"
-    copy_project(repo)
-    edit_params(repo, dataset__sample__size=64, dataset__sample__train=8,
-                dataset__sample__val=4, dataset__sample__test=2,
-                dataset__sample__frames_per_scene=2, train__steps=3, train__batch_size=2,
-                train__crop=64, train__workers=0, train__val_limit=2,
-                train__checkpoint_every=3, train__val_every=0, student__embed_dim=16,
-                eval__limit=2, eval__examples=1, teacher__rows_per_shard=8,
-                teacher__fit__hidden=16, teacher__fit__layers=1, teacher__fit__projection=16,
-                teacher__fit__image_size=32, teacher__fit__image_epochs=1,
-                teacher__fit__branch_epochs=1, codealign__stage0_steps=2,
-                codealign__stage1_steps=2, codealign__stage2_steps=2, codealign__batch_size=2,
-                codealign__translator_dim=8, codealign__translator_blocks=1,
-                codealign__aligner_blocks=1)
-    run(repo, "git", "init", "-q")
-    run(repo, "git", "add", "-A")
-    run(repo, "git", "commit", "-qm", "tiny pipeline")
+def repo(stage_one_project, tmp_path_factory):
+    """The tiny pipeline (tests/dvc_project.py) after a full `dvc repro`, in two steps:
+    stage one, shared with test_ablate.py, then the rest here; dvc.lock then committed."""
+    source, stage_one = stage_one_project
+    assert ran(stage_one) == STAGE_ONE
+    assert "zero-shot weather" in stage_one  # the teacher stage's fit prints its quality figures
+    repo = clone_project(source, tmp_path_factory.mktemp("dvc") / "project")
     out = run(repo, "dvc", "repro")
-    assert ran(out) == STAGES
-    assert "zero-shot weather" in out  # the teacher stage's fit prints its quality figures
+    assert ran(out) == STAGES - STAGE_ONE and skipped(out) == STAGE_ONE  # every stage ran once
     (repo.parent / "status-after-repro").write_text(run(repo, "git", "status", "--porcelain"))
     run(repo, "git", "add", "-A")
     run(repo, "git", "commit", "-qm", "lock")

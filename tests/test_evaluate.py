@@ -6,7 +6,8 @@ from PIL import Image
 
 from any2seg import datasets
 from stages.student.config import TrainConfig
-from stages.student.evaluate import EvalConfig, evaluate, load_checkpoint
+from stages.student.eval_config import EvalConfig
+from stages.student.evaluate import evaluate, load_checkpoint
 from stages.student.model import StudentConfig
 from stages.student.protocol import official_resize
 from stages.student.train import train

@@ -12,7 +12,8 @@ import torch.nn.functional as F
 
 from any2seg import datasets
 from pipeline.cli import main
-from stages.student.evaluate import EvalConfig, infer
+from stages.student.eval_config import EvalConfig
+from stages.student.evaluate import infer
 from stages.student.export import (
     LOGIT_RTOL,
     MAX_FLIPPED_SHARE,

@@ -80,6 +80,17 @@ def test_installed_versions_are_compared_with_the_pins(tmp_path):
     assert any(f.startswith("sympy ") and "pins 0.0.1" in f and "make setup" in f for f in found)
 
 
+def test_the_pin_count_the_docs_state_is_the_locks():
+    """docs/development.md states how many pins the lock has; a relock must update it."""
+    import re
+
+    text = (ROOT / "docs" / "development.md").read_text()
+    stated = int(re.search(r"\((\d+)\s+pins today", text)[1])
+    pins = [line for line in (ROOT / "requirements.lock").read_text().splitlines()
+            if "==" in line and not line.lstrip().startswith("#")]
+    assert stated == len(pins)
+
+
 def test_the_lock_holds_the_extras_the_makefile_locks():
     """`make lock` (LOCK_FLAGS' --extra) and the check read the same extras, so the export
     extra's packages are both locked and checked."""

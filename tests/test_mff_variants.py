@@ -181,7 +181,7 @@ def test_deliver_preset_is_a_complete_params_file_with_the_authors_recipe():
     from stages.teacher.run import TeacherConfig
 
     root = Path(__file__).resolve().parents[1]
-    preset = load_yaml(root / "configs" / "params" / "deliver.yaml")
+    preset = load_yaml(root / "pipelines" / "deliver" / "params.yaml")
     params = yaml.safe_load((root / "params.yaml").read_text())
 
     def keys(d, prefix=""):

@@ -17,8 +17,8 @@ from any2seg import datasets
 from any2seg.datasets import SampleSequence
 from pipeline.cli import main
 from stages.student.checkpoint import save_checkpoint
+from stages.student.eval_config import EvalConfig
 from stages.student.evaluate import (
-    EvalConfig,
     evaluation_loader,
     load_checkpoint,
     predict,

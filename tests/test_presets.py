@@ -21,7 +21,8 @@ PRESETS = sorted(p.relative_to(ROOT / "configs").as_posix()
 @pytest.mark.parametrize("name", ["deliver", "mcubes"])
 def test_preset_pipeline_params_equal_the_preset(name):
     """pipelines/NAME/params.yaml is what `dvc repro pipelines/NAME/dvc.yaml` runs; it must
-    say the same as configs/params/NAME.yaml, which `pipeline train --params` reads."""
+    say the same as configs/params/NAME.yaml, the shipped copy `pipeline ablate` compares an
+    edited pipeline against to tell the paper's setting (pipeline/ablation/setup.py)."""
     from any2seg import datasets
     from stages.student.codealign.config import CodeAlignConfig
     from stages.student.config import TrainConfig
@@ -43,6 +44,20 @@ def test_preset_pipeline_params_equal_the_preset(name):
         assert f"--params pipelines/{name}/params.yaml" in stage["cmd"]
         (listed,) = stage["params"]
         assert list(listed) == [f"pipelines/{name}/params.yaml"]
+
+
+def test_mcubes_trains_with_the_deliver_recipe():
+    """Its header says the teacher, student, optimiser, schedule and evaluation are
+    DELIVER's: only the data (and CodeAlign's modality groups) may differ."""
+    deliver, mcubes = (yaml.safe_load((ROOT / "pipelines" / n / "params.yaml").read_text())
+                       for n in ("deliver", "mcubes"))
+    assert set(mcubes) == set(deliver)
+    assert {k: v for k, v in mcubes["codealign"].items() if k != "groups"} == \
+        {k: v for k, v in deliver["codealign"].items() if k != "groups"}
+    for group in ("teacher", "student", "train", "eval"):
+        assert mcubes[group] == deliver[group], group
+    assert {k: v for k, v in mcubes["dataset"].items() if k not in ("name", "root")} == \
+        {k: v for k, v in deliver["dataset"].items() if k not in ("name", "root")}
 
 
 def test_a_missing_preset_is_an_error_naming_what_there_is(tmp_path, monkeypatch):

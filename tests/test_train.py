@@ -16,14 +16,21 @@ from stages.student.config import TrainConfig
 from stages.student.evaluate import load_checkpoint, subsets
 from stages.student.model import StudentConfig
 from stages.student.train import train
-from tests.tiny_run import TINY_STUDENT, logged, nan_scene_copy, tiny
+from tests.tiny_run import (
+    MIT_STUDENT,
+    TINY_BACKBONE,
+    TINY_STUDENT,
+    logged,
+    nan_scene_copy,
+    tiny,
+)
 
 
 def test_a_few_steps_lower_the_loss(sample_cache, tmp_path):
     root, cache = sample_cache
     cfg = tiny(root, cache, tmp_path / "run", steps=30, augment={"scale": [1.0, 1.0],
                                                                  "jitter": 0.0, "blur": 0.0})
-    summary = train(TINY_STUDENT, cfg, progress=False)
+    summary = train(MIT_STUDENT, cfg, progress=False)  # the default backbone really learns
     assert summary["last_loss"] < 0.8 * summary["first_loss"]
     for name in ("last.pt", "best.pt"):
         assert (tmp_path / "run" / name).is_file()
@@ -198,7 +205,7 @@ def test_every_mff_variant_trains_with_all_three_losses_and_evaluates(
     from stages.student.evaluate import evaluate, flat_metrics
 
     root, cache = sample_cache
-    student = StudentConfig(backbone="mit_b0", embed_dim=16, mff={"variant": variant})
+    student = StudentConfig(backbone=TINY_BACKBONE, embed_dim=16, mff={"variant": variant})
     cfg = tiny(root, cache, tmp_path / "run", steps=2, checkpoint_every=2,
                loss={"se_features": se_features})
     summary = train(student, cfg, progress=False)

@@ -10,7 +10,15 @@ import numpy as np
 from stages.student.config import TrainConfig
 from stages.student.model import StudentConfig
 
-TINY_STUDENT = StudentConfig(backbone="mit_b0", embed_dim=32)
+# the narrowest student that runs every code path: timm's own test-sized ConvNeXt (0.2 M
+# parameters, strides 4..32, LayerNorm so batch 1 trains). A training checkpoint is 1-3 MB and
+# a CodeAlign one (three encoders and their Adam state) 5 MB, not mit_b0's 40 and 146 MB. A
+# `timm:` name, so the `pipeline` commands DVC starts build it with no test-only registration.
+# MIT_STUDENT, the default backbone, where a test is about MiT's own training (drop-path noise
+# on resume, a loss that really falls); MiT's encoder: test_encoder.py, test_student_model.py
+TINY_BACKBONE = "timm:test_convnext"
+TINY_STUDENT = StudentConfig(backbone=TINY_BACKBONE, embed_dim=32)
+MIT_STUDENT = StudentConfig(backbone="mit_b0", embed_dim=32)
 
 
 def tiny(root: Path, cache: Path, out: Path, **kw) -> TrainConfig:

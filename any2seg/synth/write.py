@@ -21,6 +21,7 @@ import numpy as np
 from PIL import Image
 
 from any2seg.deliver_taxonomy import CASES, CLASSES, CONDITIONS
+from any2seg.diskspace import remove_stale_temps, temp_path
 from any2seg.errors import PipelineError
 from any2seg.publish import publish
 from any2seg.synth.appearance import albedo, apply_weather
@@ -136,18 +137,6 @@ def read_manifest(root: Path) -> dict[str, Any] | None:
         return None
 
 
-def _remove_stale_tmp(out: Path) -> None:
-    """Drop temporary folders left by killed runs (their process no longer exists)."""
-    for tmp in out.parent.glob(f".{out.name}.tmp-*"):
-        try:
-            pid = int(tmp.name.rsplit("-", 1)[1])
-            os.kill(pid, 0)
-        except (ValueError, ProcessLookupError):
-            shutil.rmtree(tmp, ignore_errors=True)
-        except PermissionError:
-            pass  # another user's live process
-
-
 def make_sample(out: Path | str, spec: SampleSpec = SampleSpec(), *, overwrite: bool = False,
                 workers: int | None = None,
                 progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
@@ -175,8 +164,8 @@ def make_sample(out: Path | str, spec: SampleSpec = SampleSpec(), *, overwrite: 
                                 f"({existing.get('spec')}); pass --overwrite to replace it "
                                 "or choose another --out")
     start = time.perf_counter()
-    _remove_stale_tmp(out)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    remove_stale_temps(out)
+    tmp = temp_path(out)
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)

@@ -207,9 +207,9 @@ def _check_values(rows: dict[str, dict[str, Any]], params: dict[str, Any], sourc
 
     from any2seg.config import Where, build
     from stages.student.codealign.config import CodeAlignConfig
-    from stages.student.evaluate import EvalConfig
+    from stages.student.config import TrainConfig
+    from stages.student.eval_config import EvalConfig
     from stages.student.model import StudentConfig
-    from stages.student.train import TrainConfig
 
     for row, overrides in rows.items():
         merged = copy.deepcopy(params)
@@ -219,8 +219,7 @@ def _check_values(rows: dict[str, dict[str, Any]], params: dict[str, Any], sourc
             if "train" in stages:
                 TrainConfig.from_params(merged, {}, source)
             if "evaluate" in stages:
-                cfg = build(EvalConfig, dict(merged.get("eval") or {}), Where("eval", source))
-                cfg.validate(Where("eval", source))
+                EvalConfig.from_params(merged, {}, source)
             if any(s.startswith("codealign") for s in stages):
                 ca = build(CodeAlignConfig, dict(merged.get("codealign") or {}),
                            Where("codealign", source))

@@ -29,23 +29,25 @@ def _common(fn: Any) -> Any:
     fn = click.option("--out", type=click.Path(path_type=Path), default=Path("runs/codealign"),
                       help="Run folder (checkpoints of every stage).")(fn)
     fn = click.option("--root", type=click.Path(path_type=Path), default=None,
-                      help="Dataset root.  [default: dataset.root of params.yaml]")(fn)
+                      help="Dataset root.  [default: dataset.root of params.yaml, else the "
+                      "root in configs/datasets/DATASET.yaml]")(fn)
     return click.option("--dataset", default=None,
                         help="Dataset.  [default: dataset.name of params.yaml]")(fn)
 
 
 def _run(dataset: str | None, root: Path | None, out: Path, params_path: Path | None,
          resume: str = "strict") -> Any:
-    from any2seg.config import Where, build, read_params
+    from any2seg.config import DEFAULT_DATASET, Where, build, dataset_root, read_params
     from stages.student.codealign.config import CodeAlignConfig
     from stages.student.codealign.stages import CodeAlignRun
     from stages.student.model import StudentConfig
 
     params, source = read_params(params_path)
     ds = params.get("dataset") or {}
-    dataset = dataset or ds.get("name", "sample")
-    if root is None:
-        root = Path(ds.get("root", "data/deliver-sample"))
+    named = ds.get("name", DEFAULT_DATASET)
+    dataset = dataset or named
+    if root is None:  # params' root belongs to params' dataset
+        root = dataset_root(dataset, ds.get("root") if dataset == named else None)
     if not root.exists():
         raise PipelineError(f"--root {root} does not exist (run `pipeline make-sample` or "
                             f"point --root / dataset.root at the data)")

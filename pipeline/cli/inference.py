@@ -65,7 +65,7 @@ def _eval_options(f: Any) -> Any:
 
 def _eval_config(params_path: Path | None, overrides: dict[str, Any]) -> Any:
     from any2seg.config import Where, build, read_params
-    from stages.student.evaluate import EvalConfig
+    from stages.student.eval_config import EvalConfig
 
     params, source = read_params(params_path)
     cfg = build(EvalConfig, dict(params.get("eval") or {}), Where("eval", source))

@@ -73,13 +73,13 @@ def _store_dtypes() -> list[str]:
 
 
 def _settings() -> list[str]:
-    from stages.student.evaluate import SETTINGS
+    from stages.student.eval_config import SETTINGS
 
     return [*SETTINGS, "all"]
 
 
 def _modes() -> list[str]:
-    from stages.student.evaluate import INFERENCE_MODES
+    from stages.student.eval_config import INFERENCE_MODES
 
     return list(INFERENCE_MODES)
 
@@ -130,6 +130,17 @@ DATASET_OPTION = click.option("--dataset", type=DATASET, required=True,
                               help="A registered dataset format.")
 ROOT = click.option("--root", type=click.Path(path_type=Path), default=None,
                     help="Dataset folder (default: the root in configs/datasets/NAME.yaml).")
+
+
+def params_root() -> Callable[[Any], Any]:
+    """`--root` of a command that reads `dataset.root` from its parameters file first."""
+    from pipeline.help_defaults import Tunable
+
+    return click.option("--root", type=click.Path(path_type=Path), default=None,
+                        help="Dataset folder; a --dataset other than the parameters file's "
+                        "dataset.name reads the root in configs/datasets/NAME.yaml.",
+                        cls=Tunable, key="dataset.root",
+                        fallback="the root in configs/datasets/NAME.yaml")
 PARAMS = click.option("--params", "params_path", type=click.Path(path_type=Path), default=None,
                       help="Parameters file.  [default: ./params.yaml if present]")
 

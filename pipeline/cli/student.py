@@ -26,14 +26,15 @@ from pipeline.cli.options import (
     argv,
     debug,
     flags,
+    params_root,
 )
-from pipeline.help_defaults import Tunable
+from pipeline.help_defaults import ParamsCommand, Tunable
 
 
-@click.command("train", context_settings=CONTEXT)
+@click.command("train", cls=ParamsCommand, context_settings=CONTEXT)
 @click.option("--dataset", type=DATASET, default=None, help="Dataset.",
               cls=Tunable, key="dataset.name")
-@ROOT
+@params_root()
 @click.option("--cache", default=None, help="Teacher cache.  [default: cache/DATASET.zarr]")
 @click.option("--out", default=None, help="Run folder (checkpoints, dvclive).  "
               "[default: runs/DATASET]")
@@ -143,7 +144,7 @@ def train_cmd(dataset: str | None, root: Path | None, cache: str | None, out: st
                    f"{summary['last_loss']:.3f}, val mIoU {summary['val_mIoU']}{skipped}")
 
 
-@click.command("evaluate", context_settings=CONTEXT)
+@click.command("evaluate", cls=ParamsCommand, context_settings=CONTEXT)
 @click.option("--checkpoint", type=click.Path(path_type=Path), required=True,
               help="A student checkpoint, e.g. runs/sample/best.pt.")
 @click.option("--dataset", type=DATASET, default=None, help="Dataset.  [default: the "
@@ -189,24 +190,21 @@ def evaluate_cmd(checkpoint: Path, dataset: str | None, root: Path | None, split
 
     Several processes (`--nproc N` or torchrun) score shares of the samples; the
     confusion matrices are summed, so the numbers equal those of one process."""
-    from any2seg.config import Where, build, read_params
+    from any2seg.config import read_params
     from any2seg.devices import resolve_device
     from stages.student import distributed
-    from stages.student.evaluate import EvalConfig, describe, flat_metrics, markdown
+    from stages.student.eval_config import EvalConfig
+    from stages.student.evaluate import describe, flat_metrics, markdown
     from stages.student.evaluate_run import evaluate_checkpoint
 
     params, source = read_params(params_path)
-    cfg = build(EvalConfig, dict(params.get("eval") or {}), Where("eval", source))
     overrides = {"split": split, "setting": setting, "protocol": protocol, "mode": mode,
-                 "crop": crop, "stride": stride, "missing": missing, "limit": limit,
-                 "examples": examples, "nproc": nproc}
-    for key, value in overrides.items():
-        if value is not None:
-            setattr(cfg, key, value)
-    if limit == ALL:
+                 "crop": crop, "stride": stride, "missing": missing,
+                 "limit": None if limit == ALL else limit, "examples": examples,
+                 "nproc": nproc}
+    cfg, where = EvalConfig.from_params(params, overrides, source, flags(overrides))
+    if limit == ALL:  # every sample, whatever eval.limit says
         cfg.limit = None
-    where = Where("eval", source, flags(overrides))
-    cfg.validate(where)
     if cfg.nproc > 1 and not distributed.launched():
         distributed.launch(cfg.nproc, argv(), resolve_device(device), debug())
         return  # rank 0 wrote and printed the results

@@ -16,19 +16,20 @@ from pipeline.cli.options import (
     DATASET,
     DEVICE,
     PARAMS,
-    ROOT,
     STORE_DTYPE,
     flags,
     option_value,
     pairs,
+    params_root,
 )
-from pipeline.help_defaults import Tunable
+from pipeline.help_defaults import Derived, ParamsCommand, Tunable
+from stages.teacher.default import FOLDER as TEACHER_FOLDER
 
 
-@click.command("cache-teacher", context_settings=CONTEXT)
+@click.command("cache-teacher", cls=ParamsCommand, context_settings=CONTEXT)
 @click.option("--dataset", type=DATASET, default=None, help="Dataset.",
               cls=Tunable, key="dataset.name")
-@ROOT
+@params_root()
 @click.option("--split", default=None, help="Comma-separated splits to cache.  "
               "[default: train,val,test]")
 @click.option("--modalities", default=None,
@@ -145,10 +146,17 @@ def _waited(run: dict[str, Any] | None) -> str:
             f"({run['decode_workers']} decode workers)")
 
 
+def _sample_root() -> Path:
+    """The generated sample's folder (the root of configs/datasets/sample.yaml)."""
+    from any2seg.config import dataset_root
+
+    return dataset_root("sample", None)
+
+
 @click.command("fit-teacher", context_settings=CONTEXT)
-@click.option("--root", type=click.Path(path_type=Path), default=Path("data/deliver-sample"),
+@click.option("--root", type=click.Path(path_type=Path), cls=Derived, compute=_sample_root,
               help="The generated sample to fit on (its train split; quality on val).")
-@click.option("--out", type=click.Path(path_type=Path), default=Path("data/sample-teacher"),
+@click.option("--out", type=click.Path(path_type=Path), default=Path(TEACHER_FOLDER),
               help="Folder for the LanguageBind_<Branch>/ folders and teacher.json.")
 @click.option("--seed", type=int, default=None, help="Seed.  [default: teacher.fit.seed]")
 @click.option("--overwrite", is_flag=True, help="Fit again even when an identical teacher "
@@ -164,8 +172,9 @@ def fit_teacher_cmd(root: Path, out: Path, seed: int | None, overwrite: bool,
     Phase 1 trains the image branch CLIP-style on RGB frames and their captions, and class
     prompts against class regions; phase 2 freezes the text tower and trains a LoRA branch
     for depth (and event and LiDAR when teacher.modality_branch gives them their own).
-    Deterministic for a seed, about 2 minutes on 2 CPU cores; prints the quality on val
-    beside chance. Does nothing when an identical teacher is already at --out.
+    Deterministic for a seed; about a minute of one CPU core, longer on busy cores
+    (benchmarks/results/fit_teacher.json); prints the quality on val beside chance. Does
+    nothing when an identical teacher is already at --out.
     """
     from any2seg.config import build, read_params
     from stages.teacher.config import TeacherConfig

@@ -1,4 +1,5 @@
-"""`TrainConfig`: the `train` group of params.yaml, checked before anything is loaded.
+"""`TrainConfig`: the `train` group of params.yaml, checked before anything is loaded
+(`EvalConfig`, the `eval` group, is beside it in `eval_config`).
 
 Defaults, then params.yaml, then command-line overrides (`from_params`); every error names
 the key or flag the user wrote. What decides the weights (`settings`) is what a resumed
@@ -12,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from any2seg import datasets
-from any2seg.config import Where, build, dataset_root
+from any2seg.config import DEFAULT_DATASET, Where, apply_overrides, build, dataset_root
 from any2seg.devices import DEVICE_FORMS, is_device
 from any2seg.errors import PipelineError
 from stages.student.data import AugmentConfig
@@ -26,16 +27,16 @@ from stages.student.protocol import PROTOCOLS
 class TrainConfig:
     """The `train` group of params.yaml (plus the dataset it trains on)."""
 
-    dataset: str = "sample"
+    dataset: str = DEFAULT_DATASET
     root: str | None = None
     cache: str | None = None  # default cache/<dataset>.zarr
     out: str | None = None  # default runs/<dataset>
     modalities: list[str] | None = None  # default: those in the cache
     steps: int | None = None
     epochs: float | None = None
-    batch_size: int = 8
-    crop: int = 512
-    lr: float = 6e-5
+    batch_size: int = 4  # the global batch
+    crop: int = 128
+    lr: float = 1e-3  # random init on the sample; the paper's 6e-5 assumes ImageNet MiT
     weight_decay: float = 0.01
     warmup: float = 0.1  # fraction of the steps
     warmup_ratio: float = 0.1  # warm-up starts at lr * warmup_ratio
@@ -46,10 +47,10 @@ class TrainConfig:
     single_modality: bool = False  # every training sample shows exactly one modality
     augment: dict[str, Any] = field(default_factory=dict)
     loss: dict[str, Any] = field(default_factory=dict)
-    val_every: int = 0  # 0: only after the last step
-    val_limit: int | None = None  # None: the whole val split
+    val_every: int = 100  # 0: only after the last step
+    val_limit: int | None = 8  # None: the whole val split
     val_protocol: str | None = None  # None: the dataset's own, as `pipeline evaluate` scores
-    checkpoint_every: int = 50  # as params.yaml
+    checkpoint_every: int = 50
     device: str = "auto"
     skip_bad: bool = False
     dtype: str = "float32"  # float64: a reference run (numerical checks), not for speed
@@ -67,37 +68,24 @@ class TrainConfig:
         an error names what the user typed."""
         data = dict(params.get("train") or {})
         ds = params.get("dataset") or {}
-        data.setdefault("dataset", ds.get("name", "sample"))
-        if "root" in ds:
-            data.setdefault("root", ds["root"])
+        for key, name in (("dataset", "name"), ("root", "root")):
+            if name in ds:
+                data.setdefault(key, ds[name])
         cfg = build(cls, data, Where("train", source))
         student = build(StudentConfig, dict(params.get("student") or {}),
                         Where("student", source))
-        if overrides.get("dataset") not in (None, cfg.dataset) and \
-                overrides.get("root") is None:
-            cfg.root = None  # params' root belongs to params' dataset
-        for key, value in overrides.items():
-            if value is None:
-                continue
-            if hasattr(cfg, key):
-                setattr(cfg, key, value)
-            elif hasattr(student, key):
-                setattr(student, key, value)
-            else:
-                raise PipelineError(f"unknown option {key}")
+        apply_overrides(overrides, cfg, student)
         flags = flags or {}
         student.validate(Where("student", source, flags))
-        cfg.validate(Where("train", source, flags), student.backbone)
-        if student.mff_config().variant == "author" and \
-                cfg.loss_config().se_features == "decoder":
-            raise PipelineError(f"{source}: train.loss.se_features: decoder needs "
-                                "MFF before the head; under student.mff.variant author f_ma "
-                                "is the fused class-score map: use fused")
+        cfg.validate(Where("train", source, flags), student)
         return student, cfg
 
-    def validate(self, where: Where | None = None, backbone: str | None = None) -> None:
-        """Every value in range before anything is loaded; errors name the key (or flag)."""
+    def validate(self, where: Where | None = None,
+                 student: StudentConfig | None = None) -> None:
+        """Every value in range before anything is loaded, and (given the student) what
+        the student's settings rule out; errors name the key (or flag)."""
         w = where or Where("train", None)
+        backbone = student.backbone if student is not None else None
         if self.steps is None and self.epochs is None:
             raise PipelineError("set train.steps or train.epochs (or --steps / --epochs)")
         if self.steps is not None:
@@ -144,8 +132,13 @@ class TrainConfig:
                                     f"{unknown[0]!r}; {self.dataset} has {', '.join(known)}")
             if not self.modalities or len(set(self.modalities)) < len(self.modalities):
                 w.fail("modalities", "distinct modality names", self.modalities)
-        self.loss_config(w.sub("loss"))
+        loss = self.loss_config(w.sub("loss"))
         self.augment_config(w.sub("augment"))
+        if student is not None and student.mff_config().variant == "author" and \
+                loss.se_features == "decoder":
+            raise PipelineError(f"{w.sub('loss').key('se_features')}: decoder needs MFF "
+                                "before the head; under student.mff.variant author f_ma is "
+                                "the fused class-score map: use fused")
 
     def settings(self) -> dict[str, Any]:
         """What decides the weights (a resumed run must match): not how many processes

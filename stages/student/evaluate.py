@@ -24,7 +24,6 @@ import torch
 import torch.nn.functional as F
 
 from any2seg import datasets
-from any2seg.config import Where
 from any2seg.datasets.base import unit_image
 from any2seg.errors import PipelineError
 from any2seg.metrics import Confusion
@@ -32,19 +31,12 @@ from any2seg.progress import progress as progress_bar
 from stages.student.checkpoint_file import load_checkpoint_file
 from stages.student.data import AugmentConfig, StudentData, WorkerErrors
 from stages.student.distributed import World
-from stages.student.model import MISSING_MODES, Any2Seg, StudentConfig, build_student
-from stages.student.protocol import (
-    PROTOCOLS,
-    check_protocol,
-    default_missing,
-    default_protocol,
-    protocol_transform,
-)
+from stages.student.eval_config import INFERENCE_MODES
+from stages.student.model import Any2Seg, StudentConfig, build_student
+from stages.student.protocol import check_protocol, default_protocol, protocol_transform
 
 SHORT = {"rgb": "R", "depth": "D", "event": "E", "lidar": "L", "aolp": "A", "dolp": "P",
          "nir": "N", "thermal": "T"}
-SETTINGS = ("mss", "miss", "sensor")
-INFERENCE_MODES = ("whole", "slide")
 SENSOR_GROUPS = ("cloud", "fog", "night", "rain", "sun", "motionblur", "overexposure",
                  "underexposure", "lidarjitter", "eventlowres")
 
@@ -192,51 +184,6 @@ def predict(model: Any2Seg, images: torch.Tensor, masks: torch.Tensor, mode: str
         return infer(model, images, masks, mode, crop, stride, filler_cache).argmax(2)
     return torch.stack([logits.argmax(1) for logits in
                         _subset_logits(model, images, masks, filler_cache)])
-
-
-@dataclass
-class EvalConfig:
-    """The `eval` group of params.yaml."""
-
-    split: str = "val"
-    setting: str = "all"
-    protocol: str | None = None  # official or native; None: the dataset's default
-    mode: str = "whole"
-    crop: int = 1024
-    stride: int = 683
-    missing: str | None = None  # None: black under official, else the checkpoint's
-    limit: int | None = None
-    examples: int = 4
-    nproc: int = 1  # processes on this machine, each scoring a share of the samples
-
-    def validate(self, where: Where | None = None) -> None:
-        w = where or Where("eval", None)
-        w.integer("nproc", self.nproc, 1, why="processes, each scoring a share of the samples")
-        if not self.split:
-            w.fail("split", "a split name such as val", self.split)
-        w.one_of("setting", self.setting, (*SETTINGS, "all"))
-        if self.protocol is not None:
-            w.one_of("protocol", self.protocol, PROTOCOLS)
-        w.one_of("mode", self.mode, INFERENCE_MODES)
-        w.integer("crop", self.crop, 1, why="the sliding window's side")
-        w.integer("stride", self.stride, 1, self.crop,
-                  why="larger than eval.crop would leave pixels between windows unseen")
-        if self.missing is not None:
-            w.one_of("missing", self.missing, MISSING_MODES)
-        if self.limit is not None:
-            w.integer("limit", self.limit, 1, why="leave it unset (null) for the whole split")
-        w.integer("examples", self.examples, 0, why="samples drawn in predictions.png")
-
-    @property
-    def settings(self) -> tuple[str, ...]:
-        return SETTINGS if self.setting == "all" else (self.setting,)
-
-    def resolved_protocol(self, dataset: str) -> str:
-        return self.protocol or default_protocol(dataset)
-
-    def resolved_missing(self, dataset: str, checkpoint_missing: str) -> str:
-        return (self.missing or default_missing(self.resolved_protocol(dataset))
-                or checkpoint_missing)
 
 
 @dataclass

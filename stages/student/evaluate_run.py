@@ -11,9 +11,9 @@ from any2seg.errors import PipelineError
 from any2seg.runlock import check_outside, check_run_folder
 from stages.student.distributed import World
 from stages.student.encoder import min_input_size
+from stages.student.eval_config import EvalConfig
 from stages.student.evaluate import (
     SENSOR_GROUPS,
-    EvalConfig,
     EvalResult,
     evaluate,
     load_checkpoint,

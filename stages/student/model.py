@@ -159,7 +159,7 @@ class StudentConfig:
 
     backbone: str = "mit_b0"
     pretrained: str | None = None
-    embed_dim: int = 256
+    embed_dim: int = 128  # SegFormer: 256 for b0/b1, 768 for b2+; 128 suits the sample
     dropout: float = 0.1
     mff: dict[str, Any] = field(default_factory=dict)  # MFFConfig fields
     missing: str = "exclude"

@@ -26,7 +26,8 @@ from any2seg import datasets
 from any2seg.datasets.base import unit_image
 from any2seg.errors import PipelineError
 from stages.student.data import model_input
-from stages.student.evaluate import EvalConfig, infer, load_checkpoint, subset_name
+from stages.student.eval_config import EvalConfig
+from stages.student.evaluate import infer, load_checkpoint, subset_name
 from stages.student.protocol import check_protocol, protocol_transform
 
 Array = np.ndarray

@@ -155,7 +155,7 @@ def train(student: StudentConfig, cfg: TrainConfig, progress: bool = True,
     one of other settings; "auto" continues when it is this run and starts fresh, saying
     why, otherwise (`stages.student.resume`)."""
     student.validate()
-    cfg.validate(backbone=student.backbone)
+    cfg.validate(student=student)
     if os.environ.get("RANK", "0") != "0":
         return _train(student, cfg, progress, resume)
     check_run_folder(cfg.resolved_out())
@@ -201,10 +201,6 @@ def _train(student: StudentConfig, cfg: TrainConfig, progress: bool,
     targets = load_targets(cache, train_set, modalities, cfg)
     loss_cfg = cfg.loss_config()
     fuse_classes = student.mff_config().variant == "author"
-    if fuse_classes and loss_cfg.se_features == "decoder":
-        raise PipelineError("train.loss.se_features: decoder needs MFF before the head; under "
-                            "student.mff.variant author f_ma is the fused class-score map: "
-                            "use fused")
     code_key = "w_teacher_code" if loss_cfg.w_teacher_code else \
         "w_teacher_decoded" if loss_cfg.w_teacher_decoded else None
     codebooks = load_codes(cache, targets, train_set.ids, modalities, code_key) if code_key \

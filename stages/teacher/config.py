@@ -9,13 +9,22 @@ from pathlib import Path
 from typing import Any
 
 from any2seg import datasets
-from any2seg.config import Where, build, dataset_root, preset, preset_path
+from any2seg.config import (
+    DEFAULT_DATASET,
+    Where,
+    apply_overrides,
+    build,
+    dataset_root,
+    preset,
+    preset_path,
+)
 from any2seg.devices import DEVICE_FORMS, is_device, resolve_device
 from any2seg.errors import PipelineError
 from any2seg.store import DTYPES
 from stages.teacher import captioners
 from stages.teacher.checkpoints import BRANCH_FOLDERS, auto_branch, own_branch
 from stages.teacher.codebook import DENSE_FORMS, parse_dense
+from stages.teacher.default import FOLDER as DEFAULT_TEACHER
 
 AUTO = "auto"  # modality_branch (whole or per modality): own branch if present, else image
 STORE_DTYPES = DTYPES
@@ -29,12 +38,12 @@ _TCP = re.compile(r"tcp://(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):(?P<port>
 class TeacherConfig:
     """Every tunable of stage one (the `teacher` group of params.yaml plus the dataset)."""
 
-    dataset: str = "sample"
+    dataset: str = DEFAULT_DATASET
     root: str | None = None
     split: list[str] = field(default_factory=lambda: ["train", "val", "test"])
     modalities: list[str] | None = None
     out: str | None = None
-    teacher_root: str = "data/sample-teacher"  # as params.yaml (the fitted default teacher)
+    teacher_root: str = DEFAULT_TEACHER  # the fitted default teacher
     captioner: str = "template"
     captioner_options: dict[str, Any] = field(default_factory=dict)
     modality_branch: dict[str, str] | str = AUTO
@@ -77,17 +86,12 @@ class TeacherConfig:
         data.update(teacher)
         where = Where("teacher", source, flags, PARAMS_KEYS)
         cfg = build(cls, data, Where("teacher", source, keys=PARAMS_KEYS))
-        if overrides.get("dataset") not in (None, cfg.dataset) and \
-                overrides.get("root") is None:
-            cfg.root = None  # params' root belongs to params' dataset
-        for key, value in overrides.items():
-            if value is None:
-                continue
-            if key == "modality_branch":  # each side named as the user set it
-                _check_branches(Where("teacher", source), cfg.modality_branch)
-                cfg._check_modalities(where, "modality_branch", list(value))
-                value = {**cfg.explicit_branches(), **value}
-            setattr(cfg, key, value)
+        branches = overrides.get("modality_branch")
+        apply_overrides({k: v for k, v in overrides.items() if k != "modality_branch"}, cfg)
+        if branches is not None:  # each side named as the user set it
+            _check_branches(Where("teacher", source), cfg.modality_branch)
+            cfg._check_modalities(where, "modality_branch", list(branches))
+            cfg.modality_branch = {**cfg.explicit_branches(), **branches}
         cfg.validate(where)
         return cfg
 

@@ -5,3 +5,7 @@ No real-data path uses this package; stage one reads what it writes with the sam
 as real LanguageBind folders. Modules: folders (the on-disk format), config (FitConfig),
 data, model (LoRA, encoders, losses), quality, fit (the two phases, teacher.json).
 """
+
+# where `pipeline fit-teacher` writes the default teacher, and the default of teacher.root
+# (params.yaml, dvc.yaml and the Makefile are checked against it: tests/test_defaults.py)
+FOLDER = "data/sample-teacher"

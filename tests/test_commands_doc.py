@@ -1,0 +1,30 @@
+"""docs/commands.md is generated from the CLI (tests/commands_doc.py) and must be current:
+every command, every option, defaults as `--help` shows them."""
+
+import click
+
+from pipeline.cli import cli
+from tests.commands_doc import PAGE, commands, page
+
+
+def test_the_commands_page_is_current():
+    assert PAGE.read_text() == page(), \
+        "docs/commands.md is stale: run python -m tests.commands_doc --write"
+
+
+def test_every_command_and_option_has_its_section():
+    text = PAGE.read_text()
+    sections = {s.split("`", 2)[1]: s for s in text.split("\n## ")[1:] if s.startswith("`")}
+    paths = list(commands(cli))
+    assert {("ablate",), ("codealign",), ("codealign", "stage0"), ("train",)} <= set(paths)
+    for path in paths:
+        section = sections[" ".join(("pipeline", *path))]
+        command = cli
+        for name in path:
+            command = command.commands[name]
+        for param in command.params:
+            if isinstance(param, click.Option):
+                assert any(opt in section for opt in param.opts), (path, param.name)
+    train = sections["pipeline train"]
+    for flag in ("--seed", "--params", "--json", "--nproc"):
+        assert flag in train
