@@ -111,7 +111,7 @@ def datasets_info(dataset: str, root: Path | None, as_json: bool) -> None:
 @ROOT
 @click.option("--split", default="train,val,test", help="Comma-separated splits to check.")
 def datasets_check(dataset: str, root: Path | None, split: str) -> None:
-    """Decode every sample of the splits and list missing, corrupt or mislabelled files.
+    """Decode every file a stage reads of the splits; list missing, corrupt or mislabelled ones.
 
     Exits with status 1 when anything is wrong; readers' --skip-bad drops exactly these.
     """
