@@ -76,7 +76,7 @@ def test_plan_of_the_sample_run_and_its_resume_decision(sample_cache, tmp_path, 
         "student": {"backbone": "mit_b0", "embed_dim": 32},
         "train": {k: getattr(cfg, k) for k in (
             "cache", "out", "steps", "batch_size", "crop", "lr", "workers",
-            "checkpoint_every", "val_limit", "seed")} | {"device": "cpu"}}))
+            "checkpoint_every", "val_every", "val_limit", "seed")} | {"device": "cpu"}}))
     out = dry(capsys, "--params", params, "--resume", "auto")
     assert "steps: 6 (train.steps)" in out
     assert f"modalities: rgb, depth, event, lidar (those of the teacher cache {cache})" in out

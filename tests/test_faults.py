@@ -158,8 +158,8 @@ def test_resume_with_other_settings_names_them(sample_cache, straight, tmp_path)
         train(other, tiny(root, cache, out, **{**KW, "steps": 3, "lr": 1e-3}), progress=False,
               resume=True)
     msg = str(err.value)
-    assert "student.embed_dim (32 in the checkpoint, 16 now)" in msg, msg
-    assert "train.lr (0.002 in the checkpoint, 0.001 now)" in msg, msg
+    assert "student.embed_dim (32 at the checkpoint, 16 now)" in msg, msg
+    assert "train.lr (0.002 at the checkpoint, 0.001 now)" in msg, msg
     assert "train.steps" in msg and "\n" not in msg
 
 
