@@ -10,7 +10,7 @@ from pipeline.cli import main
 from stages.student.estimate import STEP_TIMES, estimate
 from stages.student.train import train
 from tests.test_train_cache import run_until, tiny
-from tests.tiny_run import TINY_STUDENT
+from tests.tiny_run import MIT_STUDENT
 
 
 def dry(capsys, *args):
@@ -81,7 +81,7 @@ def test_plan_of_the_sample_run_and_its_resume_decision(sample_cache, tmp_path, 
     assert "steps: 6 (train.steps)" in out
     assert f"modalities: rgb, depth, event, lidar (those of the teacher cache {cache})" in out
     assert f"checkpoints: {run / 'last.pt'} every 2 steps and at the end (3 writes" in out
-    assert f"{run / 'best.pt'} at each validation (at the end: 1)" in out
+    assert f"{run / 'best.pt'} at each validation (every 100 steps and at the end: 1)" in out
     expected = estimate("cpu", "mit_b0", 64, 2, 4, 6)
     assert f"estimate: {expected.line()}" in out
     assert "measured: 0.1792 s for mit_b0, batch 2 x 4 modalities, crop 128, on cpu" in out
@@ -89,7 +89,7 @@ def test_plan_of_the_sample_run_and_its_resume_decision(sample_cache, tmp_path, 
     assert f"resume: fresh from step 0 ({run / 'last.pt'} does not exist)" in out
     assert not run.exists()
     # killed after a checkpoint at step 4: a run would continue there
-    run_until(monkeypatch, cfg, steps_done=5)
+    run_until(monkeypatch, cfg, steps_done=5, student=MIT_STUDENT)  # the params file's
     monkeypatch.undo()
     out = dry(capsys, "--params", params, "--resume", "auto")
     assert f"resume: resume {run / 'last.pt'} at step 4 of 6" in out
@@ -98,7 +98,7 @@ def test_plan_of_the_sample_run_and_its_resume_decision(sample_cache, tmp_path, 
         "run: train.lr (0.002 at the checkpoint, 0.001 now); starting fresh" in out
     out = dry(capsys, "--params", params, "--resume", "--lr", "0.001")
     assert "resume: refused: " in out and "was written with other settings" in out
-    train(TINY_STUDENT, cfg, progress=False, resume="auto")
+    train(MIT_STUDENT, cfg, progress=False, resume="auto")
     out = dry(capsys, "--params", params, "--resume", "auto")
     assert f"resume: nothing to do: {run / 'last.pt'} has finished this run (step 6)" in out
 

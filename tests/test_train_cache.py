@@ -25,7 +25,7 @@ class Killed(Exception):
     """Stands in for SIGKILL: the process stops after a step, nothing is cleaned up."""
 
 
-def run_until(monkeypatch, cfg, steps_done):
+def run_until(monkeypatch, cfg, steps_done, student=None):
     """Train until `steps_done` steps are logged, then stop as a kill would."""
     from dvclive import Live
 
@@ -39,7 +39,7 @@ def run_until(monkeypatch, cfg, steps_done):
 
     monkeypatch.setattr(Live, "next_step", next_step)
     with pytest.raises(Killed):
-        train(TINY_STUDENT, cfg, progress=False)
+        train(student or TINY_STUDENT, cfg, progress=False)
     monkeypatch.setattr(Live, "next_step", original)
 
 
