@@ -231,3 +231,39 @@ def test_groups_must_name_the_data_sets_modalities():
     with pytest.raises(PipelineError, match="codealign.groups names thermal"):
         CodeAlignConfig(groups=[["rgb"], ["thermal"]]).validate(
             modalities=["rgb", "depth", "event", "lidar"])
+
+
+def test_a_stage_prints_progress_with_an_eta(tmp_path, capsys, monkeypatch):
+    """Off a terminal a CodeAlign part prints plain progress lines with an ETA (`make
+    demo-codealign` runs minutes on CPUs), and a resumed part counts from its checkpoint."""
+    import time
+
+    from any2seg import progress
+
+    monkeypatch.setattr(progress, "LINE_GAP_S", 0.0)  # a line at every 10 % of the steps
+    cfg = CodeAlignConfig(checkpoint_every=3)
+    net = torch.nn.Linear(4, 2)
+    data = torch.randn(6, 4)
+
+    def slow_step(batch, gen):
+        time.sleep(0.6)  # an ETA needs 1 s of elapsed time
+        return net(batch["x"]).square().mean()
+
+    def stop_after_three(start):
+        for i in range(start, 6):
+            if i == 3:
+                raise KeyboardInterrupt
+            yield {"x": data[i:i + 1]}
+
+    with pytest.raises(KeyboardInterrupt):
+        ca_stages.run_steps("stage0/group0", tmp_path, net, [net], stop_after_three,
+                            slow_step, 6, cfg, {}, stage=0)
+    first = capsys.readouterr().err.splitlines()
+    assert first[-1].startswith("codealign stage0/group0: 3/6 step (50%)"), first
+    ca_stages.run_steps("stage0/group0", tmp_path, net, [net],
+                        lambda s: ({"x": data[i:i + 1]} for i in range(s, 6)), slow_step, 6,
+                        cfg, {}, stage=0)
+    lines = capsys.readouterr().err.splitlines()
+    assert any(", ETA " in line for line in lines), lines
+    assert lines[-1].startswith("codealign stage0/group0: 6/6 step (100%)"), lines
+    assert all(" 1/6 " not in line for line in lines), lines  # resumed at step 3, not 0

@@ -40,6 +40,23 @@ def test_a_few_steps_lower_the_loss(sample_cache, tmp_path):
     assert meta["modalities"] == ["rgb", "depth", "event", "lidar"] and len(meta["classes"]) == 25
 
 
+def test_the_progress_line_shows_the_last_validation(sample_cache, tmp_path, capsys,
+                                                     monkeypatch):
+    """Off a terminal the training line carries the last validation's mIoU (the demo's log
+    shows the student learning), absent before the first validation."""
+    from any2seg import progress
+
+    monkeypatch.setattr(progress, "LINE_GAP_S", 0.0)  # a line at every 10 % of the steps
+    root, cache = sample_cache
+    train(TINY_STUDENT, tiny(root, cache, tmp_path / "run", steps=4, val_every=2),
+          progress=True)
+    lines = [line for line in capsys.readouterr().err.splitlines()
+             if line.startswith("training: ")]
+    assert "val_mIoU=" not in lines[0], lines
+    final = float(lines[-1].rsplit("val_mIoU=", 1)[1])
+    assert 0 <= final <= 100, lines
+
+
 def test_resume_after_kill_ends_at_the_same_weights(sample_cache, tmp_path):
     root, cache = sample_cache
     params = tmp_path / "params.yaml"

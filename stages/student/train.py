@@ -340,7 +340,10 @@ def _train(student: StudentConfig, cfg: TrainConfig, progress: bool,
             live.log_metric(f"train/{name}", value.item())
         live.log_metric("train/lr", lr)
         bar.update(1)
-        bar.set_postfix(loss=f"{history[-1]:.3f}", lr=f"{lr:.2e}")
+        shown = {"loss": f"{history[-1]:.3f}", "lr": f"{lr:.2e}"}
+        if not math.isnan(val_miou):  # the last validation's mIoU: a log that shows learning
+            shown["val_mIoU"] = f"{val_miou:.1f}"
+        bar.set_postfix(**shown)
 
         done = step + 1
         if (cfg.val_every and done % cfg.val_every == 0) or done == steps:

@@ -31,6 +31,7 @@ import torch
 
 from any2seg import datasets
 from any2seg.metrics import Confusion
+from any2seg.progress import progress as progress_bar
 from stages.student.codealign.model import pair_name
 from stages.student.codealign.stages import CodeAlignRun
 from stages.student.evaluate import evaluation_loader
@@ -68,7 +69,9 @@ def evaluate_run(run: CodeAlignRun, stage: str = "stage2", split: str = "val",
     own: dict[int, torch.Tensor] = {}
     decoded: dict[int, list[torch.Tensor]] = {}
     gen = torch.Generator().manual_seed(run.cfg.eval_seed)
-    for batch in evaluation_loader(samples, mods):
+    batches = progress_bar(evaluation_loader(samples, mods), desc="codealign evaluate",
+                           unit="batch")
+    for batch in batches:
         images, label = batch["images"], batch["label"]
         size = label.shape[-2:]
 

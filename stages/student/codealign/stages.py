@@ -37,6 +37,7 @@ from torch import nn
 
 from any2seg import datasets
 from any2seg.errors import PipelineError
+from any2seg.progress import progress as progress_bar
 from stages.student.checkpoint_file import load_checkpoint_file, plain
 from stages.student.code_version import code_diff, code_fingerprint
 from stages.student.codealign.config import CodeAlignConfig
@@ -104,7 +105,8 @@ def run_steps(name: str, out: Path, system: nn.Module, trainable: list[nn.Module
     """Train `trainable` for `steps` with stage `stage`'s optimiser and schedule, resuming
     from out/{name}.last.pt; returns losses. `resume`: strict refuses a checkpoint of other
     settings or split; auto (the DVC stages, whose folders persist) starts the part afresh,
-    saying why, when its settings, split or code differ."""
+    saying why, when its settings, split or code differ. Prints progress with an ETA (a part
+    runs for minutes on CPUs: `make demo-codealign` and DVC logs must not go silent)."""
     params = freeze_all_but(system, trainable)
     opt, schedule = optimiser(params, cfg, stage, steps)
     last, done = out / f"{name}.last.pt", out / f"{name}.pt"
@@ -130,19 +132,25 @@ def run_steps(name: str, out: Path, system: nn.Module, trainable: list[nn.Module
         start = state["step"]
     losses: list[float] = []
     gen = torch.Generator()
-    for step, batch in enumerate(loader_at(start), start):
-        gen.manual_seed(cfg.train_seed * 1_000_003 + step)
-        torch.manual_seed(cfg.train_seed * 1_000_003 + step)
-        loss = step_fn(batch, gen)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        schedule.step()
-        losses.append(float(loss.detach()))
-        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == steps:
-            save({"model": system.state_dict(), "optimizer": opt.state_dict(),
-                  "schedule": schedule.state_dict(), "step": step + 1, "meta": meta,
-                  "code": code}, last)
+    bar = progress_bar(total=steps, initial=start, desc=f"codealign {name}", unit="step")
+    try:
+        for step, batch in enumerate(loader_at(start), start):
+            gen.manual_seed(cfg.train_seed * 1_000_003 + step)
+            torch.manual_seed(cfg.train_seed * 1_000_003 + step)
+            loss = step_fn(batch, gen)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            schedule.step()
+            losses.append(float(loss.detach()))
+            bar.update(1)
+            bar.set_postfix(loss=f"{losses[-1]:.3f}")
+            if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == steps:
+                save({"model": system.state_dict(), "optimizer": opt.state_dict(),
+                      "schedule": schedule.state_dict(), "step": step + 1, "meta": meta,
+                      "code": code}, last)
+    finally:
+        bar.close()
     save({"model": system.state_dict(), "meta": meta, "losses": losses}, done)
     return losses
 
