@@ -42,7 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def copy_project(repo: Path) -> None:
-    """The pipeline files, presets and the code its stages depend on (as tests/test_dvc.py)."""
+    """The pipeline files, presets and the code its stages depend on (as tests/e2e/test_dvc.py)."""
     repo.mkdir(parents=True)
     for name in ("dvc.yaml", "params.yaml", ".gitignore", ".dvcignore"):
         shutil.copy(ROOT / name, repo / name)

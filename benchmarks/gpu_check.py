@@ -4,7 +4,7 @@
     python benchmarks/gpu_check.py --device cpu --tiny      # the dry run (tests, seconds)
 
 GPU time is scarce, so this runs in one go (under 10 minutes on one modern GPU) and was
-proven on CPU beforehand (`--device cpu --tiny`, run by tests/test_gpu_check.py). Six
+proven on CPU beforehand (`--device cpu --tiny`, run by tests/e2e/test_gpu_check.py). Six
 sections, each with a time budget, each timed and each failure recorded without losing
 the others (the JSON is rewritten after every section, so a killed run keeps what it had):
 

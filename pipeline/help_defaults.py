@@ -4,8 +4,9 @@ A flag left unset takes its value from the parameters file when it sets the key 
 `--params` names on the same command line, else ./params.yaml), else from the config
 dataclass, the one home of every built-in default; help text written by hand drifted from
 both (it promised batch 8 where params.yaml ran 4). `Tunable` looks the value up when help
-is drawn; `GROUPS` says which dataclass holds each params.yaml group (tests/test_defaults.py
-walks it to check that params.yaml states the built-in defaults).
+is drawn; `GROUPS` says which dataclass holds each params.yaml group
+(tests/application/test_defaults.py walks it to check that params.yaml states the built-in
+defaults).
 """
 
 from __future__ import annotations

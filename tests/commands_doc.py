@@ -7,7 +7,7 @@ and showed defaults no run used).
     python -m tests.commands_doc           # print the page
     python -m tests.commands_doc --write   # rewrite docs/commands.md
 
-tests/test_commands_doc.py fails when the page is not what this writes.
+tests/application/test_commands_doc.py fails when the page is not what this writes.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ sets](datasets.md#packed-data-sets-one-hdf5-file-instead-of-40000-pngs)). Severa
 `--nproc N` ([scaling](scaling.md)).
 
 The rest of this page is generated from the commands themselves (`python -m
-tests.commands_doc --write`; `tests/test_commands_doc.py` fails when it is not current):
+tests.commands_doc --write`; `tests/application/test_commands_doc.py` fails when it is not current):
 each block is what `pipeline ... --help` prints in this folder.
 """
 

@@ -1,5 +1,5 @@
 """The project's DVC pipeline in a temporary git repository at the tests' tiny sizes, built
-once per test run and copied per module (tests/test_dvc.py, tests/test_ablate.py).
+once per test run and copied per module (tests/e2e/test_dvc.py, tests/e2e/test_ablate.py).
 
 Stage one (sample, fitted teacher, teacher cache) is what every end-to-end DVC test needs
 before it does anything of its own, and it is the expensive part; `stage_one_project` builds

@@ -10,7 +10,7 @@ it and as files otherwise.
     python -m tests.stage_deps           # print each stage's code deps
     python -m tests.stage_deps --write   # rewrite them in dvc.yaml and pipelines/*/dvc.yaml
 
-tests/test_stage_deps.py checks every dvc.yaml against it.
+tests/project/test_stage_deps.py checks every dvc.yaml against it.
 """
 
 from __future__ import annotations

@@ -28,7 +28,7 @@ from pipeline.cli.options import (
 from pipeline.help_defaults import Tunable
 
 # the modalities of the registered readers (DELIVER and the sample: rgb, depth, event,
-# lidar; MCubeS: rgb, aolp, dolp, nir); tests/test_predict.py keeps this list complete
+# lidar; MCubeS: rgb, aolp, dolp, nir); tests/student/test_predict.py keeps this list complete
 INPUT_MODALITIES = ("rgb", "depth", "event", "lidar", "aolp", "dolp", "nir")
 
 

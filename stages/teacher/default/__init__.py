@@ -7,5 +7,6 @@ data, model (LoRA, encoders, losses), quality, fit (the two phases, teacher.json
 """
 
 # where `pipeline fit-teacher` writes the default teacher, and the default of teacher.root
-# (params.yaml, dvc.yaml and the Makefile are checked against it: tests/test_defaults.py)
+# (params.yaml, dvc.yaml and the Makefile are checked against it:
+# tests/application/test_defaults.py)
 FOLDER = "data/sample-teacher"
