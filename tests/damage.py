@@ -1,14 +1,17 @@
-"""Damaged files of every kind the corrupt-file tests write, and the subprocess run of
-`pipeline` they check: each damage as a function of the intact file's bytes."""
+"""Damaged files of every kind the corrupt-file tests write, and the subprocess runs of
+`pipeline` they check (`pipelines`: several commands in one process): each damage as a
+function of the intact file's bytes."""
 
 from __future__ import annotations
 
 import io
+import json
 import os
 import pickle
 import struct
 import subprocess
 import sys
+import tempfile
 import zlib
 from pathlib import Path
 
@@ -105,11 +108,71 @@ def npy_bomb(data: bytes) -> bytes:
         bytes(64)
 
 
-def pipeline(*args, cwd):
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+def _env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(
         [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}
+
+
+def pipeline(*args, cwd):
     return subprocess.run([sys.executable, "-m", "pipeline", *map(str, args)], cwd=cwd,
-                          env=env, capture_output=True, text=True, timeout=300)
+                          env=_env(), capture_output=True, text=True, timeout=300)
+
+
+# One process runs several `pipeline` commands in turn, each as `python -m pipeline` would
+# (`main` and its exit status; an uncaught exception's traceback and status 1), with file
+# descriptors 1 and 2 pointed at the command's own files, so that what it printed -
+# loader workers and native libraries included - is told apart from the others'.
+_DRIVER = """
+import json, os, sys, traceback
+commands, outdir = json.loads(sys.argv[1]), sys.argv[2]
+from pipeline.cli import main
+for i, args in enumerate(commands):
+    sys.stdout.flush(); sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    for fd, kind in ((1, "out"), (2, "err")):
+        f = os.open(os.path.join(outdir, f"{i}.{kind}"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        os.dup2(f, fd)
+        os.close(f)
+    code = 0
+    try:
+        main(args)
+    except SystemExit as exc:
+        if isinstance(exc.code, int) or exc.code is None:
+            code = exc.code or 0
+        else:
+            print(exc.code, file=sys.stderr)
+            code = 1
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    finally:
+        sys.stdout.flush(); sys.stderr.flush()
+        os.dup2(saved[0], 1); os.dup2(saved[1], 2)
+        os.close(saved[0]); os.close(saved[1])
+    with open(os.path.join(outdir, f"{i}.code"), "w") as f:
+        f.write(str(code))
+"""
+
+
+def pipelines(*commands, cwd, timeout: float = 600) -> list[subprocess.CompletedProcess]:
+    """`pipeline(*args)` for each of `commands` in turn, all in one subprocess (one start-up
+    of Python, torch and the teacher's libraries instead of one per command). A native
+    crash still fails the caller, not the test run: the command it hit (and every later
+    one) gets the process's status (-11 for SIGSEGV) and what it had printed."""
+    argv = [[str(a) for a in args] for args in commands]
+    with tempfile.TemporaryDirectory(prefix="pipelines-") as tmp:
+        outdir = Path(tmp)
+        proc = subprocess.run([sys.executable, "-c", _DRIVER, json.dumps(argv), tmp], cwd=cwd,
+                              env=_env(), capture_output=True, text=True, timeout=timeout)
+
+        def text(i: int, kind: str) -> str:
+            path = outdir / f"{i}.{kind}"
+            return path.read_text(errors="replace") if path.exists() else ""
+
+        return [subprocess.CompletedProcess(
+            args, int(text(i, "code")) if text(i, "code") else proc.returncode or -1,
+            text(i, "out"), text(i, "err") + ("" if text(i, "code") else proc.stderr))
+            for i, args in enumerate(argv)]
 
 
 def error_line(proc: subprocess.CompletedProcess) -> str:

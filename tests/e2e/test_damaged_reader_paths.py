@@ -1,9 +1,11 @@
 """Damaged files through the reader paths past stage one: training with loader workers
 (a worker's error must end the run in one line, not a traceback dump or a hang, and
 `--skip-bad` must skip and count), evaluation, prediction, and MCubeS's PNG and .npy
-readers. Each
-command runs in its own process over one tree that carries every kind of damage, one
-damaged file per sample, so a handful of processes cover them all."""
+readers. The
+commands run in a subprocess (one for all of them, `tests.damage.pipelines`: each its own
+exit status and output) over one tree that carries every kind of damage, one damaged file
+per sample. The student is the tests' tiny one (`tests.tiny_run.TINY_BACKBONE`): what is
+tested is the readers' paths, not the encoder."""
 
 from __future__ import annotations
 
@@ -26,10 +28,12 @@ from tests.damage import (
     npy_object_array,
     npy_pickle,
     pipeline,
+    pipelines,
     scramble_idat,
     truncated,
     zero_bytes,
 )
+from tests.tiny_run import TINY_BACKBONE
 
 # train sample (by position) -> (top folder, file kind, damage); 6 of 8 damaged
 TRAIN_DAMAGE = [("img", "rgb", scramble_idat), ("event", "event", truncated),
@@ -66,7 +70,7 @@ def damaged_sample(tmp_path_factory):
     params = base / "params.yaml"
     params.write_text(json.dumps({
         "dataset": {"name": "sample", "root": str(root)},
-        "student": {"backbone": "mit_b0", "embed_dim": 32},
+        "student": {"backbone": TINY_BACKBONE, "embed_dim": 32},
         "train": {"cache": str(cache), "steps": 1, "batch_size": 8, "crop": 64, "workers": 1,
                   "device": "cpu", "seed": 7, "checkpoint_every": 1}}))
     return root, cache, params, damaged
@@ -76,14 +80,22 @@ def test_training_evaluation_and_prediction_name_the_damaged_file(damaged_sample
     root, _, params, damaged = damaged_sample
     every = damaged["train"] + damaged["val"]
 
+    common = ["predict", "--checkpoint", tmp_path / "skip" / "best.pt", "--root", root,
+              "--split", "val", "--device", "cpu"]
+    stop, skip, evaluate, predict_stop, predict_skip = pipelines(
+        ["train", "--params", params, "--out", tmp_path / "stop"],
+        ["train", "--params", params, "--skip-bad", "--batch-size", "2", "--out",
+         tmp_path / "skip"],
+        ["evaluate", "--checkpoint", tmp_path / "skip" / "best.pt", "--root", root, "--split",
+         "val", "--setting", "mss", "--device", "cpu", "--out", tmp_path / "metrics"],
+        [*common, "--out", tmp_path / "stopped"],
+        [*common, "--skip-bad", "--out", tmp_path / "predicted"], cwd=tmp_path)
+
     # a loader worker decodes the first batch (all 8 train samples): its error, one line
-    stop = pipeline("train", "--params", params, "--out", tmp_path / "stop", cwd=tmp_path)
     line = error_line(stop)
     assert any(path in line for path in damaged["train"]), line
     assert "--skip-bad" in line  # train has the flag the hint names
 
-    skip = pipeline("train", "--params", params, "--skip-bad", "--batch-size", "2",
-                    "--out", tmp_path / "skip", cwd=tmp_path)
     assert skip.returncode == 0, (skip.returncode, skip.stdout, skip.stderr)
     assert "Traceback" not in skip.stdout + skip.stderr
     assert f"{len(every)} samples skipped as bad (--skip-bad)" in skip.stdout, skip.stdout
@@ -91,25 +103,19 @@ def test_training_evaluation_and_prediction_name_the_damaged_file(damaged_sample
         assert sum(path in line for line in skip.stderr.splitlines()) == 1, (path, skip.stderr)
 
     # evaluation decodes in-process: the first damaged val file, with the hint that fits
-    evaluate = pipeline("evaluate", "--checkpoint", tmp_path / "skip" / "best.pt", "--root",
-                        root, "--split", "val", "--setting", "mss", "--device", "cpu",
-                        "--out", tmp_path / "metrics", cwd=tmp_path)
     line = error_line(evaluate)
     assert any(path in line for path in damaged["val"]), line
     assert "--skip-bad" not in line and "pipeline datasets check" in line, line
 
     # prediction decodes in-process too; it has --skip-bad, which skips and counts
-    common = ["predict", "--checkpoint", tmp_path / "skip" / "best.pt", "--root", root,
-              "--split", "val", "--device", "cpu"]
-    stop = pipeline(*common, "--out", tmp_path / "stopped", cwd=tmp_path)
-    line = error_line(stop)
+    line = error_line(predict_stop)
     assert any(path in line for path in damaged["val"]), line
     assert "--skip-bad" in line
     assert not (tmp_path / "stopped").exists()  # nothing published from a failed run
-    skip = pipeline(*common, "--skip-bad", "--out", tmp_path / "predicted", cwd=tmp_path)
-    assert skip.returncode == 0, (skip.returncode, skip.stdout, skip.stderr)
-    assert "Traceback" not in skip.stdout + skip.stderr
-    assert f"{len(damaged['val'])} skipped" in skip.stdout, skip.stdout
+    assert predict_skip.returncode == 0, (predict_skip.returncode, predict_skip.stdout,
+                                          predict_skip.stderr)
+    assert "Traceback" not in predict_skip.stdout + predict_skip.stderr
+    assert f"{len(damaged['val'])} skipped" in predict_skip.stdout, predict_skip.stdout
     summary = json.loads((tmp_path / "predicted" / "predictions.json").read_text())
     reasons = " ".join(s["reason"] for s in summary["skipped"])
     assert all(path in reasons for path in damaged["val"]), reasons

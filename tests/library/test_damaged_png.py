@@ -1,7 +1,8 @@
-"""Damaged PNGs through the commands that decode them, each command in its own process, so
-a native crash (the old libpng path died with SIGSEGV on a damaged IDAT) fails this test
-instead of the test run. One DELIVER-layout tree carries every kind of damage, in a
-different sample each, so three processes cover them all. `tests/e2e/test_damaged_reader_paths.py`
+"""Damaged PNGs through the commands that decode them, in a subprocess, so a native crash
+(the old libpng path died with SIGSEGV on a damaged IDAT) fails this test instead of the
+test run. One DELIVER-layout tree carries every kind of damage, in a different sample
+each, so one process running the commands in turn covers them all (`tests.damage.pipelines`:
+each command's own exit status and output). `tests/e2e/test_damaged_reader_paths.py`
 takes the same damage through training, evaluation and MCubeS's readers."""
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from tests.damage import (
     jpeg,
     label_16bit,
     overwrite_idat,
-    pipeline,
+    pipelines,
     truncated,
 )
 from tests.layouts import FRAMES, write_deliver
@@ -63,7 +64,13 @@ def test_damaged_pngs_are_named_never_a_crash(damaged_tree, tmp_path):
     root, teacher, files = damaged_tree
     snapshot = {p: p.read_bytes() for p in files}
 
-    check = pipeline("datasets", "check", "--dataset", "deliver", "--root", root, cwd=tmp_path)
+    common = ["cache-teacher", "--dataset", "deliver", "--root", root, "--teacher-root",
+              teacher, "--params", ROOT / "params.yaml", "--device", "cpu"]
+    check, stop, skip, info = pipelines(
+        ["datasets", "check", "--dataset", "deliver", "--root", root],
+        [*common, "--out", tmp_path / "stop.zarr"],
+        [*common, "--skip-bad", "--out", tmp_path / "skip.zarr"],
+        ["cache-info", tmp_path / "skip.zarr"], cwd=tmp_path)
     assert check.returncode == 1, (check.returncode, check.stdout, check.stderr)  # no signal
     assert "Traceback" not in check.stderr, check.stderr
     lines = check.stdout.splitlines()
@@ -77,9 +84,6 @@ def test_damaged_pngs_are_named_never_a_crash(damaged_tree, tmp_path):
     assert "declares 100000 x 100000 pixels" in \
         next(line for line in lines if str(files[6]) in line)
 
-    common = ["cache-teacher", "--dataset", "deliver", "--root", root, "--teacher-root",
-              teacher, "--params", ROOT / "params.yaml", "--device", "cpu"]
-    stop = pipeline(*common, "--out", tmp_path / "stop.zarr", cwd=tmp_path)
     assert stop.returncode == 1, (stop.returncode, stop.stdout, stop.stderr)
     assert "Traceback" not in stop.stderr, stop.stderr
     err = [line for line in stop.stderr.splitlines() if not line.startswith("info: ")]
@@ -87,14 +91,12 @@ def test_damaged_pngs_are_named_never_a_crash(damaged_tree, tmp_path):
     assert any(str(p) in err[0] for p in files), err
     assert "--skip-bad" in err[0]
 
-    skip = pipeline(*common, "--skip-bad", "--out", tmp_path / "skip.zarr", cwd=tmp_path)
     assert skip.returncode == 0, (skip.returncode, skip.stdout, skip.stderr)
     out = skip.stdout + skip.stderr
     assert "Traceback" not in out
     assert f"computed {GOOD} of {GOOD} rows" in out, out
     for path in files:  # each skipped sample is logged with its file
         assert str(path) in out, (path, out)
-    info = pipeline("cache-info", tmp_path / "skip.zarr", cwd=tmp_path)
     assert f"{BAD} samples skipped as bad" in info.stdout, (info.stdout, info.stderr)
     assert {p: p.read_bytes() for p in files} == snapshot  # nothing rewritten
 

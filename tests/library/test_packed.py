@@ -297,12 +297,13 @@ def test_teacher_store_is_the_same_from_folder_and_pack(sample_cache, tmp_path):
 @pytest.mark.slow
 def test_train_and_evaluate_read_the_pack_like_the_folder(sample_cache, tmp_path, capsys):
     """Training steps read by two loader workers give the same weights from the pack as
-    from the folder, and `pipeline evaluate --root PACK` the same metrics."""
+    from the folder, and `pipeline evaluate --root PACK` the same metrics (the tests' tiny
+    student: what is compared is what the readers feed it)."""
     import json
 
     from stages.student.config import TrainConfig
-    from stages.student.model import StudentConfig
     from stages.student.train import train
+    from tests.tiny_run import TINY_STUDENT
 
     root, cache = sample_cache
     packed = tmp_path / "sample.h5"
@@ -312,7 +313,7 @@ def test_train_and_evaluate_read_the_pack_like_the_folder(sample_cache, tmp_path
         cfg = TrainConfig(dataset="sample", root=str(source), cache=str(cache),
                           out=str(tmp_path / name), steps=2, batch_size=2, crop=64,
                           workers=2, val_limit=2, seed=7)
-        train(StudentConfig(backbone="mit_b0", embed_dim=32), cfg, progress=False)
+        train(TINY_STUDENT, cfg, progress=False)
         weights[name] = load_checkpoint_file(tmp_path / name / "last.pt")["model"]
     for key, value in weights["folder"].items():
         torch.testing.assert_close(weights["pack"][key], value, rtol=0, atol=0)

@@ -31,11 +31,11 @@ SCENE = "cloud/val/MAP_1_point0"  # a scene of the small sample's val split (2 f
 
 
 def tiny_checkpoint(path: Path, variant: str = "author", missing: str = "exclude",
-                    seed: int = 0) -> Path:
+                    seed: int = 0, backbone: str = "mit_b0") -> Path:
     """A random-weight student of the smallest settings the tests use, saved as
     `pipeline train` saves one (random weights: prediction does not care how they came)."""
     torch.manual_seed(seed)
-    student = StudentConfig(backbone="mit_b0", embed_dim=16, mff={"variant": variant},
+    student = StudentConfig(backbone=backbone, embed_dim=16, mff={"variant": variant},
                             missing=missing)
     model = build_student(student, MODS, 25)
     reader = datasets.get("sample")
@@ -99,10 +99,18 @@ def evaluate_predictions(ckpt: Path, root: Path, limit: int, protocol: str | Non
     return samples.ids, out
 
 
+@pytest.fixture(scope="module")
+def evaluated(ckpt, small_sample):
+    """`evaluate_predictions` of the first 3 val frames: every subset at once, so the cases
+    below share one run (read-only)."""
+    return evaluate_predictions(ckpt, small_sample[0], 3)
+
+
 @pytest.mark.parametrize("subset", ["rgb", "depth,event", "rgb,depth,event,lidar"])
-def test_predict_equals_evaluate_frame_by_frame(ckpt, small_sample, tmp_path, capsys, subset):
+def test_predict_equals_evaluate_frame_by_frame(ckpt, evaluated, small_sample, tmp_path, capsys,
+                                                subset):
     root, _ = small_sample
-    ids, expected = evaluate_predictions(ckpt, root, 3)
+    ids, expected = evaluated
     out = tmp_path / "pred"
     code, _, err = run(capsys, "--checkpoint", str(ckpt), "--root", str(root), "--modalities",
                        subset, "--limit", "3", "--out", str(out), "--save-logits")

@@ -86,18 +86,21 @@ def test_other_teacher_settings_are_refused_then_overwritten(teacher_sample, tmp
 
 
 def test_resume_after_sigkill_gives_identical_arrays(teacher_sample, tmp_path):
+    """The val split (12 rows, 6 shards of 2): the resume and the reference build compute
+    a quarter of the sample's rows, and the kill still lands after the first shard."""
     root, _ = teacher_sample
     killed, reference = tmp_path / "killed.zarr", tmp_path / "ref.zarr"
     args = [sys.executable, "-m", "pipeline.cli", "cache-teacher", "--dataset", "sample",
             "--root", str(root), "--teacher-root", str(root / "teacher"), "--out", str(killed),
-            "--rows-per-shard", "2", "--batch-size", "1", "--decode-workers", "1",
-            "--params", str(tmp_path / "none.yaml")]
+            "--split", "val", "--rows-per-shard", "2", "--batch-size", "1",
+            "--decode-workers", "1", "--params", str(tmp_path / "none.yaml")]
     (tmp_path / "none.yaml").write_text("{}\n")
     kill_after_first_rows(args, killed, timeout=120)
     partial = open_cache(killed).done
     assert 0 < partial.sum() < partial.size, "the kill must land mid-run"
-    cache_teacher(config(root, killed, rows_per_shard=2, batch_size=1))
-    cache_teacher(config(root, reference, rows_per_shard=2, batch_size=1))
+    kw = dict(split=["val"], rows_per_shard=2, batch_size=1)
+    cache_teacher(config(root, killed, **kw))
+    cache_teacher(config(root, reference, **kw))
     assert open_cache(killed).done.all()
     assert_same_store(killed, reference)
     assert not list(killed.rglob("*.partial"))

@@ -60,10 +60,16 @@ def cluster(tmp_path_factory):
             pids = client.run(os.getpid)
         yield address, pids
     finally:
-        for p in procs:
+        # workers first, and SIGKILL as the test does to one (their graceful close takes
+        # seconds, and a worker whose scheduler is gone already spends its connect timeout
+        # trying to reach it: the teardown took 15 s); then the scheduler, politely
+        for p in reversed(procs):
             if p.poll() is None:
-                p.terminate()
-        for p in procs:
+                if p is procs[0]:
+                    p.terminate()
+                else:
+                    p.kill()
+        for p in reversed(procs):
             try:
                 p.wait(timeout=15)
             except subprocess.TimeoutExpired:
