@@ -69,6 +69,20 @@ def own_sample(teacher_sample, tmp_path):
     return copy
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Torch computes with one thread in this process while a module runs (opt in with
+    `pytestmark = pytest.mark.usefixtures("one_thread")`): the tests' tiny models gain
+    nothing from a second thread, and on `make test`'s two workers over two cores the
+    threads of both only spin against each other."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def stage_one_project(tmp_path_factory):
     """The root pipeline at the tests' tiny params after `dvc repro cache_teacher`, built

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.e2e.test_dvc import copy_project, edit_params, ran
-from tests.e2e.test_dvc import run as git_run
+from tests.dvc_project import clone_project, edit_params, ran
+from tests.dvc_project import run as git_run
 from tests.tiny_run import logged
 
 pytestmark = pytest.mark.slow
@@ -22,23 +22,16 @@ STEPS = 12
 
 
 @pytest.fixture(scope="module")
-def repo(tmp_path_factory):
-    """The Any2Seg chain up to the teacher cache, at test_dvc.py's tiny sizes, 12 steps of
-    training with a checkpoint every 3."""
-    repo = tmp_path_factory.mktemp("dvc_resume") / "project"
-    copy_project(repo)
-    edit_params(repo, dataset__sample__size=64, dataset__sample__train=8,
-                dataset__sample__val=4, dataset__sample__test=2,
-                dataset__sample__frames_per_scene=2, train__steps=STEPS, train__batch_size=2,
-                train__crop=64, train__workers=0, train__val_limit=2,
-                train__checkpoint_every=3, train__val_every=4, student__embed_dim=16,
-                teacher__rows_per_shard=8, teacher__fit__hidden=16, teacher__fit__layers=1,
-                teacher__fit__projection=16, teacher__fit__image_size=32,
-                teacher__fit__image_epochs=1, teacher__fit__branch_epochs=1)
-    git_run(repo, "git", "init", "-q")
-    git_run(repo, "git", "add", "-A")
-    git_run(repo, "git", "commit", "-qm", "tiny pipeline")
-    run(repo, "dvc", "repro", "cache_teacher")
+def repo(stage_one_project, tmp_path_factory):
+    """The Any2Seg chain up to the teacher cache at the tests' tiny sizes, shared with
+    test_dvc.py and test_ablate.py (tests/dvc_project.py: built once per run), cloned here;
+    12 steps of training the tiny student (the student of every DVC test,
+    tests/tiny_run.py) with a checkpoint every 3, committed."""
+    source, _ = stage_one_project
+    repo = clone_project(source, tmp_path_factory.mktemp("dvc_resume") / "project")
+    edit_params(repo, train__steps=STEPS, train__checkpoint_every=3, train__val_every=4,
+                train__val_limit=2)
+    git_run(repo, "git", "commit", "-qam", "12 steps")  # params.yaml (dvc.lock is untracked)
     return repo
 
 

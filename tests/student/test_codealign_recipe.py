@@ -17,6 +17,7 @@ from stages.student.codealign.quantiser import Quantiser, hard_gumbel
 from stages.student.codealign.split import assign_groups, scene_of
 from stages.student.codealign.stages import CodeAlignRun, intra_l2, official_l2
 from stages.student.model import StudentConfig
+from tests.tiny_run import TINY_BACKBONE
 
 ROOT = Path(__file__).resolve().parents[2]
 GROUPS = [["rgb"], ["depth", "event"]]  # a single- and a two-modality group
@@ -98,7 +99,9 @@ def test_run_steps_follows_the_stage_schedule(tmp_path):
 
 @pytest.fixture(scope="module")
 def stage0_run(small_sample, tmp_path_factory):
-    """Stage 0 only, tiny (mit_b0, embed 16, 2 steps), for the stage-1 starting point."""
+    """Stage 0 only, tiny (the tiny student, embed 16, 2 steps), for the stage-1 starting
+    point: the back-end and fused-row logic under test are the encoder's neighbours, not it
+    (three mit_b0 encoders and their Adam state made ~140 MB per stage checkpoint)."""
     root, _ = small_sample
     before = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -106,7 +109,7 @@ def stage0_run(small_sample, tmp_path_factory):
                           batch_size=2, crop=64, aligner_blocks=1, translator_blocks=1,
                           translator_dim=8)
     run = CodeAlignRun("sample", root, tmp_path_factory.mktemp("ca0"),
-                       StudentConfig(embed_dim=16), cfg)
+                       StudentConfig(backbone=TINY_BACKBONE, embed_dim=16), cfg)
     run.stage0()
     yield run
     torch.set_num_threads(before)
@@ -165,7 +168,8 @@ def test_eval_quantiser_reaches_every_code_space():
     cfg = CodeAlignConfig(eval_quantiser="argmax", aligner_blocks=0)
     from stages.student.model import build_student
 
-    gm = GroupModel(build_student(StudentConfig(embed_dim=16), ["rgb"], 3), cfg)
+    gm = GroupModel(build_student(StudentConfig(backbone=TINY_BACKBONE, embed_dim=16), ["rgb"],
+                                  3), cfg)
     assert {q.eval_sampling for q in gm.quantisers} == {"argmax"}
     assert {q.eval_sampling for q in GroupModel(gm.student, CodeAlignConfig(
         aligner_blocks=0)).quantisers} == {"gumbel"}

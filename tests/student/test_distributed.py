@@ -25,6 +25,7 @@ from stages.student.config import TrainConfig
 from stages.student.evaluate import evaluate, load_checkpoint
 from stages.student.model import StudentConfig
 from stages.student.train import train
+from tests.tiny_run import TINY_BACKBONE
 
 STEPS = 6
 TRAIN = {"steps": STEPS, "batch_size": 4, "crop": 32, "lr": 2e-3, "workers": 0,
@@ -33,9 +34,17 @@ TRAIN = {"steps": STEPS, "batch_size": 4, "crop": 32, "lr": 2e-3, "workers": 0,
 STUDENT = {"backbone": "mit_b0", "embed_dim": 32, "dropout": 0.1}
 
 
-def _params(path, root, cache, out, **train_kw):
+# the teacher-code test's student: the translators are its subject, not the encoder
+TINY = {**STUDENT, "backbone": TINY_BACKBONE}
+
+
+# this process computes with one thread, as each rank does (OMP_NUM_THREADS=1)
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _params(path, root, cache, out, student=STUDENT, **train_kw):
     path.write_text(json.dumps({
-        "dataset": {"name": "sample", "root": str(root)}, "student": STUDENT,
+        "dataset": {"name": "sample", "root": str(root)}, "student": student,
         "train": {**TRAIN, "cache": str(cache), "out": str(out), **train_kw}}))
     return path
 
@@ -89,14 +98,9 @@ def two_ranks(sample_cache, tmp_path_factory):
 def test_two_ranks_train_the_weights_of_one_process(two_ranks):
     root, cache, tmp, _, summary = two_ranks
     assert summary["steps"] == STEPS and summary["status"] == "trained"
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        cfg = TrainConfig(dataset="sample", root=str(root), cache=str(cache),
-                          out=str(tmp / "one"), **TRAIN)
-        one = train(StudentConfig(**STUDENT), cfg, progress=False)
-    finally:
-        torch.set_num_threads(threads)
+    cfg = TrainConfig(dataset="sample", root=str(root), cache=str(cache), out=str(tmp / "one"),
+                      **TRAIN)
+    one = train(StudentConfig(**STUDENT), cfg, progress=False)  # one thread (one_thread)
     assert one["first_loss"] == pytest.approx(summary["first_loss"], abs=1e-12)
     a, b = _weights(tmp / "one"), _weights(tmp / "two")
     assert a.keys() == b.keys()
@@ -120,21 +124,16 @@ def test_two_ranks_train_the_code_loss_as_one_process(teacher_sample, tmp_path):
     from tests.teacher.test_cache_teacher import config
 
     root, _ = teacher_sample
-    cache = tmp_path / "dense.zarr"
-    cache_teacher(config(root, cache, split=["train", "val"], rows_per_shard=16,
-                         dense="codebook:16", dense_passes=1))
+    cache = tmp_path / "dense.zarr"  # the rows training reads (validation reads no targets)
+    cache_teacher(config(root, cache, split=["train"], rows_per_shard=16, dense="codebook:16",
+                         dense_passes=1))
     kw = {"steps": 3, "val_every": 0, "loss": {"w_teacher_code": 1.0, "w_teacher_decoded": 1.0}}
-    params = _params(tmp_path / "p.yaml", root, cache, tmp_path / "two", **kw)
+    params = _params(tmp_path / "p.yaml", root, cache, tmp_path / "two", TINY, **kw)
     done = _pipeline("train", "--params", params, "--nproc", 2)
     assert done.returncode == 0, done.stderr
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        train(StudentConfig(**STUDENT), TrainConfig(dataset="sample", root=str(root),
-                                                     cache=str(cache), out=str(tmp_path / "one"),
-                                                     **{**TRAIN, **kw}), progress=False)
-    finally:
-        torch.set_num_threads(threads)
+    train(StudentConfig(**TINY), TrainConfig(dataset="sample", root=str(root), cache=str(cache),
+                                             out=str(tmp_path / "one"), **{**TRAIN, **kw}),
+          progress=False)
     a, b = (load_checkpoint_file(tmp_path / run / "last.pt")
             for run in ("one", "two"))
     assert a["translators"] and a["translators"].keys() == b["translators"].keys()

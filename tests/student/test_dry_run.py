@@ -12,6 +12,8 @@ from stages.student.train import train
 from tests.student.test_train_cache import run_until, tiny
 from tests.tiny_run import MIT_STUDENT
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
 
 def dry(capsys, *args):
     with pytest.raises(SystemExit) as exit_info:

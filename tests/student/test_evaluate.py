@@ -11,6 +11,9 @@ from stages.student.evaluate import evaluate, load_checkpoint
 from stages.student.model import StudentConfig
 from stages.student.protocol import official_resize
 from stages.student.train import train
+from tests.tiny_run import TINY_BACKBONE
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
@@ -19,7 +22,8 @@ def checkpoint(sample_cache, tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
     cfg = TrainConfig(dataset="sample", root=str(root), cache=str(cache), out=str(out), steps=2,
                       batch_size=2, crop=64, lr=2e-3, workers=0, val_limit=2, seed=7)
-    train(StudentConfig(backbone="mit_b0", embed_dim=32), cfg, progress=False)
+    # the evaluation options are the subject, not the encoder: the tiny student
+    train(StudentConfig(backbone=TINY_BACKBONE, embed_dim=32), cfg, progress=False)
     return root, out / "best.pt"
 
 

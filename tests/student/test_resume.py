@@ -14,6 +14,8 @@ from stages.student.train import train
 from tests.student.test_train_cache import run_until, tiny
 from tests.tiny_run import TINY_STUDENT, logged
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
 
 def weights(run):
     return torch.load(run / "last.pt", weights_only=False)["model"]

@@ -12,8 +12,10 @@ from any2seg.store import StoreDamage
 from stages.student.checkpoint_file import load_checkpoint_file
 from stages.student.train import train
 from stages.teacher.run import TeacherConfig, cache_teacher
-from tests.tiny_run import TINY_STUDENT, logged
+from tests.tiny_run import TINY_BACKBONE, TINY_STUDENT, logged
 from tests.tiny_run import tiny as tiny_run
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def tiny(root, cache, out, **kw):
@@ -81,7 +83,7 @@ def test_resume_of_a_finished_run_says_so(sample_cache, tmp_path, capsys):
     params = tmp_path / "params.yaml"
     params.write_text(json.dumps({
         "dataset": {"name": "sample", "root": str(root)},
-        "student": {"backbone": "mit_b0", "embed_dim": 32},
+        "student": {"backbone": TINY_BACKBONE, "embed_dim": 32},
         "train": {"cache": str(cache), "out": str(tmp_path / "run"), "steps": 2,
                   "batch_size": 2, "crop": 64, "workers": 0, "val_limit": 1}}))
     for resume in ([], ["--resume"]):

@@ -17,7 +17,9 @@ from stages.student.data import AugmentConfig, ScheduleSampler, StudentData, aug
 from stages.teacher.codebook import SphericalKMeans, assign, decode, parse_dense
 from stages.teacher.run import TeacherConfig, cache_teacher
 from tests.killing import kill_after_first_rows
-from tests.tiny_run import logged
+from tests.tiny_run import TINY_BACKBONE, logged
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 PLAIN_ARRAYS = ["caption", "class_names", "classes", "done", "input_hash", "sample_id", "scene",
                 "visual/depth", "visual/event", "visual/lidar", "visual/rgb"]
@@ -303,7 +305,7 @@ def test_training_with_codes_and_isolation(dense_cache, sample_cache, tmp_path):
                            out=str(tmp_path / name), steps=2, batch_size=2, crop=64, workers=0,
                            val_limit=1, checkpoint_every=1, **kw)
 
-    student = StudentConfig(embed_dim=16)
+    student = StudentConfig(backbone=TINY_BACKBONE, embed_dim=16)  # codes, not the encoder
     with pytest.raises(PipelineError, match="w_teacher_code > 0 needs dense codes"):
         train(student, cfg(sample_cache[1], "plain", loss={"w_teacher_code": 1.0}), progress=False)
     result = train(student, cfg(out, "iso", loss={"w_teacher_code": 1.0}, single_modality=True),
