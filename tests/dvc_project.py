@@ -43,13 +43,22 @@ TINY_PARAMS = dict(
 STAGE_ONE = {"sample", "teacher", "cache_teacher"}
 
 
+def command_env() -> dict[str, str]:
+    """The environment of the commands the end-to-end tests start: the venv's `dvc` and
+    `pipeline` first on PATH, no analytics, a git identity, and one torch thread per process
+    unless the caller chose (the models are tiny, so a second thread only adds overhead, and
+    under `make test`'s two workers on two cores two threads each oversubscribe the cores,
+    where OpenMP's spin-waiting made a forward pass up to 40x slower)."""
+    return {"OMP_NUM_THREADS": "1", **os.environ,
+            "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+            "DVC_NO_ANALYTICS": "1", "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t",
+            "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+
+
 def run(repo: Path, *args: str, check: bool = True) -> str:
-    """`args` in `repo` with the venv's `dvc`/`pipeline` on PATH; stdout + stderr."""
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
-           "DVC_NO_ANALYTICS": "1", "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t",
-           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
-    result = subprocess.run(args, cwd=repo, env=env, capture_output=True, text=True,
-                            timeout=600)
+    """`args` in `repo` (`command_env`); stdout + stderr."""
+    result = subprocess.run(args, cwd=repo, env=command_env(), capture_output=True,
+                            text=True, timeout=600)
     if check and result.returncode != 0:
         raise AssertionError(f"{' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")
     return result.stdout + result.stderr

@@ -249,7 +249,8 @@ def run_one(setup: Setup, row: str, seed: int, gpu: str | None, log_dir: Path,
                     setup.root, folder, setup.baseline_rev, setup.links,
                     _rel(setup, lock) if untracked else None,
                     [setup.dag.address(s) for s in setup.dag.frozen(setup.target)],
-                    _dvc_bin())
+                    _dvc_bin(), tuple(o for s in setup.dag.frozen(setup.target)
+                                      for o in setup.dag.stages[s].outs))
                 f.write(f"# in the linked workspace {_rel(setup, cwd)} "
                         f"({', '.join(setup.links) or 'nothing'} linked)\n")
             pinned = {k: env[k] for k in ("CUDA_VISIBLE_DEVICES", "OMP_NUM_THREADS") if k in env}

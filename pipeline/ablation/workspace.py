@@ -18,6 +18,9 @@ outputs in the shared cache.
 from __future__ import annotations
 
 import fcntl
+import functools
+import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -77,18 +80,19 @@ def claim(root: Path, first: int) -> tuple[int, Path]:
 
 
 def prepare(root: Path, slot: Path, rev: str, links: list[str], lock: str | None,
-            checkout: list[str], dvc: str) -> Path:
+            checkout: list[str], dvc: str, outs: tuple[str, ...] = ()) -> Path:
     """Make `slot/repo` the repository at `rev` as the workspace has it (uncommitted
     changes of tracked files, the untracked dvc.lock `lock`), `links` linked to the
-    repository's own folders, and the outputs of the stages `checkout` present; returns
-    the workspace. Everything in it is ablate's own: a reset removes only what earlier
-    runs left there."""
+    repository's own folders, and the outputs of the stages `checkout` (`outs`, relative
+    to the root) present; returns the workspace. Everything in it is ablate's own: a reset
+    removes only what earlier runs left there."""
     repo = slot / "repo"
     if repo.exists() and subprocess.run(["git", "rev-parse", "--git-dir"], cwd=repo,
                                         capture_output=True).returncode != 0:
         shutil.rmtree(repo)  # a clone killed half-way: start it again
     if not repo.exists():
         slot.mkdir(parents=True, exist_ok=True)
+        (slot / "prepared.json").unlink(missing_ok=True)  # a new clone: configure it again
         _run(["git", "clone", "--quiet", "--shared", "--no-checkout", str(root), str(repo)],
              slot, "git clone")
     _run(["git", "checkout", "--quiet", "--force", "--detach", rev], repo, "git checkout")
@@ -121,12 +125,33 @@ def prepare(root: Path, slot: Path, rev: str, links: list[str], lock: str | None
                                 f"{target} belongs; remove {slot} and rerun")
         link.parent.mkdir(parents=True, exist_ok=True)
         link.symlink_to(target, target_is_directory=target.is_dir())
-    cache = _run([dvc, "cache", "dir"], root, "dvc cache dir").strip()
-    _run([dvc, "config", "--local", "cache.dir", str(Path(root, cache).resolve())], repo,
-         "dvc config")
+    # each `dvc` start costs about a second: the cache is configured and the upstream outputs
+    # checked out when this workspace's record of them differs from what the last run here
+    # had (a new workspace, another cache, another dvc.lock, an output gone), not every run
+    cache = _cache_dir(root, dvc)
+    stamp = slot / "prepared.json"
+    locks = sorted({str(Path(a.rpartition(":")[0] or "dvc.yaml").parent / "dvc.lock")
+                    for a in checkout})
+    wanted = json.dumps({"cache": cache, "checkout": checkout, "locks": {
+        rel: hashlib.sha256((repo / rel).read_bytes()).hexdigest() if (repo / rel).is_file()
+        else None for rel in locks}})
+    if stamp.is_file() and stamp.read_text() == wanted and \
+            (repo / ".dvc" / "config.local").is_file() and \
+            all((repo / out).exists() for out in outs):
+        return repo
+    stamp.unlink(missing_ok=True)
+    _run([dvc, "config", "--local", "cache.dir", cache], repo, "dvc config")
     if checkout:
         _run([dvc, "checkout", "--quiet", *checkout], repo, "dvc checkout")
+    stamp.write_text(wanted)
     return repo
+
+
+@functools.cache
+def _cache_dir(root: Path, dvc: str) -> str:
+    """The repository's DVC cache folder, absolute (asked once per ablate)."""
+    cache = _run([dvc, "cache", "dir"], root, "dvc cache dir").strip()
+    return str(Path(root, cache).resolve())
 
 
 def fetch(root: Path, repo: Path, rev: str, name: str) -> None:

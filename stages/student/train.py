@@ -48,6 +48,7 @@ from stages.student.losses import (
 )
 from stages.student.model import StudentConfig, build_student
 from stages.student.resume import clear_run, decide
+from stages.student.schedule import PolyWarmup
 from stages.student.tracking import open_live
 
 log = logging.getLogger("pipeline.train")
@@ -230,11 +231,8 @@ def _train(student: StudentConfig, cfg: TrainConfig, progress: bool,
         for group, extra in zip(groups, param_groups(translators, cfg.weight_decay), strict=True):
             group["params"] += extra["params"]
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr)
-    from timm.scheduler import PolyLRScheduler
-
-    scheduler = PolyLRScheduler(optimizer, t_initial=steps, power=cfg.power,
-                                warmup_t=int(cfg.warmup * steps),
-                                warmup_lr_init=cfg.lr * cfg.warmup_ratio, t_in_epochs=False)
+    scheduler = PolyWarmup(optimizer, steps, cfg.power, warmup_steps=int(cfg.warmup * steps),
+                           warmup_lr_init=cfg.lr * cfg.warmup_ratio)
     classes = torch.from_numpy(targets.classes).to(device, dtype)
     if loss_cfg.se_target == "identity":  # a control: L_se without the language prior
         classes = torch.eye(len(classes), device=device, dtype=dtype)

@@ -2,6 +2,7 @@
 tests/e2e/test_real_data_flow.py)."""
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -124,3 +125,47 @@ def test_which_inputs_send_runs_to_linked_workspaces(repo, tmp_path):
     (repo / "dvc.yaml").write_text("stages:\n  train:\n    cmd: train\n    deps: [src]\n")
     dag = load_pipeline(repo / "dvc.yaml", repo, {}, repo / "params.yaml")
     assert ablation_workspace.inputs_outside_dvc(repo, dag, "train") == ([], [])
+
+
+def test_a_reused_workspace_starts_dvc_only_when_its_record_changed(repo, tmp_path):
+    """Each `dvc` start costs about a second per run: a workspace reused for the next run
+    with the same dvc.lock and the upstream outputs present starts none; another dvc.lock
+    or an output gone configures and checks out again."""
+    calls = tmp_path / "dvc-calls"
+    logging_dvc = tmp_path / "dvc"
+    logging_dvc.write_text(f"#!/bin/sh\necho \"$*\" >> {calls}\nexec {DVC} \"$@\"\n")
+    logging_dvc.chmod(0o755)
+    (repo / "dvc.yaml").write_text("stages:\n  cache_teacher:\n    cmd: mkdir -p store && "
+                                   "echo row > store/rows\n    outs: [store]\n")
+    subprocess.run([DVC, "repro", "-q"], cwd=repo, check=True, env={**os.environ, **ENV})
+    git(repo, "add", "dvc.yaml", ".gitignore")
+    git(repo, "commit", "-qm", "stage")  # dvc.lock stays untracked, as after a first repro
+    rev = git(repo, "rev-parse", "HEAD").strip()
+
+    def prepare():
+        fd, slot = ablation_workspace.claim(repo, 0)
+        try:
+            return ablation_workspace.prepare(repo, slot, rev, ["data/big"], "dvc.lock",
+                                              ["cache_teacher"], str(logging_dvc), ("store",))
+        finally:
+            os.close(fd)
+
+    def started():
+        said = calls.read_text().splitlines() if calls.exists() else []
+        calls.unlink(missing_ok=True)
+        return [line.split()[0] for line in said]
+
+    ws = prepare()
+    assert started() == ["cache", "config", "checkout"]
+    assert (ws / "store" / "rows").read_text() == "row\n"
+    assert prepare() == ws and started() == []  # the next run: nothing to redo
+    (ws / "dvc.lock").write_text((ws / "dvc.lock").read_text() + "\n")  # a run's edits
+    assert started() == [] and prepare() == ws and started() == []  # reset from the repo's
+    shutil.rmtree(ws / "store")  # an output gone
+    prepare()
+    assert started() == ["config", "checkout"] and (ws / "store" / "rows").is_file()
+    (repo / "store" / "rows").write_text("another row\n")  # stage one rerun: another lock
+    subprocess.run([DVC, "commit", "-f", "-q"], cwd=repo, check=True, env={**os.environ, **ENV})
+    prepare()
+    assert started() == ["config", "checkout"]
+    assert (ws / "store" / "rows").read_text() == "another row\n"

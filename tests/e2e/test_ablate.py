@@ -304,8 +304,9 @@ def ablated(stage_one_project, tmp_path_factory):
     mtime = store.stat().st_mtime_ns
     cmd = [sys.executable, "-m", "pipeline", "ablate", "table5", "--rows", "Lsup",
            "--seeds", "2", *TINY]
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
-           "PYTHONPATH": str(ROOT), "DVC_NO_ANALYTICS": "1"}
+    env = {"OMP_NUM_THREADS": "1", **os.environ,  # one thread: tests/dvc_project.command_env
+           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+           "PYTHONPATH": str(ROOT), "DVC_NO_ANALYTICS": "1"}  # no git identity: dvc's own
     proc = subprocess.Popen(cmd, cwd=repo, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     first, leftover = [], None

@@ -8,13 +8,13 @@ workspace) changed params and runs/."""
 
 import hashlib
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
+
+from tests.dvc_project import command_env
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
@@ -34,11 +34,8 @@ def readme_block():
 
 
 def sh(repo, command, timeout=600):
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
-           "DVC_NO_ANALYTICS": "1", "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t",
-           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
-    result = subprocess.run(command, shell=True, cwd=repo, env=env, capture_output=True,
-                            text=True, timeout=timeout)
+    result = subprocess.run(command, shell=True, cwd=repo, env=command_env(),
+                            capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, f"{command} exited {result.returncode}:\n" \
                                    f"{result.stdout}\n{result.stderr}"
     return result.stdout + result.stderr
@@ -92,6 +89,10 @@ def test_readme_real_data_flow(tmp_path, monkeypatch):
     plan["rows"] = {k: v for k, v in plan["rows"].items() if k in ("base", "all")}
     plan["reference"]["values"] = {k: v for k, v in plan["reference"]["values"].items()
                                    if k in plan["rows"]}
+    # and its recipe's head at the tiny width of the workspace's (768 -> 16): the same code
+    # runs, and each of the 6 runs saves and hashes a checkpoint a quarter the size
+    recipe_params = plan["recipe"]["pipelines/deliver/dvc.yaml"]["params"]
+    recipe_params["student.embed_dim"] = TINY["student"]["embed_dim"]
     plan_path.write_text(yaml.safe_dump(plan, sort_keys=False))
     sh(repo, "git init -q && git add -A && git commit -qm project")  # the user's clone
 
@@ -149,6 +150,7 @@ def test_readme_real_data_flow(tmp_path, monkeypatch):
                                            "params.yaml"))
         # the paper's recipe on top of the workspace's (untouched) params
         assert recorded["student"]["backbone"] == "mit_b0"
+        assert recorded["student"]["embed_dim"] == 16  # the recipe's, as the fixture cut it
         assert recorded["student"]["pretrained"] == "weights/mit-b0"
         assert recorded["train"]["modalities"] == ["rgb", "depth"]
         loss = recorded["train"]["loss"]
