@@ -4,7 +4,7 @@ steps from 0.1 x the peak, power 0.9).
 
 The numbers are timm's `PolyLRScheduler(t_initial=steps, power, warmup_t, warmup_lr_init,
 t_in_epochs=False)`, the same floating-point expressions in the same order (tests/
-test_lr_schedule.py compares the two step by step); it lives here so that a MiT training,
+student/test_lr_schedule.py compares the two step by step); it lives here so that a MiT training,
 which otherwise needs no timm, does not pay timm's import (about 3 s of CPU) at every start.
 """
 
