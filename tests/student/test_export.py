@@ -23,9 +23,11 @@ from stages.student.export import (
 )
 from stages.student.predict import load_student
 from tests.student.test_predict import tiny_checkpoint
-from tests.tiny_run import TINY_BACKBONE
 
 pytest.importorskip("onnxruntime")
+# one torch thread (tests/conftest.py): exports trace tiny models, and a second thread
+# only spins against the other worker on make test's two cores
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -34,15 +36,6 @@ def ckpt(tmp_path_factory):
     # per-pixel selection between two modalities is an exact tie (layer-normed features
     # of equal norm), decided by round-off; trained weights break the tie
     return tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "best.pt", seed=1)
-
-
-@pytest.fixture(scope="module")
-def convnext_ckpt(tmp_path_factory):
-    """The tests' tiny timm student (`tests.tiny_run.TINY_BACKBONE`): the official protocol's
-    black frames and resize do not depend on the encoder, and its export costs about half
-    of mit_b0's (whose export the native test checks)."""
-    return tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "best.pt", seed=1,
-                           backbone=TINY_BACKBONE)
 
 
 def export(capsys, *args):
@@ -94,11 +87,10 @@ def test_native_export_parity_two_sizes(ckpt, tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_official_export_parity_black_frames(convnext_ckpt, small_sample, tmp_path, capsys,
+def test_official_export_parity_black_frames(ckpt, small_sample, tmp_path, capsys,
                                              monkeypatch):
     """Official protocol: the graph feeds black frames for depth and event (MISS); parity
     on frames of the sample through the official resize (96 here) and on a second size."""
-    ckpt = convnext_ckpt
     root, _ = small_sample
     monkeypatch.setattr(datasets.get("sample"), "official_eval_size", 96)
     out = tmp_path / "onnx"
