@@ -109,7 +109,9 @@ def npy_bomb(data: bytes) -> bytes:
 
 
 def _env() -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": os.pathsep.join(
+    """One torch thread (tests/conftest.py `one_thread`): what the commands compute is not
+    what is tested, and two threads per process oversubscribe make test's two cores."""
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(
         [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}
 
 

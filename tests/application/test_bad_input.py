@@ -18,6 +18,8 @@ from pipeline.cli import main
 from tests.layouts import FRAMES, save
 from tests.tiny_run import nan_scene_copy
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
 SCENE = "cloud/train/MAP_1_point1"
 
 
@@ -576,7 +578,8 @@ def test_failed_train_in_a_git_repo_prints_no_dulwich_tracebacks(sample_cache, t
     (repo / "README").write_text("a project\n")
     env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t",
            "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t", "DVC_NO_ANALYTICS": "1",
-           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1"}
     for cmd in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "a"],
                 ["git", "gc", "-q"]):  # gc: objects in packs, as in a clone
         subprocess.run(cmd, cwd=repo, env=env, check=True)
@@ -818,7 +821,7 @@ def test_failure_during_the_work_is_one_line(case, deliver_root, tmp_path):
     script = f"{prelude}\nimport sys\nfrom pipeline.cli import main\nmain(sys.argv[1:])\n"
     done = subprocess.run([sys.executable, "-c", script, *map(str, args)], cwd=tmp_path,
                           capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)})
     lines = [line for line in done.stderr.splitlines() if line.strip()]
     assert done.returncode == 1, done.stderr[-3000:]  # not a signal (-11: SIGSEGV)
     assert "Traceback" not in done.stderr and lines[-1].startswith("error: "), done.stderr

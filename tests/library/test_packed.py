@@ -22,6 +22,8 @@ from pipeline.cli import main
 from stages.student.checkpoint_file import load_checkpoint_file
 from tests.layouts import write_deliver
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
 
 def assert_same_samples(folder, packed):
     """Every sample equal array for array (values and dtypes), with the same metadata."""

@@ -25,6 +25,9 @@ from stages.student.predict import load_student
 from tests.student.test_predict import tiny_checkpoint
 
 pytest.importorskip("onnxruntime")
+# one torch thread (tests/conftest.py): exports trace tiny models, and a second thread
+# only spins against the other worker on make test's two cores
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -2,6 +2,7 @@
 same checkpoint, frame and subset; bad inputs refused in one line with nothing written."""
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -26,16 +27,18 @@ from stages.student.evaluate import (
 )
 from stages.student.model import StudentConfig, build_student
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
 MODS = ["rgb", "depth", "event", "lidar"]
 SCENE = "cloud/val/MAP_1_point0"  # a scene of the small sample's val split (2 frames)
 
 
 def tiny_checkpoint(path: Path, variant: str = "author", missing: str = "exclude",
-                    seed: int = 0, backbone: str = "mit_b0") -> Path:
+                    seed: int = 0) -> Path:
     """A random-weight student of the smallest settings the tests use, saved as
     `pipeline train` saves one (random weights: prediction does not care how they came)."""
     torch.manual_seed(seed)
-    student = StudentConfig(backbone=backbone, embed_dim=16, mff={"variant": variant},
+    student = StudentConfig(backbone="mit_b0", embed_dim=16, mff={"variant": variant},
                             missing=missing)
     model = build_student(student, MODS, 25)
     reader = datasets.get("sample")
@@ -243,7 +246,7 @@ def test_unreadable_file_is_named_and_nothing_is_written(ckpt, small_sample, tmp
     out = tmp_path / "out"
     proc = subprocess.run([sys.executable, "-c", DAMAGED, "predict", "--checkpoint", str(ckpt),
                            "--rgb", str(rgb), "--out", str(out)], capture_output=True,
-                          text=True, timeout=300)
+                          text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 1, proc.stderr
     line = error_line(proc.stderr)
     assert str(victim) in line and "corrupt or truncated" in line

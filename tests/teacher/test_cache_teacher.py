@@ -14,6 +14,8 @@ from stages.teacher import captioners
 from stages.teacher.run import TeacherConfig, cache_teacher, model_input, teacher_fingerprint
 from tests.killing import kill_after_first_rows
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
 ARRAYS = ("sample_id", "caption", "done", "scene", "classes", "class_names", "visual/rgb",
           "visual/depth", "visual/event", "visual/lidar", "input_hash")
 
@@ -85,10 +87,12 @@ def test_other_teacher_settings_are_refused_then_overwritten(teacher_sample, tmp
     np.testing.assert_array_equal(open_cache(out).group["visual/depth"][:], before)
 
 
-def test_resume_after_sigkill_gives_identical_arrays(teacher_sample, tmp_path):
+def test_resume_after_sigkill_gives_identical_arrays(teacher_sample, tmp_path, monkeypatch):
     """The val split (12 rows, 6 shards of 2): the resume and the reference build compute
-    a quarter of the sample's rows, and the kill still lands after the first shard."""
+    a quarter of the sample's rows, and the kill still lands after the first shard. The
+    killed process computes with one thread, as this one."""
     root, _ = teacher_sample
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
     killed, reference = tmp_path / "killed.zarr", tmp_path / "ref.zarr"
     args = [sys.executable, "-m", "pipeline.cli", "cache-teacher", "--dataset", "sample",
             "--root", str(root), "--teacher-root", str(root / "teacher"), "--out", str(killed),

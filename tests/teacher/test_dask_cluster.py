@@ -16,6 +16,8 @@ from any2seg.store import open_cache
 from stages.teacher.run import cache_teacher
 from tests.teacher.test_cache_teacher import assert_same_store, config
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
 SHARD = {"split": ["train"], "rows_per_shard": 2, "batch_size": 1}  # 12 shards of 2 rows
 
 

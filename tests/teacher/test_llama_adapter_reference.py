@@ -20,6 +20,8 @@ from stages.teacher.captioners.llama_adapter import LlamaAdapterCaptioner
 from stages.teacher.openai_clip import clip_transform
 from tests.llama_files import VISUAL, fingerprint, write_reference_model
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
 REFERENCE = Path(__file__).parents[1] / "fixtures" / "llama_adapter_reference" / "reference.pt"
 IMAGES = ["portrait", "landscape", "large"]
 ADAPTERS = ["bias", "lora", "training"]
