@@ -6,6 +6,14 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # the environment's own commands (dvc, pipeline, torchrun) first, as `make demo` has them:
 # `make test` runs .venv/bin/python without the venv on PATH
 os.environ["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), os.environ["PATH"]])
+# Torch and OpenMP threads per process: the cores shared out over pytest's workers (one
+# each under `make test`'s two workers on two cores). Set before torch is imported, so this
+# process and every command a test starts inherit it; the tests' tiny models gain nothing
+# from more, and two workers' threads on two cores only spin against each other (a test
+# ConvNeXt forward: 640 ms at 2 threads per worker, 14.5 ms at 1). A test about thread
+# counts sets its own.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _WORKERS)))
 
 import pytest  # noqa: E402
 
