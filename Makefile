@@ -7,8 +7,8 @@ PY     := $(VENV)/bin/python
 LOCK   := requirements.lock
 STAMP  := $(VENV)/.any2seg-installed
 SAMPLE ?= data/deliver-sample
-# pytest workers for `make test` (pytest-xdist): the budget is 10 minutes on 2 cores; how
-# tests are shared out: tests/conftest.py (pytest_xdist_make_scheduler)
+# pytest workers for `make test` (pytest-xdist); how tests are shared out and how many
+# torch threads each process gets: tests/conftest.py; measured times: docs/development.md
 TEST_WORKERS ?= 2
 # pip's own constraint file where a machine has one (these machines cap torch at what lies
 # on disk); `make lock` honours it, as pip-compile does not read it from pip's config

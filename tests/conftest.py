@@ -109,7 +109,8 @@ def stage_one_project(tmp_path_factory):
 # other test is its own unit. (This is what `--dist loadgroup` does, but under pytest 9.2
 # xdist 3.8's group suffix no longer reaches the node id, so the scope is computed here.)
 _ONE_WORKER = {"test_ablate.py": "ablate", "test_dvc.py": "dvc",
-               "test_real_data_flow.py": "real-data"}
+               "test_real_data_flow.py": "real-data",
+               "test_distributed.py": "distributed"}  # its two_ranks torchrun fixture: 20 s
 # The longest units start first, in this order, so the wall time is about half the work:
 # worker 1 builds stage one in test_dvc's fixture while worker 2 runs the README flow; as
 # that unit has fewer than 3 tests, worker 2 is sent test_ablate next, whose fixture finds

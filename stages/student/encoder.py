@@ -2,8 +2,9 @@
 
 The student shares one encoder across modalities, so it only needs `forward(x) ->
 [f1, f2, f3, f4]` at strides 4, 8, 16, 32 and `channels`. Two kinds ship: SegFormer MiT
-B0-B5 from transformers (`mit_b2`) and any timm `features_only` model
-(`timm:resnet50`); `register` adds more.
+B0-B5 (`mit_b2`; the project's own MiT in stages/student/mit.py, equal to transformers'
+`SegformerModel`) and any timm `features_only` model (`timm:resnet50`); `register` adds
+more.
 """
 
 from __future__ import annotations
@@ -16,36 +17,11 @@ import torch
 from torch import nn
 
 from any2seg.errors import PipelineError
+from stages.student.mit import MIT, MIT_PATCHES, MIT_SR_RATIOS, MiT, MiTConfig, mit_min_input
 
-# SegFormer MiT variants (hidden sizes, depths), as in the SegFormer paper / nvidia/mit-bN
-MIT = {
-    "b0": ([32, 64, 160, 256], [2, 2, 2, 2]),
-    "b1": ([64, 128, 320, 512], [2, 2, 2, 2]),
-    "b2": ([64, 128, 320, 512], [3, 4, 6, 3]),
-    "b3": ([64, 128, 320, 512], [3, 4, 18, 3]),
-    "b4": ([64, 128, 320, 512], [3, 8, 27, 3]),
-    "b5": ([64, 128, 320, 512], [3, 6, 40, 3]),
-}
-# the geometry every MiT shares (SegFormer's defaults): overlapping patch embeddings
-# (kernel, stride) per stage and the spatial-reduction ratio of each stage's attention
-MIT_PATCHES = [(7, 4), (3, 2), (3, 2), (3, 2)]
-MIT_SR_RATIOS = [8, 4, 2, 1]
-
-
-def mit_min_input(patches: list[tuple[int, int]] = MIT_PATCHES,
-                  sr_ratios: list[int] = MIT_SR_RATIOS) -> int:
-    """The smallest image side MiT accepts: the patch embeddings pad (kernel // 2), so any
-    size works and none has to be a multiple of 32, but each stage's map must be at least
-    as large as its spatial-reduction kernel (8 on stage one: 29 px)."""
-    def fits(side: int) -> bool:
-        for (kernel, stride), sr in zip(patches, sr_ratios, strict=True):
-            side = (side + 2 * (kernel // 2) - kernel) // stride + 1
-            if side < sr:
-                return False
-        return True
-
-    return next(side for side in range(1, 4096) if fits(side))
-
+__all__ = ["MIT", "MIT_PATCHES", "MIT_SR_RATIOS", "Encoder", "SegformerEncoder", "TimmEncoder",
+           "backbone_names", "build_encoder", "is_backbone", "min_input_size", "mit_min_input",
+           "register"]
 
 def min_input_size(backbone: str) -> int | None:
     """The smallest input side `backbone` accepts, when it is known without building it."""
@@ -71,47 +47,30 @@ class Encoder(nn.Module, ABC):
 
 
 class SegformerEncoder(Encoder):
-    """transformers' `SegformerModel` (MiT), random or from a local pretrained folder."""
+    """SegFormer's MiT (stages.student.mit), random or from a local nvidia/mit-bN folder.
+
+    `self.model` holds it under transformers' `SegformerModel` names, as checkpoints
+    saved when this wrapped transformers' model expect; transformers is not imported."""
 
     def __init__(self, variant: str = "b0", pretrained: str | Path | None = None,
                  drop_path_rate: float = 0.1) -> None:
         super().__init__()
-        from transformers import SegformerConfig, SegformerModel
-
         if variant not in MIT:
             raise PipelineError(f"unknown MiT variant {variant!r}; variants: {', '.join(MIT)}")
         if pretrained:
-            folder = Path(pretrained)
-            if not (folder / "config.json").is_file():
-                raise PipelineError(
-                    f"no SegFormer/MiT weights at {folder}; download them with "
-                    f"`hf download nvidia/mit-{variant} --local-dir {folder}`")
-            try:
-                self.model = SegformerModel.from_pretrained(str(folder), local_files_only=True,
-                                                            drop_path_rate=drop_path_rate)
-            except (OSError, ValueError) as exc:
-                raise PipelineError(f"cannot load MiT weights from {folder} ({exc})") from exc
-            hidden = list(self.model.config.hidden_sizes)
-            depths = list(self.model.config.depths)
-            if (hidden, depths) != (MIT[variant][0], MIT[variant][1]):
-                raise PipelineError(f"{folder} holds a MiT with hidden sizes {hidden} and depths "
-                                    f"{depths}, not mit_{variant}; pass the matching --variant")
+            from stages.student.mit_pretrained import load_pretrained_mit
+
+            self.model = load_pretrained_mit(pretrained, variant, drop_path_rate)
         else:
-            hidden, depths = MIT[variant]
-            config = SegformerConfig(hidden_sizes=hidden, depths=depths,
-                                     num_attention_heads=[1, 2, 5, 8],
-                                     patch_sizes=[k for k, _ in MIT_PATCHES],
-                                     strides=[s for _, s in MIT_PATCHES],
-                                     sr_ratios=MIT_SR_RATIOS, drop_path_rate=drop_path_rate)
-            self.model = SegformerModel(config)
-        self.channels = list(hidden)
-        self.min_side = mit_min_input()
+            self.model = MiT(MiTConfig.variant(variant, drop_path_rate))
+        self.channels = list(self.model.config.hidden_sizes)
+        self.min_side = self.model.config.min_side()
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         if min(x.shape[-2:]) < self.min_side:  # else a shape error deep inside MiT
             raise PipelineError(f"an input of {x.shape[-1]}x{x.shape[-2]} px is smaller than "
                                 f"MiT accepts ({self.min_side} px on each side)")
-        return list(self.model(pixel_values=x, output_hidden_states=True).hidden_states)
+        return self.model(x)
 
 
 class TimmEncoder(Encoder):

@@ -141,12 +141,13 @@ class KeyedDropPath(nn.Module):
         return f"p={self.p}, salt={self.salt}"
 
 
-_DROP_PATHS = ("DropPath", "SegformerDropPath")  # timm, transformers
+_DROP_PATHS = ("DropPath", "MiTDropPath", "SegformerDropPath")  # timm, ours, transformers
 
 
 def make_keyed(model: nn.Module) -> nn.Module:
-    """Replace torch's Dropout / Dropout2d and timm's / transformers' DropPath layers of
-    `model` by their keyed versions, each with its own salt (its order in the model)."""
+    """Replace torch's Dropout / Dropout2d and the DropPath layers (timm's, the MiT's,
+    transformers') of `model` by their keyed versions, each with its own salt (its order in
+    the model)."""
     salt = 0
 
     def replace(module: nn.Module) -> None:

@@ -14,7 +14,7 @@ import torch
 from any2seg.errors import PipelineError
 from stages.student.checkpoint import restore, save_checkpoint
 from stages.student.checkpoint_file import load_checkpoint_file, plain
-from tests.application.test_bad_input import assert_one_line_error, run_cli
+from tests.cli_errors import assert_one_line_error, run_cli
 
 
 def crafted(path: Path, target: Path) -> Path:

@@ -12,6 +12,7 @@ from stages.student.codealign.quantiser import Quantiser
 from stages.student.codealign.split import assign_groups, group_indices, scene_of
 from stages.student.codealign.stages import CodeAlignRun, group_loader
 from stages.student.model import StudentConfig
+from tests.codealign_toy import toy_part
 from tests.tiny_run import TINY_BACKBONE
 
 GROUPS = [["rgb"], ["depth", "event"]]  # a single- and a two-modality group
@@ -177,18 +178,7 @@ def test_stage_resumes_where_it_stopped(tmp_path):
     """An interrupted stage resumes from its last checkpoint to the same weights as an
     uninterrupted one (same batches, same noise per step, the schedule where it was: the
     interruption falls between the two lr milestones)."""
-    cfg = CodeAlignConfig(checkpoint_every=3, stage0_lr=0.01)  # milestones at steps 2, 4
-    data = torch.randn(6, 4)
-
-    def loader_at(start):
-        return ({"x": data[i:i + 1]} for i in range(start, 6))
-
-    def step(batch, gen):
-        return (net(batch["x"]) + torch.rand(1, generator=gen)).square().mean()
-
-    torch.manual_seed(0)
-    net = torch.nn.Linear(4, 2)
-    init = {k: v.clone() for k, v in net.state_dict().items()}
+    cfg, net, init, loader_at, step = toy_part()
     ca_stages.run_steps("s", tmp_path / "a", net, [net], loader_at, step, 6, cfg, {},
                         stage=0)
     straight = {k: v.clone() for k, v in net.state_dict().items()}

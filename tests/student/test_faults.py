@@ -124,7 +124,7 @@ def test_full_disk_while_packing_is_one_line_and_leaves_no_file(deliver_root, tm
                                                                  monkeypatch, capsys, how):
     import h5py
 
-    from tests.application.test_bad_input import assert_one_line_error, run_cli
+    from tests.cli_errors import assert_one_line_error, run_cli
 
     root, _ = deliver_root
     out = tmp_path / "packs" / "deliver.h5"
@@ -164,7 +164,7 @@ def test_resume_with_other_settings_names_them(sample_cache, straight, tmp_path)
 
 
 def test_evaluate_out_inside_the_data_set_is_refused(sample_cache, straight, capsys):
-    from tests.application.test_bad_input import assert_one_line_error, run_cli
+    from tests.cli_errors import assert_one_line_error, run_cli
 
     root, _ = sample_cache
     before = sorted(root.rglob("*"))

@@ -9,8 +9,8 @@ import torch
 
 from any2seg.errors import PipelineError
 from stages.student.codealign import stages as ca_stages
-from stages.student.codealign.config import CodeAlignConfig
 from stages.student.train import train
+from tests.codealign_toy import toy_part
 from tests.student.test_train_cache import run_until, tiny
 from tests.tiny_run import TINY_STUDENT, logged
 
@@ -135,18 +135,7 @@ def test_strict_resume_still_refuses_other_settings_but_not_another_device(sampl
 def test_codealign_auto_retrains_a_part_of_other_settings(tmp_path, caplog):
     """A CodeAlign part's checkpoint of other settings: strict refuses it (as before), auto
     trains the part from scratch, saying why, to the weights of a clean run."""
-    cfg = CodeAlignConfig(checkpoint_every=3, stage0_lr=0.01)
-    data = torch.randn(6, 4)
-
-    def loader_at(start):
-        return ({"x": data[i:i + 1]} for i in range(start, 6))
-
-    def step(batch, gen):
-        return (net(batch["x"]) + torch.rand(1, generator=gen)).square().mean()
-
-    torch.manual_seed(0)
-    net = torch.nn.Linear(4, 2)
-    init = {k: v.clone() for k, v in net.state_dict().items()}
+    cfg, net, init, loader_at, step = toy_part()
     ca_stages.run_steps("s", tmp_path / "a", net, [net], loader_at, step, 6, cfg,
                         {"codealign": {"lr": 0.02}}, stage=0)
     net.load_state_dict(init)
