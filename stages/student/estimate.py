@@ -39,7 +39,8 @@ def train_samples(cfg: TrainConfig, root: Path, declared: int | None = None
 
     if root.exists():
         try:
-            n = len(datasets.load(cfg.dataset, root, "train", modalities=cfg.modalities))
+            only = {"modalities": cfg.modalities} if cfg.modalities else {}  # null: all
+            n = len(datasets.load(cfg.dataset, root, "train", **only))
             return n, f"counted in {root}"
         except (PipelineError, OSError):
             pass

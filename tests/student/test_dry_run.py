@@ -120,3 +120,16 @@ def test_estimate_scales_the_nearest_step_time_and_names_its_basis():
     none = estimate("cpu", "mit_b5", 512, 8, 4, 10)
     assert none.seconds is None and none.line().startswith("no estimate: no step time for "
                                                            "mit_b5 on cpu")
+
+
+@pytest.mark.parametrize("modalities", [None, ["rgb", "depth"]])
+def test_train_split_is_counted_in_the_data_with_or_without_a_modality_list(
+        teacher_sample, modalities):
+    """`train.modalities: null` (every modality, the shipped default) is counted too: it
+    once reached the reader as None and `pipeline ablate --dry-run` ended in a TypeError."""
+    from stages.student.config import TrainConfig
+    from stages.student.estimate import train_samples
+
+    root, spec = teacher_sample
+    cfg = TrainConfig(dataset="sample", root=str(root), modalities=modalities)
+    assert train_samples(cfg, root) == (spec.train, f"counted in {root}")
