@@ -51,7 +51,7 @@ lint: $(STAMP)
 
 # the embedded default end to end: sample -> teacher -> cache_teacher -> train -> evaluate
 # (about 4 minutes on 2 CPU cores); CodeAlign's own chain on the same sample is
-# `make demo-codealign` (about 2 minutes more), `dvc repro` runs both
+# `make demo-codealign` (about 3.5 minutes more), `dvc repro` runs both
 demo: $(STAMP)
 	@PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/dvc repro evaluate
 	@cat metrics/report.md
