@@ -92,20 +92,27 @@ def test_the_dataset_name_has_one_default():
         params["dataset"]["name"]
 
 
+def fit_teacher_default(option: str) -> str:
+    """The default of one `pipeline fit-teacher` option, as --help shows it."""
+    import click
+
+    from pipeline.cli import cli
+
+    fit = cli.commands["fit-teacher"]
+    (param,) = [p for p in fit.params if p.name == option]
+    return param.get_default(click.Context(fit)).as_posix()
+
+
 def test_the_sample_folder_has_one_home():
     """configs/datasets/sample.yaml's root (what every reader resolves) is the folder
     params.yaml, `fit-teacher --root`, dvc.yaml and the Makefile name."""
-    import click
 
     from any2seg.config import dataset_root
-    from pipeline.cli import cli
 
     home = dataset_root("sample", None).as_posix()
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     assert params["dataset"]["root"] == home
-    fit = cli.commands["fit-teacher"]
-    (root,) = [p for p in fit.params if p.name == "root"]
-    assert root.get_default(click.Context(fit)).as_posix() == home
+    assert fit_teacher_default("root") == home
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
     assert stages["sample"]["outs"] == [home]
     assert f"--root {home} " in stages["teacher"]["cmd"]
@@ -116,18 +123,14 @@ def test_the_sample_folder_has_one_home():
 def test_the_default_teacher_folder_has_one_home():
     """stages.teacher.default.FOLDER is where fit-teacher writes and teacher.root's
     default; params.yaml, dvc.yaml and the Makefile's clean-demo spell the same folder."""
-    import click
 
-    from pipeline.cli import cli
     from stages.teacher.config import TeacherConfig
     from stages.teacher.default import FOLDER
 
     assert TeacherConfig().teacher_root == FOLDER
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     assert params["teacher"]["root"] == FOLDER
-    fit = cli.commands["fit-teacher"]
-    (out,) = [p for p in fit.params if p.name == "out"]
-    assert out.get_default(click.Context(fit)).as_posix() == FOLDER
+    assert fit_teacher_default("out") == FOLDER
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
     assert stages["teacher"]["outs"] == [FOLDER]
     clean = re.search(r"^clean-demo:\n\t(.*)$", (ROOT / "Makefile").read_text(), re.M)[1]
