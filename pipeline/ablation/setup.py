@@ -1,6 +1,6 @@
 """A plan resolved against its pipeline: `Setup`, what every run and the report read.
 
-`prepare` loads the plan, reads the pipeline's stages and params (the DELIVER preset's own
+`prepare` loads the plan, reads the pipeline's stages and params (the DELIVER pipeline's own
 params.yaml for `--pipeline pipelines/deliver/dvc.yaml`), checks every row's keys and
 values against the stages its target runs, and picks the metrics; no DVC call is made, so
 a bad plan fails in one line before anything runs.
@@ -19,15 +19,16 @@ import yaml
 
 from any2seg.errors import PipelineError
 from pipeline.ablation.dag import Pipeline, load_pipeline
-from pipeline.ablation.plan import Plan, assign, check_rows, leaves, load_plan, lookup
+from pipeline.ablation.plan import Plan, assign, check_rows, load_plan, lookup
+from pipeline.ablation.shipped_recipes import (
+    RUN_ONLY,
+    SHIPPED_RECIPES,
+    differing_keys,
+    recipe_digest,
+)
 
 EXPONENT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 HEADLINE = {"mss": "mIoU", "miss": "mean_mIoU", "sensor": "mean_of_groups_mIoU"}
-# -S keys that change how a run is computed, not its result (the paper's reference figures
-# still apply)
-RUN_ONLY = ("train.nproc", "train.workers", "train.persistent_workers", "train.prefetch_factor",
-            "train.device", "train.compile", "train.checkpoint_every", "eval.nproc")
-PATHS = ("student.pretrained",)  # where the same weights are
 
 
 def _short(value: Any) -> str:
@@ -58,27 +59,44 @@ class Setup:
     @property
     def paper_setting(self) -> bool:
         """The runs are the paper's experiment: the plan has a recipe for this pipeline,
-        the pipeline's params are its shipped preset's (the authors' recipe) and no -S
+        the pipeline's params are its dataset's shipped recipe (the authors') and no -S
         changes what the weights come out as (only how they are computed)."""
         return self.recipe is not None and not self.off_recipe()
 
     def off_recipe(self) -> list[str]:
         """What takes these runs away from the recipe: -S keys, and params keys whose
-        value differs from the shipped preset of the dataset (configs/params/NAME.yaml),
+        value differs from the dataset's shipped recipe (pipeline.ablation.shipped_recipes),
         paths and how-to-compute keys aside."""
-        from any2seg.config import preset, preset_path
-
         off = [f"-S {k}" for k in self.extra if k not in RUN_ONLY]
         name = str((self.params.get("dataset") or {}).get("name", ""))
-        if preset_path("params", name) is None:
-            return [*off, f"no shipped preset for {name!r}"]
-        shipped = preset("params", name)
-        for group in ("student", "train", "eval"):
-            mine, theirs = leaves(self.params, group), leaves(shipped, group)
-            off += [f"{k} ({_short(mine.get(k))} here, {_short(theirs.get(k))} in the "
-                    f"preset)" for k in sorted(set(mine) | set(theirs))
-                    if k not in RUN_ONLY + PATHS and mine.get(k) != theirs.get(k)]
-        return off
+        digest = SHIPPED_RECIPES.get(name)
+        if digest is None:
+            return [*off, f"no shipped recipe for {name!r}"]
+        if recipe_digest(self.params) == digest:
+            return off
+        shipped = self._shipped_version(digest)
+        if shipped is None:
+            return [*off, f"{self._rel_params()} differs from the shipped {name} recipe "
+                          f"(sha256 {digest[:12]}...) and no commit of this repository "
+                          "holds that recipe, so the differing keys cannot be named"]
+        return off + [f"{k} ({_short(mine)} here, {_short(theirs)} in the shipped recipe)"
+                      for k, mine, theirs in differing_keys(self.params, shipped)]
+
+    def _shipped_version(self, digest: str) -> dict[str, Any] | None:
+        """The newest committed version of the pipeline's params file whose digest is
+        `digest`, else None (no such commit, or no git history of the file)."""
+        rel = self._rel_params()
+        for rev in git(self.root, "log", "--format=%H", "--", rel, check=False).split():
+            try:
+                params = yaml.safe_load(git(self.root, "show", f"{rev}:{rel}"))
+            except (PipelineError, yaml.YAMLError):
+                continue
+            if isinstance(params, dict) and recipe_digest(params) == digest:
+                return params
+        return None
+
+    def _rel_params(self) -> str:
+        return self.params_path.resolve().relative_to(self.root).as_posix()
 
     @property
     def linked(self) -> bool:

@@ -8,6 +8,7 @@ import csv as csv_module
 import io
 import math
 import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -184,11 +185,94 @@ def test_the_report_prints_the_paper_figures_only_in_the_paper_setting(project):
     run_only = prepare("table5", 2, "Lcr", ["train.nproc=4"], [],
                        project / "pipelines/deliver/dvc.yaml")
     assert run_only.paper_setting  # GPUs change how, not what
-    params = project / "pipelines" / "deliver" / "params.yaml"
-    params.write_text(params.read_text().replace("epochs: 200", "epochs: 1", 1))
+    commit(project)  # the shipped recipe in the history: the edit's keys can be named
+    edit_recipe(project, ("epochs: 200", "epochs: 1"))
     edited = prepare("table5", 2, "Lcr", [], [], project / "pipelines/deliver/dvc.yaml")
     assert not edited.paper_setting
-    assert "train.epochs (1 here, 200 in the preset)" in ablation_report.reference_note(edited)
+    assert "train.epochs (1 here, 200 in the shipped recipe)" in \
+        ablation_report.reference_note(edited)
+
+
+def commit(repo, message="project"):
+    git(repo, "add", "-A")
+    git(repo, "commit", "-qm", message, "--allow-empty")
+
+
+def edit_recipe(repo, *replacements):
+    """pipelines/deliver/params.yaml with each (old, new) text replaced once."""
+    params = repo / "pipelines" / "deliver" / "params.yaml"
+    text = params.read_text()
+    for old, new in replacements:
+        assert old in text, old
+        text = text.replace(old, new, 1)
+    params.write_text(text)
+
+
+def deliver_off_recipe():
+    return prepare("table5", 1, "Lcr", [], [], Path("pipelines/deliver/dvc.yaml")).off_recipe()
+
+
+@pytest.mark.parametrize("name", ["deliver", "mcubes"])
+def test_the_shipped_recipe_digest_is_the_recipe_files(name):
+    """pipelines/NAME/params.yaml is the one recipe file; pipeline.ablation.shipped_recipes
+    holds only its digest, the paper's setting `pipeline ablate` recognises."""
+    from pipeline.ablation.shipped_recipes import SHIPPED_RECIPES, recipe_digest
+
+    path = ROOT / "pipelines" / name / "params.yaml"
+    digest = recipe_digest(yaml.safe_load(path.read_text()))
+    assert digest == SHIPPED_RECIPES[name], (
+        f"{path.relative_to(ROOT)} changed a student/train/eval value (the digest of the "
+        f"shipped {name} recipe is now {digest}): if the recipe changed deliberately, set "
+        f"SHIPPED_RECIPES[{name!r}] in pipeline/ablation/shipped_recipes.py to it; else undo "
+        "the edit")
+
+
+def test_the_unchanged_recipe_is_the_paper_setting_in_any_spelling(project):
+    """Off the recipe only where a result-relevant value differs: a comment, 1 for 1.0, a
+    null written out, the weights' path or a how-to-compute key leave it on."""
+    assert deliver_off_recipe() == []  # untracked, never committed: the digest decides
+    edit_recipe(project, ("w_sup: 1.0", "w_sup: 1"), ("workers: 8", "workers: 2"),
+                ("pretrained: weights/mit-b2", "pretrained: /elsewhere/mit-b2"),
+                ("# The DELIVER recipe", "# My copy of the DELIVER recipe"))
+    assert deliver_off_recipe() == []
+    sample = prepare("table5", 1, "Lcr", [], [], None)
+    assert sample.off_recipe() == ["no shipped recipe for 'sample'"]
+
+
+def test_an_edited_recipe_names_each_changed_key_committed_or_not(project):
+    commit(project)
+    edit_recipe(project, ("crop: 1024\n  lr: 6.0e-5", "crop: 1024\n  lr: 1.0e-4"))
+    assert deliver_off_recipe() == ["train.lr (0.0001 here, 6e-05 in the shipped recipe)"]
+    commit(project, "lr 1e-4")  # HEAD's file is edited now: the history's older one is found
+    edit_recipe(project, ("dropout: 0.1", "dropout: 0.2"))
+    setup = prepare("table5", 1, "Lcr", ["eval.limit=4"], [], Path("pipelines/deliver/dvc.yaml"))
+    assert setup.off_recipe() == [
+        "-S eval.limit", "student.dropout (0.2 here, 0.1 in the shipped recipe)",
+        "train.lr (0.0001 here, 6e-05 in the shipped recipe)"]
+    edit_recipe(project, ("val_limit: null", "val_limit: 8"), ("  val_every: 2000\n", ""))
+    off = deliver_off_recipe()
+    assert "train.val_limit (8 here, absent in the shipped recipe)" in off
+    assert "train.val_every (absent here, 2000 in the shipped recipe)" in off
+    assert "train.val_limit (8 here, null" not in " ".join(off)  # null counts as absent
+
+
+def test_without_the_shipped_recipe_in_its_history_the_digest_is_named(project):
+    """A project whose history never held the shipped file (a copy, a fresh git init):
+    the params are still told apart from the recipe, by digest, in one entry."""
+    from pipeline.ablation.shipped_recipes import SHIPPED_RECIPES
+
+    edit_recipe(project, ("epochs: 200", "epochs: 1"))
+    for _ in range(2):  # untracked, then committed edited
+        (entry,) = deliver_off_recipe()
+        assert entry == (f"pipelines/deliver/params.yaml differs from the shipped deliver "
+                         f"recipe (sha256 {SHIPPED_RECIPES['deliver'][:12]}...) and no commit "
+                         "of this repository holds that recipe, so the differing keys cannot "
+                         "be named")
+        commit(project)
+    setup = prepare("table5", 1, "Lcr", [], [], Path("pipelines/deliver/dvc.yaml"))
+    assert not setup.paper_setting
+    assert "not shown: not the paper's setting (pipelines/deliver/params.yaml differs" in \
+        ablation_report.reference_note(setup)
 
 
 def test_the_plot_draws_paired_differences_with_intervals_around_zero(project):
