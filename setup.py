@@ -1,6 +1,7 @@
-"""Packaging beyond pyproject.toml: the top-level `configs/` presets ship inside the wheel
-as the package data of `any2seg.configs` (a mapped folder, which pyproject's
-`packages.find` cannot express), so an installed copy reads the same presets as a checkout.
+"""Packaging beyond pyproject.toml: the top-level `configs/` presets (data sets and ablation
+plans) ship inside the wheel as the package data of `any2seg.configs` (a mapped folder, which
+pyproject's `packages.find` cannot express), so an installed copy reads the same presets as a
+checkout. The real-data recipes are `pipelines/NAME/params.yaml` of a checkout, not presets.
 """
 
 from setuptools import find_packages, setup
