@@ -115,7 +115,8 @@ _ONE_WORKER = {"test_ablate.py": "ablate", "test_dvc.py": "dvc",
 # worker 1 builds stage one in test_dvc's fixture while worker 2 runs the README flow; as
 # that unit has fewer than 3 tests, worker 2 is sent test_ablate next, whose fixture finds
 # stage one built (tests/dvc_project.py). The short tests then go to whichever is free.
-_FIRST = ("dvc", "real-data", "ablate")
+# Without tests/e2e (`make test`), test_distributed's unit (~70 s) is the longest: first.
+_FIRST = ("dvc", "real-data", "ablate", "distributed")
 
 
 def pytest_xdist_make_scheduler(config, log):
