@@ -73,6 +73,8 @@ class SubsetGraph(nn.Module):
         """images (B, S, 3, H, W) -> logits (B, K, H, W)."""
         model = self.model
         b, _, _, h, w = images.shape
+        if model.missing == "exclude" and model.mff.config.variant == "author":
+            return self._author_exclude(images)
         if model.missing == "exclude":  # encode the subset only; MFF ignores the rest
             given = model.encode_all(images)
             feats = []
@@ -91,6 +93,27 @@ class SubsetGraph(nn.Module):
             feats = model.encode_all(torch.stack(slots, 1))
             present = torch.ones_like(self.present).expand(b, -1)
         logits = model.fuse(feats, present)[0]
+        return F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False)
+
+    def _author_exclude(self, images: torch.Tensor) -> torch.Tensor:
+        """`author` under `exclude`: the shared head on the given modalities only (in the
+        checkpoint's order, as `Any2Seg.modality_logits` runs it in eager evaluation),
+        zeros in the absent slots, then MFF. The generic path would trace the head over
+        every slot (a graph has no data-dependent gather), so RGB alone would decode four
+        rows of stride-4 maps, three of them zeros multiplied away."""
+        model = self.model
+        b, _, _, h, w = images.shape
+        order = sorted(range(len(self.subset)), key=lambda j: self.subset[j])
+        given = model.encode_all(images)
+        if order != list(range(len(order))):
+            given = [f[:, order] for f in given]
+        out = model.head([f.flatten(0, 1) for f in given])
+        out = out.view(b, len(order), *out.shape[1:])
+        zero = out.new_zeros((b, *out.shape[2:]))
+        slots = [zero] * len(model.modalities)
+        for j, i in enumerate(sorted(self.subset)):
+            slots[i] = out[:, j]
+        logits = model.mff(torch.stack(slots, 1), self.present.expand(b, -1)).fused
         return F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False)
 
 
@@ -120,10 +143,17 @@ def export_onnx(model: Any2Seg, subset: list[str], path: Path, opset: int = OPSE
 
 def onnx_session(path: Path, threads: int | None = None, providers: list[str] | None = None
                  ) -> Any:
-    """An ONNX Runtime session on `path` (CPU unless `providers` says otherwise)."""
+    """An ONNX Runtime session on `path` (CPU unless `providers` says otherwise).
+
+    The CPU arena is off: with dynamic spatial sizes the arena keeps the largest run's
+    blocks for the session's life (a session that ran one 1024 px mit_b2 frame held them
+    while the next session ran), and its peak within a run is higher (mit_b2, four
+    modalities, 384 px: 1.25 GB above the loaded session with the arena, 0.93 GB
+    without, docs/inference.md); the numbers do not depend on the allocator."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
+    options.enable_cpu_mem_arena = False
     if threads is not None:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
