@@ -20,6 +20,13 @@ its one run includes first-run costs), `--large-subsets` limits the subsets ther
 `--predict-sizes` the sizes `eager predict` runs at (it costs what `all four` costs).
 Writes JSON (default benchmarks/results/inference.json) with the machine's load before
 and after.
+
+`--peak-memory` adds each engine's peak resident memory at 1 thread: after the timing of
+a backbone / subset / size, every engine runs the frame once more in a fresh process
+(`--peak-child`, the same seed, so the same weights; ONNX Runtime on the graph the parent
+exported) that reports `ru_maxrss` after building the model (and session) and after the
+frame: the rows get `rss_setup_mb` and `rss_peak_mb`. A fresh process, because a process's
+high-water mark never comes down and the engines of one process would hide each other.
 """
 
 from __future__ import annotations
@@ -28,7 +35,10 @@ import argparse
 import json
 import os
 import platform
+import resource
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -76,14 +86,61 @@ def _runners(model: torch.nn.Module, subset: list[str], session_for: Any, size: 
     return {"eager graph": eager_graph, "eager predict": eager_predict, "onnxruntime": ort}
 
 
-def measure(backbone: str, sizes: list[int], threads: list[int], repeats: int,
-            repeats_large: int, scratch: Path, predict_sizes: list[int],
-            large_subsets: list[str] | None, eager_threads: list[int] | None = None
-            ) -> list[dict[str, Any]]:
+def _student(backbone: str) -> torch.nn.Module:
     torch.manual_seed(0)
     student = StudentConfig(backbone=backbone, embed_dim=HEAD.get(backbone, 256),
                             mff={"variant": "author"}, missing="exclude")
-    model = build_student(student, MODALITIES, 25).eval()
+    return build_student(student, MODALITIES, 25).eval()
+
+
+def _rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def peak_child(engine: str, backbone: str, subset: str, size: int, onnx: str | None) -> None:
+    """One frame of one engine at 1 thread in this (fresh) process; prints the resident
+    high-water mark after setup and after the frame as JSON."""
+    torch.set_num_threads(1)
+    model = _student(backbone)
+    sessions: dict[int, Any] = {}
+
+    def session_for(n: int) -> Any:
+        if n not in sessions:
+            sessions[n] = onnx_session(Path(onnx), threads=n)
+        return sessions[n]
+
+    run = _runners(model, SUBSETS[subset], session_for, size)[engine]
+    if engine == "onnxruntime":
+        session_for(1)
+    setup = _rss_mb()
+    run(1)
+    print(json.dumps({"rss_setup_mb": round(setup), "rss_peak_mb": round(_rss_mb())}))
+
+
+def _peaks(backbone: str, subset: str, size: int, engines: list[str], onnx: Path
+           ) -> dict[str, dict[str, int]]:
+    out = {}
+    for engine in engines:
+        got = subprocess.run(
+            [sys.executable, __file__, "--peak-child", engine, "--backbones", backbone,
+             "--peak-subset", subset, "--sizes", str(size), "--peak-onnx", str(onnx)],
+            capture_output=True, text=True, check=False)
+        lines = got.stdout.strip().splitlines()
+        if got.returncode != 0 or not lines:
+            raise SystemExit(f"peak-memory child for {engine} {backbone} {subset} {size}px "
+                             f"failed ({got.returncode}): {got.stderr.strip()[-500:]}")
+        out[engine] = json.loads(lines[-1])
+        print(f"[inference] {backbone} {subset} {size}px {engine}: peak "
+              f"{out[engine]['rss_peak_mb']} MB resident ({out[engine]['rss_setup_mb']} "
+              "after setup)", flush=True)
+    return out
+
+
+def measure(backbone: str, sizes: list[int], threads: list[int], repeats: int,
+            repeats_large: int, scratch: Path, predict_sizes: list[int],
+            large_subsets: list[str] | None, eager_threads: list[int] | None = None,
+            peak_memory: bool = False) -> list[dict[str, Any]]:
+    model = _student(backbone)
     rows = []
     for name, subset in SUBSETS.items():
         t0 = time.perf_counter()
@@ -115,12 +172,14 @@ def measure(backbone: str, sizes: list[int], threads: list[int], repeats: int,
                     t = time.perf_counter()
                     runs[engine](n)
                     got.append(time.perf_counter() - t)
+            peaks = _peaks(backbone, name, size, list(runs), path) if peak_memory else {}
             for (engine, n), got in times.items():
                 rows.append({"backbone": backbone, "subset": name, "size": size,
                              "engine": engine, "threads": n, "repeats": count,
                              "median_s": round(statistics.median(got), 4),
                              "min_s": round(min(got), 4), "max_s": round(max(got), 4),
-                             "export_s": round(export_s, 1)})
+                             "export_s": round(export_s, 1),
+                             **(peaks.get(engine, {}) if n == 1 else {})})
             print(f"[inference] {backbone} {name} {size}px: " + ", ".join(
                 f"{e} x{n} {statistics.median(v):.3f}s" for (e, n), v in times.items()),
                 flush=True)
@@ -149,6 +208,23 @@ def table(rows: list[dict[str, Any]], threads: list[int]) -> str:
     return "\n".join(lines)
 
 
+def memory_table(rows: list[dict[str, Any]]) -> str:
+    """Peak resident MB at 1 thread (after setup in brackets), where measured."""
+    engines = ["eager graph", "onnxruntime", "eager predict"]
+    lines = ["| backbone | subset | px | " + " | ".join(engines) + " |",
+             "|---|---|---:|" + "---:|" * len(engines)]
+    keys = dict.fromkeys((r["backbone"], r["subset"], r["size"]) for r in rows
+                         if "rss_peak_mb" in r)
+    for b, s, px in keys:
+        cells = []
+        for e in engines:
+            r = next((r for r in rows if (r["backbone"], r["subset"], r["size"], r["engine"])
+                      == (b, s, px, e) and "rss_peak_mb" in r), None)
+            cells.append("-" if r is None else f"{r['rss_peak_mb']} ({r['rss_setup_mb']})")
+        lines.append(f"| {b} | {s} | {px} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="512,1024")
@@ -165,8 +241,18 @@ def main() -> None:
     parser.add_argument("--eager-threads", default=None,
                         help="thread counts for the eager engines (default: --threads); "
                         "on a loaded CPU OpenMP's spinning makes 2 eager threads crawl")
+    parser.add_argument("--peak-memory", action="store_true",
+                        help="also each engine's peak resident memory at 1 thread, one "
+                        "frame in a fresh process per engine (costs one more run each)")
+    parser.add_argument("--peak-child", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--peak-subset", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--peak-onnx", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/inference.json"))
     args = parser.parse_args()
+    if args.peak_child:
+        peak_child(args.peak_child, args.backbones, args.peak_subset, int(args.sizes),
+                   args.peak_onnx)
+        return
     sizes = [int(s) for s in args.sizes.split(",")]
     threads = [int(t) for t in args.threads.split(",")]
     import onnxruntime
@@ -180,13 +266,14 @@ def main() -> None:
                             Path(scratch), [int(s) for s in args.predict_sizes.split(",")],
                             args.large_subsets.split(",") if args.large_subsets else None,
                             [int(t) for t in args.eager_threads.split(",")]
-                            if args.eager_threads else None)
+                            if args.eager_threads else None, args.peak_memory)
     report = {
         "benchmark": "inference", "weights": "random (time does not depend on the values)",
         "settings": {"sizes": sizes, "threads": threads, "repeats": args.repeats,
                      "repeats_large": args.repeats_large, "subsets": SUBSETS,
                      "predict_sizes": args.predict_sizes, "large_subsets": args.large_subsets,
                      "eager_threads": args.eager_threads,
+                     "peak_memory": args.peak_memory,
                      "head": HEAD, "mff": "author", "missing": "exclude",
                      "frame": "one frame per run (batch 1), whole-frame inference"},
         "environment": {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
@@ -199,6 +286,8 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     print(table(rows, threads))
+    if args.peak_memory:
+        print(memory_table(rows))
     print(f"load average before {load_before}, after {report['environment']['load_after']}; "
           f"wrote {args.out}")
 

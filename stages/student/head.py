@@ -27,9 +27,11 @@ class AllMLPHead(nn.Module):
         the fuse conv's input and each is freed at once, and that input is freed before
         the norm: 5 stride-4 maps of E channels alive at most instead of 10 (4 upsampled,
         their concatenation, the conv's and the norm's outputs), the same numbers (the
-        same ops on the same values). Training and `torch.export` keep the plain
-        concatenation, whose backward and graph are the simple ones."""
-        if torch.is_grad_enabled() or torch.compiler.is_exporting():
+        same ops on the same values). A graph being exported sums the fuse conv over
+        the stages instead (`_summed`); training keeps the plain concatenation."""
+        if torch.compiler.is_exporting():
+            return self._summed(feats)
+        if torch.is_grad_enabled():
             size = feats[0].shape[-2:]
             up = [F.interpolate(p(f), size=size, mode="bilinear", align_corners=False)
                   for p, f in zip(self.project, feats, strict=True)]
@@ -54,6 +56,25 @@ class AllMLPHead(nn.Module):
             out[:, j * e:(j + 1) * e].copy_(F.interpolate(
                 self.project[i](feats[i]), size=size, mode="bilinear", align_corners=False))
         return out
+
+    def _summed(self, feats: list[torch.Tensor]) -> torch.Tensor:
+        """decode as an exported graph runs it: the fuse conv (1x1, no bias) is linear in
+        its input channels, so conv(cat(up_3, .., up_0)) = sum_i conv_i(up_i) with conv_i
+        the weight's slice for stage i. ONNX Runtime then holds a running sum and one
+        upsampled map instead of four and their concatenation (an out-of-place graph
+        cannot build the concatenation in place). Only the float32 summation order
+        differs from eager; export's parity check bounds that."""
+        size = feats[0].shape[-2:]
+        n = len(feats)
+        weight = self.fuse[0].weight
+        e = weight.shape[1] // n
+        total = None
+        for i, (p, f) in enumerate(zip(self.project, feats, strict=True)):
+            j = n - 1 - i  # position in the deepest-first concatenation
+            up = F.interpolate(p(f), size=size, mode="bilinear", align_corners=False)
+            part = F.conv2d(up, weight[:, j * e:(j + 1) * e])
+            total = part if total is None else total + part
+        return self._tail(list(self.fuse)[1:], total)
 
     @staticmethod
     def _tail(modules: list[nn.Module], x: torch.Tensor) -> torch.Tensor:
