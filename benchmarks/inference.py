@@ -24,9 +24,10 @@ and after.
 `--peak-memory` adds each engine's peak resident memory at 1 thread: after the timing of
 a backbone / subset / size, every engine runs the frame once more in a fresh process
 (`--peak-child`, the same seed, so the same weights; ONNX Runtime on the graph the parent
-exported) that reports `ru_maxrss` after building the model (and session) and after the
-frame: the rows get `rss_setup_mb` and `rss_peak_mb`. A fresh process, because a process's
-high-water mark never comes down and the engines of one process would hide each other.
+exported) that reports its resident high-water mark (`VmHWM`) after building the model
+(and session) and after the frame: the rows get `rss_setup_mb` and `rss_peak_mb`. A fresh
+process, because a process's high-water mark never comes down and the engines of one
+process would hide each other.
 """
 
 from __future__ import annotations
@@ -94,7 +95,16 @@ def _student(backbone: str) -> torch.nn.Module:
 
 
 def _rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    """This process's resident high-water mark in MB. Linux: `VmHWM`, which starts afresh
+    at exec; `ru_maxrss` would carry the parent's resident size at the fork over the exec
+    (a child of a 3 GB benchmark reports at least 3 GB)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def peak_child(engine: str, backbone: str, subset: str, size: int, onnx: str | None) -> None:

@@ -84,4 +84,16 @@ class AllMLPHead(nn.Module):
         return x
 
     def forward(self, feats: list[torch.Tensor]) -> torch.Tensor:
-        return self.classify(self.dropout(self.decode(feats)))
+        """Class scores (B, K, H/4, W/4). CPU inference decodes one row (sample or
+        modality) at a time: the stride-4 maps of E channels then exist for one row, not
+        for all (mit_b2's head at 1024 px: 0.2 GB per map and row). Every op of the head
+        works per row, and on the CPU a row's numbers do not depend on the batch around it
+        (tests/student/test_inference_memory.py checks bit equality with the batched
+        head); other devices and training keep the batch (their kernels may pick other
+        algorithms per batch size)."""
+        rows = feats[0].shape[0]
+        if rows == 1 or torch.is_grad_enabled() or torch.compiler.is_exporting() \
+                or feats[0].device.type != "cpu":
+            return self.classify(self.dropout(self.decode(feats)))
+        return torch.cat([self.classify(self.dropout(self.decode([f[i:i + 1] for f in feats])))
+                          for i in range(rows)])

@@ -51,6 +51,13 @@ def test_inference_decode_equals_the_concatenation(batch, h, w):
         assert torch.equal(head.decode(feats), want)
 
 
+@pytest.mark.parametrize(("batch", "h", "w"), [(4, 16, 16), (3, 13, 21)])
+def test_cpu_inference_head_row_by_row_equals_the_batched_head(batch, h, w):
+    head, feats = head_and_feats(12, batch, h, w, seed=1)
+    with torch.no_grad():
+        assert torch.equal(head(feats), head.classify(concat_decode(head, feats)))
+
+
 def alive_peak(fn) -> int:
     """Most CPU bytes alive at once between the top-level ops `fn` runs, counted from
     the profiler's per-op allocations (each op's allocations net of its frees)."""
@@ -75,6 +82,15 @@ def test_inference_decode_holds_at_most_five_stride4_maps():
         old = alive_peak(lambda: concat_decode(head, feats))
     assert old >= 9 * one_map  # the measure sees the intermediates the old code held
     assert new <= 5.5 * one_map, f"{new / one_map:.1f} stride-4 maps alive at once"
+
+
+def test_cpu_inference_head_holds_one_rows_maps():
+    # four rows (modalities) through the head: the stride-4 maps of one row at a time
+    head, feats = head_and_feats(64, 4, 64, 64)
+    one_map = 64 * 64 * 64 * 4  # one row's (1, E, h, w)
+    with torch.no_grad():
+        peak = alive_peak(lambda: head(feats))
+    assert peak <= 6 * one_map, f"{peak / one_map:.1f} one-row stride-4 maps alive at once"
 
 
 @pytest.fixture(scope="module")
