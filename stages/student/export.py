@@ -105,14 +105,19 @@ class SubsetGraph(nn.Module):
         b, _, _, h, w = images.shape
         order = sorted(range(len(self.subset)), key=lambda j: self.subset[j])
         given = model.encode_all(images)
-        if order != list(range(len(order))):
-            given = [f[:, order] for f in given]
-        out = model.head([f.flatten(0, 1) for f in given])
-        out = out.view(b, len(order), *out.shape[1:])
-        zero = out.new_zeros((b, *out.shape[2:]))
+        if torch.compiler.is_exporting():  # one head call per given modality (ONNX
+            # Runtime holds one modality's stride-4 maps at a time); the same function
+            per = [model.head([f[:, j] for f in given]) for j in order]
+        else:  # as eager evaluation batches the present rows
+            if order != list(range(len(order))):
+                given = [f[:, order] for f in given]
+            out = model.head([f.flatten(0, 1) for f in given])
+            out = out.view(b, len(order), *out.shape[1:])
+            per = [out[:, j] for j in range(len(order))]
+        zero = per[0].new_zeros(per[0].shape)
         slots = [zero] * len(model.modalities)
         for j, i in enumerate(sorted(self.subset)):
-            slots[i] = out[:, j]
+            slots[i] = per[j]
         logits = model.mff(torch.stack(slots, 1), self.present.expand(b, -1)).fused
         return F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False)
 

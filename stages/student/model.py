@@ -109,11 +109,14 @@ class Any2Seg(nn.Module):
         b, m = present.shape
         keys = current()  # the head sees (sample, modality) rows, as the encoder does
         exporting = torch.compiler.is_exporting()  # a graph: no data-dependent branch
-        if exporting or bool(present.all()):  # nothing absent: no gather, no scatter
+        if exporting:  # one head call per modality slot: ONNX Runtime then holds the
+            # head's stride-4 maps for one modality at a time, not for all of them at once
+            out = torch.stack([self.head([f[:, j] for f in feats]) for j in range(m)], 1)
+            return out * present[:, :, None, None, None].to(out.dtype)
+        if bool(present.all()):  # nothing absent: no gather, no scatter
             with using(None if keys is None else row_keys(keys, m)):
                 out = self.head([f.flatten(0, 1) for f in feats])
-            out = out.view(b, m, *out.shape[1:])
-            return out * present[:, :, None, None, None].to(out.dtype) if exporting else out
+            return out.view(b, m, *out.shape[1:])
         keep = present.flatten().nonzero().squeeze(1)
         with using(None if keys is None else row_keys(keys, m)[keep]):
             out = self.head([f.flatten(0, 1)[keep] for f in feats])
