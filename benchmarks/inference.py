@@ -149,7 +149,8 @@ def _peaks(backbone: str, subset: str, size: int, engines: list[str], onnx: Path
 def measure(backbone: str, sizes: list[int], threads: list[int], repeats: int,
             repeats_large: int, scratch: Path, predict_sizes: list[int],
             large_subsets: list[str] | None, eager_threads: list[int] | None = None,
-            peak_memory: bool = False) -> list[dict[str, Any]]:
+            peak_memory: bool = False, engines: list[str] | None = None
+            ) -> list[dict[str, Any]]:
     model = _student(backbone)
     rows = []
     for name, subset in SUBSETS.items():
@@ -170,6 +171,8 @@ def measure(backbone: str, sizes: list[int], threads: list[int], repeats: int,
             runs = _runners(model, subset, session_for, size)
             if size not in predict_sizes:
                 del runs["eager predict"]
+            if engines is not None:
+                runs = {e: f for e, f in runs.items() if e in engines}
             count = repeats_large if large else repeats
             times: dict[tuple[str, int], list[float]] = {
                 (e, n): [] for e in runs for n in threads
@@ -254,6 +257,9 @@ def main() -> None:
     parser.add_argument("--peak-memory", action="store_true",
                         help="also each engine's peak resident memory at 1 thread, one "
                         "frame in a fresh process per engine (costs one more run each)")
+    parser.add_argument("--engines", default=None,
+                        help="only these engines (comma-separated: eager graph, onnxruntime, "
+                        "eager predict; default: all)")
     parser.add_argument("--peak-child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--peak-subset", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--peak-onnx", default=None, help=argparse.SUPPRESS)
@@ -276,14 +282,15 @@ def main() -> None:
                             Path(scratch), [int(s) for s in args.predict_sizes.split(",")],
                             args.large_subsets.split(",") if args.large_subsets else None,
                             [int(t) for t in args.eager_threads.split(",")]
-                            if args.eager_threads else None, args.peak_memory)
+                            if args.eager_threads else None, args.peak_memory,
+                            args.engines.split(",") if args.engines else None)
     report = {
         "benchmark": "inference", "weights": "random (time does not depend on the values)",
         "settings": {"sizes": sizes, "threads": threads, "repeats": args.repeats,
                      "repeats_large": args.repeats_large, "subsets": SUBSETS,
                      "predict_sizes": args.predict_sizes, "large_subsets": args.large_subsets,
                      "eager_threads": args.eager_threads,
-                     "peak_memory": args.peak_memory,
+                     "peak_memory": args.peak_memory, "engines": args.engines,
                      "head": HEAD, "mff": "author", "missing": "exclude",
                      "frame": "one frame per run (batch 1), whole-frame inference"},
         "environment": {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
