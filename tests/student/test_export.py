@@ -21,6 +21,7 @@ from stages.student.export import (
     onnx_session,
     random_frames,
 )
+from stages.student.mit import MIT
 from stages.student.predict import load_student
 from tests.student.test_predict import tiny_checkpoint
 
@@ -30,12 +31,24 @@ pytest.importorskip("onnxruntime")
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_block_mit():
+    """`mit_t`: MiT with one block per stage and a quarter of mit_b0's widths, registered
+    for this module only. The exported graph has every op kind of mit_b0's (overlapping
+    patch embeddings, spatially reduced attention, Mix-FFN), half its blocks, so
+    torch.export traces and decomposes it in about half the time."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(MIT, "t", ([8, 16, 40, 64], [1, 1, 1, 1]))
+        yield
+
+
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
+def ckpt(tmp_path_factory, one_block_mit):
     # MFF `author` (the DELIVER preset): under `pixel` / `paper` a random-init student's
     # per-pixel selection between two modalities is an exact tie (layer-normed features
     # of equal norm), decided by round-off; trained weights break the tie
-    return tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "best.pt", seed=1)
+    return tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "best.pt", seed=1,
+                           backbone="mit_t")
 
 
 def export(capsys, *args):

@@ -34,11 +34,11 @@ SCENE = "cloud/val/MAP_1_point0"  # a scene of the small sample's val split (2 f
 
 
 def tiny_checkpoint(path: Path, variant: str = "author", missing: str = "exclude",
-                    seed: int = 0) -> Path:
+                    seed: int = 0, backbone: str = "mit_b0") -> Path:
     """A random-weight student of the smallest settings the tests use, saved as
     `pipeline train` saves one (random weights: prediction does not care how they came)."""
     torch.manual_seed(seed)
-    student = StudentConfig(backbone="mit_b0", embed_dim=16, mff={"variant": variant},
+    student = StudentConfig(backbone=backbone, embed_dim=16, mff={"variant": variant},
                             missing=missing)
     model = build_student(student, MODS, 25)
     reader = datasets.get("sample")
