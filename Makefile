@@ -29,7 +29,7 @@ $(STAMP): $(LOCK) pyproject.toml setup.py
 	@touch $(STAMP)
 
 # two tiers (docs/development.md): `make test` is every test but the end-to-end flows
-# (about 3.5 minutes on 2 cores); `make test-e2e` runs tests/e2e, the DVC, README real-data,
+# (under 4 minutes on 2 cores); `make test-e2e` runs tests/e2e, the DVC, README real-data,
 # ablation, resume, damaged-file and GPU-check flows, whose ~150 command processes need
 # about 5.5 minutes; CI (.ci/run) runs both
 test: $(STAMP)
