@@ -33,8 +33,7 @@ class AllMLPHead(nn.Module):
             return self._summed(feats)
         if torch.is_grad_enabled():
             size = feats[0].shape[-2:]
-            up = [F.interpolate(p(f), size=size, mode="bilinear", align_corners=False)
-                  for p, f in zip(self.project, feats, strict=True)]
+            up = [self._upsampled(i, f, size) for i, f in enumerate(feats)]
             return self.fuse(torch.cat(up[::-1], dim=1))
         conv, *rest = self.fuse
         return self._tail(rest, conv(self._concat(feats)))
@@ -45,17 +44,20 @@ class AllMLPHead(nn.Module):
         the (B, 4E, H/4, W/4) buffer exists."""
         size = feats[0].shape[-2:]
         n = len(feats)
-        first = F.interpolate(self.project[0](feats[0]), size=size, mode="bilinear",
-                              align_corners=False)
+        first = self._upsampled(0, feats[0], size)
         e = first.shape[1]
         out = first.new_empty((first.shape[0], e * n, *size))
         out[:, (n - 1) * e:].copy_(first)
         del first
         for i in range(1, n):
             j = n - 1 - i  # position in the deepest-first concatenation
-            out[:, j * e:(j + 1) * e].copy_(F.interpolate(
-                self.project[i](feats[i]), size=size, mode="bilinear", align_corners=False))
+            out[:, j * e:(j + 1) * e].copy_(self._upsampled(i, feats[i], size))
         return out
+
+    def _upsampled(self, i: int, f: torch.Tensor, size: torch.Size) -> torch.Tensor:
+        """Stage i's projection, bilinearly brought to the stride-4 size."""
+        return F.interpolate(self.project[i](f), size=size, mode="bilinear",
+                             align_corners=False)
 
     def _summed(self, feats: list[torch.Tensor]) -> torch.Tensor:
         """decode as an exported graph runs it: the fuse conv (1x1, no bias) is linear in
@@ -69,10 +71,9 @@ class AllMLPHead(nn.Module):
         weight = self.fuse[0].weight
         e = weight.shape[1] // n
         total = None
-        for i, (p, f) in enumerate(zip(self.project, feats, strict=True)):
+        for i, f in enumerate(feats):
             j = n - 1 - i  # position in the deepest-first concatenation
-            up = F.interpolate(p(f), size=size, mode="bilinear", align_corners=False)
-            part = F.conv2d(up, weight[:, j * e:(j + 1) * e])
+            part = F.conv2d(self._upsampled(i, f, size), weight[:, j * e:(j + 1) * e])
             total = part if total is None else total + part
         return self._tail(list(self.fuse)[1:], total)
 
