@@ -13,6 +13,25 @@ TEST_WORKERS ?= 2
 # pip's own constraint file where a machine has one (these machines cap torch at what lies
 # on disk); `make lock` honours it, as pip-compile does not read it from pip's config
 PIP_CONSTRAINT_FILE := $(shell $(PYTHON) -m pip config get global.constraint 2>/dev/null)
+# free space the install needs where $(VENV) lives: the installed lock is 6.2 GB (torch's
+# CUDA libraries 3.2 GB of it, on x86-64 Linux), plus room for pip to unpack; what a partly
+# installed $(VENV) already holds counts towards it. Checked first, so a full disk gets one
+# line saying so rather than pip's OSError halfway through torch.
+SETUP_FREE_GB ?= 7
+define CHECK_DISK
+import shutil, subprocess, sys
+from pathlib import Path
+venv, need = Path(sys.argv[1]).absolute(), float(sys.argv[2])
+have = 0.0
+if venv.exists():
+    have = int(subprocess.run(["du", "-sk", str(venv)], capture_output=True, text=True).stdout.split()[0]) / 2**20
+where = next(p for p in (venv, *venv.parents) if p.exists())
+free = shutil.disk_usage(where).free / 2**30
+if free + have < need:
+    sys.exit(f"make setup: {free:.1f} GB free under {where}, the install needs about {need - have:.1f} GB more; "
+             f"free some space, or put the environment on a larger disk with VENV=/path/to/venv")
+endef
+export CHECK_DISK
 
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
@@ -22,6 +41,7 @@ export TRANSFORMERS_OFFLINE := 1
 setup: $(STAMP)
 
 $(STAMP): $(LOCK) pyproject.toml setup.py
+	@$(PYTHON) -c "$$CHECK_DISK" $(VENV) $(SETUP_FREE_GB)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@echo "Installing $(LOCK) into $(VENV) (first time only; torch is large)..."
 	@$(PY) -m pip install --quiet --quiet --disable-pip-version-check -r $(LOCK)
