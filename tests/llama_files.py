@@ -34,8 +34,8 @@ from stages.teacher.llama_adapter import (
     LlamaAdapter,
     LlamaArgs,
     VisualArgs,
-    expected_adapter_keys,
 )
+from stages.teacher.llama_adapter_checkpoint import expected_adapter_keys
 
 PARAMS = {"dim": 32, "multiple_of": 16, "n_heads": 4, "n_layers": 3, "norm_eps": 1e-06,
           "vocab_size": -1}

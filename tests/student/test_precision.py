@@ -18,6 +18,7 @@ from stages.student.model import Any2Seg
 from stages.teacher import llama_adapter as la
 from stages.teacher.default.folders import write_checkpoint
 from stages.teacher.languagebind import LanguageBind
+from stages.teacher.llama_adapter_checkpoint import load as load_files
 from tests.llama_files import VISUAL, write_llama_adapter
 
 F64 = 1e-12  # float32 round-off is ~1e-7: a float32 detour fails these
@@ -43,7 +44,7 @@ def test_stable_dtype_upcasts_and_never_downcasts():
 @pytest.fixture(scope="module")
 def llama(tmp_path_factory):
     paths = write_llama_adapter(tmp_path_factory.mktemp("llama64"), w_lora=True)
-    model, _ = la.load(paths["checkpoint"], paths["llama_dir"], paths["clip"],
+    model, _ = load_files(paths["checkpoint"], paths["llama_dir"], paths["clip"],
                        v_num_heads=VISUAL.v_num_heads, dtype=torch.float64)
     return model
 

@@ -4,6 +4,7 @@ import torch
 
 from any2seg.errors import PipelineError
 from stages.teacher import llama_adapter as la
+from stages.teacher.llama_adapter_checkpoint import load as load_files
 from tests.llama_files import VISUAL, write_llama_adapter
 
 
@@ -18,7 +19,7 @@ def lora_files(tmp_path_factory):
 
 
 def load(paths, dtype=torch.float64):
-    return la.load(paths["checkpoint"], paths["llama_dir"], paths["clip"],
+    return load_files(paths["checkpoint"], paths["llama_dir"], paths["clip"],
                    v_num_heads=VISUAL.v_num_heads, dtype=dtype)
 
 
@@ -62,24 +63,24 @@ def test_bad_checkpoints_are_refused(files, tmp_path):
     extra = dict(ckpt["model"], **{"llama.layers.0.attention.surprise": torch.zeros(1)})
     torch.save({"model": extra, "config": ckpt["config"]}, bad)
     with pytest.raises(PipelineError, match="does not have .*llama.layers.0.attention.surprise"):
-        la.load(bad, files["llama_dir"], files["clip"], v_num_heads=2)
+        load_files(bad, files["llama_dir"], files["clip"], v_num_heads=2)
     lora = torch.load(write_llama_adapter(tmp_path / "lora", w_lora=True)["checkpoint"],
                       weights_only=True)
     torch.save({"model": lora["model"]}, bad)  # no config: w_lora False, LoRA unexpected
     with pytest.raises(PipelineError, match=r"w_lora=False\): .*lora_wq_l1.weight \(3\)"):
-        la.load(bad, files["llama_dir"], files["clip"], v_num_heads=2)
+        load_files(bad, files["llama_dir"], files["clip"], v_num_heads=2)
     partial = {k: v for k, v in ckpt["model"].items() if k != "visual_proj.weight"}
     torch.save({"model": partial, "config": ckpt["config"]}, bad)
     with pytest.raises(PipelineError, match="lack visual_proj.weight: the official loader "
                                             "would leave them at random initialisation"):
-        la.load(bad, files["llama_dir"], files["clip"], v_num_heads=2)
+        load_files(bad, files["llama_dir"], files["clip"], v_num_heads=2)
     with pytest.raises(PipelineError, match="7B/consolidated.00.pth"):
-        la.load(files["checkpoint"], tmp_path, files["clip"], v_num_heads=2)
+        load_files(files["checkpoint"], tmp_path, files["clip"], v_num_heads=2)
     with pytest.raises(PipelineError, match="hf download openai/clip-vit-large"):
-        la.load(files["checkpoint"], files["llama_dir"], tmp_path / "noclip", v_num_heads=2)
+        load_files(files["checkpoint"], files["llama_dir"], tmp_path / "noclip", v_num_heads=2)
     bad.write_bytes(b"not a checkpoint")
     with pytest.raises(PipelineError, match="corrupt"):
-        la.load(bad, files["llama_dir"], files["clip"], v_num_heads=2)
+        load_files(bad, files["llama_dir"], files["clip"], v_num_heads=2)
 
 
 def test_missing_keys_keep_the_official_initial_values(files, tmp_path, caplog):
@@ -90,7 +91,7 @@ def test_missing_keys_keep_the_official_initial_values(files, tmp_path, caplog):
     bad = tmp_path / "lora-config.pth"
     torch.save({"model": ckpt["model"], "config": {**ckpt["config"], "w_lora": True}}, bad)
     with caplog.at_level("WARNING", logger="pipeline.teacher"):
-        model, _ = la.load(bad, files["llama_dir"], files["clip"], v_num_heads=2,
+        model, _ = load_files(bad, files["llama_dir"], files["clip"], v_num_heads=2,
                            dtype=torch.float64)
     assert model.llama.layers[0].attention.w_lora
     assert "lora-config.pth lacks " in caplog.text
@@ -110,7 +111,7 @@ def test_no_config_means_bias_tuning_from_the_phase(files, tmp_path):
     for name, extra in (("none", {}), ("false", {"config": {"w_bias": False}})):
         path = tmp_path / f"{name}.pth"
         torch.save({"model": ckpt["model"], **extra}, path)
-        model, _ = la.load(path, files["llama_dir"], files["clip"], v_num_heads=2,
+        model, _ = load_files(path, files["llama_dir"], files["clip"], v_num_heads=2,
                            dtype=torch.float64)
         bias = model.llama.layers[1].attention.wq.bias
         assert torch.equal(bias, ckpt["model"]["llama.layers.1.attention.wq.bias"].double())
@@ -129,24 +130,24 @@ def test_every_pth_of_the_llama_folder_is_loaded_in_turn(files, tmp_path):
     torch.save({k: v for k, v in base.items() if k != "output.weight"},
                llama / "7B" / "consolidated.00.pth")
     torch.save({"output.weight": base["output.weight"]}, llama / "7B" / "consolidated.01.pth")
-    split, _ = la.load(files["checkpoint"], llama, files["clip"], v_num_heads=2,
+    split, _ = load_files(files["checkpoint"], llama, files["clip"], v_num_heads=2,
                        dtype=torch.float64)
     torch.testing.assert_close(_first_logits(split), _first_logits(load(files)[0]), rtol=0,
                                atol=0)
     torch.save({"output.weight": torch.full_like(base["output.weight"], 3.0)},
                llama / "7B" / "consolidated.02.pth")
-    later, _ = la.load(files["checkpoint"], llama, files["clip"], v_num_heads=2)
+    later, _ = load_files(files["checkpoint"], llama, files["clip"], v_num_heads=2)
     assert torch.equal(later.llama.output.weight, torch.full_like(base["output.weight"], 3.0))
     wq = base["layers.0.attention.wq.weight"]
     torch.save({"layers.0.attention.wq.weight": wq[: len(wq) // 2]},
                llama / "7B" / "consolidated.02.pth")
     with pytest.raises(PipelineError, match="consolidated.02.pth: llama.layers.0.attention.wq"
                                             ".weight has shape .*model-parallel"):
-        la.load(files["checkpoint"], llama, files["clip"], v_num_heads=2)
+        load_files(files["checkpoint"], llama, files["clip"], v_num_heads=2)
     (llama / "7B" / "consolidated.02.pth").unlink()
     (llama / "7B" / "consolidated.01.pth").unlink()  # output.weight nowhere
     with pytest.raises(PipelineError, match="lack llama.output.weight: the official loader"):
-        la.load(files["checkpoint"], llama, files["clip"], v_num_heads=2)
+        load_files(files["checkpoint"], llama, files["clip"], v_num_heads=2)
 
 
 def test_openai_clip_file_as_the_clip(tmp_path):
@@ -164,7 +165,7 @@ def test_openai_clip_file_as_the_clip(tmp_path):
     other = tmp_path / "other-clip.pth"
     torch.save(ckpt, other)
     with pytest.raises(PipelineError, match="holds a CLIP other than"):
-        la.load(other, paths["llama_dir"], paths["clip"], v_num_heads=2)
+        load_files(other, paths["llama_dir"], paths["clip"], v_num_heads=2)
 
 
 def _visual(model, n, seed=0):
@@ -266,9 +267,9 @@ def test_generation_is_shortened_at_max_seq_len_per_prompt(files):
     """Official `total_len = min(max_seq_len, max_gen_len + prompt)` (:234): each prompt
     gets at most max_seq_len - its length new tokens, the same first tokens as without
     the limit; a prompt longer than max_seq_len is refused (the official code crashes)."""
-    short, _ = la.load(files["checkpoint"], files["llama_dir"], files["clip"], v_num_heads=2,
+    short, _ = load_files(files["checkpoint"], files["llama_dir"], files["clip"], v_num_heads=2,
                        max_seq_len=20, dtype=torch.float64)
-    long, _ = la.load(files["checkpoint"], files["llama_dir"], files["clip"], v_num_heads=2,
+    long, _ = load_files(files["checkpoint"], files["llama_dir"], files["clip"], v_num_heads=2,
                       max_seq_len=60, dtype=torch.float64)
     visual = _visual(short, 3)
     prompts = [[1, 5, 6, 7, 8], [1, *range(10, 21)], [1, *range(30, 49)]]  # 5, 12, 20 tokens

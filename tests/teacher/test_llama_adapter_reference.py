@@ -17,6 +17,7 @@ import torch
 from any2seg.datasets import Sample
 from stages.teacher import llama_adapter as la
 from stages.teacher.captioners.llama_adapter import LlamaAdapterCaptioner
+from stages.teacher.llama_adapter_checkpoint import load as load_files
 from stages.teacher.openai_clip import clip_transform
 from tests.llama_files import VISUAL, fingerprint, write_reference_model
 
@@ -43,7 +44,7 @@ def files(tmp_path_factory, ref):
 
 @pytest.fixture(scope="module")
 def models(files):
-    return {a: la.load(files[a], files["llama_dir"], files["clip"],
+    return {a: load_files(files[a], files["llama_dir"], files["clip"],
                        v_num_heads=VISUAL.v_num_heads, dtype=torch.float32) for a in ADAPTERS}
 
 

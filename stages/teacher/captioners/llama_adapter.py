@@ -50,7 +50,7 @@ class LlamaAdapterCaptioner(Captioner):
         self._model: Any = None
 
     def fingerprint(self) -> dict[str, Any]:
-        from stages.teacher.llama_adapter import base_files
+        from stages.teacher.llama_adapter_checkpoint import base_files
 
         o = self.options
         files = {"checkpoint": Path(o["checkpoint"]),
@@ -71,7 +71,7 @@ class LlamaAdapterCaptioner(Captioner):
     def _load(self) -> None:
         import torch
 
-        from stages.teacher import llama_adapter
+        from stages.teacher.llama_adapter_checkpoint import load
 
         device = self.device if self.device != "auto" else (
             "cuda" if torch.cuda.is_available() else "cpu")
@@ -79,7 +79,7 @@ class LlamaAdapterCaptioner(Captioner):
                  "float16": torch.float16, "auto": torch.bfloat16 if device.startswith("cuda")
                  else torch.float32}[self.dtype]
         o = self.options
-        self._model, self._tokenizer = llama_adapter.load(
+        self._model, self._tokenizer = load(
             o["checkpoint"], o["llama_dir"], o["clip"], o["llama_type"], o["v_num_heads"],
             device=device, dtype=dtype)
         self._generator = torch.Generator().manual_seed(int(o["seed"]))
