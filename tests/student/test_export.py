@@ -91,6 +91,14 @@ def test_native_export_parity_two_sizes(ckpt, tmp_path, capsys):
     assert parity["sizes"] == [[64, 64], [96, 80]]
     assert parity["max_abs_logit_diff"] <= LOGIT_RTOL * parity["logit_scale"]
     assert "max |logit difference|" in stdout and "argmax differs on" in stdout
+    # MiT's attention is one Attention node per block (opset 23), not MatMul + Softmax +
+    # MatMul, whose (queries x keys) matrices set ONNX Runtime's peak at 1024 px
+    import onnx
+
+    onnx_graph = onnx.load(str(out / graph["file"]))
+    ops = [n.op_type for n in onnx_graph.graph.node]
+    assert record["opset"] == 23 and onnx_graph.opset_import[0].version == 23
+    assert ops.count("Attention") == 4 and "Softmax" not in ops  # 4 blocks, modalities batched
     student = load_student(ckpt)
     batch_of_two(student, ["rgb", "depth"], onnx_session(out / graph["file"]), (72, 88))
     # the same files again are refused without --overwrite
